@@ -94,6 +94,419 @@ def synth_data(seed, n_train, n_val, n_test, steps, mod, ops, p_const):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# reading files: every error names the file and line
+
+def sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def read_jsonl(path):
+    """[(line number, object)] of a JSON Lines file; blank lines are skipped."""
+    rows = []
+    for ln, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append((ln, json.loads(line)))
+            except json.JSONDecodeError as e:
+                fail(f"{path}:{ln}: malformed JSON ({e.msg} at column {e.colno}); fix or delete this line")
+    return rows
+
+
+def read_table(path):
+    """custom data: .csv (header row), .jsonl, or .json (an array, or JSON Lines) -> [(line, dict)]."""
+    path = Path(path)
+    if not path.exists():
+        fail(f"{path}: file not found")
+    if path.suffix == ".csv":
+        with open(path, newline="", encoding="utf-8") as f:
+            return [(ln, row) for ln, row in enumerate(csv.DictReader(f), 2)]
+    if path.suffix == ".json" and path.read_text(encoding="utf-8").lstrip().startswith("["):
+        try:
+            return list(enumerate(json.loads(path.read_text(encoding="utf-8")), 1))   # "line" = array item
+        except json.JSONDecodeError as e:
+            fail(f"{path}:{e.lineno}: malformed JSON ({e.msg}); fix the file")
+    return read_jsonl(path)
+
+
+def field(row, key, where):
+    if not isinstance(row, dict) or row.get(key) in (None, ""):
+        fail(f"{where}: missing field '{key}'")
+    return row[key]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# SuperGLUE with the paper's single UnifiedQA-style template (App. E.2). Every task becomes
+# "Passage: P\nQuestion: Q\nAnswer: A\nIs the answer correct Yes or No?"; only P is ever shortened.
+# Task mappings (paper App. E.2): MultiRC one example per candidate answer (group = question, for F1a/EM);
+# COPA one example per alternative (group = the pair); CB/RTE "does the premise support the hypothesis";
+# WiC same meaning; WSC pronoun refers to. --format=native keeps each task's own label space (CB 3-way,
+# COPA choice 1/2) on the same text; binary tasks differ only in their label names.
+
+SUPERGLUE_URL = os.environ.get("DHRD_SUPERGLUE_URL", "https://dl.fbaipublicfiles.com/glue/superglue/data/v2")
+SUPERGLUE = {  # task: (folder, metric, native labels, native verbalizers)
+    "boolq": ("BoolQ", "accuracy", ["False", "True"], ["No", "Yes"]),
+    "cb": ("CB", "cb", ["entailment", "contradiction", "neutral"], ["Yes", "No", "Maybe"]),
+    "copa": ("COPA", "copa", ["choice1", "choice2"], ["1", "2"]),
+    "multirc": ("MultiRC", "multirc", ["False", "True"], ["No", "Yes"]),
+    "rte": ("RTE", "accuracy", ["entailment", "not_entailment"], ["Yes", "No"]),
+    "wic": ("WiC", "accuracy", ["False", "True"], ["No", "Yes"]),
+    "wsc": ("WSC", "accuracy", ["False", "True"], ["No", "Yes"]),
+}
+NLI_Q = "What can be concluded from the passage?"   # CB, RTE, e-SNLI, ANLI: the hypothesis is the candidate answer
+COPA_Q = {"cause": "What was the cause of this?", "effect": "What happened as a result?"}
+
+
+def qa(passage, question, answer, choices="Yes or No"):
+    return ("Passage: ", passage, f"\nQuestion: {question}\nAnswer: {answer}\nIs the answer correct {choices}?")
+
+
+def superglue_items(task, r, fmt="paper"):
+    """One raw SuperGLUE row -> [(parts, native label or None, sub-group)]. KeyError names a missing field."""
+    y = r.get("label")
+    if task == "boolq":
+        return [(qa(r["passage"], r["question"] + "?", "Yes"), y, 0)]
+    if task in ("cb", "rte"):
+        return [(qa(r["premise"], NLI_Q, r["hypothesis"], "Yes, No or Maybe" if fmt == "native" and task == "cb"
+                    else "Yes or No"), y, 0)]
+    if task == "wic":
+        p = f"1. {r['sentence1']} 2. {r['sentence2']}"
+        return [(qa(p, f"Is the word \"{r['word']}\" used with the same meaning in sentences 1 and 2?", "Yes"), y, 0)]
+    if task == "wsc":
+        t = r["target"]
+        return [(qa(r["text"], f"Who or what does \"{t['span2_text']}\" refer to?", t["span1_text"]), y, 0)]
+    if task == "copa":
+        q = COPA_Q[r["question"]]
+        if fmt == "native":
+            return [(("Passage: ", r["premise"], f"\nQuestion: {q}\nOption 1: {r['choice1']}\nOption 2: "
+                      f"{r['choice2']}\nWhich option is correct 1 or 2?"), None if y is None else f"choice{y + 1}", 0)]
+        return [(qa(r["premise"], q, r[f"choice{k}"]), None if y is None else y == k - 1, 0) for k in (1, 2)]
+    if task == "multirc":
+        return [(qa(r["passage"]["text"], q["question"], a["text"]), a.get("label"), j)
+                for j, q in enumerate(r["passage"]["questions"]) for a in q["answers"]]
+    fail(f"unknown task '{task}'")
+
+
+def format_input(task, row, fmt="paper"):
+    """Raw task row -> [x text] (one per example the row becomes; MultiRC/COPA rows give several)."""
+    return ["".join(parts) for parts, _, _ in superglue_items(task, row, fmt)]
+
+
+def superglue_file(task, data_dir, split):
+    folder = Path(data_dir) / SUPERGLUE[task][0]
+    if not (folder / "val.jsonl").exists():   # not there: fetch the official zip (gpt.py's resumable download)
+        from gpt import download
+        url, zpath = f"{SUPERGLUE_URL}/{folder.name}.zip", Path(data_dir) / f"{folder.name}.zip"
+        try:
+            download(url, zpath, desc=zpath.name)
+        except Exception as e:
+            fail(f"{folder}/val.jsonl not found and downloading {url} failed ({e}); put the official "
+                 f"{folder.name} files (train/val/test.jsonl) into {folder}")
+        with zipfile.ZipFile(zpath) as z:
+            for m in z.namelist():
+                if m.startswith(folder.name + "/") and m.endswith(".jsonl") and ".." not in m:
+                    (folder / Path(m).name).parent.mkdir(parents=True, exist_ok=True)
+                    (folder / Path(m).name).write_bytes(z.read(m))
+        zpath.unlink()
+    return folder / f"{split}.jsonl"
+
+
+def load_superglue(task, data_dir, fmt):
+    folder, metric, native, nat_verb = SUPERGLUE[task]
+    if fmt == "native":   # native COPA is one example per pair: plain accuracy
+        labels, verbalizers, metric = native, dict(zip(native, nat_verb)), "accuracy" if task == "copa" else metric
+    else:
+        labels, verbalizers = ["No", "Yes"], {"No": "No", "Yes": "Yes"}
+    splits, sources, note = {}, {}, None
+    for split in SPLITS:
+        path = superglue_file(task, data_dir, split)
+        if not path.exists():
+            continue
+        sources[f"{folder}/{split}.jsonl"] = sha256(path)
+        exs, groups = [], {}
+        for ln, r in read_jsonl(path):
+            if task == "copa" and r.get("label") not in (None, 0, 1):
+                fail(f"{path}:{ln}: unknown label {r['label']!r} in field 'label'; known labels: 0, 1")
+            try:
+                items = superglue_items(task, r, fmt)
+            except (KeyError, TypeError) as e:
+                fail(f"{path}:{ln}: missing field {e}")
+            for parts, y, sub in items:
+                y = None if y is None else {True: "True", False: "False"}.get(y, y)   # bools and MultiRC's 0/1
+                known = labels if fmt == "native" else ["False", "True"] if task == "copa" else native
+                if y is not None and y not in known:
+                    fail(f"{path}:{ln}: unknown label {y!r} in field 'label'; known labels: {', '.join(known)}")
+                if y is not None and fmt == "paper":
+                    y = "Yes" if y in ("True", "entailment") else "No"
+                exs.append(dict(parts=parts, label=y, group=groups.setdefault((ln, sub), len(groups))))
+        splits[split] = exs
+    if "train" not in splits and "val" in splits:
+        # BoolQ: the shared copy has no train.jsonl. Train on 4/5 of val, keep every 5th row (by group) as val.
+        v = splits["val"]
+        splits["train"] = [e for e in v if e["group"] % 5]
+        splits["val"] = [e for e in v if e["group"] % 5 == 0]
+        note = "no train.jsonl: train = val rows with row % 5 != 0, val = row % 5 == 0"
+    for split in splits:   # renumber groups 0..G-1 after any split
+        ids = {}
+        for e in splits[split]:
+            e["group"] = ids.setdefault(e["group"], len(ids))
+    splits = {s: splits[s] for s in SPLITS if s in splits}
+    return dict(splits=splits, labels=labels, verbalizers=verbalizers, metric=metric, sources=sources, note=note)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Real-rationale sets in the distilling-step-by-step layout (<name>/<name>_<split>.json + llm/<split>_CoT_<k>.json,
+# PaLM-540B few-shot completions). Only e-SNLI/ANLI valid+test and CQA train+test come with rationales, so:
+# train = the first file (esnli/anli1: valid, cqa: train) without every 10th row, val = every 10th row of it,
+# test = the second file (esnli/anli1: test; cqa: test, which is the CommonsenseQA dev set).
+DISTILL = {"esnli": ("valid", "test"), "anli1": ("valid", "test"), "cqa": ("train", "test")}
+NLI = (["entailment", "neutral", "contradiction"], ["Yes", "Maybe", "No"])   # data label 0/1/2
+
+
+def parse_palm(task, s):
+    """A raw PaLM completion -> (rationale, teacher label) or None (no answer marker). Rules: PROVENANCE.md."""
+    if task == "esnli":
+        r, sep, rest = s.partition("Answer:")
+        return (r.strip(), rest.split("Premise")[0].strip()) if sep else None
+    r, sep, y = s.split("Q:" if task == "cqa" else "Premise:")[0].partition("So the answer is")
+    if not sep:
+        return None
+    y = y.strip().rstrip(".").strip()
+    if task == "cqa" and y.startswith("(") and ")" in y:
+        y = y.split(")", 1)[1].strip()   # "(c) wooded area" -> "wooded area"
+    return r.strip(), y
+
+
+def load_distill(task, data_dir):
+    base, splits, sources, dropped = Path(data_dir) / task, {}, {}, {}
+    for fsplit, splitnames in zip(DISTILL[task], (("train", "val"), ("test",))):
+        path = base / f"{task}_{fsplit}.json"
+        if not path.exists():
+            fail(f"{path}: file not found; unpack the distilling-step-by-step datasets into {data_dir}")
+        cot, k = [], 0
+        while (base / "llm" / f"{fsplit}_CoT_{k}.json").exists():   # numeric order, not lexicographic
+            cot += json.loads((base / "llm" / f"{fsplit}_CoT_{k}.json").read_text(encoding="utf-8")); k += 1
+        rows = read_jsonl(path)
+        if len(cot) != len(rows):
+            fail(f"{base}/llm/{fsplit}_CoT_*.json: {len(cot)} completions for {len(rows)} rows of {path}")
+        sources[f"{task}/{task}_{fsplit}.json"] = sha256(path)
+        for j in range(k):
+            sources[f"{task}/llm/{fsplit}_CoT_{j}.json"] = sha256(base / "llm" / f"{fsplit}_CoT_{j}.json")
+        exs = []
+        for (ln, r), c in zip(rows, cot):
+            where = f"{path}:{ln}"
+            if task == "cqa":
+                ch = field(r, "choices", where)
+                q = f"Question: {field(r, 'question', where)}\nAnswer Choices:\n" + "\n".join(
+                    f"({'abcde'[i]}) {c_}" for i, c_ in enumerate(ch)) + "\nWhich choice is correct?"
+                if field(r, "answer", where) not in ch:
+                    fail(f"{where}: answer {r['answer']!r} is not one of the choices {ch}")
+                parts, y, gold = ("", "", q), "abcde"[ch.index(r["answer"])], r["answer"]
+            else:
+                if field(r, "label", where) not in (0, 1, 2):
+                    fail(f"{where}: unknown label {r['label']!r} in field 'label'; known labels: 0, 1, 2")
+                parts = qa(field(r, "premise", where), NLI_Q, field(r, "hypothesis", where), "Yes, No or Maybe")
+                y = gold = NLI[0][r["label"]]
+            got = parse_palm(task, c)
+            reason = "no_answer" if got is None else "empty" if not got[0] else \
+                "disagree" if got[1].lower() != gold.lower() else None   # paper Table 2: keep label-consistent only
+            if reason:
+                dropped[f"{fsplit}/{reason}"] = dropped.get(f"{fsplit}/{reason}", 0) + 1
+            exs.append(dict(parts=parts, label=y, rationale=None if reason else got[0]))
+        if fsplit == DISTILL[task][0]:
+            splits["train"], splits["val"] = [e for i, e in enumerate(exs) if i % 10], exs[::10]
+        else:
+            splits["test"] = exs
+    labels, verb = (list("abcde"), [f"({c})" for c in "abcde"]) if task == "cqa" else NLI
+    return dict(splits={s: splits[s] for s in SPLITS}, labels=labels, verbalizers=dict(zip(labels, verb)),
+                metric="accuracy", sources=sources, dropped=dropped, rationale_source="palm-540b (distilling-step-by-step)")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# custom: --train_file/--val_file[/--test_file], CSV/JSON/JSONL with text, label, optional rationale.
+# --text_field picks another text column; --filter=COLUMN=VALUE keeps only matching rows (evidence-binding CSV:
+# --text_field=sentence --filter=status=verified; README). The label set is inferred from train and stored.
+
+def load_custom(files, text_field="text", filter=None):
+    col, _, val = (filter or "").partition("=")
+    splits, sources, dropped, raw = {}, {}, {}, {}
+    for split, path in files.items():
+        if path is None:
+            continue
+        rows = read_table(path)
+        sources[Path(path).name] = sha256(path)
+        if col:
+            kept = [(ln, r) for ln, r in rows if str(r.get(col)) == val]
+            if len(kept) < len(rows):
+                dropped[f"{split}/filtered"] = len(rows) - len(kept)
+            rows = kept
+        raw[split] = [(f"{path}:{ln}", r) for ln, r in rows]
+        if not rows:
+            fail(f"{path}: split '{split}' is empty" + (f" after --filter={filter}" if col else ""))
+    if "train" not in raw:
+        fail("task custom needs --train_file=FILE (CSV, JSON or JSONL with text,label[,rationale])")
+    names = sorted({str(field(r, "label", w)) for w, r in raw["train"]},
+                   key=lambda v: (0, int(v), "") if v.lstrip("-").isdigit() else (1, 0, v))
+    for split, rows in raw.items():
+        exs = []
+        for w, r in rows:
+            y = r.get("label")
+            if split != "test" or y not in (None, ""):
+                y = str(field(r, "label", w))
+                if y not in names:
+                    fail(f"{w}: unknown label {y!r} in field 'label'; known labels (from train): {', '.join(names)}")
+            rat = r.get("rationale")
+            exs.append(dict(parts=("", str(field(r, text_field, w)), ""), label=y or None,
+                            rationale=str(rat).strip() if rat not in (None, "") else None))
+        splits[split] = exs
+    return dict(splits=splits, labels=names, verbalizers={n: n for n in names}, metric="accuracy",
+                sources=sources, dropped=dropped, rationale_source="file" if any(
+                    e["rationale"] for e in splits["train"]) else None)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rationales. File format (SPEC §3), one JSON object per line: {"task", "split", "idx", "rationale", "label"},
+# idx = position of the example in the prepared split (S.jsonl "idx"). Teachers append to such a file.
+
+# Paper App. E.3 (our wording of its rules): label-conditioned, 2-5 sentences, no answer words inside the
+# reasoning, then the "[END OF REASONING]" marker and the answer.
+TEACHER_PROMPT = ("Here is a task and its correct answer. Explain step by step, in 2 to 5 sentences, why the "
+                  "correct answer is right, using only the information given. Do not use the words Yes, No, True "
+                  "or False in your reasoning. After the reasoning write [END OF REASONING] on its own line, then "
+                  "\"Answer: \" followed by the correct answer.\n\n{x}\n\nCorrect answer: {y}\n")
+RETRY_BASE = 1.0   # seconds; backoff RETRY_BASE * 2**attempt on 429/5xx/timeouts (tests lower it)
+
+
+def parse_teacher(text):
+    """Teacher output -> (rationale, answer); answer None when the marker or the answer line is missing."""
+    r, sep, rest = text.partition("[END OF REASONING]")
+    ans = rest.partition("Answer:")[2].strip().split("\n")[0].strip().strip(".").strip() if sep else ""
+    return r.strip(), ans or None
+
+
+def attach_rationales(splits, task, path, verbalizers):
+    """Import a rationale file; rationales that are empty, answer-less or disagree with gold are dropped+counted."""
+    dropped, seen = {}, set()
+    for ln, r in read_jsonl(path):
+        where = f"{path}:{ln}"
+        if r.get("task", task) != task:
+            continue
+        split, i = field(r, "split", where), field(r, "idx", where)
+        if split not in splits or not isinstance(i, int) or not 0 <= i < len(splits[split]):
+            fail(f"{where}: no example split={split!r} idx={i!r} (splits: "
+                 + ", ".join(f"{s} 0..{len(e) - 1}" for s, e in splits.items()) + ")")
+        if (split, i) in seen:
+            continue   # a teacher rerun never writes twice; a hand-made duplicate: the first line wins
+        seen.add((split, i))
+        e, rat, y = splits[split][i], (r.get("rationale") or "").strip(), r.get("label")
+        gold = {e["label"], verbalizers.get(e["label"])}
+        reason = "empty" if not rat else "no_answer" if y in (None, "") else \
+            "disagree" if str(y).strip().lower() not in {str(g).lower() for g in gold} else None
+        if reason:
+            dropped[reason] = dropped.get(reason, 0) + 1
+        else:
+            e["rationale"] = rat
+    return dropped
+
+
+def chat(url, model, prompt, key, max_tokens, timeout, tries=6):
+    """One OpenAI-compatible /chat/completions call with retries on 429/5xx/network errors (never logs the key)."""
+    import urllib.error, urllib.request, time
+    body = json.dumps(dict(model=model, messages=[dict(role="user", content=prompt)], temperature=0,
+                           max_tokens=max_tokens)).encode()
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    for attempt in range(tries):
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, body, headers), timeout=timeout) as f:
+                return json.loads(f.read())["choices"][0]["message"]["content"] or ""
+        except urllib.error.HTTPError as e:
+            if e.code != 429 and e.code < 500:
+                raise PrepareError(f"{url}: HTTP {e.code} {e.reason}; check --teacher_url/--teacher_model/--api_key_env")
+            err = f"HTTP {e.code}"
+        except (urllib.error.URLError, TimeoutError, ConnectionError, KeyError, IndexError, ValueError) as e:
+            err = f"{type(e).__name__}: {e}"
+        if attempt + 1 < tries:
+            time.sleep(RETRY_BASE * 2 ** attempt)
+    raise PrepareError(f"{url}: gave up after {tries} tries ({err})")
+
+
+def run_teacher(splits, task, out_path, verbalizers, teacher=None, teacher_url=None, teacher_model=None,
+                api_key_env="OPENAI_API_KEY", batch=8, workers=4, max_new_tokens=160, timeout=60.0):
+    """Generate rationales for train: append line by line to out_path, skipping (split, idx) already there.
+    Kill it at any point and rerun: nothing lost, nothing generated twice."""
+    out_path = Path(out_path)
+    done = set()
+    if out_path.exists():
+        raw = out_path.read_bytes()
+        if raw and not raw.endswith(b"\n"):   # killed mid-line: drop the partial last line
+            out_path.write_bytes(raw[:raw.rfind(b"\n") + 1])
+        done = {(r.get("split"), r.get("idx")) for _, r in read_jsonl(out_path) if r.get("task") == task}
+    todo = [(i, e) for i, e in enumerate(splits["train"]) if ("train", i) not in done and e["label"] is not None]
+    prompts = [TEACHER_PROMPT.format(x="".join(e["parts"]), y=verbalizers[e["label"]]) for _, e in todo]
+    f = open(out_path, "a", encoding="utf-8")
+
+    def emit(i, text):
+        rat, ans = parse_teacher(text)
+        f.write(json.dumps(dict(task=task, split="train", idx=i, rationale=rat, label=ans), ensure_ascii=False) + "\n")
+        f.flush()
+
+    with f:
+        if teacher_url:
+            from concurrent.futures import ThreadPoolExecutor, as_completed
+            url = teacher_url.rstrip("/")
+            url = url if url.endswith("/chat/completions") else url + "/chat/completions"
+            key = os.environ.get(api_key_env) if api_key_env else None
+            failed = []
+            with ThreadPoolExecutor(max_workers=workers) as pool:   # bounded concurrency; written as they finish
+                futs = {pool.submit(chat, url, teacher_model, p, key, max_new_tokens, timeout): i
+                        for (i, _), p in zip(todo, prompts)}
+                for fut in as_completed(futs):
+                    try:
+                        emit(futs[fut], fut.result())
+                    except PrepareError as e:
+                        failed.append(str(e))
+            if failed:   # not written, so a rerun retries exactly these
+                print(f"prepare.py: {len(failed)} teacher requests failed (last: {failed[-1]}); rerun to retry them",
+                      file=sys.stderr)
+                if len(failed) == len(todo):
+                    fail(failed[-1])
+        else:   # a local checkpoint through gpt.py's batched KV-cache generate (greedy, left-padded prompts)
+            import torch
+            from gpt import GPT, load_tokenizer
+            tok, model = load_tokenizer(teacher), GPT.from_pretrained(teacher).eval()
+            pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
+            for b in range(0, len(todo), batch):
+                ids = [([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(p) for p in prompts[b:b + batch]]
+                T = max(map(len, ids))
+                idx = torch.tensor([[pad] * (T - len(x)) + x for x in ids])
+                mask = torch.tensor([[0] * (T - len(x)) + [1] * len(x) for x in ids])
+                with torch.no_grad():
+                    out = model.generate(idx, max_new_tokens, temperature=0.0, eos_token_id=tok.eos_id, attention_mask=mask)
+                for (i, _), row in zip(todo[b:b + batch], out[:, T:].tolist()):
+                    emit(i, tok.decode([t for t in row if t != tok.eos_id]))
+    return len(todo)
+
+
+def ablate(exs, ablation, seed, verbalizers):
+    """Paper Table 2 on the train split: drop the rationale, or shuffle rationales (and their answers) across examples."""
+    if ablation == "none":
+        return
+    if ablation not in ("only_label", "shuffle_reasoning", "shuffle_reasoning_label"):
+        fail(f"unknown --ablation={ablation}; use none, only_label, shuffle_reasoning or shuffle_reasoning_label")
+    has = [e for e in exs if e.get("rationale")]
+    if ablation == "only_label":
+        for e in has:
+            e["rationale"] = None
+        return
+    perm = list(range(len(has)))
+    random.Random(seed).shuffle(perm)
+    pairs = [(has[j]["rationale"], verbalizers[has[j]["label"]]) for j in perm]
+    for e, (r, y) in zip(has, pairs):
+        e["rationale"] = r
+        if ablation == "shuffle_reasoning_label":
+            e["y"] = y   # the LM target's answer moves with its rationale; the class label stays gold
+
+
+# ----------------------------------------------------------------------------------------------------------
 # tokenize + write. Truncation never cuts the question at the end of x: the passage is shortened instead.
 
 def encode_x(tok, parts, max_len, where):
@@ -138,7 +551,7 @@ def write_splits(out_dir, splits, labels, verbalizers, tok, max_len, max_rationa
         toks, rows, lines = [], [], []
         for i, e in enumerate(exs):
             x, text, short = encode_x(tok, e["parts"], max_len, f"{split} example {i}")
-            y = None if e["label"] is None else verbalizers[e["label"]]
+            y = None if e["label"] is None else e.get("y") or verbalizers[e["label"]]
             s, clipped = encode_suffix(tok, e.get("rationale"), y, max_rationale)
             stats["shortened"] += short; stats["rationale_clipped"] += clipped
             group = e.get("group", i)
@@ -156,28 +569,61 @@ def write_splits(out_dir, splits, labels, verbalizers, tok, max_len, max_rationa
 
 
 # ----------------------------------------------------------------------------------------------------------
-# prepare(): load -> rationales -> ablation -> tokenize -> write
+# prepare(): load -> teacher/rationales -> ablation -> tokenize -> write
 
-def prepare(task="synth", out_dir=None, model="gpt2", data_dir=None, fmt="paper", max_len=512, max_rationale=256,
+def prepare(task="synth", out_dir=None, model=None, data_dir=None, fmt="paper", max_len=512, max_rationale=256,
+            rationales=None, ablation="none", teacher=None, teacher_url=None, teacher_model=None,
+            api_key_env="OPENAI_API_KEY", teacher_batch=8, teacher_workers=4, teacher_max_new_tokens=160,
+            teacher_timeout=60.0, train_file=None, val_file=None, test_file=None, text_field="text", filter=None,
             seed=1337, quiet=False):
-    out_dir = Path(out_dir or f"data/{task}")
+    """Python entry point (dhrd.py calls prepare(task="synth", out_dir=...)). Returns the meta dict."""
+    out_dir, model = Path(out_dir or f"data/{task}"), model or ("char" if task == "synth" else "gpt2")
+    if fmt not in ("paper", "native"):
+        fail(f"unknown --format={fmt}; use paper (the paper's Yes/No template) or native (each task's labels)")
     if task == "synth":
-        splits = synth_data(**SYNTH)
-        labels, verbalizers, metric, sources = ["No", "Yes"], {"No": "No", "Yes": "Yes"}, "accuracy", {}
-        chars = sorted(set("".join(e["parts"][2] + e["rationale"] for exs in splits.values() for e in exs)
-                           + SUFFIX_R + SUFFIX_Y + "YesNo"))
-        tok, tok_meta = CharTokenizer("".join(chars)), dict(type="char", chars="".join(chars))
+        D = dict(splits=synth_data(**SYNTH), labels=["No", "Yes"], verbalizers={"No": "No", "Yes": "Yes"},
+                 metric="accuracy", sources={}, rationale_source="synth", synth=SYNTH)
+    elif task in SUPERGLUE:
+        D = load_superglue(task, data_dir or "data/superglue", fmt)
+    elif task in DISTILL:
+        D = load_distill(task, data_dir or "data/distill_step_by_step")
+    elif task == "custom":
+        D = load_custom(dict(train=train_file, val=val_file, test=test_file), text_field, filter)
     else:
-        fail(f"unknown task '{task}'")
-    stats = write_splits(out_dir, splits, labels, verbalizers, tok, max_len, max_rationale)
-    meta = dict(task=task, format=fmt, labels=labels, verbalizers=verbalizers, metric=metric, tokenizer=tok_meta,
+        fail(f"unknown --task={task}; use synth, custom, {', '.join(SUPERGLUE)}, {', '.join(DISTILL)}")
+    splits, verb, dropped = D["splits"], D["verbalizers"], D.get("dropped", {})
+    if teacher or teacher_url:
+        if teacher_url and not teacher_model:
+            fail("--teacher_url needs --teacher_model=NAME (the model name the server serves)")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        rationales = rationales or out_dir / "rationales.jsonl"
+        run_teacher(splits, task, rationales, verb, teacher, teacher_url, teacher_model, api_key_env,
+                    teacher_batch, teacher_workers, teacher_max_new_tokens, float(teacher_timeout))
+        D["rationale_source"] = f"teacher:{teacher_model or teacher}"
+    if rationales:
+        if not Path(rationales).exists():
+            fail(f"{rationales}: rationale file not found")
+        for k, n in attach_rationales(splits, task, rationales, verb).items():
+            dropped[f"rationales/{k}"] = n
+        D["sources"][Path(rationales).name] = sha256(rationales)
+        D["rationale_source"] = D.get("rationale_source") if teacher or teacher_url else f"file:{Path(rationales).name}"
+    ablate(splits.get("train", []), ablation, seed, verb)
+    if model == "char":   # a char tokenizer made from the data (synth; or any task for a from-scratch model)
+        chars = "".join(sorted(set("".join("".join(e["parts"]) + (e.get("rationale") or "") for x in splits.values()
+                                           for e in x) + SUFFIX_R + SUFFIX_Y + "".join(verb.values()))))
+        tok, tok_meta = CharTokenizer(chars), dict(type="char", chars=chars)
+    else:
+        from gpt import load_tokenizer
+        tok, tok_meta = load_tokenizer(model), dict(type="bpe", name=str(model))
+    stats = write_splits(out_dir, splits, D["labels"], verb, tok, int(max_len), int(max_rationale))
+    meta = dict(task=task, format=fmt, labels=D["labels"], verbalizers=verb, metric=D["metric"], tokenizer=tok_meta,
                 vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id, **stats,
-                sources=sources, ablation="none", rationale_source="synth" if task == "synth" else None, dropped={},
-                synth=SYNTH if task == "synth" else None)
+                sources=D["sources"], ablation=ablation, rationale_source=D.get("rationale_source"), dropped=dropped,
+                split_note=D.get("note"), synth=D.get("synth"))
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     if not quiet:
-        print(f"prepare.py: {task} -> {out_dir}: " + ", ".join(f"{k} {v}" for k, v in stats["counts"].items()),
-              file=sys.stderr)
+        print(f"prepare.py: {task} -> {out_dir}: " + ", ".join(f"{k} {v}" for k, v in stats["counts"].items())
+              + f"; shortened {stats['shortened']}; dropped {dropped or 0}", file=sys.stderr)
     return meta
 
 
@@ -187,12 +633,14 @@ def main(argv):
         k, eq, v = a.removeprefix("--").partition("=")
         if not a.startswith("--") or not eq:
             sys.exit(f"prepare.py: bad argument '{a}'; use --key=value")
-        kw["fmt" if k == "format" else k] = int(v) if v.lstrip("-").isdigit() else v
+        kw["fmt" if k == "format" else k] = v
+    unknown = set(kw) - set(prepare.__code__.co_varnames[:prepare.__code__.co_argcount])
+    if unknown:
+        sys.exit(f"prepare.py: unknown option(s) {', '.join('--' + k for k in sorted(unknown))}")
     try:
-        prepare(**kw)
+        prepare(**{k: int(v) if k in ("max_len", "max_rationale", "seed", "teacher_batch", "teacher_workers",
+                                      "teacher_max_new_tokens") else v for k, v in kw.items()})
     except PrepareError as e:
-        sys.exit(f"prepare.py: {e}")
-    except TypeError as e:
         sys.exit(f"prepare.py: {e}")
 
 
