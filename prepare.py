@@ -628,18 +628,23 @@ def prepare(task="synth", out_dir=None, model=None, data_dir=None, fmt="paper", 
 
 
 def main(argv):
-    kw = {}
+    """--key=value for every keyword of prepare() (--format is fmt), typed like its default."""
+    names = prepare.__code__.co_varnames[:prepare.__code__.co_argcount]
+    defaults, kw = dict(zip(names, prepare.__defaults__)), {}
     for a in argv:
         k, eq, v = a.removeprefix("--").partition("=")
+        k = "fmt" if k == "format" else k
         if not a.startswith("--") or not eq:
             sys.exit(f"prepare.py: bad argument '{a}'; use --key=value")
-        kw["fmt" if k == "format" else k] = v
-    unknown = set(kw) - set(prepare.__code__.co_varnames[:prepare.__code__.co_argcount])
-    if unknown:
-        sys.exit(f"prepare.py: unknown option(s) {', '.join('--' + k for k in sorted(unknown))}")
+        if k not in defaults:
+            sys.exit(f"prepare.py: unknown option(s) --{k}; options: " + ", ".join(f"--{n}" for n in names))
+        d = defaults[k]
+        try:
+            kw[k] = v.lower() in ("1", "true") if isinstance(d, bool) else type(d)(v) if isinstance(d, (int, float)) else v
+        except ValueError:
+            sys.exit(f"prepare.py: {a}: expected a {type(d).__name__}")
     try:
-        prepare(**{k: int(v) if k in ("max_len", "max_rationale", "seed", "teacher_batch", "teacher_workers",
-                                      "teacher_max_new_tokens") else v for k, v in kw.items()})
+        prepare(**kw)
     except PrepareError as e:
         sys.exit(f"prepare.py: {e}")
 

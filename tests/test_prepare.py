@@ -167,3 +167,206 @@ def test_truncation_shortens_passage_keeps_question(tmp_path):
     assert exs[0][1].startswith("Passage: word word") and exs[1][1] == _prep_rows(tmp_path / "o", "train")[1]["text"]
     with pytest.raises(prepare.PrepareError, match="raise --max_len"):
         prepare.prepare(task="rte", data_dir=tmp_path, out_dir=tmp_path / "o2", model="char", max_len=40, quiet=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# custom data, rationale import, ablations
+
+def _prep_custom(tmp_path):
+    (tmp_path / "train.csv").write_text("text,label,rationale\n\"good, fine\",pos,nice words\nawful,neg,bad words\n"
+                                        "great,pos,\nmeh,neg,dull\n")
+    (tmp_path / "val.jsonl").write_text('{"text": "ok", "label": "pos"}\n\n{"text": "bad", "label": "neg"}\n')
+    (tmp_path / "test.json").write_text('[{"text": "what"}, {"text": "so so", "label": "neg"}]')
+    return dict(train_file=tmp_path / "train.csv", val_file=tmp_path / "val.jsonl", test_file=tmp_path / "test.json")
+
+
+def test_custom_formats_and_labels(tmp_path):
+    m = prepare.prepare(task="custom", out_dir=tmp_path / "o", model="char", quiet=True, **_prep_custom(tmp_path))
+    assert m["labels"] == ["neg", "pos"] and m["counts"] == dict(train=4, val=2, test=2)
+    assert set(m["sources"]) == {"train.csv", "val.jsonl", "test.json"} and m["rationale_source"] == "file"
+    r = _prep_rows(tmp_path / "o", "train")
+    assert [(x["text"], x["label"], x["rationale"]) for x in r] == [
+        ("good, fine", "pos", "nice words"), ("awful", "neg", "bad words"), ("great", "pos", None), ("meh", "neg", "dull")]
+    _, _, idx, exs = _prep_decode(tmp_path / "o", "train")
+    assert exs[0][2] == "\nReasoning:\nnice words\nFinal Answer:\npos" and exs[2][2] == "\nFinal Answer:\npos"
+    assert [x["label"] for x in _prep_rows(tmp_path / "o", "test")] == [None, "neg"]
+    # integer labels sort numerically; evidence-binding recipe: --text_field=sentence --filter=status=verified
+    (tmp_path / "ev.csv").write_text("sentence,status,label\nA holds.,verified,10\nB maybe.,draft,2\nC holds.,verified,2\n")
+    m = prepare.prepare(task="custom", train_file=tmp_path / "ev.csv", val_file=tmp_path / "ev.csv", text_field="sentence",
+                        filter="status=verified", out_dir=tmp_path / "ev", model="char", quiet=True)
+    assert m["labels"] == ["2", "10"] and m["counts"] == dict(train=2, val=2)
+    assert m["dropped"] == {"train/filtered": 1, "val/filtered": 1}
+    assert [x["text"] for x in _prep_rows(tmp_path / "ev", "train")] == ["A holds.", "C holds."]
+
+
+def test_rationale_import_and_ablations(tmp_path):
+    files = _prep_custom(tmp_path)
+    lines = [dict(task="custom", split="train", idx=0, rationale="  first reason ", label="pos"),
+             dict(task="custom", split="train", idx=1, rationale="second reason", label="neg"),
+             dict(task="custom", split="train", idx=2, rationale="wrong side", label="neg"),     # disagrees
+             dict(task="custom", split="train", idx=3, rationale="", label="neg"),               # empty
+             dict(task="custom", split="val", idx=0, rationale="no answer given"),              # answer-less
+             dict(task="other", split="train", idx=0, rationale="ignored", label="x")]
+    rf = tmp_path / "r.jsonl"
+    rf.write_text("".join(json.dumps(l) + "\n" for l in lines))
+    m = prepare.prepare(task="custom", out_dir=tmp_path / "o", model="char", rationales=rf, quiet=True, **files)
+    assert m["dropped"] == {"rationales/disagree": 1, "rationales/empty": 1, "rationales/no_answer": 1}
+    assert m["rationale_source"] == "file:r.jsonl" and "r.jsonl" in m["sources"]
+    r = _prep_rows(tmp_path / "o", "train")
+    assert [x["rationale"] for x in r] == ["first reason", "second reason", None, "dull"]  # CSV rationale kept for 3
+    _, _, _, exs = _prep_decode(tmp_path / "o", "train")
+    assert exs[1][2] == "\nReasoning:\nsecond reason\nFinal Answer:\nneg"
+    m = prepare.prepare(task="custom", out_dir=tmp_path / "a", model="char", rationales=rf, ablation="only_label",
+                        quiet=True, **files)
+    assert m["ablation"] == "only_label"
+    _, _, _, exs = _prep_decode(tmp_path / "a", "train")
+    assert [e[2] for e in exs] == ["\nFinal Answer:\npos", "\nFinal Answer:\nneg", "\nFinal Answer:\npos", "\nFinal Answer:\nneg"]
+    outs = {}
+    for abl in ("shuffle_reasoning", "shuffle_reasoning_label"):
+        for seed in (1, 1, 5):
+            prepare.prepare(task="custom", out_dir=tmp_path / abl, model="char", rationales=rf, ablation=abl,
+                            seed=seed, quiet=True, **files)
+            outs.setdefault(abl, []).append(_prep_files(tmp_path / abl))
+            _, _, idx, exs = _prep_decode(tmp_path / abl, "train")
+            assert idx[:, 3].tolist() == [1, 0, 1, 0]                                      # class labels stay gold
+            suffixes = [e[2].split("\nFinal Answer:\n") for e in exs if "Reasoning" in e[2]]
+            assert sorted(s[0] for s in suffixes) == sorted("\nReasoning:\n" + r for r in ("first reason", "second reason", "dull"))
+            pairs = {("\nReasoning:\nfirst reason", "pos"), ("\nReasoning:\nsecond reason", "neg"), ("\nReasoning:\ndull", "neg")}
+            if abl == "shuffle_reasoning_label":
+                assert {tuple(s) for s in suffixes} == pairs                               # answer moves with its rationale
+        assert outs[abl][0] == outs[abl][1]                                                # seeded
+    assert outs["shuffle_reasoning"][0] != outs["shuffle_reasoning"][2]                   # a different seed shuffles differently
+
+
+# ---------------------------------------------------------------------------------------------------------
+# teacher over an OpenAI-compatible API: a fake /v1/chat/completions on 127.0.0.1
+
+def _prep_server(handler_fn):
+    import http.server, threading
+
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            code, payload = handler_fn(self.path, self.headers, body)
+            self.send_response(code)
+            self.end_headers()
+            self.wfile.write(payload if isinstance(payload, bytes) else json.dumps(payload).encode())
+
+        def do_GET(self):
+            code, payload = handler_fn(self.path, self.headers, None)
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv, f"http://127.0.0.1:{srv.server_address[1]}"
+
+
+def test_teacher_api_retries_drops_and_resume(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare, "RETRY_BASE", 0.01)
+    monkeypatch.setenv("PREP_TEST_KEY", "sk-secret-123")
+    rows = [dict(text=f"item {k}", label="pos" if k % 2 == 0 else "neg") for k in range(8)]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    calls, broken = {}, {7}
+
+    def handle(path, headers, body):
+        assert path == "/v1/chat/completions" and headers["Authorization"] == "Bearer sk-secret-123"
+        assert body["model"] == "tiny-teacher"
+        prompt = body["messages"][0]["content"]
+        assert "[END OF REASONING]" in prompt and "2 to 5 sentences" in prompt
+        k = int(prompt.split("item ")[1].split()[0])
+        gold = prompt.split("Correct answer: ")[1].strip()
+        calls[k] = calls.get(k, 0) + 1
+        other = "neg" if gold == "pos" else "pos"
+        ok = lambda txt: (200, {"choices": [{"message": {"content": txt}}]})
+        if k in broken:
+            return 500, {"error": "down"}
+        if k in (3, 4, 5) and calls[k] == 1:                      # transient: 429, 500, garbage body
+            return {3: (429, {"error": "slow down"}), 4: (500, {"error": "oops"}), 5: (200, b"not json")}[k]
+        return ok({1: f"Reasoning for {k}.\n[END OF REASONING]\nAnswer: {other}",          # disagrees with gold
+                   2: "I forgot the marker. Answer: pos",                                    # answer-less
+                   6: "[END OF REASONING]\nAnswer: pos"}.get(k, f"Step one for {k}. Step two.\n[END OF REASONING]\nAnswer: {gold}."))
+
+    srv, url = _prep_server(handle)
+    kw = dict(task="custom", train_file=tmp_path / "t.jsonl", val_file=tmp_path / "t.jsonl", model="char",
+              teacher_url=url + "/v1", teacher_model="tiny-teacher", api_key_env="PREP_TEST_KEY", teacher_workers=3,
+              out_dir=tmp_path / "o", quiet=True)
+    try:
+        m = prepare.prepare(**kw)                                          # item 7 fails for good: not written
+        rf = tmp_path / "o" / "rationales.jsonl"
+        assert sorted(json.loads(l)["idx"] for l in rf.read_text().splitlines()) == list(range(7))
+        assert m["dropped"] == {"rationales/disagree": 1, "rationales/no_answer": 1, "rationales/empty": 1}
+        assert m["rationale_source"] == "teacher:tiny-teacher"
+        assert calls[3] == calls[4] == calls[5] == 2 and calls[0] == 1 and calls[7] == 6
+        r = _prep_rows(tmp_path / "o", "train")
+        assert r[0]["rationale"] == "Step one for 0. Step two." and r[5]["rationale"] == "Step one for 5. Step two."
+        assert [x["rationale"] is None for x in r] == [False, True, True, False, False, False, True, True]
+        for p in (tmp_path / "o").iterdir():
+            assert b"sk-secret-123" not in p.read_bytes()
+        # resume after a kill mid-line: the partial line goes, existing ids are skipped, only the rest is asked for
+        lines = rf.read_text().splitlines(keepends=True)
+        rf.write_text("".join(lines[:4]) + lines[4][:10])
+        broken.clear(); before = dict(calls)
+        m = prepare.prepare(**kw)
+        got = [json.loads(l)["idx"] for l in rf.read_text().splitlines()]
+        assert sorted(got) == list(range(8)) and len(got) == 8
+        done_first = {json.loads(l)["idx"] for l in lines[:4]}
+        assert {k for k in calls if calls[k] != before.get(k)} == set(range(8)) - done_first
+        assert _prep_rows(tmp_path / "o", "train")[7]["rationale"] == "Step one for 7. Step two."
+        before = dict(calls)
+        prepare.prepare(**kw)
+        assert calls == before                                             # nothing generated twice
+    finally:
+        srv.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bad input: one clean message naming file, line and field
+
+def test_bad_input_messages(tmp_path):
+    sg = _prep_write_sg(tmp_path / "sg")
+    cb = sg / "CB" / "train.jsonl"
+    good = cb.read_text()
+    run = lambda **kw: prepare.prepare(**{**dict(task="cb", data_dir=sg, out_dir=tmp_path / "o", model="char", quiet=True), **kw})
+    cb.write_text(good + '{"premise": "x", "hypothesis": \n')
+    with pytest.raises(prepare.PrepareError, match=r"CB/train.jsonl:4: malformed JSON"):
+        run()
+    cb.write_text(good + '{"premise": "x", "label": "neutral", "idx": 3}\n')
+    with pytest.raises(prepare.PrepareError, match=r"CB/train.jsonl:4: missing field 'hypothesis'"):
+        run()
+    cb.write_text(good + '{"premise": "x", "hypothesis": "y", "label": "maybe", "idx": 3}\n')
+    with pytest.raises(prepare.PrepareError, match=r"CB/train.jsonl:4: unknown label 'maybe'.*known labels: entailment, contradiction, neutral"):
+        run()
+    cb.write_text("\n")
+    with pytest.raises(prepare.PrepareError, match=r"split 'train'.*no examples"):
+        run()
+    cb.write_text(good)
+    files = _prep_custom(tmp_path)
+    (tmp_path / "bad.csv").write_text("text,label\nfine,pos\nnope,weird\n")
+    with pytest.raises(prepare.PrepareError, match=r"bad.csv:3: unknown label 'weird'.*known labels \(from train\): neg, pos"):
+        prepare.prepare(task="custom", out_dir=tmp_path / "c", model="char", **{**files, "val_file": tmp_path / "bad.csv"})
+    (tmp_path / "nolabel.jsonl").write_text('{"text": "a", "label": "pos"}\n{"text": "b"}\n')
+    with pytest.raises(prepare.PrepareError, match=r"nolabel.jsonl:2: missing field 'label'"):
+        prepare.prepare(task="custom", out_dir=tmp_path / "c", model="char", **{**files, "train_file": tmp_path / "nolabel.jsonl"})
+    (tmp_path / "empty.csv").write_text("text,label\n")
+    with pytest.raises(prepare.PrepareError, match=r"empty.csv: split 'val' is empty"):
+        prepare.prepare(task="custom", out_dir=tmp_path / "c", model="char", **{**files, "val_file": tmp_path / "empty.csv"})
+    (tmp_path / "r.jsonl").write_text('{"task": "custom", "split": "train", "idx": 0, "rationale": "a", "label": "pos"}\n'
+                                      '{"task": "custom", "split": "train", "rationale": "b"}\n')
+    with pytest.raises(prepare.PrepareError, match=r"r.jsonl:2: missing field 'idx'"):
+        prepare.prepare(task="custom", out_dir=tmp_path / "c", model="char", rationales=tmp_path / "r.jsonl", **files)
+    (tmp_path / "r.jsonl").write_text('{"task": "custom", "split": "train", "idx": 99, "rationale": "b", "label": "pos"}\n')
+    with pytest.raises(prepare.PrepareError, match=r"r.jsonl:1: no example split='train' idx=99"):
+        prepare.prepare(task="custom", out_dir=tmp_path / "c", model="char", rationales=tmp_path / "r.jsonl", **files)
+    # the CLI turns every one of these into one line on stderr and exit status 1, never a traceback
+    for argv, msg in [(["--task=nope"], "unknown --task=nope"), (["--bogus=1"], "unknown option(s) --bogus"),
+                      (["cb"], "bad argument 'cb'"), (["--task=synth", "--max_len=big"], "--max_len=big"),
+                      ([f"--task=cb", f"--data_dir={sg}", "--model=char", "--format=weird"], "unknown --format=weird")]:
+        with pytest.raises(SystemExit) as e:
+            prepare.main(argv)
+        assert isinstance(e.value.code, str) and e.value.code.startswith("prepare.py: ") and msg in e.value.code, e.value.code
