@@ -257,6 +257,51 @@ class GPT(nn.Module):
                 mask = keys[:, None, None, :n]
         return out[:, :n]
 
+    # -- Hugging Face folders (helpers below) ----------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path_or_name, num_labels=None, **overrides):
+        """HF folder or hub name -> GPT. A checkpoint `score` head is loaded and sets num_labels;
+        num_labels=K without one adds a fresh head. overrides: GPTConfig fields (dropout, head, pooling...)."""
+        folder = resolve_model_dir(path_or_name)
+        cfg = _config_from_hf(folder / "config.json")
+        tensors, files = _read_checkpoint(folder)
+        head = {"score.weight": "linear", "score.0.weight": "mlp"}
+        ck = next((k for k in head if k in tensors), None)
+        if ck:
+            cfg.head, cfg.num_labels = head[ck], tensors[ck.replace("0.", "2.")].shape[0]
+            if num_labels not in (None, cfg.num_labels):
+                raise CheckpointError(f"{files}: the checkpoint's classification head has {cfg.num_labels} labels, "
+                                      f"not num_labels={num_labels}; drop num_labels or use a checkpoint without `score`")
+        elif num_labels:
+            cfg.num_labels = num_labels
+        for k, v in overrides.items():
+            if k not in {f.name for f in fields(GPTConfig)}:
+                raise TypeError(f"from_pretrained: unknown override {k!r} (GPTConfig fields only)")
+            setattr(cfg, k, v)
+        with torch.device("meta"):  # no time spent on random init of weights that are overwritten anyway
+            model = cls(cfg)
+        sd = _hf_to_ours(model, tensors, files)
+        model.load_state_dict(sd, strict=False, assign=True)
+        if cfg.tie_word_embeddings:
+            model.lm_head.weight = model.wte.weight
+        if model.score is not None and "score.0.weight" not in sd and "score.weight" not in sd:
+            model.score.to_empty(device="cpu")
+            model.score.apply(model._init_weights)
+        model.source_dir = folder  # save_pretrained copies the tokenizer files from here
+        return model
+
+    def save_pretrained(self, path, labels=None):
+        """HF layout: config.json + model.safetensors (+ tokenizer files of the source folder) that
+        transformers' AutoModelForCausalLM (and, for a linear head, AutoModelForSequenceClassification) loads."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        write_safetensors(path / "model.safetensors", _ours_to_hf(self))
+        _atomic_write(path / "config.json", json.dumps(_config_to_hf(self.config, labels), indent=2).encode())
+        src = getattr(self, "source_dir", None)
+        for f in TOKENIZER_FILES:
+            if src is not None and (Path(src) / f).is_file() and Path(src).resolve() != path.resolve():
+                shutil.copyfile(Path(src) / f, path / f)
+
     # -- training helpers -------------------------------------------------------------------------
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         # decay matrices (matmuls, embeddings) only; biases and LayerNorm gains stay undecayed (nanoGPT)
@@ -326,3 +371,441 @@ def fused_lm_loss(h, weight, targets, ignore_index=-100, chunk=1024):
         return h.sum() * 0.0 + weight.sum() * 0.0  # zero loss that still has a graph (DDP-safe)
     need = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     return _FusedLMLoss.apply(hv, weight, tv, chunk, need)
+
+# ----------------------------------------------------------------------------------------------
+# safetensors, read and written here (no pickle): 8-byte little-endian header length, a JSON header
+# {name: {dtype, shape, data_offsets: [begin, end]}} (offsets relative to the data after the header),
+# then the raw little-endian bytes. bf16 has no numpy dtype: it travels as int16 and is viewed in torch.
+
+ST_DTYPES = {"F64": (np.float64, torch.float64), "F32": (np.float32, torch.float32), "F16": (np.float16, torch.float16),
+             "BF16": (np.int16, torch.bfloat16), "I64": (np.int64, torch.int64), "I32": (np.int32, torch.int32),
+             "I16": (np.int16, torch.int16), "I8": (np.int8, torch.int8), "U8": (np.uint8, torch.uint8),
+             "BOOL": (np.bool_, torch.bool)}
+ST_NAMES = {t: n for n, (_, t) in ST_DTYPES.items()}
+
+
+def read_safetensors(path):
+    """-> {name: torch.Tensor} (owned copies). Every header field is checked against the file size
+    before anything is read or allocated, so a truncated or hostile file raises CheckpointError."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size < 8:
+        raise CheckpointError(f"{path}: {size} bytes is too short for a safetensors file (truncated download?)")
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n > size - 8 or n > 100_000_000:
+            raise CheckpointError(f"{path}: header length {n} runs past the end of the file ({size} bytes): "
+                                  f"the file is truncated or not safetensors; delete it and download again")
+        try:
+            header = json.loads(f.read(n))
+            assert isinstance(header, dict)
+        except (ValueError, AssertionError) as e:
+            raise CheckpointError(f"{path}: the safetensors header is not a JSON object ({e})") from None
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    header.pop("__metadata__", None)
+    data_len, spans, out = size - 8 - n, [], {}
+    for name, info in header.items():
+        try:
+            dtype, shape, (b, e) = info["dtype"], [int(d) for d in info["shape"]], info["data_offsets"]
+            assert all(d >= 0 for d in shape) and isinstance(b, int) and isinstance(e, int)
+        except (TypeError, KeyError, ValueError, AssertionError):
+            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {info!r}") from None
+        if dtype not in ST_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r} (supported: {', '.join(ST_DTYPES)})")
+        if not 0 <= b <= e <= data_len:
+            raise CheckpointError(f"{path}: tensor {name!r} data_offsets [{b}, {e}] fall outside the {data_len} data bytes (truncated file?)")
+        npt, tt = ST_DTYPES[dtype]
+        numel = math.prod(shape)
+        if numel * np.dtype(npt).itemsize != e - b:
+            raise CheckpointError(f"{path}: tensor {name!r} of shape {shape} and dtype {dtype} needs "
+                                  f"{numel * np.dtype(npt).itemsize} bytes but its offsets span {e - b}")
+        spans.append((b, e, name))
+        arr = np.frombuffer(mm, dtype=npt, count=numel, offset=8 + n + b).reshape(shape)
+        out[name] = torch.from_numpy(arr.copy()).view(tt)
+    spans.sort()
+    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+        if b1 < e0 and b1 < e1:
+            raise CheckpointError(f"{path}: tensors {n0!r} and {n1!r} overlap (bytes {b1}..{min(e0, e1)})")
+    return out
+
+
+def write_safetensors(path, tensors, metadata=None):
+    """Write {name: tensor} atomically (temporary file + rename); header padded to 8 bytes like the reference."""
+    header, off, ts = {}, 0, {}
+    for name in sorted(tensors):
+        t = ts[name] = tensors[name].detach().cpu().contiguous()
+        header[name] = {"dtype": ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + t.numel() * t.element_size()]}
+        off += t.numel() * t.element_size()
+    header["__metadata__"] = {"format": "pt", **(metadata or {})}
+    h = json.dumps(header, separators=(",", ":")).encode()
+    h += b" " * (-len(h) % 8)
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(len(h).to_bytes(8, "little") + h)
+        for name in sorted(ts):
+            f.write(ts[name].reshape(-1).view(torch.uint8).numpy().data)
+    os.replace(tmp, path)
+
+
+def _read_checkpoint(folder):
+    """model.safetensors, or model.safetensors.index.json + its shards -> ({name: tensor}, file name for errors)."""
+    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+    if single.is_file():
+        return read_safetensors(single), str(single)
+    if not index.is_file():
+        bins = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
+        raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json"
+                              + (f" (found {bins}: pickle checkpoints are not loaded, convert them to safetensors)" if bins else ""))
+    try:
+        wmap = json.loads(index.read_text())["weight_map"]
+        shards = sorted(set(wmap.values()))
+        assert all(isinstance(s, str) and Path(s).name == s for s in shards)
+    except (ValueError, KeyError, TypeError, AttributeError, AssertionError) as e:
+        raise CheckpointError(f"{index}: not a valid safetensors index (needs a weight_map of plain shard file names): {e!r}") from None
+    tensors = {}
+    for s in shards:
+        if not (folder / s).is_file():
+            raise CheckpointError(f"{index}: shard {s} is missing from {folder}")
+        tensors.update(read_safetensors(folder / s))
+    if set(wmap) - set(tensors):
+        raise CheckpointError(f"{index}: tensors listed in weight_map but absent from the shards: {sorted(set(wmap) - set(tensors))[:5]}")
+    return tensors, str(index)
+
+
+def _atomic_write(path, data):
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+# ----------------------------------------------------------------------------------------------
+# HF config.json and tensor names <-> ours. Defaults are those of transformers' GPT2Config / OPTConfig.
+
+def _config_from_hf(file):
+    try:
+        d = json.loads(Path(file).read_text())
+        assert isinstance(d, dict)
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: missing; a model folder needs config.json (HF layout)") from None
+    except (ValueError, AssertionError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not a JSON object ({e})") from None
+    mt, g = d.get("model_type"), d.get
+    try:
+        if mt == "gpt2":
+            cfg = GPTConfig("gpt2", g("vocab_size", 50257), g("n_positions", 1024), g("n_layer", 12), g("n_head", 12),
+                            g("n_embd", 768), g("n_inner") or 0, 0, True, g("activation_function", "gelu_new"),
+                            g("layer_norm_epsilon", 1e-5), True, g("tie_word_embeddings", True),
+                            g("bos_token_id"), g("eos_token_id"), g("pad_token_id"))
+        elif mt == "opt":
+            C = g("hidden_size", 768)
+            cfg = GPTConfig("opt", g("vocab_size", 50272), g("max_position_embeddings", 2048), g("num_hidden_layers", 12),
+                            g("num_attention_heads", 12), C, g("ffn_dim", 3072), g("word_embed_proj_dim") or C,
+                            g("do_layer_norm_before", True), g("activation_function", "relu"), 1e-5, g("enable_bias", True),
+                            g("tie_word_embeddings", True), g("bos_token_id", 2), g("eos_token_id", 2), g("pad_token_id", 1))
+            cfg.word_embed_proj_dim = 0 if cfg.word_embed_proj_dim == C else cfg.word_embed_proj_dim
+        else:
+            raise CheckpointError(f"{file}: model_type {mt!r} is not supported (supported: 'gpt2', 'opt')")
+        ints = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")
+        bad = [k for k in ints if not isinstance(getattr(cfg, k), int) or getattr(cfg, k) <= 0]
+        if bad or cfg.n_embd % cfg.n_head or cfg.activation not in ACT:
+            raise CheckpointError(f"{file}: invalid field(s) {bad or ['n_head/hidden size', 'activation_function']}: "
+                                  f"sizes must be positive ints, hidden size divisible by heads, activation one of {list(ACT)}")
+    except TypeError as e:
+        raise CheckpointError(f"{file}: a field has the wrong type ({e})") from None
+    dh = d.get("dhrd", {})  # our own head settings (an MLP head has no HF equivalent)
+    cfg.head, cfg.pooling = dh.get("head", "linear"), dh.get("pooling", "last")
+    return cfg
+
+
+def _config_to_hf(cfg, labels=None):
+    c = cfg
+    if c.model_type == "gpt2":
+        d = dict(model_type="gpt2", vocab_size=c.vocab_size, n_positions=c.block_size, n_ctx=c.block_size, n_embd=c.n_embd,
+                 n_layer=c.n_layer, n_head=c.n_head, n_inner=c.n_inner or None, activation_function=c.activation,
+                 layer_norm_epsilon=c.layer_norm_eps, resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout)
+    else:
+        d = dict(model_type="opt", vocab_size=c.vocab_size, max_position_embeddings=c.block_size, num_hidden_layers=c.n_layer,
+                 num_attention_heads=c.n_head, hidden_size=c.n_embd, ffn_dim=c.n_inner or 4 * c.n_embd,
+                 word_embed_proj_dim=c.word_embed_proj_dim or c.n_embd, do_layer_norm_before=c.pre_ln,
+                 activation_function=c.activation, enable_bias=c.bias, dropout=c.dropout, attention_dropout=c.dropout)
+    arch = {"gpt2": "GPT2", "opt": "OPT"}[c.model_type] + ("ForSequenceClassification" if c.num_labels and c.head == "linear"
+                                                           else "LMHeadModel" if c.model_type == "gpt2" else "ForCausalLM")
+    d.update(architectures=[arch], bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id,
+             tie_word_embeddings=c.tie_word_embeddings, torch_dtype="float32", dhrd={"head": c.head, "pooling": c.pooling})
+    if c.num_labels:
+        names = list(labels) if labels else [f"LABEL_{i}" for i in range(c.num_labels)]
+        d.update(num_labels=c.num_labels, id2label={str(i): n for i, n in enumerate(names)},
+                 label2id={n: i for i, n in enumerate(names)})
+    return d
+
+
+def _weight_map(model):
+    """HF name (without the `transformer.` / `model.` prefix) -> (our name, how): how is None, 'T'
+    (GPT-2 Conv1D stores [in, out]: transpose) or 0/1/2 (OPT q/k/v -> a third of our fused c_attn)."""
+    m = {}
+    if model.config.model_type == "gpt2":
+        for n, p in model.named_parameters(remove_duplicate=False):
+            if not n.startswith(("lm_head", "score")):
+                m[n] = (n, "T" if p.dim() == 2 and (".attn." in n or ".mlp." in n) else None)
+    else:
+        m.update({"decoder.embed_tokens.weight": ("wte.weight", None), "decoder.embed_positions.weight": ("wpe.weight", None),
+                  "decoder.project_in.weight": ("project_in.weight", None), "decoder.project_out.weight": ("project_out.weight", None)})
+        for w in ("weight", "bias"):
+            m[f"decoder.final_layer_norm.{w}"] = (f"ln_f.{w}", None)
+            for i in range(model.config.n_layer):
+                hf, us = f"decoder.layers.{i}.", f"h.{i}."
+                for j, s in enumerate("qkv"):
+                    m[f"{hf}self_attn.{s}_proj.{w}"] = (f"{us}attn.c_attn.{w}", j)
+                for a, b in [("self_attn.out_proj", "attn.c_proj"), ("self_attn_layer_norm", "ln_1"), ("fc1", "mlp.c_fc"),
+                             ("fc2", "mlp.c_proj"), ("final_layer_norm", "ln_2")]:
+                    m[f"{hf}{a}.{w}"] = (f"{us}{b}.{w}", None)
+    for n, _ in model.named_parameters(remove_duplicate=False):
+        if n.startswith("score") or n == "lm_head.weight" and not model.config.tie_word_embeddings:
+            m[n] = (n, None)
+    ours = dict(model.named_parameters(remove_duplicate=False))
+    return {k: v for k, v in m.items() if v[0] in ours}  # drops project_in/ln_f/biases this config lacks
+
+
+def _hf_to_ours(model, tensors, file):
+    wmap, ours = _weight_map(model), dict(model.named_parameters(remove_duplicate=False))
+    prefix = "transformer." if model.config.model_type == "gpt2" else "model."
+    sd, parts, unexpected = {}, {}, []
+    for key, t in tensors.items():
+        k = key[len(prefix):] if key.startswith(prefix) else key
+        if k.endswith((".attn.bias", ".attn.masked_bias")) or k == "lm_head.weight" and model.config.tie_word_embeddings:
+            continue  # GPT-2's causal-mask buffers; a tied head is the embedding
+        if k not in wmap:
+            unexpected.append(key)
+            continue
+        name, how = wmap[k]
+        t = t.float().t() if how == "T" else t.float()
+        if isinstance(how, int):
+            parts.setdefault(name, {})[how] = t
+        else:
+            sd[name] = t
+    sd.update({n: torch.cat([p[j] for j in range(3)]) for n, p in parts.items() if len(p) == 3})
+    if model.config.tie_word_embeddings and "wte.weight" in sd:
+        sd["lm_head.weight"] = sd["wte.weight"]
+    missing = [n for n in ours if n not in sd and not n.startswith("score")]
+    if unexpected or missing:
+        raise CheckpointError(f"{file}: tensors do not match a {model.config.model_type} model with this config.json: "
+                              f"missing {missing[:5]}{'...' if len(missing) > 5 else ''} ({len(missing)}), "
+                              f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''} ({len(unexpected)})")
+    for n, t in sd.items():
+        if t.shape != ours[n].shape:
+            hf = next((k for k, v in wmap.items() if v[0] == n), n)
+            raise CheckpointError(f"{file}: tensor {hf} has shape {list(t.shape)}, config.json implies {list(ours[n].shape)}")
+    return {n: t.contiguous() for n, t in sd.items()}
+
+
+def _ours_to_hf(model):
+    sd = model.state_dict()
+    prefix = "transformer." if model.config.model_type == "gpt2" else "model."
+    out = {}
+    for hf, (name, how) in _weight_map(model).items():
+        t = sd[name].t() if how == "T" else sd[name].chunk(3)[how] if isinstance(how, int) else sd[name]
+        out[hf if hf.startswith(("lm_head", "score")) else prefix + hf] = t.contiguous()
+    return out
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer: GPT-2's byte-level BPE (Radford et al. 2019) as a tiktoken Encoding built from the
+# checkpoint's vocab.json + merges.txt. tiktoken merges the adjacent pair whose concatenation has the
+# lowest rank, HF the pair that comes first in merges.txt; giving merge i the rank 256 + i makes the
+# two agree. Ranks are then mapped to vocab.json ids: identity for GPT-2, a permutation for OPT
+# (fairseq's dictionary order, plus <s> <pad> </s> <unk> at 0..3).
+
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json")
+GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def bytes_to_unicode():
+    """GPT-2's reversible byte -> printable unicode char map (openai/gpt-2 encoder.py)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs, cs, n = bs + [b], cs + [256 + n], n + 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+class Tokenizer:
+    """.encode(str) -> ids equal to HF's tokenizer with add_special_tokens=False; .decode(ids) -> str;
+    .bos_id (the id HF prepends: </s> for OPT, None for GPT-2), .eos_id, .pad_id, .vocab_size, .name."""
+
+    def __init__(self, folder, name=None):
+        folder, self.name = Path(folder), str(name or folder)
+        try:
+            vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+            merges = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError as e:
+            raise CheckpointError(f"{e.filename}: missing; a tokenizer folder needs vocab.json + merges.txt") from None
+        except ValueError as e:
+            raise CheckpointError(f"{folder / 'vocab.json'}: not valid JSON ({e})") from None
+        meta = {}  # bos/eos/pad/unk + added tokens, as tokenizer_config.json / special_tokens_map.json / tokenizer.json say
+        for f in ("special_tokens_map.json", "tokenizer_config.json", "config.json"):
+            try:
+                meta = {**json.loads((folder / f).read_text(encoding="utf-8")), **meta}
+            except (OSError, ValueError):
+                pass
+        byte_of = {c: b for b, c in bytes_to_unicode().items()}
+        order = [s for _, s in sorted((i, s) for s, i in vocab.items() if len(s) == 1 and s in byte_of)]
+        if len(order) != 256:
+            raise CheckpointError(f"{folder / 'vocab.json'}: has {len(order)} of the 256 byte tokens; not a GPT-2 byte-level BPE vocab")
+        for ln, line in enumerate(merges, 1):
+            if line.startswith("#version") or not line.strip():
+                continue
+            pair = line.split(" ")
+            if len(pair) != 2 or pair[0] + pair[1] not in vocab or any(c not in byte_of for c in line.replace(" ", "")):
+                raise CheckpointError(f"{folder / 'merges.txt'}:{ln}: expected two byte-level tokens whose merge is in vocab.json, got {line!r}")
+            order.append(pair[0] + pair[1])
+        ranks, rank2id = {}, []
+        for s in order:  # rank = merge priority (first occurrence wins)
+            b = bytes(byte_of[c] for c in s)
+            if b not in ranks:
+                ranks[b] = len(rank2id)
+                rank2id.append(vocab[s])
+        tok = lambda v: v.get("content") if isinstance(v, dict) else v
+        added = {tok(v): int(k) for k, v in meta.get("added_tokens_decoder", {}).items()}
+        named = [tok(meta.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token") if meta.get(k)]
+        opt_like = "</s>" in vocab and "<s>" in vocab
+        defaults = ["</s>", "<s>", "<pad>", "<unk>"] if opt_like else ["<|endoftext|>"]
+        full = {**vocab, **added}
+        specials = {s: full[s] for s in list(added) + named + defaults if s in full and s.encode() not in ranks}
+        self.enc = tiktoken.Encoding(self.name, pat_str=GPT2_PAT, mergeable_ranks=ranks,
+                                     special_tokens={s: len(rank2id) + j for j, s in enumerate(specials)})
+        r2i = np.array(rank2id + list(specials.values()), dtype=np.int64)
+        self._r2i = None if np.array_equal(r2i, np.arange(len(r2i))) else r2i  # GPT-2: ranks are the ids
+        self.vocab_size = max(full.values()) + 1
+        self._bytes = [b""] * self.vocab_size
+        for s, i in full.items():
+            self._bytes[i] = s.encode() if s in specials or any(c not in byte_of for c in s) else bytes(byte_of[c] for c in s)
+        tid = lambda k, cid, d: full.get(tok(meta.get(k))) if meta.get(k) else meta.get(cid, d)
+        self.eos_id = tid("eos_token", "eos_token_id", full.get("</s>", full.get("<|endoftext|>")))
+        self.pad_id = tid("pad_token", "pad_token_id", full.get("<pad>"))
+        add_bos = meta.get("add_bos_token", meta.get("model_type") == "opt" or opt_like)  # HF: OPT prepends </s>
+        self.bos_id = tid("bos_token", "bos_token_id", full.get("</s>")) if add_bos else None
+
+    def _ids(self, ranks):
+        return ranks if self._r2i is None else self._r2i[np.asarray(ranks, dtype=np.int64)].tolist()
+
+    def encode(self, text):
+        return self._ids(self.enc.encode(text, allowed_special="all"))
+
+    def encode_batch(self, texts):  # tiktoken's threaded batch encoder (for prepare.py)
+        return [self._ids(r) for r in self.enc.encode_batch(texts, allowed_special="all")]
+
+    def decode(self, ids):
+        return b"".join(self._bytes[i] for i in ids).decode("utf-8", errors="replace")
+
+
+def load_tokenizer(path_or_name):
+    return Tokenizer(resolve_model_dir(path_or_name, weights=False), name=path_or_name)
+
+# ----------------------------------------------------------------------------------------------
+# Hub names -> a cache folder. Files come from {DHRD_HUB_URL}/{name}/resolve/main/{file}; sizes and
+# sha256 (LFS oid) from {DHRD_HUB_URL}/api/models/{name}/tree/main when the hub offers them.
+
+HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def resolve_model_dir(path_or_name, weights=True):
+    p = Path(path_or_name).expanduser()
+    if p.is_dir():
+        return p
+    name = str(path_or_name)
+    if not HUB_NAME.match(name) or ".." in name:
+        raise CheckpointError(f"{name}: no such folder, and not a hub name like 'gpt2' or 'facebook/opt-125m'")
+    cache = Path(os.environ.get("DHRD_CACHE", "~/.cache/dhrd")).expanduser() / name.replace("/", "--")
+    base = os.environ.get("DHRD_HUB_URL", "https://huggingface.co").rstrip("/")
+    need = ["config.json", "vocab.json", "merges.txt"]
+    have = lambda fs: all((cache / f).is_file() for f in fs)
+    shards = lambda: sorted(set(json.loads((cache / "model.safetensors.index.json").read_text())["weight_map"].values()))
+    if have(need) and (not weights or have(["model.safetensors"])
+                       or have(["model.safetensors.index.json"]) and have(shards())):
+        return cache  # complete in the cache: no network needed
+    listing = _hub_listing(base, name)  # {file: (size, sha256)} or None
+    get = lambda f: download(f"{base}/{name}/resolve/main/{f}", cache / f, *(listing or {}).get(f, (None, None)), desc=f"{name}/{f}")
+    for f in need + [f for f in TOKENIZER_FILES if f not in need and listing and f in listing]:
+        if not (cache / f).is_file():
+            get(f)
+    if weights and not have(["model.safetensors"]):
+        if listing is not None and "model.safetensors" not in listing and "model.safetensors.index.json" not in listing:
+            raise CheckpointError(f"{base}/{name}: the repository has no model.safetensors (files: {sorted(listing)[:12]}); "
+                                  f"only safetensors is loaded (never pickle): convert it and pass the folder")
+        if listing is None or "model.safetensors" in listing:
+            try:
+                get("model.safetensors")
+                return cache
+            except DownloadError:
+                if listing is not None:
+                    raise
+        if not have(["model.safetensors.index.json"]):
+            get("model.safetensors.index.json")
+        for s in shards():
+            if Path(s).name != s:
+                raise CheckpointError(f"{cache / 'model.safetensors.index.json'}: shard name {s!r} is not a plain file name")
+            if not (cache / s).is_file():
+                get(s)
+    return cache
+
+
+def _hub_listing(base, name):
+    try:
+        req = urllib.request.Request(f"{base}/api/models/{name}/tree/main", headers={"User-Agent": "dhrd"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            items = json.loads(r.read())
+        return {it["path"]: ((it.get("lfs") or {}).get("size", it.get("size")), (it.get("lfs") or {}).get("oid"))
+                for it in items if it.get("type") == "file"}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None  # no listing (offline, or a plain file server): fall back to fetching the files directly
+
+
+def download(url, dest, expected_size=None, sha256=None, desc=None):
+    """urllib download to dest via dest.part (renamed only when complete and verified), resuming a
+    partial .part with an HTTP Range request; progress on stderr. Raises DownloadError naming the URL."""
+    dest, t0, last = Path(dest), time.time(), 0.0
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    have = part.stat().st_size if part.exists() else 0
+    if expected_size is not None and have > expected_size:
+        part.unlink()
+        have = 0
+    if expected_size is None or have < expected_size:
+        req = urllib.request.Request(url, headers={"User-Agent": "dhrd", **({"Range": f"bytes={have}-"} if have else {})})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                if have and r.status != 206:
+                    have = 0  # the server ignored Range: start over
+                total = have + int(r.headers.get("Content-Length") or 0) or expected_size
+                with open(part, "ab" if have else "wb") as f:
+                    while chunk := r.read(1 << 20):
+                        f.write(chunk)
+                        have += len(chunk)
+                        if time.time() - last > 0.5 or have == total:
+                            last = time.time()
+                            print(f"\r{desc or dest.name}: {have / 1e6:.1f}/{(total or 0) / 1e6:.1f} MB "
+                                  f"{have / 1e6 / max(last - t0, 1e-3):.1f} MB/s", end="", file=sys.stderr, flush=True)
+                print(file=sys.stderr)
+        except urllib.error.HTTPError as e:
+            if not (e.code == 416 and have):  # 416 on a resume: the .part is already complete
+                raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from None
+        except (urllib.error.URLError, OSError) as e:
+            raise DownloadError(f"could not download {url} ({getattr(e, 'reason', e)}). Offline? Fetch the files "
+                                f"yourself into a local folder and pass that folder instead; a partial {part} "
+                                f"is kept and resumed next time") from None
+    size = part.stat().st_size
+    if expected_size is not None and size != expected_size:
+        if size > expected_size:
+            part.unlink()
+        raise DownloadError(f"{url}: got {size} bytes, expected {expected_size}"
+                            + (" (interrupted: run again to resume)" if size < expected_size else "; the file was removed"))
+    if sha256:
+        h = hashlib.sha256()
+        with open(part, "rb") as f:
+            while b := f.read(1 << 24):
+                h.update(b)
+        if h.hexdigest() != sha256.lower():
+            part.unlink()
+            raise DownloadError(f"{url}: sha256 {h.hexdigest()} does not match the expected {sha256}; the file was removed")
+    os.replace(part, dest)
+    return dest
