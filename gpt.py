@@ -668,9 +668,9 @@ class Tokenizer:
         added = {tok(v): int(k) for k, v in meta.get("added_tokens_decoder", {}).items()}
         named = [tok(meta.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token") if meta.get(k)]
         opt_like = "</s>" in vocab and "<s>" in vocab
-        defaults = ["</s>", "<s>", "<pad>", "<unk>"] if opt_like else ["<|endoftext|>"]
+        defaults = ["</s>", "<pad>"] if opt_like else ["<|endoftext|>"]
         full = {**vocab, **added}
-        specials = {s: full[s] for s in list(added) + named + defaults if s in full and s.encode() not in ranks}
+        specials = {s: full[s] for s in list(added) + (named or defaults) if s in full and s.encode() not in ranks}
         self.enc = tiktoken.Encoding(self.name, pat_str=GPT2_PAT, mergeable_ranks=ranks,
                                      special_tokens={s: len(rank2id) + j for j, s in enumerate(specials)})
         r2i = np.array(rank2id + list(specials.values()), dtype=np.int64)
