@@ -13,9 +13,12 @@ bin[start:start+n]; its first x_len tokens are the input x (BOS first where the 
 label is known a suffix "\\nReasoning:\\n{r}\\nFinal Answer:\\n{y}" + EOS follows (paper App. E.2; without a
 rationale just "\\nFinal Answer:\\n{y}" + EOS). Same inputs -> byte-identical outputs.
 """
-import csv, hashlib, io, json, os, random, sys, zipfile
+import csv, hashlib, json, os, random, sys, time, urllib.error, urllib.request, zipfile
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 import numpy as np
+import torch
+from gpt import GPT, download, load_tokenizer
 
 # synth: the embedded default task. Variable tracking mod `mod`: "a=3,b=a+4,c=b-a,d=c+7;d>4?" -> Yes/No.
 # The label needs every intermediate value; the rationale spells them out ("b=3+4=7,c=7-3=4,d=4+7=1"), so a
@@ -56,10 +59,7 @@ class CharTokenizer:
 def tokenizer_from_meta(meta):
     """The tokenizer a prepared folder was made with (meta = the parsed meta.json)."""
     t = meta["tokenizer"]
-    if t["type"] == "char":
-        return CharTokenizer(t["chars"])
-    from gpt import load_tokenizer
-    return load_tokenizer(t["name"])
+    return CharTokenizer(t["chars"]) if t["type"] == "char" else load_tokenizer(t["name"])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -71,8 +71,7 @@ def synth_data(seed, n_train, n_val, n_test, steps, mod, ops, p_const):
     for split, n in zip(SPLITS, (n_train, n_val, n_test)):
         rows, per_label = [], {"No": 0, "Yes": 0}
         while len(rows) < n:
-            vals = {"a": rng.randrange(mod)}
-            stmts, steps_r = [f"a={vals['a']}"], []
+            vals = {"a": rng.randrange(mod)}; stmts, steps_r = [f"a={vals['a']}"], []
             for j in range(1, steps + 1):
                 prev, v, op = names[j - 1], names[j], rng.choice(ops)
                 if j == 1 or rng.random() < p_const:
@@ -82,9 +81,7 @@ def synth_data(seed, n_train, n_val, n_test, steps, mod, ops, p_const):
                 vals[v] = (vals[prev] + argv if op == "+" else vals[prev] - argv if op == "-" else vals[prev] * argv) % mod
                 stmts.append(f"{v}={prev}{op}{arg}")
                 steps_r.append(f"{v}={vals[prev]}{op}{argv}={vals[v]}")
-            last = names[steps]
-            x = ",".join(stmts) + f";{last}>{mod // 2 - 1}?"
-            label = "Yes" if vals[last] > mod // 2 - 1 else "No"
+            x, label = ",".join(stmts) + f";{names[steps]}>{mod // 2 - 1}?", "Yes" if vals[names[steps]] >= mod // 2 else "No"
             if x in seen or per_label[label] >= (n + 1) // 2:
                 continue
             seen.add(x); per_label[label] += 1
@@ -194,7 +191,6 @@ def format_input(task, row, fmt="paper"):
 def superglue_file(task, data_dir, split):
     folder = Path(data_dir) / SUPERGLUE[task][0]
     if not (folder / "val.jsonl").exists():   # not there: fetch the official zip (gpt.py's resumable download)
-        from gpt import download
         url, zpath = f"{SUPERGLUE_URL}/{folder.name}.zip", Path(data_dir) / f"{folder.name}.zip"
         try:
             download(url, zpath, desc=zpath.name)
@@ -204,8 +200,7 @@ def superglue_file(task, data_dir, split):
         with zipfile.ZipFile(zpath) as z:
             for m in z.namelist():
                 if m.startswith(folder.name + "/") and m.endswith(".jsonl") and ".." not in m:
-                    (folder / Path(m).name).parent.mkdir(parents=True, exist_ok=True)
-                    (folder / Path(m).name).write_bytes(z.read(m))
+                    folder.mkdir(parents=True, exist_ok=True); (folder / Path(m).name).write_bytes(z.read(m))
         zpath.unlink()
     return folder / f"{split}.jsonl"
 
@@ -238,19 +233,16 @@ def load_superglue(task, data_dir, fmt):
                 if y is not None and fmt == "paper":
                     y = "Yes" if y in ("True", "entailment") else "No"
                 exs.append(dict(parts=parts, label=y, group=groups.setdefault((ln, sub), len(groups))))
-        splits[split] = exs
-    if "train" not in splits and "val" in splits:
-        # BoolQ: the shared copy has no train.jsonl. Train on 4/5 of val, keep every 5th row (by group) as val.
+        splits[split] = exs if exs else fail(f"{path}: no examples; an official {folder} file has one JSON object a line")
+    if "train" not in splits and "val" in splits:   # BoolQ's shared copy has no train.jsonl: train on 4/5 of val
         v = splits["val"]
-        splits["train"] = [e for e in v if e["group"] % 5]
-        splits["val"] = [e for e in v if e["group"] % 5 == 0]
+        splits["train"], splits["val"] = [e for e in v if e["group"] % 5], [e for e in v if e["group"] % 5 == 0]
         note = "no train.jsonl: train = val rows with row % 5 != 0, val = row % 5 == 0"
-    for split in splits:   # renumber groups 0..G-1 after any split
-        ids = {}
-        for e in splits[split]:
-            e["group"] = ids.setdefault(e["group"], len(ids))
-    splits = {s: splits[s] for s in SPLITS if s in splits}
-    return dict(splits=splits, labels=labels, verbalizers=verbalizers, metric=metric, sources=sources, note=note)
+    for exs in splits.values():   # renumber groups 0..G-1 after the split
+        ids = {g: j for j, g in enumerate(dict.fromkeys(e["group"] for e in exs))}
+        for e in exs:
+            e["group"] = ids[e["group"]]
+    return dict(splits={s: splits[s] for s in SPLITS if s in splits}, labels=labels, verbalizers=verbalizers, metric=metric, sources=sources, note=note)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -278,19 +270,17 @@ def parse_palm(task, s):
 
 def load_distill(task, data_dir):
     base, splits, sources, dropped = Path(data_dir) / task, {}, {}, {}
-    for fsplit, splitnames in zip(DISTILL[task], (("train", "val"), ("test",))):
+    for fsplit in DISTILL[task]:
         path = base / f"{task}_{fsplit}.json"
         if not path.exists():
             fail(f"{path}: file not found; unpack the distilling-step-by-step datasets into {data_dir}")
         cot, k = [], 0
         while (base / "llm" / f"{fsplit}_CoT_{k}.json").exists():   # numeric order, not lexicographic
             cot += json.loads((base / "llm" / f"{fsplit}_CoT_{k}.json").read_text(encoding="utf-8")); k += 1
-        rows = read_jsonl(path)
-        if len(cot) != len(rows):
+        if len(cot) != len(rows := read_jsonl(path)):
             fail(f"{base}/llm/{fsplit}_CoT_*.json: {len(cot)} completions for {len(rows)} rows of {path}")
-        sources[f"{task}/{task}_{fsplit}.json"] = sha256(path)
-        for j in range(k):
-            sources[f"{task}/llm/{fsplit}_CoT_{j}.json"] = sha256(base / "llm" / f"{fsplit}_CoT_{j}.json")
+        for f in [path] + [base / "llm" / f"{fsplit}_CoT_{j}.json" for j in range(k)]:
+            sources[str(f.relative_to(data_dir))] = sha256(f)
         exs = []
         for (ln, r), c in zip(rows, cot):
             where = f"{path}:{ln}"
@@ -312,10 +302,8 @@ def load_distill(task, data_dir):
             if reason:
                 dropped[f"{fsplit}/{reason}"] = dropped.get(f"{fsplit}/{reason}", 0) + 1
             exs.append(dict(parts=parts, label=y, rationale=None if reason else got[0]))
-        if fsplit == DISTILL[task][0]:
-            splits["train"], splits["val"] = [e for i, e in enumerate(exs) if i % 10], exs[::10]
-        else:
-            splits["test"] = exs
+        splits.update(dict(train=[e for i, e in enumerate(exs) if i % 10], val=exs[::10]) if fsplit == DISTILL[task][0]
+                      else dict(test=exs))
     labels, verb = (list("abcde"), [f"({c})" for c in "abcde"]) if task == "cqa" else NLI
     return dict(splits={s: splits[s] for s in SPLITS}, labels=labels, verbalizers=dict(zip(labels, verb)),
                 metric="accuracy", sources=sources, dropped=dropped, rationale_source="palm-540b (distilling-step-by-step)")
@@ -329,16 +317,11 @@ def load_distill(task, data_dir):
 def load_custom(files, text_field="text", filter=None):
     col, _, val = (filter or "").partition("=")
     splits, sources, dropped, raw = {}, {}, {}, {}
-    for split, path in files.items():
-        if path is None:
-            continue
+    for split, path in ((s, p) for s, p in files.items() if p is not None):
         rows = read_table(path)
         sources[Path(path).name] = sha256(path)
-        if col:
-            kept = [(ln, r) for ln, r in rows if str(r.get(col)) == val]
-            if len(kept) < len(rows):
-                dropped[f"{split}/filtered"] = len(rows) - len(kept)
-            rows = kept
+        if col and len(kept := [(ln, r) for ln, r in rows if str(r.get(col)) == val]) < len(rows):
+            dropped[f"{split}/filtered"], rows = len(rows) - len(kept), kept
         raw[split] = [(f"{path}:{ln}", r) for ln, r in rows]
         if not rows:
             fail(f"{path}: split '{split}' is empty" + (f" after --filter={filter}" if col else ""))
@@ -354,13 +337,11 @@ def load_custom(files, text_field="text", filter=None):
                 y = str(field(r, "label", w))
                 if y not in names:
                     fail(f"{w}: unknown label {y!r} in field 'label'; known labels (from train): {', '.join(names)}")
-            rat = r.get("rationale")
             exs.append(dict(parts=("", str(field(r, text_field, w)), ""), label=y or None,
-                            rationale=str(rat).strip() if rat not in (None, "") else None))
+                            rationale=str(r.get("rationale") or "").strip() or None))
         splits[split] = exs
-    return dict(splits=splits, labels=names, verbalizers={n: n for n in names}, metric="accuracy",
-                sources=sources, dropped=dropped, rationale_source="file" if any(
-                    e["rationale"] for e in splits["train"]) else None)
+    return dict(splits=splits, labels=names, verbalizers={n: n for n in names}, metric="accuracy", sources=sources,
+                dropped=dropped, rationale_source="file" if any(e["rationale"] for e in splits["train"]) else None)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -410,7 +391,6 @@ def attach_rationales(splits, task, path, verbalizers):
 
 def chat(url, model, prompt, key, max_tokens, timeout, tries=6):
     """One OpenAI-compatible /chat/completions call with retries on 429/5xx/network errors (never logs the key)."""
-    import urllib.error, urllib.request, time
     body = json.dumps(dict(model=model, messages=[dict(role="user", content=prompt)], temperature=0,
                            max_tokens=max_tokens)).encode()
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
@@ -433,8 +413,7 @@ def run_teacher(splits, task, out_path, verbalizers, teacher=None, teacher_url=N
                 api_key_env="OPENAI_API_KEY", batch=8, workers=4, max_new_tokens=160, timeout=60.0):
     """Generate rationales for train: append line by line to out_path, skipping (split, idx) already there.
     Kill it at any point and rerun: nothing lost, nothing generated twice."""
-    out_path = Path(out_path)
-    done = set()
+    out_path, done = Path(out_path), set()
     if out_path.exists():
         raw = out_path.read_bytes()
         if raw and not raw.endswith(b"\n"):   # killed mid-line: drop the partial last line
@@ -451,11 +430,8 @@ def run_teacher(splits, task, out_path, verbalizers, teacher=None, teacher_url=N
 
     with f:
         if teacher_url:
-            from concurrent.futures import ThreadPoolExecutor, as_completed
-            url = teacher_url.rstrip("/")
+            url, key, failed = teacher_url.rstrip("/"), os.environ.get(api_key_env) if api_key_env else None, []
             url = url if url.endswith("/chat/completions") else url + "/chat/completions"
-            key = os.environ.get(api_key_env) if api_key_env else None
-            failed = []
             with ThreadPoolExecutor(max_workers=workers) as pool:   # bounded concurrency; written as they finish
                 futs = {pool.submit(chat, url, teacher_model, p, key, max_new_tokens, timeout): i
                         for (i, _), p in zip(todo, prompts)}
@@ -470,8 +446,6 @@ def run_teacher(splits, task, out_path, verbalizers, teacher=None, teacher_url=N
                 if len(failed) == len(todo):
                     fail(failed[-1])
         else:   # a local checkpoint through gpt.py's batched KV-cache generate (greedy, left-padded prompts)
-            import torch
-            from gpt import GPT, load_tokenizer
             tok, model = load_tokenizer(teacher), GPT.from_pretrained(teacher).eval()
             pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
             for b in range(0, len(todo), batch):
@@ -487,21 +461,11 @@ def run_teacher(splits, task, out_path, verbalizers, teacher=None, teacher_url=N
 
 
 def ablate(exs, ablation, seed, verbalizers):
-    """Paper Table 2 on the train split: drop the rationale, or shuffle rationales (and their answers) across examples."""
-    if ablation == "none":
-        return
-    if ablation not in ("only_label", "shuffle_reasoning", "shuffle_reasoning_label"):
-        fail(f"unknown --ablation={ablation}; use none, only_label, shuffle_reasoning or shuffle_reasoning_label")
+    """Paper Table 2, train split only: drop the rationales, or shuffle them (alone, or with their answers)."""
     has = [e for e in exs if e.get("rationale")]
-    if ablation == "only_label":
-        for e in has:
-            e["rationale"] = None
-        return
-    perm = list(range(len(has)))
-    random.Random(seed).shuffle(perm)
-    pairs = [(has[j]["rationale"], verbalizers[has[j]["label"]]) for j in perm]
-    for e, (r, y) in zip(has, pairs):
-        e["rationale"] = r
+    moved = [(has[j]["rationale"], verbalizers[has[j]["label"]]) for j in random.Random(seed).sample(range(len(has)), len(has))]
+    for e, (r, y) in zip(has, moved):
+        e["rationale"] = None if ablation == "only_label" else r if ablation.startswith("shuffle") else e["rationale"]
         if ablation == "shuffle_reasoning_label":
             e["y"] = y   # the LM target's answer moves with its rationale; the class label stays gold
 
@@ -580,6 +544,8 @@ def prepare(task="synth", out_dir=None, model=None, data_dir=None, fmt="paper", 
     out_dir, model = Path(out_dir or f"data/{task}"), model or ("char" if task == "synth" else "gpt2")
     if fmt not in ("paper", "native"):
         fail(f"unknown --format={fmt}; use paper (the paper's Yes/No template) or native (each task's labels)")
+    if ablation not in ("none", "only_label", "shuffle_reasoning", "shuffle_reasoning_label"):
+        fail(f"unknown --ablation={ablation}; use none, only_label, shuffle_reasoning or shuffle_reasoning_label")
     if task == "synth":
         D = dict(splits=synth_data(**SYNTH), labels=["No", "Yes"], verbalizers={"No": "No", "Yes": "Yes"},
                  metric="accuracy", sources={}, rationale_source="synth", synth=SYNTH)
@@ -613,7 +579,6 @@ def prepare(task="synth", out_dir=None, model=None, data_dir=None, fmt="paper", 
                                            for e in x) + SUFFIX_R + SUFFIX_Y + "".join(verb.values()))))
         tok, tok_meta = CharTokenizer(chars), dict(type="char", chars=chars)
     else:
-        from gpt import load_tokenizer
         tok, tok_meta = load_tokenizer(model), dict(type="bpe", name=str(model))
     stats = write_splits(out_dir, splits, D["labels"], verb, tok, int(max_len), int(max_rationale))
     meta = dict(task=task, format=fmt, labels=D["labels"], verbalizers=verb, metric=D["metric"], tokenizer=tok_meta,
@@ -634,10 +599,8 @@ def main(argv):
     for a in argv:
         k, eq, v = a.removeprefix("--").partition("=")
         k = "fmt" if k == "format" else k
-        if not a.startswith("--") or not eq:
-            sys.exit(f"prepare.py: bad argument '{a}'; use --key=value")
-        if k not in defaults:
-            sys.exit(f"prepare.py: unknown option(s) --{k}; options: " + ", ".join(f"--{n}" for n in names))
+        if not a.startswith("--") or not eq or k not in defaults:
+            sys.exit(f"prepare.py: bad option '{a}'; use --key=value with a key from --" + ", --".join(names))
         d = defaults[k]
         try:
             kw[k] = v.lower() in ("1", "true") if isinstance(d, bool) else type(d)(v) if isinstance(d, (int, float)) else v

@@ -21,7 +21,8 @@ def _prep_decode(d, split):
     out = []
     for start, x_len, n, label, group in idx.tolist():
         ids = b[start:start + n].tolist()
-        out.append((ids, tok.decode(ids[:x_len]), tok.decode(ids[x_len:]), label, group))
+        x, suffix = ids[int(tok.bos_id is not None):x_len], ids[x_len:n - 1 if n > x_len else n]   # minus BOS/EOS
+        out.append((ids, tok.decode(x), tok.decode(suffix), label, group))
     return meta, tok, idx, out
 
 
@@ -343,7 +344,7 @@ def test_bad_input_messages(tmp_path):
     with pytest.raises(prepare.PrepareError, match=r"CB/train.jsonl:4: unknown label 'maybe'.*known labels: entailment, contradiction, neutral"):
         run()
     cb.write_text("\n")
-    with pytest.raises(prepare.PrepareError, match=r"split 'train'.*no examples"):
+    with pytest.raises(prepare.PrepareError, match=r"CB/train.jsonl: no examples"):
         run()
     cb.write_text(good)
     files = _prep_custom(tmp_path)
@@ -364,9 +365,59 @@ def test_bad_input_messages(tmp_path):
     with pytest.raises(prepare.PrepareError, match=r"r.jsonl:1: no example split='train' idx=99"):
         prepare.prepare(task="custom", out_dir=tmp_path / "c", model="char", rationales=tmp_path / "r.jsonl", **files)
     # the CLI turns every one of these into one line on stderr and exit status 1, never a traceback
-    for argv, msg in [(["--task=nope"], "unknown --task=nope"), (["--bogus=1"], "unknown option(s) --bogus"),
-                      (["cb"], "bad argument 'cb'"), (["--task=synth", "--max_len=big"], "--max_len=big"),
+    for argv, msg in [(["--task=nope"], "unknown --task=nope"), (["--bogus=1"], "bad option '--bogus=1'"),
+                      (["cb"], "bad option 'cb'"), (["--task=synth", "--max_len=big"], "--max_len=big"),
                       ([f"--task=cb", f"--data_dir={sg}", "--model=char", "--format=weird"], "unknown --format=weird")]:
         with pytest.raises(SystemExit) as e:
             prepare.main(argv)
         assert isinstance(e.value.code, str) and e.value.code.startswith("prepare.py: ") and msg in e.value.code, e.value.code
+
+
+# ---------------------------------------------------------------------------------------------------------
+# BPE tokenizers (H2's tiny fixture folders) and the SuperGLUE download on loopback
+
+def test_bpe_tokenizers_bos_and_truncation(tmp_path):
+    sg = _prep_write_sg(tmp_path / "sg")
+    long = dict(premise="The committee discussed the budget at length. " * 60, hypothesis="The budget was discussed.",
+                label="entailment", idx=9)
+    (sg / "RTE" / "train.jsonl").write_text((sg / "RTE" / "train.jsonl").read_text() + json.dumps(long) + "\n")
+    for name, has_bos in (("tok_gpt2", False), ("tok_opt", True)):
+        folder = ROOT / "tests" / "fixtures" / name
+        m = prepare.prepare(task="rte", data_dir=sg, out_dir=tmp_path / name, model=str(folder), max_len=128, quiet=True)
+        assert m["tokenizer"] == {"type": "bpe", "name": str(folder)} and m["token_dtype"] == "uint16"
+        meta, tok, idx, exs = _prep_decode(tmp_path / name, "train")
+        assert (m["bos_id"] is not None) == has_bos and m["shortened"] == 1 and idx[2, 1] == 128
+        for (ids, x, suffix, label, group), r, x_len in zip(exs, _prep_rows(tmp_path / name, "train"), idx[:, 1]):
+            assert (ids[0] == tok.bos_id) == has_bos and ids[-1] == tok.eos_id
+            assert x == r["text"] and suffix == "\nFinal Answer:\n" + r["label"]
+            assert ids[:x_len] == ([tok.bos_id] if has_bos else []) + tok.encode(r["text"])
+        assert exs[2][1].endswith("\nAnswer: The budget was discussed.\nIs the answer correct Yes or No?")
+
+
+def test_superglue_download_from_loopback(tmp_path, monkeypatch):
+    import io, zipfile
+    src = _prep_write_sg(tmp_path / "src")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for f in sorted((src / "CB").iterdir()):
+            z.writestr(f"CB/{f.name}", f.read_bytes())
+        z.writestr("__MACOSX/CB/._train.jsonl", b"junk")
+    served = []
+
+    def handle(path, headers, body):
+        served.append(path)
+        return (200, buf.getvalue()) if path == "/CB.zip" else (404, b"no")
+
+    srv, url = _prep_server(handle)
+    try:
+        monkeypatch.setattr(prepare, "SUPERGLUE_URL", url)
+        m = prepare.prepare(task="cb", data_dir=tmp_path / "dl", out_dir=tmp_path / "o", model="char", quiet=True)
+        assert m["counts"] == dict(train=3, val=3, test=3) and served == ["/CB.zip"]
+        assert sorted(p.name for p in (tmp_path / "dl").rglob("*")) == ["CB", "test.jsonl", "train.jsonl", "val.jsonl"]
+        assert m["sources"]["CB/train.jsonl"] == prepare.sha256(src / "CB" / "train.jsonl")
+        prepare.prepare(task="cb", data_dir=tmp_path / "dl", out_dir=tmp_path / "o", model="char", quiet=True)
+        assert served == ["/CB.zip"]                                                   # present now: no second fetch
+        with pytest.raises(prepare.PrepareError, match=r"RTE/val.jsonl not found and downloading .*/RTE.zip failed"):
+            prepare.prepare(task="rte", data_dir=tmp_path / "dl", out_dir=tmp_path / "o", model="char", quiet=True)
+    finally:
+        srv.shutdown()
