@@ -421,3 +421,26 @@ def test_superglue_download_from_loopback(tmp_path, monkeypatch):
             prepare.prepare(task="rte", data_dir=tmp_path / "dl", out_dir=tmp_path / "o", model="char", quiet=True)
     finally:
         srv.shutdown()
+
+
+def test_local_teacher_batched_generate_and_resume(tmp_path, monkeypatch):
+    """--teacher=DIR: gpt.py's batched, left-padded generate; one line per train example; a rerun generates nothing."""
+    monkeypatch.setattr(prepare, "TEACHER_PROMPT", "{x} => {y}:")      # short: the tiny model has 64 positions
+    rows = [dict(text=t, label=l) for t, l in (("a cat", "pos"), ("the long dog ran", "neg"), ("x", "pos"))]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    calls = []
+    real = prepare.GPT.generate
+    monkeypatch.setattr(prepare.GPT, "generate", lambda self, idx, *a, **k: calls.append(idx.shape) or real(self, idx, *a, **k))
+    kw = dict(task="custom", train_file=tmp_path / "t.jsonl", val_file=tmp_path / "t.jsonl", model="char",
+              teacher=str(ROOT / "tests" / "fixtures" / "gpt2"), teacher_max_new_tokens=6, quiet=True)
+    texts = {}
+    for batch in (3, 1):
+        m = prepare.prepare(out_dir=tmp_path / f"b{batch}", teacher_batch=batch, **kw)
+        lines = [json.loads(l) for l in (tmp_path / f"b{batch}" / "rationales.jsonl").read_text().splitlines()]
+        assert [l["idx"] for l in lines] == [0, 1, 2] and m["rationale_source"].startswith("teacher:")
+        assert sum(m["dropped"].values()) == 3                   # a random tiny model never writes the marker
+        texts[batch] = [l["rationale"] for l in lines]
+        assert all(texts[batch])                                # it did generate text
+    assert len(calls) == 4 and calls[0][0] == 3 and texts[3] == texts[1]   # left-padded batch == one at a time
+    prepare.prepare(out_dir=tmp_path / "b3", teacher_batch=3, **kw)
+    assert len(calls) == 4                                                  # resume: nothing generated twice
