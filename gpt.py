@@ -142,14 +142,14 @@ class GPT(nn.Module):
                 torch.nn.init.zeros_(m.bias)
 
     # -- forward pieces ---------------------------------------------------------------------------
-    def _mask(self, attention_mask, T):
+    def _mask(self, attention_mask, T, causal_ok=True):
         """Positions and the SDPA mask for right- or left-padded `attention_mask` (1 = real)."""
         dev = self.wte.weight.device
         if attention_mask is None:
             return torch.arange(T, device=dev)[None], None
         am = attention_mask.to(dev).bool()
         pos = (am.long().cumsum(1) - 1).clamp(min=0)  # OPT/HF-generate: positions count real tokens only
-        if bool((am[:, 1:] <= am[:, :-1]).all()):
+        if causal_ok and bool((am[:, 1:] <= am[:, :-1]).all()):
             # right padding: pads come after every real token, so plain causal attention already hides
             # them from real positions (and keeps SDPA on its fused kernels)
             return pos, None
@@ -219,42 +219,30 @@ class GPT(nn.Module):
         """Left-padded prompts [B,T] -> [B, T+new]; KV cache; temperature 0 = greedy (HF-identical).
         Rows that emitted eos_token_id are filled with pad (or eos) like HF; stops when all rows are done."""
         B, T = idx.shape
-        L = T + max_new_tokens
-        if L > self.config.block_size:
+        if T + max_new_tokens > self.config.block_size:
             raise ValueError(f"prompt {T} + {max_new_tokens} new tokens exceeds block_size {self.config.block_size}")
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None  # no padding: SDPA's causal fast path
+        pos, mask = self._mask(attention_mask, T, causal_ok=False)
+        # which cache slots hold real tokens (slots of tokens still to come count as real)
+        keys = None if attention_mask is None else F.pad(attention_mask.to(idx.device).bool(), (0, max_new_tokens), value=True)
+        out, caches = F.pad(idx, (0, max_new_tokens)), [[None, None, T + max_new_tokens] for _ in self.h]
         pad = self.config.pad_token_id if self.config.pad_token_id is not None else eos_token_id
-        out = idx.new_empty(B, L)
-        out[:, :T] = idx
-        pos, mask = self._mask(attention_mask, T)
-        keys = None
-        if mask is not None or (attention_mask is not None and not bool(attention_mask.all())):
-            keys = torch.zeros(B, L, dtype=torch.bool, device=idx.device)  # which cache slots are real tokens
-            keys[:, :T] = attention_mask.bool()
-            if mask is None:  # right padding in a prompt: needs the explicit mask too
-                mask = keys[:, None, None, :T] & torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
-                mask = mask | torch.eye(T, dtype=torch.bool, device=idx.device)
-        caches = [[None, None, L] for _ in self.h]
-        next_pos = pos[:, -1:] + 1 if attention_mask is None else attention_mask.long().sum(1, keepdim=True)
-        x, start, n = idx, 0, T
-        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        for i in range(max_new_tokens):
+        done, x, n = torch.zeros(B, dtype=torch.bool, device=idx.device), idx, T
+        for _ in range(max_new_tokens):
             h = self._embed(x, pos)
             for block, cache in zip(self.h, caches):
-                h = block(h, mask, cache, start)
+                h = block(h, mask, cache, n - x.shape[1])
             logits = self.lm_head(self._final(h[:, -1])).float()  # only the last position needs the LM head
             tok = _sample(logits, temperature, top_p, generator)
             if eos_token_id is not None:
-                tok = torch.where(done, torch.full_like(tok, pad), tok)
+                tok = torch.where(done, pad, tok)
                 done |= tok == eos_token_id
-            out[:, n] = tok
-            n += 1
+            out[:, n], n = tok, n + 1
             if eos_token_id is not None and bool(done.all()):
                 break
-            x, start, pos = tok[:, None], n - 1, next_pos
-            next_pos = next_pos + 1
-            if keys is not None:
-                keys[:, n - 1] = True
-                mask = keys[:, None, None, :n]
+            x, pos = tok[:, None], pos[:, -1:] + 1
+            mask = None if keys is None else keys[:, None, None, :n]
         return out[:, :n]
 
     # -- Hugging Face folders (helpers below) ----------------------------------------------------
@@ -478,7 +466,28 @@ def _atomic_write(path, data):
     os.replace(tmp, path)
 
 # ----------------------------------------------------------------------------------------------
-# HF config.json and tensor names <-> ours. Defaults are those of transformers' GPT2Config / OPTConfig.
+# HF config.json <-> GPTConfig, one table for both directions and both architectures:
+# our field -> (GPT2Config name, default), (OPTConfig name, default); None = not in that config.
+
+HF_CONFIG = {
+    "vocab_size": (("vocab_size", 50257), ("vocab_size", 50272)),
+    "block_size": (("n_positions", 1024), ("max_position_embeddings", 2048)),
+    "n_layer": (("n_layer", 12), ("num_hidden_layers", 12)),
+    "n_head": (("n_head", 12), ("num_attention_heads", 12)),
+    "n_embd": (("n_embd", 768), ("hidden_size", 768)),
+    "n_inner": (("n_inner", None), ("ffn_dim", 3072)),
+    "word_embed_proj_dim": (None, ("word_embed_proj_dim", None)),
+    "pre_ln": (None, ("do_layer_norm_before", True)),
+    "activation": (("activation_function", "gelu_new"), ("activation_function", "relu")),
+    "layer_norm_eps": (("layer_norm_epsilon", 1e-5), None),
+    "bias": (None, ("enable_bias", True)),
+    "tie_word_embeddings": (("tie_word_embeddings", True), ("tie_word_embeddings", True)),
+    "bos_token_id": (("bos_token_id", None), ("bos_token_id", 2)),
+    "eos_token_id": (("eos_token_id", None), ("eos_token_id", 2)),
+    "pad_token_id": (("pad_token_id", None), ("pad_token_id", 1)),
+}
+ARCH = {"gpt2": ("GPT2LMHeadModel", "GPT2ForSequenceClassification"), "opt": ("OPTForCausalLM", "OPTForSequenceClassification")}
+
 
 def _config_from_hf(file):
     try:
@@ -486,120 +495,93 @@ def _config_from_hf(file):
         assert isinstance(d, dict)
     except FileNotFoundError:
         raise CheckpointError(f"{file}: missing; a model folder needs config.json (HF layout)") from None
-    except (ValueError, AssertionError, UnicodeDecodeError) as e:
+    except (ValueError, AssertionError) as e:
         raise CheckpointError(f"{file}: not a JSON object ({e})") from None
-    mt, g = d.get("model_type"), d.get
-    try:
-        if mt == "gpt2":
-            cfg = GPTConfig("gpt2", g("vocab_size", 50257), g("n_positions", 1024), g("n_layer", 12), g("n_head", 12),
-                            g("n_embd", 768), g("n_inner") or 0, 0, True, g("activation_function", "gelu_new"),
-                            g("layer_norm_epsilon", 1e-5), True, g("tie_word_embeddings", True),
-                            g("bos_token_id"), g("eos_token_id"), g("pad_token_id"))
-        elif mt == "opt":
-            C = g("hidden_size", 768)
-            cfg = GPTConfig("opt", g("vocab_size", 50272), g("max_position_embeddings", 2048), g("num_hidden_layers", 12),
-                            g("num_attention_heads", 12), C, g("ffn_dim", 3072), g("word_embed_proj_dim") or C,
-                            g("do_layer_norm_before", True), g("activation_function", "relu"), 1e-5, g("enable_bias", True),
-                            g("tie_word_embeddings", True), g("bos_token_id", 2), g("eos_token_id", 2), g("pad_token_id", 1))
-            cfg.word_embed_proj_dim = 0 if cfg.word_embed_proj_dim == C else cfg.word_embed_proj_dim
-        else:
-            raise CheckpointError(f"{file}: model_type {mt!r} is not supported (supported: 'gpt2', 'opt')")
-        ints = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")
-        bad = [k for k in ints if not isinstance(getattr(cfg, k), int) or getattr(cfg, k) <= 0]
-        if bad or cfg.n_embd % cfg.n_head or cfg.activation not in ACT:
-            raise CheckpointError(f"{file}: invalid field(s) {bad or ['n_head/hidden size', 'activation_function']}: "
-                                  f"sizes must be positive ints, hidden size divisible by heads, activation one of {list(ACT)}")
-    except TypeError as e:
-        raise CheckpointError(f"{file}: a field has the wrong type ({e})") from None
-    dh = d.get("dhrd", {})  # our own head settings (an MLP head has no HF equivalent)
-    cfg.head, cfg.pooling = dh.get("head", "linear"), dh.get("pooling", "last")
+    if d.get("model_type") not in ARCH:
+        raise CheckpointError(f"{file}: model_type {d.get('model_type')!r} is not supported (supported: 'gpt2', 'opt')")
+    opt = d["model_type"] == "opt"
+    cfg = GPTConfig(model_type=d["model_type"], head=d.get("dhrd", {}).get("head", "linear"),  # our own MLP-head flag
+                    pooling=d.get("dhrd", {}).get("pooling", "last"))
+    for field, spec in HF_CONFIG.items():
+        if spec[opt] is not None:
+            setattr(cfg, field, d.get(*spec[opt]))
+    cfg.n_inner = cfg.n_inner or 0
+    cfg.word_embed_proj_dim = 0 if cfg.word_embed_proj_dim in (None, cfg.n_embd) else cfg.word_embed_proj_dim
+    sizes = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_inner", "word_embed_proj_dim")
+    bad = [HF_CONFIG[k][opt][0] for k in sizes if not isinstance(getattr(cfg, k), int) or getattr(cfg, k) < (k in sizes[:5])]
+    if bad or cfg.n_embd % cfg.n_head or cfg.activation not in list(ACT):
+        raise CheckpointError(f"{file}: invalid field(s) {bad or ['hidden size / heads', 'activation_function']}: sizes "
+                              f"must be positive ints, hidden size divisible by heads, activation one of {list(ACT)}")
     return cfg
 
 
-def _config_to_hf(cfg, labels=None):
-    c = cfg
-    if c.model_type == "gpt2":
-        d = dict(model_type="gpt2", vocab_size=c.vocab_size, n_positions=c.block_size, n_ctx=c.block_size, n_embd=c.n_embd,
-                 n_layer=c.n_layer, n_head=c.n_head, n_inner=c.n_inner or None, activation_function=c.activation,
-                 layer_norm_epsilon=c.layer_norm_eps, resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout)
-    else:
-        d = dict(model_type="opt", vocab_size=c.vocab_size, max_position_embeddings=c.block_size, num_hidden_layers=c.n_layer,
-                 num_attention_heads=c.n_head, hidden_size=c.n_embd, ffn_dim=c.n_inner or 4 * c.n_embd,
-                 word_embed_proj_dim=c.word_embed_proj_dim or c.n_embd, do_layer_norm_before=c.pre_ln,
-                 activation_function=c.activation, enable_bias=c.bias, dropout=c.dropout, attention_dropout=c.dropout)
-    arch = {"gpt2": "GPT2", "opt": "OPT"}[c.model_type] + ("ForSequenceClassification" if c.num_labels and c.head == "linear"
-                                                           else "LMHeadModel" if c.model_type == "gpt2" else "ForCausalLM")
-    d.update(architectures=[arch], bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id,
-             tie_word_embeddings=c.tie_word_embeddings, torch_dtype="float32", dhrd={"head": c.head, "pooling": c.pooling})
+def _config_to_hf(c, labels=None):
+    opt = c.model_type == "opt"
+    d = {spec[opt][0]: getattr(c, f) for f, spec in HF_CONFIG.items() if spec[opt] is not None}
+    d.update(n_inner=c.n_inner or None) if not opt else d.update(ffn_dim=c.n_inner or 4 * c.n_embd,
+                                                                 word_embed_proj_dim=c.word_embed_proj_dim or c.n_embd)
+    drop = ("dropout", "attention_dropout") if opt else ("resid_pdrop", "embd_pdrop", "attn_pdrop")
+    d.update({k: c.dropout for k in drop}, model_type=c.model_type, torch_dtype="float32",
+             architectures=[ARCH[c.model_type][bool(c.num_labels and c.head == "linear")]],
+             dhrd={"head": c.head, "pooling": c.pooling})
     if c.num_labels:
         names = list(labels) if labels else [f"LABEL_{i}" for i in range(c.num_labels)]
-        d.update(num_labels=c.num_labels, id2label={str(i): n for i, n in enumerate(names)},
-                 label2id={n: i for i, n in enumerate(names)})
+        d.update(num_labels=c.num_labels, id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
     return d
 
 
 def _weight_map(model):
     """HF name (without the `transformer.` / `model.` prefix) -> (our name, how): how is None, 'T'
     (GPT-2 Conv1D stores [in, out]: transpose) or 0/1/2 (OPT q/k/v -> a third of our fused c_attn)."""
-    m = {}
-    if model.config.model_type == "gpt2":
-        for n, p in model.named_parameters(remove_duplicate=False):
-            if not n.startswith(("lm_head", "score")):
-                m[n] = (n, "T" if p.dim() == 2 and (".attn." in n or ".mlp." in n) else None)
+    ours = dict(model.named_parameters(remove_duplicate=False))
+    m = {n: (n, None) for n in ours if n.startswith("score") or n == "lm_head.weight" and not model.config.tie_word_embeddings}
+    if model.config.model_type == "gpt2":  # our names are GPT-2's
+        m.update({n: (n, "T" if p.dim() == 2 and (".attn." in n or ".mlp." in n) else None)
+                  for n, p in ours.items() if not n.startswith(("lm_head", "score"))})
     else:
-        m.update({"decoder.embed_tokens.weight": ("wte.weight", None), "decoder.embed_positions.weight": ("wpe.weight", None),
-                  "decoder.project_in.weight": ("project_in.weight", None), "decoder.project_out.weight": ("project_out.weight", None)})
+        m.update({f"decoder.{a}.weight": (f"{b}.weight", None) for a, b in [("embed_tokens", "wte"),
+                  ("embed_positions", "wpe"), ("project_in", "project_in"), ("project_out", "project_out")]})
         for w in ("weight", "bias"):
             m[f"decoder.final_layer_norm.{w}"] = (f"ln_f.{w}", None)
             for i in range(model.config.n_layer):
                 hf, us = f"decoder.layers.{i}.", f"h.{i}."
-                for j, s in enumerate("qkv"):
-                    m[f"{hf}self_attn.{s}_proj.{w}"] = (f"{us}attn.c_attn.{w}", j)
+                m.update({f"{hf}self_attn.{s}_proj.{w}": (f"{us}attn.c_attn.{w}", j) for j, s in enumerate("qkv")})
                 for a, b in [("self_attn.out_proj", "attn.c_proj"), ("self_attn_layer_norm", "ln_1"), ("fc1", "mlp.c_fc"),
                              ("fc2", "mlp.c_proj"), ("final_layer_norm", "ln_2")]:
                     m[f"{hf}{a}.{w}"] = (f"{us}{b}.{w}", None)
-    for n, _ in model.named_parameters(remove_duplicate=False):
-        if n.startswith("score") or n == "lm_head.weight" and not model.config.tie_word_embeddings:
-            m[n] = (n, None)
-    ours = dict(model.named_parameters(remove_duplicate=False))
     return {k: v for k, v in m.items() if v[0] in ours}  # drops project_in/ln_f/biases this config lacks
 
 
 def _hf_to_ours(model, tensors, file):
     wmap, ours = _weight_map(model), dict(model.named_parameters(remove_duplicate=False))
-    prefix = "transformer." if model.config.model_type == "gpt2" else "model."
+    prefix, tied = ("transformer." if model.config.model_type == "gpt2" else "model."), model.config.tie_word_embeddings
     sd, parts, unexpected = {}, {}, []
     for key, t in tensors.items():
-        k = key[len(prefix):] if key.startswith(prefix) else key
-        if k.endswith((".attn.bias", ".attn.masked_bias")) or k == "lm_head.weight" and model.config.tie_word_embeddings:
+        k = key[len(prefix):] if key.startswith(prefix) else key  # hub gpt2 / OPT files may lack the prefix
+        if k.endswith((".attn.bias", ".attn.masked_bias")) or k == "lm_head.weight" and tied:
             continue  # GPT-2's causal-mask buffers; a tied head is the embedding
         if k not in wmap:
             unexpected.append(key)
             continue
         name, how = wmap[k]
-        t = t.float().t() if how == "T" else t.float()
-        if isinstance(how, int):
-            parts.setdefault(name, {})[how] = t
-        else:
-            sd[name] = t
-    sd.update({n: torch.cat([p[j] for j in range(3)]) for n, p in parts.items() if len(p) == 3})
-    if model.config.tie_word_embeddings and "wte.weight" in sd:
+        t = t.float().t() if how == "T" and t.dim() == 2 else t.float()
+        want = ours[name].shape if not isinstance(how, int) else (ours[name].shape[0] // 3, *ours[name].shape[1:])
+        if t.shape != want:
+            raise CheckpointError(f"{file}: tensor {key} has shape {list(t.shape)}, config.json implies {list(want)}")
+        parts.setdefault(name, {})[how if isinstance(how, int) else None] = t
+    sd = {n: torch.cat([p[0], p[1], p[2]]) if len(p) == 3 else p[None] for n, p in parts.items() if None in p or len(p) == 3}
+    if tied and "wte.weight" in sd:
         sd["lm_head.weight"] = sd["wte.weight"]
     missing = [n for n in ours if n not in sd and not n.startswith("score")]
     if unexpected or missing:
         raise CheckpointError(f"{file}: tensors do not match a {model.config.model_type} model with this config.json: "
                               f"missing {missing[:5]}{'...' if len(missing) > 5 else ''} ({len(missing)}), "
                               f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''} ({len(unexpected)})")
-    for n, t in sd.items():
-        if t.shape != ours[n].shape:
-            hf = next((k for k, v in wmap.items() if v[0] == n), n)
-            raise CheckpointError(f"{file}: tensor {hf} has shape {list(t.shape)}, config.json implies {list(ours[n].shape)}")
     return {n: t.contiguous() for n, t in sd.items()}
 
 
 def _ours_to_hf(model):
-    sd = model.state_dict()
-    prefix = "transformer." if model.config.model_type == "gpt2" else "model."
+    sd, prefix = model.state_dict(), "transformer." if model.config.model_type == "gpt2" else "model."
     out = {}
     for hf, (name, how) in _weight_map(model).items():
         t = sd[name].t() if how == "T" else sd[name].chunk(3)[how] if isinstance(how, int) else sd[name]
