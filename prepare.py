@@ -3,8 +3,7 @@ Turn raw data into what dhrd.py trains on (paper arXiv 2509.21487, App. E.2/E.3)
 
     python prepare.py                                   # synth: embedded, offline, char tokenizer
     python prepare.py --task=cb --model=gpt2 --data_dir=data/superglue
-    python prepare.py --task=rte --model=gpt2 --rationales=rte_rationales.jsonl
-    python prepare.py --task=cqa --model=gpt2 --data_dir=data/distill_step_by_step
+    python prepare.py --task=rte --model=gpt2 --teacher_url=http://localhost:8000/v1 --teacher_model=NAME
     python prepare.py --task=custom --train_file=a.csv --val_file=b.jsonl --model=gpt2
 
 Output in out_dir (default data/<task>): meta.json and per split S: S.bin (flat token ids), S.idx.npy (int64
@@ -47,8 +46,7 @@ class CharTokenizer:
         self.vocab_size, self.name = len(chars) + 3, "char"
 
     def encode(self, s):
-        bad = sorted(set(s) - set(self.stoi))
-        if bad:
+        if bad := sorted(set(s) - set(self.stoi)):
             fail(f"characters {bad} are not in the char vocabulary {self.chars!r}")
         return [self.stoi[c] for c in s]
 
@@ -99,6 +97,8 @@ def sha256(path):
 
 def read_jsonl(path):
     """[(line number, object)] of a JSON Lines file; blank lines are skipped."""
+    if not Path(path).exists():
+        fail(f"{path}: file not found")
     rows = []
     for ln, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
         if line.strip():
@@ -111,8 +111,7 @@ def read_jsonl(path):
 
 def read_table(path):
     """custom data: .csv (header row), .jsonl, or .json (an array, or JSON Lines) -> [(line, dict)]."""
-    path = Path(path)
-    if not path.exists():
+    if not (path := Path(path)).exists():
         fail(f"{path}: file not found")
     if path.suffix == ".csv":
         with open(path, newline="", encoding="utf-8") as f:
@@ -166,11 +165,10 @@ def superglue_items(task, r, fmt="paper"):
         return [(qa(r["premise"], NLI_Q, r["hypothesis"], "Yes, No or Maybe" if fmt == "native" and task == "cb"
                     else "Yes or No"), y, 0)]
     if task == "wic":
-        p = f"1. {r['sentence1']} 2. {r['sentence2']}"
-        return [(qa(p, f"Is the word \"{r['word']}\" used with the same meaning in sentences 1 and 2?", "Yes"), y, 0)]
+        return [(qa(f"1. {r['sentence1']} 2. {r['sentence2']}", f"Is the word \"{r['word']}\" used with the same "
+                    "meaning in sentences 1 and 2?", "Yes"), y, 0)]
     if task == "wsc":
-        t = r["target"]
-        return [(qa(r["text"], f"Who or what does \"{t['span2_text']}\" refer to?", t["span1_text"]), y, 0)]
+        return [(qa(r["text"], f"Who or what does \"{r['target']['span2_text']}\" refer to?", r["target"]["span1_text"]), y, 0)]
     if task == "copa":
         q = COPA_Q[r["question"]]
         if fmt == "native":
@@ -180,12 +178,11 @@ def superglue_items(task, r, fmt="paper"):
     if task == "multirc":
         return [(qa(r["passage"]["text"], q["question"], a["text"]), a.get("label"), j)
                 for j, q in enumerate(r["passage"]["questions"]) for a in q["answers"]]
-    fail(f"unknown task '{task}'")
 
 
 def format_input(task, row, fmt="paper"):
-    """Raw task row -> [x text] (one per example the row becomes; MultiRC/COPA rows give several)."""
-    return ["".join(parts) for parts, _, _ in superglue_items(task, row, fmt)]
+    """Raw task row -> [x text] (MultiRC/COPA rows give several). Other tasks: x is the row's "text" (KeyError if none)."""
+    return ["".join(parts) for parts, _, _ in superglue_items(task, row, fmt)] if task in SUPERGLUE else [row["text"]]
 
 
 def superglue_file(task, data_dir, split):
@@ -415,15 +412,14 @@ def run_teacher(splits, task, out_path, verbalizers, teacher=None, teacher_url=N
     Kill it at any point and rerun: nothing lost, nothing generated twice."""
     out_path, done = Path(out_path), set()
     if out_path.exists():
-        raw = out_path.read_bytes()
-        if raw and not raw.endswith(b"\n"):   # killed mid-line: drop the partial last line
+        if (raw := out_path.read_bytes()) and not raw.endswith(b"\n"):   # killed mid-line: drop the partial line
             out_path.write_bytes(raw[:raw.rfind(b"\n") + 1])
         done = {(r.get("split"), r.get("idx")) for _, r in read_jsonl(out_path) if r.get("task") == task}
     todo = [(i, e) for i, e in enumerate(splits["train"]) if ("train", i) not in done and e["label"] is not None]
     prompts = [TEACHER_PROMPT.format(x="".join(e["parts"]), y=verbalizers[e["label"]]) for _, e in todo]
     f = open(out_path, "a", encoding="utf-8")
 
-    def emit(i, text):
+    def emit(i, text):   # one complete line per rationale, flushed at once
         rat, ans = parse_teacher(text)
         f.write(json.dumps(dict(task=task, split="train", idx=i, rationale=rat, label=ans), ensure_ascii=False) + "\n")
         f.flush()
@@ -447,17 +443,16 @@ def run_teacher(splits, task, out_path, verbalizers, teacher=None, teacher_url=N
                     fail(failed[-1])
         else:   # a local checkpoint through gpt.py's batched KV-cache generate (greedy, left-padded prompts)
             tok, model = load_tokenizer(teacher), GPT.from_pretrained(teacher).eval()
-            pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
+            pad, bos = tok.pad_id if tok.pad_id is not None else tok.eos_id, [] if tok.bos_id is None else [tok.bos_id]
             for b in range(0, len(todo), batch):
-                ids = [([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(p) for p in prompts[b:b + batch]]
+                ids = [bos + tok.encode(p) for p in prompts[b:b + batch]]
                 T = max(map(len, ids))
                 idx = torch.tensor([[pad] * (T - len(x)) + x for x in ids])
                 mask = torch.tensor([[0] * (T - len(x)) + [1] * len(x) for x in ids])
                 with torch.no_grad():
                     out = model.generate(idx, max_new_tokens, temperature=0.0, eos_token_id=tok.eos_id, attention_mask=mask)
                 for (i, _), row in zip(todo[b:b + batch], out[:, T:].tolist()):
-                    emit(i, tok.decode([t for t in row if t != tok.eos_id]))
-    return len(todo)
+                    emit(i, tok.decode(row[:row.index(tok.eos_id)] if tok.eos_id in row else row))
 
 
 def ablate(exs, ablation, seed, verbalizers):
@@ -474,35 +469,26 @@ def ablate(exs, ablation, seed, verbalizers):
 # tokenize + write. Truncation never cuts the question at the end of x: the passage is shortened instead.
 
 def encode_x(tok, parts, max_len, where):
-    head, passage, tail = parts
-    bos = [] if tok.bos_id is None else [tok.bos_id]
-    text = head + passage + tail
-    ids = bos + tok.encode(text)
-    if len(ids) <= max_len:
-        return ids, text, False
-    p = tok.encode(passage)
-    k = len(p)
-    while len(ids) > max_len:
-        k -= len(ids) - max_len
+    """BOS + x. Too long: cut the passage (parts[1]) token-wise until it fits. -> ids, text, shortened?"""
+    (head, passage, tail), bos, k, text = parts, [] if tok.bos_id is None else [tok.bos_id], None, "".join(parts)
+    while len(ids := bos + tok.encode(text)) > max_len:
+        p = tok.encode(passage) if k is None else p
+        k = (len(p) if k is None else k) - (len(ids) - max_len)
         if k <= 0:
             fail(f"{where}: the input without its passage is longer than --max_len={max_len} tokens; raise --max_len")
         text = head + tok.decode(p[:k]) + tail
-        ids = bos + tok.encode(text)
-    return ids, text, True
+    return ids, text, k is not None
 
 
 def encode_suffix(tok, rationale, y, max_rationale):
-    """"\\nReasoning:\\n{r}\\nFinal Answer:\\n{y}" + EOS; the rationale is cut to max_rationale tokens (answer kept)."""
-    eos = [] if tok.eos_id is None else [tok.eos_id]
+    """"\\nReasoning:\\n{r}\\nFinal Answer:\\n{y}" + EOS (no rationale: "\\nFinal Answer:\\n{y}" + EOS); the rationale
+    is cut to max_rationale tokens, the answer always kept. -> ids, clipped?"""
     if y is None:
         return [], False
-    if rationale is None:
-        return tok.encode(SUFFIX_Y + y) + eos, False
-    r = tok.encode(rationale)
-    clipped = len(r) > max_rationale
-    if clipped:
+    if clipped := len(r := [] if rationale is None else tok.encode(rationale)) > max_rationale:
         rationale = tok.decode(r[:max_rationale])
-    return tok.encode(SUFFIX_R + rationale + SUFFIX_Y + y) + eos, clipped
+    text = SUFFIX_Y + y if rationale is None else SUFFIX_R + rationale + SUFFIX_Y + y
+    return tok.encode(text) + ([] if tok.eos_id is None else [tok.eos_id]), clipped
 
 
 def write_splits(out_dir, splits, labels, verbalizers, tok, max_len, max_rationale):
@@ -567,8 +553,6 @@ def prepare(task="synth", out_dir=None, model=None, data_dir=None, fmt="paper", 
                     teacher_batch, teacher_workers, teacher_max_new_tokens, float(teacher_timeout))
         D["rationale_source"] = f"teacher:{teacher_model or teacher}"
     if rationales:
-        if not Path(rationales).exists():
-            fail(f"{rationales}: rationale file not found")
         for k, n in attach_rationales(splits, task, rationales, verb).items():
             dropped[f"rationales/{k}"] = n
         D["sources"][Path(rationales).name] = sha256(rationales)
@@ -587,8 +571,7 @@ def prepare(task="synth", out_dir=None, model=None, data_dir=None, fmt="paper", 
                 split_note=D.get("note"), synth=D.get("synth"))
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     if not quiet:
-        print(f"prepare.py: {task} -> {out_dir}: " + ", ".join(f"{k} {v}" for k, v in stats["counts"].items())
-              + f"; shortened {stats['shortened']}; dropped {dropped or 0}", file=sys.stderr)
+        print(f"prepare.py: {task} -> {out_dir}: {stats['counts']}, shortened {stats['shortened']}, dropped {dropped}")
     return meta
 
 

@@ -115,6 +115,9 @@ def test_superglue_templates_and_mappings(tmp_path):
     r = _prep_rows(tmp_path / "cb", "train")
     assert r[0]["text"] == ("Passage: It rained all day.\nQuestion: " + prepare.NLI_Q +
                             "\nAnswer: The ground is wet.\nIs the answer correct Yes or No?")
+    assert prepare.format_input("cb", _PREP_SG["CB"][0]) == [r[0]["text"]]                # dhrd.py --predict
+    assert prepare.format_input("multirc", _PREP_SG["MultiRC"][0])[3].endswith("Answer: fish\nIs the answer correct Yes or No?")
+    assert prepare.format_input("custom", {"text": "as is"}) == ["as is"]
     assert [x["label"] for x in r] == ["Yes", "No", "No"] and [x["label"] for x in _prep_rows(tmp_path / "cb", "test")] == [None] * 3
     meta, tok, idx, exs = _prep_decode(tmp_path / "cb", "train")
     assert exs[0][2] == "\nFinal Answer:\nYes" and exs[0][1] == r[0]["text"]      # label-only suffix, no rationale
@@ -191,6 +194,8 @@ def test_custom_formats_and_labels(tmp_path):
     _, _, idx, exs = _prep_decode(tmp_path / "o", "train")
     assert exs[0][2] == "\nReasoning:\nnice words\nFinal Answer:\npos" and exs[2][2] == "\nFinal Answer:\npos"
     assert [x["label"] for x in _prep_rows(tmp_path / "o", "test")] == [None, "neg"]
+    m = prepare.prepare(task="custom", out_dir=tmp_path / "clip", model="char", max_rationale=4, quiet=True, **_prep_custom(tmp_path))
+    assert m["rationale_clipped"] == 2 and _prep_decode(tmp_path / "clip", "train")[3][0][2] == "\nReasoning:\nnice\nFinal Answer:\npos"
     # integer labels sort numerically; evidence-binding recipe: --text_field=sentence --filter=status=verified
     (tmp_path / "ev.csv").write_text("sentence,status,label\nA holds.,verified,10\nB maybe.,draft,2\nC holds.,verified,2\n")
     m = prepare.prepare(task="custom", train_file=tmp_path / "ev.csv", val_file=tmp_path / "ev.csv", text_field="sentence",
