@@ -7,7 +7,7 @@ tiktoken tokenizer from vocab.json + merges.txt. Semantics follow HF transformer
 (GPT2LMHeadModel, OPTForCausalLM, *ForSequenceClassification). Deps: torch, numpy, tiktoken, stdlib.
 """
 import hashlib, inspect, json, math, mmap, os, re, shutil, sys, time, urllib.error, urllib.request
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +17,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-class CheckpointError(ValueError):
-    """A model folder / file that cannot be used; the message names the file and what is wrong."""
+class CheckpointError(ValueError):  # a model/tokenizer file that cannot be used; names the file and what is wrong
+    pass
 
 
-class DownloadError(OSError):
-    """A download that failed (offline, HTTP error, size or checksum mismatch); names the URL."""
+class DownloadError(OSError):  # offline, HTTP error, size or checksum mismatch; names the URL
+    pass
 
 
 @dataclass
@@ -82,9 +82,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.c_fc = nn.Linear(cfg.n_embd, cfg.n_inner or 4 * cfg.n_embd, bias=cfg.bias)
+        self.c_fc, self.act = nn.Linear(cfg.n_embd, cfg.n_inner or 4 * cfg.n_embd, bias=cfg.bias), ACT[cfg.activation]
         self.c_proj = nn.Linear(cfg.n_inner or 4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.act = ACT[cfg.activation]
 
     def forward(self, x):
         return self.c_proj(self.act(self.c_fc(x)))
@@ -93,10 +92,8 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
-        self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
-        self.mlp = MLP(cfg)
+        self.ln_1, self.attn = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps), CausalSelfAttention(cfg)
+        self.ln_2, self.mlp = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps), MLP(cfg)
         self.pre_ln, self.drop = cfg.pre_ln, nn.Dropout(cfg.dropout)
 
     def forward(self, x, mask=None, cache=None, start=0):
@@ -111,8 +108,9 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         cfg = self.config = config
-        assert cfg.model_type in ("gpt2", "opt") and cfg.n_embd % cfg.n_head == 0 and cfg.activation in ACT
-        assert cfg.head in ("linear", "mlp") and cfg.pooling in ("last", "mean")
+        if cfg.model_type not in ("gpt2", "opt") or cfg.head not in ("linear", "mlp") or cfg.pooling not in ("last", "mean"):
+            raise ValueError(f"GPTConfig: model_type {cfg.model_type!r} / head {cfg.head!r} / pooling {cfg.pooling!r} "
+                             "must be gpt2|opt / linear|mlp / last|mean")
         D = cfg.word_embed_proj_dim or cfg.n_embd  # OPT-350m embeds tokens in 512 dims, the blocks run in 1024
         self.pos_offset = 2 if cfg.model_type == "opt" else 0  # OPT's position table starts at 2 (fairseq)
         self.wte = nn.Embedding(cfg.vocab_size, D)
@@ -157,15 +155,12 @@ class GPT(nn.Module):
         return pos, m | torch.eye(T, dtype=torch.bool, device=dev)  # a pad row must attend somewhere (no NaN)
 
     def _embed(self, idx, pos):
-        x = self.wte(idx)
-        if self.project_in is not None:
-            x = self.project_in(x)
+        x = self.wte(idx) if self.project_in is None else self.project_in(self.wte(idx))
         return self.drop(x + self.wpe(pos + self.pos_offset))
 
     def _final(self, x):
-        if self.ln_f is not None:
-            x = self.ln_f(x)
-        return self.project_out(x) if self.project_out is not None else x
+        x = x if self.ln_f is None else self.ln_f(x)
+        return x if self.project_out is None else self.project_out(x)
 
     def hidden_states(self, idx, attention_mask=None):
         """[B,T,D]: HF's last_hidden_state (after the final LN and OPT's project_out)."""
@@ -189,10 +184,8 @@ class GPT(nn.Module):
         keep = (torch.arange(h.shape[1], device=h.device)[None] < x_len[:, None]).to(h.dtype)
         return (h * keep[..., None]).sum(1) / x_len[:, None].to(h.dtype)
 
-    def _x_len(self, idx, attention_mask):
-        if attention_mask is None:
-            return torch.full((idx.shape[0],), idx.shape[1], dtype=torch.long, device=idx.device)
-        return attention_mask.long().sum(1)
+    def _x_len(self, idx, am):  # real length of each right-padded row
+        return am.long().sum(1) if am is not None else torch.full((idx.shape[0],), idx.shape[1], device=idx.device)
 
     def classify(self, idx, attention_mask=None):
         """[B,K] class logits pooled at the last real token (right padding). Never touches the LM head."""
@@ -272,23 +265,22 @@ class GPT(nn.Module):
         model.load_state_dict(sd, strict=False, assign=True)
         if cfg.tie_word_embeddings:
             model.lm_head.weight = model.wte.weight
-        if model.score is not None and "score.0.weight" not in sd and "score.weight" not in sd:
-            model.score.to_empty(device="cpu")
-            model.score.apply(model._init_weights)
+        if model.score is not None and not any(k.startswith("score") for k in sd):  # a fresh head
+            model.score.to_empty(device="cpu").apply(model._init_weights)
         model.source_dir = folder  # save_pretrained copies the tokenizer files from here
         return model
 
     def save_pretrained(self, path, labels=None):
         """HF layout: config.json + model.safetensors (+ tokenizer files of the source folder) that
         transformers' AutoModelForCausalLM (and, for a linear head, AutoModelForSequenceClassification) loads."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+        (path := Path(path)).mkdir(parents=True, exist_ok=True)
         write_safetensors(path / "model.safetensors", _ours_to_hf(self))
-        _atomic_write(path / "config.json", json.dumps(_config_to_hf(self.config, labels), indent=2).encode())
-        src = getattr(self, "source_dir", None)
+        (path / "config.json.tmp").write_text(json.dumps(_config_to_hf(self.config, labels), indent=2))
+        os.replace(path / "config.json.tmp", path / "config.json")
+        src = Path(getattr(self, "source_dir", path))
         for f in TOKENIZER_FILES:
-            if src is not None and (Path(src) / f).is_file() and Path(src).resolve() != path.resolve():
-                shutil.copyfile(Path(src) / f, path / f)
+            if (src / f).is_file() and src.resolve() != path.resolve():
+                shutil.copyfile(src / f, path / f)
 
     # -- training helpers -------------------------------------------------------------------------
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
@@ -301,9 +293,8 @@ class GPT(nn.Module):
 
     def flops_per_token(self, T):
         """6N + 12 L H Q T (PaLM appendix B, as in nanoGPT's estimate_mfu); N excludes position embeddings."""
-        cfg = self.config
         N = sum(p.numel() for p in self.parameters()) - self.wpe.weight.numel()
-        return 6 * N + 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * T
+        return 6 * N + 12 * self.config.n_layer * self.config.n_embd * T  # 12 L H Q T with H Q = n_embd
 
 
 def _sample(logits, temperature, top_p, generator):
@@ -376,44 +367,42 @@ def read_safetensors(path):
     """-> {name: torch.Tensor} (owned copies). Every header field is checked against the file size
     before anything is read or allocated, so a truncated or hostile file raises CheckpointError."""
     path = Path(path)
-    size = path.stat().st_size
+    size, err = path.stat().st_size, lambda msg: CheckpointError(f"{path}: {msg}")
     if size < 8:
-        raise CheckpointError(f"{path}: {size} bytes is too short for a safetensors file (truncated download?)")
+        raise err(f"{size} bytes is too short for a safetensors file (truncated download?)")
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         if n > size - 8 or n > 100_000_000:
-            raise CheckpointError(f"{path}: header length {n} runs past the end of the file ({size} bytes): "
-                                  f"the file is truncated or not safetensors; delete it and download again")
+            raise err(f"header length {n} runs past the end of the file ({size} bytes): truncated or not safetensors")
         try:
             header = json.loads(f.read(n))
             assert isinstance(header, dict)
         except (ValueError, AssertionError) as e:
-            raise CheckpointError(f"{path}: the safetensors header is not a JSON object ({e})") from None
+            raise err(f"the safetensors header is not a JSON object ({e})") from None
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     header.pop("__metadata__", None)
-    data_len, spans, out = size - 8 - n, [], {}
+    spans = []
     for name, info in header.items():
         try:
             dtype, shape, (b, e) = info["dtype"], [int(d) for d in info["shape"]], info["data_offsets"]
-            assert all(d >= 0 for d in shape) and isinstance(b, int) and isinstance(e, int)
+            assert min(shape, default=0) >= 0 and isinstance(b, int) and isinstance(e, int)
         except (TypeError, KeyError, ValueError, AssertionError):
-            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {info!r}") from None
+            raise err(f"tensor {name!r} has a malformed header entry {info!r}") from None
         if dtype not in ST_DTYPES:
-            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r} (supported: {', '.join(ST_DTYPES)})")
-        if not 0 <= b <= e <= data_len:
-            raise CheckpointError(f"{path}: tensor {name!r} data_offsets [{b}, {e}] fall outside the {data_len} data bytes (truncated file?)")
-        npt, tt = ST_DTYPES[dtype]
-        numel = math.prod(shape)
-        if numel * np.dtype(npt).itemsize != e - b:
-            raise CheckpointError(f"{path}: tensor {name!r} of shape {shape} and dtype {dtype} needs "
-                                  f"{numel * np.dtype(npt).itemsize} bytes but its offsets span {e - b}")
-        spans.append((b, e, name))
-        arr = np.frombuffer(mm, dtype=npt, count=numel, offset=8 + n + b).reshape(shape)
-        out[name] = torch.from_numpy(arr.copy()).view(tt)
+            raise err(f"tensor {name!r} has unsupported dtype {dtype!r} (supported: {', '.join(ST_DTYPES)})")
+        if not 0 <= b <= e <= size - 8 - n:
+            raise err(f"tensor {name!r} data_offsets [{b}, {e}] fall outside the {size - 8 - n} data bytes (truncated?)")
+        if math.prod(shape) * np.dtype(ST_DTYPES[dtype][0]).itemsize != e - b:
+            raise err(f"tensor {name!r} of shape {shape} and dtype {dtype} does not fit its {e - b} bytes")
+        spans.append((b, e, name, dtype, shape))
     spans.sort()
-    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+    for (_, e0, n0, *_), (b1, e1, n1, *_) in zip(spans, spans[1:]):
         if b1 < e0 and b1 < e1:
-            raise CheckpointError(f"{path}: tensors {n0!r} and {n1!r} overlap (bytes {b1}..{min(e0, e1)})")
+            raise err(f"tensors {n0!r} and {n1!r} overlap (byte {b1})")
+    out = {}
+    for b, e, name, dtype, shape in spans:  # copies, so nothing keeps the mmap alive; bf16 arrives as int16
+        arr = np.frombuffer(mm, dtype=ST_DTYPES[dtype][0], count=math.prod(shape), offset=8 + n + b)
+        out[name] = torch.from_numpy(arr.reshape(shape).copy()).view(ST_DTYPES[dtype][1])
     return out
 
 
@@ -435,35 +424,33 @@ def write_safetensors(path, tensors, metadata=None):
     os.replace(tmp, path)
 
 
+def _shards(index):
+    try:
+        wmap = json.loads(index.read_text())["weight_map"]
+        shards = sorted(set(wmap.values()))
+        assert all(isinstance(s, str) and Path(s).name == s for s in shards)
+        return wmap, shards
+    except (ValueError, KeyError, TypeError, AttributeError, AssertionError) as e:
+        raise CheckpointError(f"{index}: not a valid safetensors index (needs a weight_map of plain shard file names): {e!r}") from None
+
+
 def _read_checkpoint(folder):
     """model.safetensors, or model.safetensors.index.json + its shards -> ({name: tensor}, file name for errors)."""
     single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
     if single.is_file():
         return read_safetensors(single), str(single)
     if not index.is_file():
-        bins = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
+        bins = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
         raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json"
-                              + (f" (found {bins}: pickle checkpoints are not loaded, convert them to safetensors)" if bins else ""))
-    try:
-        wmap = json.loads(index.read_text())["weight_map"]
-        shards = sorted(set(wmap.values()))
-        assert all(isinstance(s, str) and Path(s).name == s for s in shards)
-    except (ValueError, KeyError, TypeError, AttributeError, AssertionError) as e:
-        raise CheckpointError(f"{index}: not a valid safetensors index (needs a weight_map of plain shard file names): {e!r}") from None
-    tensors = {}
+                              + (f" (found {bins}: pickle checkpoints are never loaded, convert them to safetensors)" if bins else ""))
+    (wmap, shards), tensors = _shards(index), {}
     for s in shards:
         if not (folder / s).is_file():
             raise CheckpointError(f"{index}: shard {s} is missing from {folder}")
         tensors.update(read_safetensors(folder / s))
     if set(wmap) - set(tensors):
-        raise CheckpointError(f"{index}: tensors listed in weight_map but absent from the shards: {sorted(set(wmap) - set(tensors))[:5]}")
+        raise CheckpointError(f"{index}: tensors in weight_map but absent from the shards: {sorted(set(wmap) - set(tensors))[:5]}")
     return tensors, str(index)
-
-
-def _atomic_write(path, data):
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 # ----------------------------------------------------------------------------------------------
 # HF config.json <-> GPTConfig, one table for both directions and both architectures:
@@ -691,43 +678,37 @@ HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
 def resolve_model_dir(path_or_name, weights=True):
-    p = Path(path_or_name).expanduser()
-    if p.is_dir():
-        return p
+    """A local folder as is; a hub name -> DHRD_CACHE/<owner--name>, downloading what is missing."""
+    if Path(path_or_name).expanduser().is_dir():
+        return Path(path_or_name).expanduser()
     name = str(path_or_name)
     if not HUB_NAME.match(name) or ".." in name:
         raise CheckpointError(f"{name}: no such folder, and not a hub name like 'gpt2' or 'facebook/opt-125m'")
     cache = Path(os.environ.get("DHRD_CACHE", "~/.cache/dhrd")).expanduser() / name.replace("/", "--")
     base = os.environ.get("DHRD_HUB_URL", "https://huggingface.co").rstrip("/")
-    need = ["config.json", "vocab.json", "merges.txt"]
-    have = lambda fs: all((cache / f).is_file() for f in fs)
-    shards = lambda: sorted(set(json.loads((cache / "model.safetensors.index.json").read_text())["weight_map"].values()))
-    if have(need) and (not weights or have(["model.safetensors"])
-                       or have(["model.safetensors.index.json"]) and have(shards())):
-        return cache  # complete in the cache: no network needed
-    listing = _hub_listing(base, name)  # {file: (size, sha256)} or None
-    get = lambda f: download(f"{base}/{name}/resolve/main/{f}", cache / f, *(listing or {}).get(f, (None, None)), desc=f"{name}/{f}")
-    for f in need + [f for f in TOKENIZER_FILES if f not in need and listing and f in listing]:
-        if not (cache / f).is_file():
-            get(f)
-    if weights and not have(["model.safetensors"]):
-        if listing is not None and "model.safetensors" not in listing and "model.safetensors.index.json" not in listing:
-            raise CheckpointError(f"{base}/{name}: the repository has no model.safetensors (files: {sorted(listing)[:12]}); "
-                                  f"only safetensors is loaded (never pickle): convert it and pass the folder")
+    have = lambda *fs: all((cache / f).is_file() for f in fs)
+    index = cache / "model.safetensors.index.json"
+    if have("config.json", "vocab.json", "merges.txt") and (not weights or have("model.safetensors")
+                                                            or have(index.name) and have(*_shards(index)[1])):
+        return cache  # complete in the cache: no network
+    listing = _hub_listing(base, name)  # {file: (size, sha256)}, or None when the server has no listing API
+    get = lambda f: have(f) or download(f"{base}/{name}/resolve/main/{f}", cache / f, *(listing or {}).get(f, (None, None)))
+    for f in ("config.json", "vocab.json", "merges.txt") + tuple(f for f in TOKENIZER_FILES if f in (listing or {})):
+        get(f)
+    if not weights or have("model.safetensors"):
+        return cache
+    if listing is not None and not {"model.safetensors", index.name} & set(listing):
+        raise CheckpointError(f"{base}/{name}: the repository has no model.safetensors (files: {sorted(listing)[:12]}); "
+                              f"only safetensors is loaded (never pickle): convert it and pass the folder")
+    try:
         if listing is None or "model.safetensors" in listing:
-            try:
-                get("model.safetensors")
-                return cache
-            except DownloadError:
-                if listing is not None:
-                    raise
-        if not have(["model.safetensors.index.json"]):
-            get("model.safetensors.index.json")
-        for s in shards():
-            if Path(s).name != s:
-                raise CheckpointError(f"{cache / 'model.safetensors.index.json'}: shard name {s!r} is not a plain file name")
-            if not (cache / s).is_file():
-                get(s)
+            return get("model.safetensors") and cache
+    except DownloadError:
+        if listing is not None:
+            raise  # without a listing, a 404 here may just mean the checkpoint is sharded
+    get(index.name)
+    for s in _shards(index)[1]:
+        get(s)
     return cache
 
 
@@ -739,42 +720,37 @@ def _hub_listing(base, name):
         return {it["path"]: ((it.get("lfs") or {}).get("size", it.get("size")), (it.get("lfs") or {}).get("oid"))
                 for it in items if it.get("type") == "file"}
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        return None  # no listing (offline, or a plain file server): fall back to fetching the files directly
+        return None  # offline, or a plain file server: fetch the files directly
 
 
 def download(url, dest, expected_size=None, sha256=None, desc=None):
-    """urllib download to dest via dest.part (renamed only when complete and verified), resuming a
-    partial .part with an HTTP Range request; progress on stderr. Raises DownloadError naming the URL."""
+    """urllib download to dest via dest.part, renamed only once complete and verified; resumes a partial
+    .part with an HTTP Range request; progress on stderr. Raises DownloadError naming the URL."""
     dest, t0, last = Path(dest), time.time(), 0.0
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     have = part.stat().st_size if part.exists() else 0
-    if expected_size is not None and have > expected_size:
-        part.unlink()
-        have = 0
     if expected_size is None or have < expected_size:
         req = urllib.request.Request(url, headers={"User-Agent": "dhrd", **({"Range": f"bytes={have}-"} if have else {})})
         try:
-            with urllib.request.urlopen(req, timeout=60) as r:
-                if have and r.status != 206:
-                    have = 0  # the server ignored Range: start over
-                total = have + int(r.headers.get("Content-Length") or 0) or expected_size
-                with open(part, "ab" if have else "wb") as f:
-                    while chunk := r.read(1 << 20):
-                        f.write(chunk)
-                        have += len(chunk)
-                        if time.time() - last > 0.5 or have == total:
-                            last = time.time()
-                            print(f"\r{desc or dest.name}: {have / 1e6:.1f}/{(total or 0) / 1e6:.1f} MB "
-                                  f"{have / 1e6 / max(last - t0, 1e-3):.1f} MB/s", end="", file=sys.stderr, flush=True)
-                print(file=sys.stderr)
+            with urllib.request.urlopen(req, timeout=60) as r, open(part, "ab" if have else "wb") as f:
+                if have and r.status != 206:  # the server ignored Range: start over
+                    f.truncate(0)
+                    have = 0
+                total = (have + int(r.headers.get("Content-Length") or 0)) / 1e6
+                while chunk := r.read(1 << 20):
+                    have += f.write(chunk)
+                    if time.time() - last > 0.5:
+                        last = time.time()
+                        print(f"\r{desc or url}: {have / 1e6:.1f}/{total:.1f} MB, {have / 1e6 / (last - t0 + 1e-9):.1f} MB/s",
+                              end="", file=sys.stderr, flush=True)
+            print(f"\r{desc or url}: {have / 1e6:.1f} MB done", file=sys.stderr)
         except urllib.error.HTTPError as e:
             if not (e.code == 416 and have):  # 416 on a resume: the .part is already complete
                 raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from None
-        except (urllib.error.URLError, OSError) as e:
-            raise DownloadError(f"could not download {url} ({getattr(e, 'reason', e)}). Offline? Fetch the files "
-                                f"yourself into a local folder and pass that folder instead; a partial {part} "
-                                f"is kept and resumed next time") from None
+        except OSError as e:  # URLError, timeouts, resets
+            raise DownloadError(f"could not download {url} ({getattr(e, 'reason', e)}). Offline? Put the files in a local "
+                                f"folder and pass its path instead (the partial {part} is resumed next time)") from None
     size = part.stat().st_size
     if expected_size is not None and size != expected_size:
         if size > expected_size:
@@ -788,6 +764,6 @@ def download(url, dest, expected_size=None, sha256=None, desc=None):
                 h.update(b)
         if h.hexdigest() != sha256.lower():
             part.unlink()
-            raise DownloadError(f"{url}: sha256 {h.hexdigest()} does not match the expected {sha256}; the file was removed")
+            raise DownloadError(f"{url}: sha256 {h.hexdigest()} is not the expected {sha256}; the file was removed")
     os.replace(part, dest)
     return dest

@@ -183,7 +183,7 @@ BAD_FILES = [
     (_gpt_st({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
               "b": {"dtype": "F32", "shape": [1], "data_offsets": [2, 6]}}, b"12345678"), "overlap"),
     (_gpt_st({"a": {"dtype": "Q4", "shape": [1], "data_offsets": [0, 4]}}, b"1234"), "unsupported dtype"),
-    (_gpt_st({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"12345678"), "needs 12 bytes"),
+    (_gpt_st({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"12345678"), "does not fit its 8 bytes"),
     (_gpt_st({"a": {"dtype": "F32", "shape": "x", "data_offsets": [0, 4]}}, b"1234"), "malformed"),
     (_gpt_st([1, 2]), "not a JSON object"),
 ]
