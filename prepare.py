@@ -401,8 +401,7 @@ def chat(url, model, prompt, key, max_tokens, timeout, tries=6):
             err = f"HTTP {e.code}"
         except (urllib.error.URLError, TimeoutError, ConnectionError, KeyError, IndexError, ValueError) as e:
             err = f"{type(e).__name__}: {e}"
-        if attempt + 1 < tries:
-            time.sleep(RETRY_BASE * 2 ** attempt)
+        time.sleep(RETRY_BASE * 2 ** attempt if attempt + 1 < tries else 0)
     raise PrepareError(f"{url}: gave up after {tries} tries ({err})")
 
 
@@ -446,7 +445,9 @@ def run_teacher(splits, task, out_path, verbalizers, teacher=None, teacher_url=N
             pad, bos = tok.pad_id if tok.pad_id is not None else tok.eos_id, [] if tok.bos_id is None else [tok.bos_id]
             for b in range(0, len(todo), batch):
                 ids = [bos + tok.encode(p) for p in prompts[b:b + batch]]
-                T = max(map(len, ids))
+                if (T := max(map(len, ids))) + max_new_tokens > model.config.block_size:
+                    fail(f"{teacher}: a prompt (train examples from idx {todo[b][0]}) needs {T} + {max_new_tokens} "
+                         f"tokens, more than its {model.config.block_size} positions; lower --teacher_max_new_tokens")
                 idx = torch.tensor([[pad] * (T - len(x)) + x for x in ids])
                 mask = torch.tensor([[0] * (T - len(x)) + [1] * len(x) for x in ids])
                 with torch.no_grad():

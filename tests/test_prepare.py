@@ -449,3 +449,5 @@ def test_local_teacher_batched_generate_and_resume(tmp_path, monkeypatch):
     assert len(calls) == 4 and calls[0][0] == 3 and texts[3] == texts[1]   # left-padded batch == one at a time
     prepare.prepare(out_dir=tmp_path / "b3", teacher_batch=3, **kw)
     assert len(calls) == 4                                                  # resume: nothing generated twice
+    with pytest.raises(prepare.PrepareError, match=r"needs \d+ \+ 60 tokens, more than its 64 positions"):
+        prepare.prepare(out_dir=tmp_path / "long", **{**kw, "teacher_max_new_tokens": 60})
