@@ -134,8 +134,8 @@ def field(row, key, where):
 # SuperGLUE with the paper's single UnifiedQA-style template (App. E.2). Every task becomes
 # "Passage: P\nQuestion: Q\nAnswer: A\nIs the answer correct Yes or No?"; only P is ever shortened.
 # Task mappings (paper App. E.2): MultiRC one example per candidate answer (group = question, for F1a/EM);
-# COPA one example per alternative (group = the pair); CB/RTE "does the premise support the hypothesis";
-# WiC same meaning; WSC pronoun refers to. --format=native keeps each task's own label space (CB 3-way,
+# COPA one example per alternative (group = the pair); CB/RTE entailment (the hypothesis is the candidate
+# answer); WiC same meaning; WSC pronoun refers to. --format=native keeps each task's own label space (CB 3-way,
 # COPA choice 1/2) on the same text; binary tasks differ only in their label names.
 
 SUPERGLUE_URL = os.environ.get("DHRD_SUPERGLUE_URL", "https://dl.fbaipublicfiles.com/glue/superglue/data/v2")
@@ -375,10 +375,10 @@ def attach_rationales(splits, task, path, verbalizers):
         if (split, i) in seen:
             continue   # a teacher rerun never writes twice; a hand-made duplicate: the first line wins
         seen.add((split, i))
-        e, rat, y = splits[split][i], (r.get("rationale") or "").strip(), r.get("label")
-        gold = {e["label"], verbalizers.get(e["label"])}
-        reason = "empty" if not rat else "no_answer" if y in (None, "") else \
-            "disagree" if str(y).strip().lower() not in {str(g).lower() for g in gold} else None
+        e, rat, ans = splits[split][i], (r.get("rationale") or "").strip(), str(r.get("label") or "").strip().lower()
+        gold = {str(g).lower() for g in (e["label"], verbalizers.get(e["label"])) if g}   # "Yes." and "(e) sincere" agree
+        reason = "empty" if not rat else "no_answer" if not ans else None if any(
+            ans == g or ans.startswith(g) and not ans[len(g)].isalnum() for g in gold) else "disagree"
         if reason:
             dropped[reason] = dropped.get(reason, 0) + 1
         else:

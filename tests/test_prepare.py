@@ -212,11 +212,14 @@ def test_rationale_import_and_ablations(tmp_path):
              dict(task="custom", split="train", idx=2, rationale="wrong side", label="neg"),     # disagrees
              dict(task="custom", split="train", idx=3, rationale="", label="neg"),               # empty
              dict(task="custom", split="val", idx=0, rationale="no answer given"),              # answer-less
+             dict(task="custom", split="val", idx=1, rationale="says so", label="Neg. Clearly"),  # agrees
+             dict(task="custom", split="test", idx=1, rationale="says not", label="negative"),    # disagrees
              dict(task="other", split="train", idx=0, rationale="ignored", label="x")]
     rf = tmp_path / "r.jsonl"
     rf.write_text("".join(json.dumps(l) + "\n" for l in lines))
     m = prepare.prepare(task="custom", out_dir=tmp_path / "o", model="char", rationales=rf, quiet=True, **files)
-    assert m["dropped"] == {"rationales/disagree": 1, "rationales/empty": 1, "rationales/no_answer": 1}
+    assert m["dropped"] == {"rationales/disagree": 2, "rationales/empty": 1, "rationales/no_answer": 1}
+    assert [x["rationale"] for x in _prep_rows(tmp_path / "o", "val")] == [None, "says so"]
     assert m["rationale_source"] == "file:r.jsonl" and "r.jsonl" in m["sources"]
     r = _prep_rows(tmp_path / "o", "train")
     assert [x["rationale"] for x in r] == ["first reason", "second reason", None, "dull"]  # CSV rationale kept for 3
