@@ -482,8 +482,7 @@ def encode_x(tok, parts, max_len, where):
 
 
 def encode_suffix(tok, rationale, y, max_rationale):
-    """"\\nReasoning:\\n{r}\\nFinal Answer:\\n{y}" + EOS (no rationale: "\\nFinal Answer:\\n{y}" + EOS); the rationale
-    is cut to max_rationale tokens, the answer always kept. -> ids, clipped?"""
+    """The suffix + EOS; the rationale is cut to max_rationale tokens, the answer always kept. -> ids, clipped?"""
     if y is None:
         return [], False
     if clipped := len(r := [] if rationale is None else tok.encode(rationale)) > max_rationale:
@@ -496,6 +495,8 @@ def write_splits(out_dir, splits, labels, verbalizers, tok, max_len, max_rationa
     out_dir.mkdir(parents=True, exist_ok=True)
     dtype = np.uint16 if tok.vocab_size < 65536 else np.uint32
     stats = dict(counts={}, max_len={}, shortened=0, rationale_clipped=0)
+    for f in (out_dir / f"{s}.{ext}" for s in SPLITS if s not in splits for ext in ("bin", "idx.npy", "jsonl")):
+        f.unlink(missing_ok=True)   # a split an earlier run wrote must not outlive this one
     for split, exs in splits.items():
         if not exs:
             fail(f"split '{split}' of task has no examples; check the input file for that split")
@@ -511,8 +512,7 @@ def write_splits(out_dir, splits, labels, verbalizers, tok, max_len, max_rationa
             lines.append(json.dumps(dict(idx=i, group=group, text=text, label=e["label"], rationale=e.get("rationale")),
                                     ensure_ascii=False))
         np.array(toks, dtype=dtype).tofile(out_dir / f"{split}.bin")
-        idx = np.array(rows, dtype=np.int64).reshape(-1, 5)
-        np.save(out_dir / f"{split}.idx.npy", idx)
+        np.save(out_dir / f"{split}.idx.npy", idx := np.array(rows, dtype=np.int64).reshape(-1, 5))
         (out_dir / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
         stats["counts"][split] = len(exs)
         stats["max_len"][split] = dict(x=int(idx[:, 1].max()), n=int(idx[:, 2].max()))

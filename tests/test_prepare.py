@@ -194,6 +194,9 @@ def test_custom_formats_and_labels(tmp_path):
     _, _, idx, exs = _prep_decode(tmp_path / "o", "train")
     assert exs[0][2] == "\nReasoning:\nnice words\nFinal Answer:\npos" and exs[2][2] == "\nFinal Answer:\npos"
     assert [x["label"] for x in _prep_rows(tmp_path / "o", "test")] == [None, "neg"]
+    m = prepare.prepare(task="custom", out_dir=tmp_path / "o", model="char", quiet=True,
+                        **{**_prep_custom(tmp_path), "test_file": None})                   # rerun without a test file
+    assert m["counts"] == dict(train=4, val=2) and not list((tmp_path / "o").glob("test.*"))
     m = prepare.prepare(task="custom", out_dir=tmp_path / "clip", model="char", max_rationale=4, quiet=True, **_prep_custom(tmp_path))
     assert m["rationale_clipped"] == 2 and _prep_decode(tmp_path / "clip", "train")[3][0][2] == "\nReasoning:\nnice\nFinal Answer:\npos"
     # integer labels sort numerically; evidence-binding recipe: --text_field=sentence --filter=status=verified
