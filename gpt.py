@@ -1,10 +1,9 @@
 """
-GPT-2 and OPT in one file, with the two heads of Dual-Head Reasoning Distillation (arXiv 2509.21487):
-a pooled classification head on the last token of the input x, and the (tied) LM head as the
-reasoning head, trained in ONE forward pass (paper Eq. 4). Loads/saves Hugging Face safetensors
-folders with its own reader/writer (no pickle), downloads hub names with urllib, and builds a
-tiktoken tokenizer from vocab.json + merges.txt. Semantics follow HF transformers exactly
-(GPT2LMHeadModel, OPTForCausalLM, *ForSequenceClassification). Deps: torch, numpy, tiktoken, stdlib.
+GPT-2 and OPT in one file, with the two heads of Dual-Head Reasoning Distillation (arXiv 2509.21487): a pooled
+classification head on the last token of the input x and the (tied) LM head as the reasoning head, trained in ONE
+forward pass (paper Eq. 4). Reads/writes Hugging Face folders with its own safetensors code (no pickle), downloads
+hub names with urllib, and builds a tiktoken tokenizer from vocab.json + merges.txt. Semantics follow transformers
+(GPT2LMHeadModel, OPTForCausalLM, *ForSequenceClassification) to 1e-4. Deps: torch, numpy, tiktoken, stdlib.
 """
 import hashlib, inspect, json, math, mmap, os, re, shutil, sys, time, urllib.error, urllib.request
 from dataclasses import dataclass, fields
@@ -17,11 +16,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-class CheckpointError(ValueError):  # a model/tokenizer file that cannot be used; names the file and what is wrong
+class CheckpointError(ValueError):  # a model/tokenizer file that cannot be used; the message names file and problem
     pass
 
 
-class DownloadError(OSError):  # offline, HTTP error, size or checksum mismatch; names the URL
+class DownloadError(OSError):  # offline, HTTP error, size or checksum mismatch; the message names the URL
     pass
 
 
@@ -48,8 +47,8 @@ class GPTConfig:
     pooling: str = "last"             # 'last' | 'mean' (over the real tokens of x)
     dropout: float = 0.0
 
-# ----------------------------------------------------------------------------------------------
-# The model. Module names follow nanoGPT/GPT-2; OPT weights are renamed on load (see _weight_map).
+# ---------------------------------------------------------------------------------------------------------------
+# The model. Module names are GPT-2's (nanoGPT); OPT tensors are renamed on load (_weight_map).
 
 ACT = {"gelu_new": lambda x: F.gelu(x, approximate="tanh"), "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
        "gelu": F.gelu, "relu": F.relu}
@@ -57,8 +56,7 @@ ACT = {"gelu_new": lambda x: F.gelu(x, approximate="tanh"), "gelu_pytorch_tanh":
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg):
-        super().__init__()
-        # one fused q,k,v matmul (GPT-2 c_attn); OPT's q_proj/k_proj/v_proj are concatenated on load
+        super().__init__()  # one fused q,k,v matmul (GPT-2 c_attn); OPT's q/k/v_proj are concatenated on load
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.n_head, self.dropout = cfg.n_head, cfg.dropout
@@ -66,14 +64,13 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, mask=None, cache=None, start=0):
         B, T, C = x.shape
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))
-        if cache is not None:  # preallocated [B, H, T_max, hd] buffers: write in place, never re-concatenate
+        if cache is not None:  # preallocated [B, H, T_max, hd] buffers: written in place, never re-concatenated
             if cache[0] is None:
-                cache[0] = k.new_empty(B, self.n_head, cache[2], C // self.n_head)
-                cache[1] = torch.empty_like(cache[0])
+                cache[0], cache[1] = k.new_empty(B, self.n_head, cache[2], C // self.n_head), k.new_empty(B, self.n_head, cache[2], C // self.n_head)
             cache[0][:, :, start:start + T], cache[1][:, :, start:start + T] = k, v
             k, v = cache[0][:, :, :start + T], cache[1][:, :, :start + T]
-        # softmax(q k^T / sqrt(hd)): GPT-2 divides the scores, OPT scales q after q_proj — same maths, the
-        # SDPA default scale. No mask -> is_causal, which lets SDPA pick its flash/memory-efficient kernels.
+        # softmax(q k^T / sqrt(hd)): GPT-2 divides the scores, OPT scales q after q_proj; same maths as SDPA's default
+        # scale. No mask -> is_causal, which keeps SDPA on its flash / memory-efficient kernels.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
@@ -109,27 +106,23 @@ class GPT(nn.Module):
         super().__init__()
         cfg = self.config = config
         if cfg.model_type not in ("gpt2", "opt") or cfg.head not in ("linear", "mlp") or cfg.pooling not in ("last", "mean"):
-            raise ValueError(f"GPTConfig: model_type {cfg.model_type!r} / head {cfg.head!r} / pooling {cfg.pooling!r} "
-                             "must be gpt2|opt / linear|mlp / last|mean")
-        D = cfg.word_embed_proj_dim or cfg.n_embd  # OPT-350m embeds tokens in 512 dims, the blocks run in 1024
-        self.pos_offset = 2 if cfg.model_type == "opt" else 0  # OPT's position table starts at 2 (fairseq)
-        self.wte = nn.Embedding(cfg.vocab_size, D)
-        self.wpe = nn.Embedding(cfg.block_size + self.pos_offset, cfg.n_embd)
+            raise ValueError(f"GPTConfig: model_type {cfg.model_type!r}, head {cfg.head!r}, pooling {cfg.pooling!r} "
+                             "must be gpt2|opt, linear|mlp, last|mean")
+        D = cfg.word_embed_proj_dim or cfg.n_embd  # OPT-350m embeds tokens in 512 dims, its blocks run in 1024
+        self.pos_offset = 2 if cfg.model_type == "opt" else 0  # OPT's position table starts at row 2 (fairseq)
+        self.wte, self.wpe = nn.Embedding(cfg.vocab_size, D), nn.Embedding(cfg.block_size + self.pos_offset, cfg.n_embd)
         self.project_in = nn.Linear(D, cfg.n_embd, bias=False) if D != cfg.n_embd else None
-        self.drop = nn.Dropout(cfg.dropout)
-        self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps) if cfg.pre_ln else None  # post-LN: none
+        self.drop, self.h = nn.Dropout(cfg.dropout), nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps) if cfg.pre_ln else None  # post-LN has none
         self.project_out = nn.Linear(cfg.n_embd, D, bias=False) if D != cfg.n_embd else None
         self.lm_head = nn.Linear(D, cfg.vocab_size, bias=False)  # the reasoning head (paper §3)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.wte.weight
-        self.score = None  # the pooled classification head, on the last real token of x (paper §3, Eq. 2)
-        if cfg.num_labels and cfg.head == "linear":  # HF *ForSequenceClassification `score`: bias-free
-            self.score = nn.Linear(D, cfg.num_labels, bias=False)
-        elif cfg.num_labels:  # paper: a 2-layer MLP on the pooled state
-            self.score = nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.Linear(D, cfg.num_labels))
+        # the pooled head (paper §3, Eq. 2): HF's bias-free `score`, or the paper's 2-layer MLP
+        self.score = (None if not cfg.num_labels else nn.Linear(D, cfg.num_labels, bias=False) if cfg.head == "linear"
+                      else nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.Linear(D, cfg.num_labels)))
         self.apply(self._init_weights)
-        for name, p in self.h.named_parameters():  # GPT-2 paper §2.3: residual projections / sqrt(2 * n_layer)
+        for name, p in self.h.named_parameters():  # GPT-2 paper §2.3: residual projections scaled by 1/sqrt(2 L)
             if name.endswith("c_proj.weight"):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
@@ -139,18 +132,15 @@ class GPT(nn.Module):
             if getattr(m, "bias", None) is not None:
                 torch.nn.init.zeros_(m.bias)
 
-    # -- forward pieces ---------------------------------------------------------------------------
     def _mask(self, attention_mask, T, causal_ok=True):
-        """Positions and the SDPA mask for right- or left-padded `attention_mask` (1 = real)."""
+        """Positions and SDPA mask for a right- or left-padded attention_mask (1 = real token)."""
         dev = self.wte.weight.device
         if attention_mask is None:
             return torch.arange(T, device=dev)[None], None
         am = attention_mask.to(dev).bool()
-        pos = (am.long().cumsum(1) - 1).clamp(min=0)  # OPT/HF-generate: positions count real tokens only
+        pos = (am.long().cumsum(1) - 1).clamp(min=0)  # OPT / HF generate: positions count real tokens only
         if causal_ok and bool((am[:, 1:] <= am[:, :-1]).all()):
-            # right padding: pads come after every real token, so plain causal attention already hides
-            # them from real positions (and keeps SDPA on its fused kernels)
-            return pos, None
+            return pos, None  # right padding: causal attention already hides the pads from every real position
         m = am[:, None, None, :] & torch.ones(T, T, dtype=torch.bool, device=dev).tril()
         return pos, m | torch.eye(T, dtype=torch.bool, device=dev)  # a pad row must attend somewhere (no NaN)
 
@@ -164,10 +154,9 @@ class GPT(nn.Module):
 
     def hidden_states(self, idx, attention_mask=None):
         """[B,T,D]: HF's last_hidden_state (after the final LN and OPT's project_out)."""
-        T = idx.shape[1]
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
-        pos, mask = self._mask(attention_mask, T)
+        if idx.shape[1] > self.config.block_size:
+            raise ValueError(f"sequence of length {idx.shape[1]} is longer than block_size {self.config.block_size}")
+        pos, mask = self._mask(attention_mask, idx.shape[1])
         x = self._embed(idx, pos)
         for block in self.h:
             x = block(x, mask)
@@ -194,9 +183,9 @@ class GPT(nn.Module):
         return self.score(self.pool(self.hidden_states(idx, attention_mask), self._x_len(idx, attention_mask)))
 
     def forward(self, idx, attention_mask=None, x_len=None, lm_targets=None):
-        """THE training forward: one pass over s = [x, rationale, answer] gives both losses' inputs.
-        Causal attention makes h at the last token of x independent of what follows, so pooling at x_len
-        equals running x alone (paper §3): the DDP-safe single forward for Eq. 4."""
+        """THE training forward: one pass over s = [x, rationale, answer] feeds both losses of Eq. 4. Causal
+        attention makes h at the last token of x independent of what follows, so pooling at x_len equals running
+        x alone (paper §3) -- and one forward keeps DDP's gradient hooks simple."""
         h = self.hidden_states(idx, attention_mask)
         cls_logits = loss_lm = None
         if self.score is not None:
@@ -205,19 +194,18 @@ class GPT(nn.Module):
             loss_lm = fused_lm_loss(h, self.lm_head.weight, lm_targets)
         return cls_logits, loss_lm
 
-    # -- decoding ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=0.0, top_p=1.0, eos_token_id=None,
-                 attention_mask=None, generator=None):
-        """Left-padded prompts [B,T] -> [B, T+new]; KV cache; temperature 0 = greedy (HF-identical).
-        Rows that emitted eos_token_id are filled with pad (or eos) like HF; stops when all rows are done."""
+    def generate(self, idx, max_new_tokens, temperature=0.0, top_p=1.0, eos_token_id=None, attention_mask=None,
+                 generator=None):
+        """Left-padded prompts [B,T] -> [B, T+new] with a KV cache; temperature 0 = greedy (same tokens as HF).
+        Rows past eos_token_id are filled with pad (or eos) like HF; stops early once every row is done."""
         B, T = idx.shape
         if T + max_new_tokens > self.config.block_size:
             raise ValueError(f"prompt {T} + {max_new_tokens} new tokens exceeds block_size {self.config.block_size}")
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # no padding: SDPA's causal fast path
         pos, mask = self._mask(attention_mask, T, causal_ok=False)
-        # which cache slots hold real tokens (slots of tokens still to come count as real)
+        # which cache slots hold real tokens (the slots of tokens still to come count as real)
         keys = None if attention_mask is None else F.pad(attention_mask.to(idx.device).bool(), (0, max_new_tokens), value=True)
         out, caches = F.pad(idx, (0, max_new_tokens)), [[None, None, T + max_new_tokens] for _ in self.h]
         pad = self.config.pad_token_id if self.config.pad_token_id is not None else eos_token_id
@@ -226,7 +214,7 @@ class GPT(nn.Module):
             h = self._embed(x, pos)
             for block, cache in zip(self.h, caches):
                 h = block(h, mask, cache, n - x.shape[1])
-            logits = self.lm_head(self._final(h[:, -1])).float()  # only the last position needs the LM head
+            logits = self.lm_head(self._final(h[:, -1])).float()  # the LM head on the last position only
             tok = _sample(logits, temperature, top_p, generator)
             if eos_token_id is not None:
                 tok = torch.where(done, pad, tok)
@@ -238,30 +226,26 @@ class GPT(nn.Module):
             mask = None if keys is None else keys[:, None, None, :n]
         return out[:, :n]
 
-    # -- Hugging Face folders (helpers below) ----------------------------------------------------
     @classmethod
     def from_pretrained(cls, path_or_name, num_labels=None, **overrides):
-        """HF folder or hub name -> GPT. A checkpoint `score` head is loaded and sets num_labels;
-        num_labels=K without one adds a fresh head. overrides: GPTConfig fields (dropout, head, pooling...)."""
+        """HF folder or hub name -> GPT. A checkpoint `score` head is loaded and sets num_labels; num_labels=K
+        without one adds a fresh head. overrides: GPTConfig fields (dropout, head, pooling, ...)."""
         folder = resolve_model_dir(path_or_name)
-        cfg = _config_from_hf(folder / "config.json")
-        tensors, files = _read_checkpoint(folder)
-        head = {"score.weight": "linear", "score.0.weight": "mlp"}
-        ck = next((k for k in head if k in tensors), None)
+        cfg, (tensors, file) = _config_from_hf(folder / "config.json"), _read_checkpoint(folder)
+        ck = next((k for k in ("score.weight", "score.2.weight") if k in tensors), None)
         if ck:
-            cfg.head, cfg.num_labels = head[ck], tensors[ck.replace("0.", "2.")].shape[0]
+            cfg.head, cfg.num_labels = "mlp" if "2" in ck else "linear", tensors[ck].shape[0]
             if num_labels not in (None, cfg.num_labels):
-                raise CheckpointError(f"{files}: the checkpoint's classification head has {cfg.num_labels} labels, "
-                                      f"not num_labels={num_labels}; drop num_labels or use a checkpoint without `score`")
-        elif num_labels:
-            cfg.num_labels = num_labels
+                raise CheckpointError(f"{file}: the checkpoint's classification head has {cfg.num_labels} labels, not "
+                                      f"num_labels={num_labels}; drop num_labels or use a checkpoint without `score`")
+        cfg.num_labels = cfg.num_labels or num_labels or 0
         for k, v in overrides.items():
             if k not in {f.name for f in fields(GPTConfig)}:
                 raise TypeError(f"from_pretrained: unknown override {k!r} (GPTConfig fields only)")
             setattr(cfg, k, v)
-        with torch.device("meta"):  # no time spent on random init of weights that are overwritten anyway
+        with torch.device("meta"):  # no time spent initialising weights that are overwritten anyway
             model = cls(cfg)
-        sd = _hf_to_ours(model, tensors, files)
+        sd = _hf_to_ours(model, tensors, file)
         model.load_state_dict(sd, strict=False, assign=True)
         if cfg.tie_word_embeddings:
             model.lm_head.weight = model.wte.weight
@@ -271,8 +255,8 @@ class GPT(nn.Module):
         return model
 
     def save_pretrained(self, path, labels=None):
-        """HF layout: config.json + model.safetensors (+ tokenizer files of the source folder) that
-        transformers' AutoModelForCausalLM (and, for a linear head, AutoModelForSequenceClassification) loads."""
+        """HF layout (config.json + model.safetensors + the source folder's tokenizer files) that transformers'
+        AutoModelForCausalLM and, for a linear head, AutoModelForSequenceClassification load unchanged."""
         (path := Path(path)).mkdir(parents=True, exist_ok=True)
         write_safetensors(path / "model.safetensors", _ours_to_hf(self))
         (path / "config.json.tmp").write_text(json.dumps(_config_to_hf(self.config, labels), indent=2))
@@ -282,9 +266,8 @@ class GPT(nn.Module):
             if (src / f).is_file() and src.resolve() != path.resolve():
                 shutil.copyfile(src / f, path / f)
 
-    # -- training helpers -------------------------------------------------------------------------
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        # decay matrices (matmuls, embeddings) only; biases and LayerNorm gains stay undecayed (nanoGPT)
+        # decay the matrices (matmuls, embeddings) only; biases and LayerNorm gains stay undecayed (nanoGPT)
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -292,9 +275,9 @@ class GPT(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
 
     def flops_per_token(self, T):
-        """6N + 12 L H Q T (PaLM appendix B, as in nanoGPT's estimate_mfu); N excludes position embeddings."""
+        """6N + 12 L H Q T (PaLM appendix B, nanoGPT's estimate_mfu; H Q = n_embd); N without position embeddings."""
         N = sum(p.numel() for p in self.parameters()) - self.wpe.weight.numel()
-        return 6 * N + 12 * self.config.n_layer * self.config.n_embd * T  # 12 L H Q T with H Q = n_embd
+        return 6 * N + 12 * self.config.n_layer * self.config.n_embd * T
 
 
 def _sample(logits, temperature, top_p, generator):
@@ -309,8 +292,8 @@ def _sample(logits, temperature, top_p, generator):
 
 
 class _FusedLMLoss(torch.autograd.Function):
-    """Head + cross-entropy over chunks of rows, gradients computed in the same sweep, so only
-    [chunk, V] logits ever exist (forward and backward) instead of [B*T, V]."""
+    """Head + cross-entropy over chunks of rows with the gradients computed in the same sweep, so only [chunk, V]
+    logits ever exist (forward and backward) instead of [N, V], and the head matmul is never recomputed."""
 
     @staticmethod
     def forward(ctx, h, w, t, chunk, need_grad):
@@ -320,7 +303,7 @@ class _FusedLMLoss(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         for i in range(0, N, chunk):
             hc, tc = h[i:i + chunk], t[i:i + chunk]
-            z = hc @ w.t()  # under autocast: a bf16 matmul, softmax statistics in fp32
+            z = hc @ w.t()  # under autocast a bf16 matmul; the softmax statistics in fp32
             logits, cdt = z.float(), z.dtype
             lse = torch.logsumexp(logits, -1)
             loss += (lse - logits.gather(1, tc[:, None])[:, 0]).sum()
@@ -341,31 +324,30 @@ class _FusedLMLoss(torch.autograd.Function):
 
 
 def fused_lm_loss(h, weight, targets, ignore_index=-100, chunk=1024):
-    """Eq. 3: mean token cross-entropy of the reasoning head over the valid targets only.
-    h [B,T,D], weight [V,D] (the tied LM head), targets [B,T] with ignore_index. Gathers the N valid rows
-    first (prompt padding never reaches the head), then runs head + CE in chunks of `chunk` rows."""
+    """Eq. 3: mean cross-entropy of the reasoning head over the N valid targets. h [B,T,D], weight [V,D] (the tied
+    LM head), targets [B,T] (ignore_index = no target). Gathers the valid rows first, so padding and ignored
+    positions never reach the head, then runs head + CE in chunks of `chunk` rows."""
     valid = targets != ignore_index
     hv, tv = h[valid], targets[valid]
     if tv.numel() == 0:
-        return h.sum() * 0.0 + weight.sum() * 0.0  # zero loss that still has a graph (DDP-safe)
+        return h.sum() * 0.0 + weight.sum() * 0.0  # a zero that still has a graph (DDP-safe)
     need = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     return _FusedLMLoss.apply(hv, weight, tv, chunk, need)
 
-# ----------------------------------------------------------------------------------------------
-# safetensors, read and written here (no pickle): 8-byte little-endian header length, a JSON header
-# {name: {dtype, shape, data_offsets: [begin, end]}} (offsets relative to the data after the header),
-# then the raw little-endian bytes. bf16 has no numpy dtype: it travels as int16 and is viewed in torch.
+# ---------------------------------------------------------------------------------------------------------------
+# safetensors, read and written here (no pickle): 8-byte little-endian header length, a JSON header {name: {dtype,
+# shape, data_offsets: [begin, end]}} (offsets into the data after the header), then the raw little-endian bytes.
 
 ST_DTYPES = {"F64": (np.float64, torch.float64), "F32": (np.float32, torch.float32), "F16": (np.float16, torch.float16),
              "BF16": (np.int16, torch.bfloat16), "I64": (np.int64, torch.int64), "I32": (np.int32, torch.int32),
              "I16": (np.int16, torch.int16), "I8": (np.int8, torch.int8), "U8": (np.uint8, torch.uint8),
-             "BOOL": (np.bool_, torch.bool)}
+             "BOOL": (np.bool_, torch.bool)}  # bf16 has no numpy dtype: it travels as int16, viewed in torch
 ST_NAMES = {t: n for n, (_, t) in ST_DTYPES.items()}
 
 
 def read_safetensors(path):
-    """-> {name: torch.Tensor} (owned copies). Every header field is checked against the file size
-    before anything is read or allocated, so a truncated or hostile file raises CheckpointError."""
+    """-> {name: tensor} (owned copies). Every header field is checked against the file size before anything is
+    read or allocated, so a truncated or hostile file raises CheckpointError, never a crash or a huge allocation."""
     path = Path(path)
     size, err = path.stat().st_size, lambda msg: CheckpointError(f"{path}: {msg}")
     if size < 8:
@@ -400,28 +382,25 @@ def read_safetensors(path):
         if b1 < e0 and b1 < e1:
             raise err(f"tensors {n0!r} and {n1!r} overlap (byte {b1})")
     out = {}
-    for b, e, name, dtype, shape in spans:  # copies, so nothing keeps the mmap alive; bf16 arrives as int16
+    for b, e, name, dtype, shape in spans:
         arr = np.frombuffer(mm, dtype=ST_DTYPES[dtype][0], count=math.prod(shape), offset=8 + n + b)
         out[name] = torch.from_numpy(arr.reshape(shape).copy()).view(ST_DTYPES[dtype][1])
     return out
 
 
 def write_safetensors(path, tensors, metadata=None):
-    """Write {name: tensor} atomically (temporary file + rename); header padded to 8 bytes like the reference."""
-    header, off, ts = {}, 0, {}
-    for name in sorted(tensors):
-        t = ts[name] = tensors[name].detach().cpu().contiguous()
-        header[name] = {"dtype": ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + t.numel() * t.element_size()]}
-        off += t.numel() * t.element_size()
-    header["__metadata__"] = {"format": "pt", **(metadata or {})}
-    h = json.dumps(header, separators=(",", ":")).encode()
+    """{name: tensor} -> path, atomically (temporary file + rename); header padded to 8 bytes like the reference."""
+    header, off, ts = {}, 0, {k: tensors[k].detach().cpu().contiguous() for k in sorted(tensors)}
+    for name, t in ts.items():
+        header[name] = {"dtype": ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + t.nbytes]}
+        off += t.nbytes
+    h = json.dumps({**header, "__metadata__": {"format": "pt", **(metadata or {})}}, separators=(",", ":")).encode()
     h += b" " * (-len(h) % 8)
-    tmp = Path(str(path) + ".tmp")
-    with open(tmp, "wb") as f:
+    with open(f"{path}.tmp", "wb") as f:
         f.write(len(h).to_bytes(8, "little") + h)
-        for name in sorted(ts):
-            f.write(ts[name].reshape(-1).view(torch.uint8).numpy().data)
-    os.replace(tmp, path)
+        for t in ts.values():
+            f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+    os.replace(f"{path}.tmp", path)
 
 
 def _shards(index):
@@ -431,7 +410,7 @@ def _shards(index):
         assert all(isinstance(s, str) and Path(s).name == s for s in shards)
         return wmap, shards
     except (ValueError, KeyError, TypeError, AttributeError, AssertionError) as e:
-        raise CheckpointError(f"{index}: not a valid safetensors index (needs a weight_map of plain shard file names): {e!r}") from None
+        raise CheckpointError(f"{index}: not a valid safetensors index (needs a weight_map of plain file names): {e!r}") from None
 
 
 def _read_checkpoint(folder):
@@ -441,19 +420,19 @@ def _read_checkpoint(folder):
         return read_safetensors(single), str(single)
     if not index.is_file():
         bins = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
-        raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json"
-                              + (f" (found {bins}: pickle checkpoints are never loaded, convert them to safetensors)" if bins else ""))
+        raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json" + (
+            f" (found {bins}: pickle checkpoints are never loaded, convert them to safetensors)" if bins else ""))
     (wmap, shards), tensors = _shards(index), {}
     for s in shards:
         if not (folder / s).is_file():
             raise CheckpointError(f"{index}: shard {s} is missing from {folder}")
         tensors.update(read_safetensors(folder / s))
     if set(wmap) - set(tensors):
-        raise CheckpointError(f"{index}: tensors in weight_map but absent from the shards: {sorted(set(wmap) - set(tensors))[:5]}")
+        raise CheckpointError(f"{index}: tensors in weight_map but in no shard: {sorted(set(wmap) - set(tensors))[:5]}")
     return tensors, str(index)
 
-# ----------------------------------------------------------------------------------------------
-# HF config.json <-> GPTConfig, one table for both directions and both architectures:
+# ---------------------------------------------------------------------------------------------------------------
+# HF config.json <-> GPTConfig: one table for both directions and both architectures.
 # our field -> (GPT2Config name, default), (OPTConfig name, default); None = not in that config.
 
 HF_CONFIG = {
@@ -479,16 +458,15 @@ ARCH = {"gpt2": ("GPT2LMHeadModel", "GPT2ForSequenceClassification"), "opt": ("O
 def _config_from_hf(file):
     try:
         d = json.loads(Path(file).read_text())
-        assert isinstance(d, dict)
+        assert isinstance(d, dict) and isinstance(d.get("dhrd", {}), dict)
     except FileNotFoundError:
         raise CheckpointError(f"{file}: missing; a model folder needs config.json (HF layout)") from None
     except (ValueError, AssertionError) as e:
         raise CheckpointError(f"{file}: not a JSON object ({e})") from None
     if d.get("model_type") not in ARCH:
         raise CheckpointError(f"{file}: model_type {d.get('model_type')!r} is not supported (supported: 'gpt2', 'opt')")
-    opt = d["model_type"] == "opt"
-    cfg = GPTConfig(model_type=d["model_type"], head=d.get("dhrd", {}).get("head", "linear"),  # our own MLP-head flag
-                    pooling=d.get("dhrd", {}).get("pooling", "last"))
+    opt, ours = d["model_type"] == "opt", d.get("dhrd", {})  # ours: the head settings HF has no field for
+    cfg = GPTConfig(model_type=d["model_type"], head=ours.get("head", "linear"), pooling=ours.get("pooling", "last"))
     for field, spec in HF_CONFIG.items():
         if spec[opt] is not None:
             setattr(cfg, field, d.get(*spec[opt]))
@@ -505,8 +483,8 @@ def _config_from_hf(file):
 def _config_to_hf(c, labels=None):
     opt = c.model_type == "opt"
     d = {spec[opt][0]: getattr(c, f) for f, spec in HF_CONFIG.items() if spec[opt] is not None}
-    d.update(n_inner=c.n_inner or None) if not opt else d.update(ffn_dim=c.n_inner or 4 * c.n_embd,
-                                                                 word_embed_proj_dim=c.word_embed_proj_dim or c.n_embd)
+    d.update(ffn_dim=c.n_inner or 4 * c.n_embd, word_embed_proj_dim=c.word_embed_proj_dim or c.n_embd) if opt else \
+        d.update(n_inner=c.n_inner or None)
     drop = ("dropout", "attention_dropout") if opt else ("resid_pdrop", "embd_pdrop", "attn_pdrop")
     d.update({k: c.dropout for k in drop}, model_type=c.model_type, torch_dtype="float32",
              architectures=[ARCH[c.model_type][bool(c.num_labels and c.head == "linear")]],
@@ -518,8 +496,8 @@ def _config_to_hf(c, labels=None):
 
 
 def _weight_map(model):
-    """HF name (without the `transformer.` / `model.` prefix) -> (our name, how): how is None, 'T'
-    (GPT-2 Conv1D stores [in, out]: transpose) or 0/1/2 (OPT q/k/v -> a third of our fused c_attn)."""
+    """HF name (without the `transformer.` / `model.` prefix) -> (our name, how); how: None, 'T' (GPT-2's Conv1D
+    stores [in, out]: transpose) or 0/1/2 (OPT's q/k/v_proj: a third of our fused c_attn)."""
     ours = dict(model.named_parameters(remove_duplicate=False))
     m = {n: (n, None) for n in ours if n.startswith("score") or n == "lm_head.weight" and not model.config.tie_word_embeddings}
     if model.config.model_type == "gpt2":  # our names are GPT-2's
@@ -536,13 +514,13 @@ def _weight_map(model):
                 for a, b in [("self_attn.out_proj", "attn.c_proj"), ("self_attn_layer_norm", "ln_1"), ("fc1", "mlp.c_fc"),
                              ("fc2", "mlp.c_proj"), ("final_layer_norm", "ln_2")]:
                     m[f"{hf}{a}.{w}"] = (f"{us}{b}.{w}", None)
-    return {k: v for k, v in m.items() if v[0] in ours}  # drops project_in/ln_f/biases this config lacks
+    return {k: v for k, v in m.items() if v[0] in ours}  # drops project_in / ln_f / biases this config lacks
 
 
 def _hf_to_ours(model, tensors, file):
     wmap, ours = _weight_map(model), dict(model.named_parameters(remove_duplicate=False))
     prefix, tied = ("transformer." if model.config.model_type == "gpt2" else "model."), model.config.tie_word_embeddings
-    sd, parts, unexpected = {}, {}, []
+    parts, unexpected = {}, []
     for key, t in tensors.items():
         k = key[len(prefix):] if key.startswith(prefix) else key  # hub gpt2 / OPT files may lack the prefix
         if k.endswith((".attn.bias", ".attn.masked_bias")) or k == "lm_head.weight" and tied:
@@ -575,12 +553,11 @@ def _ours_to_hf(model):
         out[hf if hf.startswith(("lm_head", "score")) else prefix + hf] = t.contiguous()
     return out
 
-# ----------------------------------------------------------------------------------------------
-# Tokenizer: GPT-2's byte-level BPE (Radford et al. 2019) as a tiktoken Encoding built from the
-# checkpoint's vocab.json + merges.txt. tiktoken merges the adjacent pair whose concatenation has the
-# lowest rank, HF the pair that comes first in merges.txt; giving merge i the rank 256 + i makes the
-# two agree. Ranks are then mapped to vocab.json ids: identity for GPT-2, a permutation for OPT
-# (fairseq's dictionary order, plus <s> <pad> </s> <unk> at 0..3).
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenizer: GPT-2's byte-level BPE (Radford et al. 2019) as a tiktoken Encoding built from vocab.json + merges.txt.
+# tiktoken merges the adjacent pair whose concatenation has the lowest rank, HF the pair listed first in merges.txt:
+# giving merge i the rank 256 + i makes the two agree. Ranks then map to vocab.json ids: the identity for GPT-2,
+# a permutation for OPT (fairseq's dictionary order, with <s> <pad> </s> <unk> at 0..3).
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json")
@@ -588,80 +565,66 @@ GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\
 
 
 def bytes_to_unicode():
-    """GPT-2's reversible byte -> printable unicode char map (openai/gpt-2 encoder.py)."""
+    """GPT-2's reversible byte -> printable character map (openai/gpt-2 encoder.py)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs, cs, n = bs + [b], cs + [256 + n], n + 1
-    return dict(zip(bs, map(chr, cs)))
+    cs = bs + [256 + i for i in range(256 - len(bs))]
+    return dict(zip(bs + [b for b in range(256) if b not in bs], map(chr, cs)))
 
 
 class Tokenizer:
-    """.encode(str) -> ids equal to HF's tokenizer with add_special_tokens=False; .decode(ids) -> str;
-    .bos_id (the id HF prepends: </s> for OPT, None for GPT-2), .eos_id, .pad_id, .vocab_size, .name."""
+    """.encode(str) -> ids, equal to HF's tokenizer with add_special_tokens=False; .decode(ids) -> str; .bos_id (the
+    id HF prepends: </s> for OPT, None for GPT-2), .eos_id, .pad_id, .vocab_size, .name."""
 
     def __init__(self, folder, name=None):
-        folder, self.name = Path(folder), str(name or folder)
+        folder, self.name, meta = Path(folder), str(name or folder), {}
         try:
             vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
             merges = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+            for f in ("special_tokens_map.json", "tokenizer_config.json", "config.json"):  # earlier files win
+                meta = {**(json.loads((folder / f).read_text(encoding="utf-8")) if (folder / f).is_file() else {}), **meta}
         except FileNotFoundError as e:
             raise CheckpointError(f"{e.filename}: missing; a tokenizer folder needs vocab.json + merges.txt") from None
         except ValueError as e:
-            raise CheckpointError(f"{folder / 'vocab.json'}: not valid JSON ({e})") from None
-        meta = {}  # bos/eos/pad/unk + added tokens, as tokenizer_config.json / special_tokens_map.json / tokenizer.json say
-        for f in ("special_tokens_map.json", "tokenizer_config.json", "config.json"):
-            try:
-                meta = {**json.loads((folder / f).read_text(encoding="utf-8")), **meta}
-            except (OSError, ValueError):
-                pass
+            raise CheckpointError(f"{folder}: a tokenizer file is not valid JSON ({e})") from None
         byte_of = {c: b for b, c in bytes_to_unicode().items()}
         order = [s for _, s in sorted((i, s) for s, i in vocab.items() if len(s) == 1 and s in byte_of)]
         if len(order) != 256:
-            raise CheckpointError(f"{folder / 'vocab.json'}: has {len(order)} of the 256 byte tokens; not a GPT-2 byte-level BPE vocab")
+            raise CheckpointError(f"{folder / 'vocab.json'}: has {len(order)} of the 256 byte tokens; not GPT-2 byte-level BPE")
         for ln, line in enumerate(merges, 1):
-            if line.startswith("#version") or not line.strip():
-                continue
-            pair = line.split(" ")
-            if len(pair) != 2 or pair[0] + pair[1] not in vocab or any(c not in byte_of for c in line.replace(" ", "")):
-                raise CheckpointError(f"{folder / 'merges.txt'}:{ln}: expected two byte-level tokens whose merge is in vocab.json, got {line!r}")
-            order.append(pair[0] + pair[1])
+            if line.strip() and not line.startswith("#version"):
+                pair = line.split(" ")
+                if len(pair) != 2 or pair[0] + pair[1] not in vocab or any(c not in byte_of for c in pair[0] + pair[1]):
+                    raise CheckpointError(f"{folder / 'merges.txt'}:{ln}: expected two byte-level tokens whose merge "
+                                          f"is in vocab.json, got {line!r}")
+                order.append(pair[0] + pair[1])
         ranks, rank2id = {}, []
-        for s in order:  # rank = merge priority (first occurrence wins)
-            b = bytes(byte_of[c] for c in s)
-            if b not in ranks:
+        for s in order:  # rank = merge priority (the first occurrence wins)
+            if (b := bytes(byte_of[c] for c in s)) not in ranks:
                 ranks[b] = len(rank2id)
                 rank2id.append(vocab[s])
-        tok = lambda v: v.get("content") if isinstance(v, dict) else v
-        added = {tok(v): int(k) for k, v in meta.get("added_tokens_decoder", {}).items()}
-        named = [tok(meta.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token") if meta.get(k)]
-        opt_like = "</s>" in vocab and "<s>" in vocab
-        defaults = ["</s>", "<pad>"] if opt_like else ["<|endoftext|>"]
-        full = {**vocab, **added}
-        specials = {s: full[s] for s in list(added) + (named or defaults) if s in full and s.encode() not in ranks}
+        content = lambda v: v.get("content") if isinstance(v, dict) else v
+        added = {content(v): int(k) for k, v in meta.get("added_tokens_decoder", {}).items()}
+        full, opt_like = {**vocab, **added}, "</s>" in vocab and "<s>" in vocab
+        named = [content(meta[k]) for k in ("bos_token", "eos_token", "unk_token", "pad_token") if meta.get(k)]
+        named = named or (["</s>", "<pad>"] if opt_like else ["<|endoftext|>"])  # HF's defaults without a config
+        specials = {s: full[s] for s in list(added) + named if s in full and s.encode() not in ranks}  # split out, as HF
         self.enc = tiktoken.Encoding(self.name, pat_str=GPT2_PAT, mergeable_ranks=ranks,
                                      special_tokens={s: len(rank2id) + j for j, s in enumerate(specials)})
         r2i = np.array(rank2id + list(specials.values()), dtype=np.int64)
-        self._r2i = None if np.array_equal(r2i, np.arange(len(r2i))) else r2i  # GPT-2: ranks are the ids
+        self._r2i = None if np.array_equal(r2i, np.arange(len(r2i))) else r2i  # GPT-2: the ranks are the ids
         self.vocab_size = max(full.values()) + 1
         self._bytes = [b""] * self.vocab_size
         for s, i in full.items():
             self._bytes[i] = s.encode() if s in specials or any(c not in byte_of for c in s) else bytes(byte_of[c] for c in s)
-        tid = lambda k, cid, d: full.get(tok(meta.get(k))) if meta.get(k) else meta.get(cid, d)
-        self.eos_id = tid("eos_token", "eos_token_id", full.get("</s>", full.get("<|endoftext|>")))
-        self.pad_id = tid("pad_token", "pad_token_id", full.get("<pad>"))
+        tid = lambda k, d: full.get(content(meta[k])) if meta.get(k) else meta.get(k + "_id", d)
+        self.eos_id = tid("eos_token", full.get("</s>", full.get("<|endoftext|>")))
+        self.pad_id = tid("pad_token", full.get("<pad>"))
         add_bos = meta.get("add_bos_token", meta.get("model_type") == "opt" or opt_like)  # HF: OPT prepends </s>
-        self.bos_id = tid("bos_token", "bos_token_id", full.get("</s>")) if add_bos else None
-
-    def _ids(self, ranks):
-        return ranks if self._r2i is None else self._r2i[np.asarray(ranks, dtype=np.int64)].tolist()
+        self.bos_id = tid("bos_token", full.get("</s>")) if add_bos else None
 
     def encode(self, text):
-        return self._ids(self.enc.encode(text, allowed_special="all"))
-
-    def encode_batch(self, texts):  # tiktoken's threaded batch encoder (for prepare.py)
-        return [self._ids(r) for r in self.enc.encode_batch(texts, allowed_special="all")]
+        ranks = self.enc.encode(text, allowed_special="all")
+        return ranks if self._r2i is None else self._r2i[np.asarray(ranks, dtype=np.int64)].tolist()
 
     def decode(self, ids):
         return b"".join(self._bytes[i] for i in ids).decode("utf-8", errors="replace")
@@ -670,28 +633,31 @@ class Tokenizer:
 def load_tokenizer(path_or_name):
     return Tokenizer(resolve_model_dir(path_or_name, weights=False), name=path_or_name)
 
-# ----------------------------------------------------------------------------------------------
-# Hub names -> a cache folder. Files come from {DHRD_HUB_URL}/{name}/resolve/main/{file}; sizes and
-# sha256 (LFS oid) from {DHRD_HUB_URL}/api/models/{name}/tree/main when the hub offers them.
+# ---------------------------------------------------------------------------------------------------------------
+# Hub names -> a cache folder. Files come from {DHRD_HUB_URL}/{name}/resolve/main/{file}; sizes and sha256 (the
+# LFS oid) from {DHRD_HUB_URL}/api/models/{name}/tree/main when the server offers that listing.
 
 HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
 def resolve_model_dir(path_or_name, weights=True):
-    """A local folder as is; a hub name -> DHRD_CACHE/<owner--name>, downloading what is missing."""
+    """A local folder as is; a hub name -> DHRD_CACHE/<owner--name>, downloading whatever is missing."""
     if Path(path_or_name).expanduser().is_dir():
         return Path(path_or_name).expanduser()
-    name = str(path_or_name)
-    if not HUB_NAME.match(name) or ".." in name:
+    if not HUB_NAME.match(name := str(path_or_name)) or ".." in name:
         raise CheckpointError(f"{name}: no such folder, and not a hub name like 'gpt2' or 'facebook/opt-125m'")
     cache = Path(os.environ.get("DHRD_CACHE", "~/.cache/dhrd")).expanduser() / name.replace("/", "--")
     base = os.environ.get("DHRD_HUB_URL", "https://huggingface.co").rstrip("/")
-    have = lambda *fs: all((cache / f).is_file() for f in fs)
-    index = cache / "model.safetensors.index.json"
-    if have("config.json", "vocab.json", "merges.txt") and (not weights or have("model.safetensors")
-                                                            or have(index.name) and have(*_shards(index)[1])):
+    have, index = lambda *fs: all((cache / f).is_file() for f in fs), cache / "model.safetensors.index.json"
+    if have("config.json", "vocab.json", "merges.txt") and (not weights or have("model.safetensors") or
+                                                            have(index.name) and have(*_shards(index)[1])):
         return cache  # complete in the cache: no network
-    listing = _hub_listing(base, name)  # {file: (size, sha256)}, or None when the server has no listing API
+    try:  # {file: (size, sha256 of LFS files)}; None when offline or the server has no listing
+        with urllib.request.urlopen(f"{base}/api/models/{name}/tree/main", timeout=30) as r:
+            listing = {it["path"]: ((it.get("lfs") or {}).get("size", it.get("size")), (it.get("lfs") or {}).get("oid"))
+                       for it in json.loads(r.read()) if it.get("type") == "file"}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        listing = None
     get = lambda f: have(f) or download(f"{base}/{name}/resolve/main/{f}", cache / f, *(listing or {}).get(f, (None, None)))
     for f in ("config.json", "vocab.json", "merges.txt") + tuple(f for f in TOKENIZER_FILES if f in (listing or {})):
         get(f)
@@ -699,44 +665,33 @@ def resolve_model_dir(path_or_name, weights=True):
         return cache
     if listing is not None and not {"model.safetensors", index.name} & set(listing):
         raise CheckpointError(f"{base}/{name}: the repository has no model.safetensors (files: {sorted(listing)[:12]}); "
-                              f"only safetensors is loaded (never pickle): convert it and pass the folder")
+                              "only safetensors is loaded (never pickle): convert it and pass the folder")
     try:
         if listing is None or "model.safetensors" in listing:
             return get("model.safetensors") and cache
     except DownloadError:
         if listing is not None:
-            raise  # without a listing, a 404 here may just mean the checkpoint is sharded
+            raise  # without a listing, a 404 here may just mean that the checkpoint is sharded
     get(index.name)
     for s in _shards(index)[1]:
         get(s)
     return cache
 
 
-def _hub_listing(base, name):
-    try:
-        req = urllib.request.Request(f"{base}/api/models/{name}/tree/main", headers={"User-Agent": "dhrd"})
-        with urllib.request.urlopen(req, timeout=30) as r:
-            items = json.loads(r.read())
-        return {it["path"]: ((it.get("lfs") or {}).get("size", it.get("size")), (it.get("lfs") or {}).get("oid"))
-                for it in items if it.get("type") == "file"}
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        return None  # offline, or a plain file server: fetch the files directly
-
-
 def download(url, dest, expected_size=None, sha256=None, desc=None):
-    """urllib download to dest via dest.part, renamed only once complete and verified; resumes a partial
-    .part with an HTTP Range request; progress on stderr. Raises DownloadError naming the URL."""
+    """urllib download to dest via dest.part, renamed only once complete and verified; resumes a partial .part
+    with an HTTP Range request; progress on stderr. Raises DownloadError naming the URL."""
     dest, t0, last = Path(dest), time.time(), 0.0
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     have = part.stat().st_size if part.exists() else 0
+    have = 0 if expected_size is not None and have > expected_size else have  # a stale .part: start over
     if expected_size is None or have < expected_size:
-        req = urllib.request.Request(url, headers={"User-Agent": "dhrd", **({"Range": f"bytes={have}-"} if have else {})})
         try:
+            req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
             with urllib.request.urlopen(req, timeout=60) as r, open(part, "ab" if have else "wb") as f:
                 if have and r.status != 206:  # the server ignored Range: start over
-                    f.truncate(0)
-                    have = 0
+                    have = f.truncate(0)
                 total = (have + int(r.headers.get("Content-Length") or 0)) / 1e6
                 while chunk := r.read(1 << 20):
                     have += f.write(chunk)
@@ -749,21 +704,17 @@ def download(url, dest, expected_size=None, sha256=None, desc=None):
             if not (e.code == 416 and have):  # 416 on a resume: the .part is already complete
                 raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from None
         except OSError as e:  # URLError, timeouts, resets
-            raise DownloadError(f"could not download {url} ({getattr(e, 'reason', e)}). Offline? Put the files in a local "
-                                f"folder and pass its path instead (the partial {part} is resumed next time)") from None
-    size = part.stat().st_size
-    if expected_size is not None and size != expected_size:
+            raise DownloadError(f"could not download {url} ({getattr(e, 'reason', e)}). Offline? Put the files in a "
+                                f"local folder and pass its path instead (the partial {part} resumes next time)") from None
+    if expected_size is not None and (size := part.stat().st_size) != expected_size:
         if size > expected_size:
             part.unlink()
-        raise DownloadError(f"{url}: got {size} bytes, expected {expected_size}"
-                            + (" (interrupted: run again to resume)" if size < expected_size else "; the file was removed"))
-    if sha256:
-        h = hashlib.sha256()
-        with open(part, "rb") as f:
-            while b := f.read(1 << 24):
-                h.update(b)
-        if h.hexdigest() != sha256.lower():
-            part.unlink()
-            raise DownloadError(f"{url}: sha256 {h.hexdigest()} is not the expected {sha256}; the file was removed")
+        raise DownloadError(f"{url}: got {size} bytes, expected {expected_size}" +
+                            (" (interrupted: run again to resume)" if size < expected_size else "; the file was removed"))
+    with open(part, "rb") as f:
+        got = hashlib.file_digest(f, "sha256").hexdigest() if sha256 else None
+    if got != (sha256 and sha256.lower()):
+        part.unlink()
+        raise DownloadError(f"{url}: sha256 {got} is not the expected {sha256}; the file was removed")
     os.replace(part, dest)
     return dest
