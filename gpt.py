@@ -24,6 +24,11 @@ class DownloadError(OSError):  # offline, HTTP error, size or checksum mismatch;
     pass
 
 
+def _check(ok, where, msg):  # how bad input is reported: a CheckpointError naming the file and what is wrong
+    if not ok:
+        raise CheckpointError(f"{where}: {msg}")
+
+
 @dataclass
 class GPTConfig:
     model_type: str = "gpt2"          # 'gpt2' | 'opt'
@@ -235,9 +240,8 @@ class GPT(nn.Module):
         ck = next((k for k in ("score.weight", "score.2.weight") if k in tensors), None)
         if ck:
             cfg.head, cfg.num_labels = "mlp" if "2" in ck else "linear", tensors[ck].shape[0]
-            if num_labels not in (None, cfg.num_labels):
-                raise CheckpointError(f"{file}: the checkpoint's classification head has {cfg.num_labels} labels, not "
-                                      f"num_labels={num_labels}; drop num_labels or use a checkpoint without `score`")
+            _check(num_labels in (None, cfg.num_labels), file, f"the checkpoint's classification head has {cfg.num_labels} "
+                   f"labels, not num_labels={num_labels}; drop num_labels or use a checkpoint without `score`")
         cfg.num_labels = cfg.num_labels or num_labels or 0
         for k, v in overrides.items():
             if k not in {f.name for f in fields(GPTConfig)}:
@@ -348,19 +352,16 @@ ST_NAMES = {t: n for n, (_, t) in ST_DTYPES.items()}
 def read_safetensors(path):
     """-> {name: tensor} (owned copies). Every header field is checked against the file size before anything is
     read or allocated, so a truncated or hostile file raises CheckpointError, never a crash or a huge allocation."""
-    path = Path(path)
-    size, err = path.stat().st_size, lambda msg: CheckpointError(f"{path}: {msg}")
-    if size < 8:
-        raise err(f"{size} bytes is too short for a safetensors file (truncated download?)")
+    size = (path := Path(path)).stat().st_size
+    _check(size >= 8, path, f"{size} bytes is too short for a safetensors file (truncated download?)")
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
-        if n > size - 8 or n > 100_000_000:
-            raise err(f"header length {n} runs past the end of the file ({size} bytes): truncated or not safetensors")
+        _check(n <= min(size - 8, 100_000_000), path, f"header length {n} runs past the end of the file ({size} bytes)")
         try:
             header = json.loads(f.read(n))
             assert isinstance(header, dict)
         except (ValueError, AssertionError) as e:
-            raise err(f"the safetensors header is not a JSON object ({e})") from None
+            raise CheckpointError(f"{path}: the safetensors header is not a JSON object ({e})") from None
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     header.pop("__metadata__", None)
     spans = []
@@ -369,18 +370,14 @@ def read_safetensors(path):
             dtype, shape, (b, e) = info["dtype"], [int(d) for d in info["shape"]], info["data_offsets"]
             assert min(shape, default=0) >= 0 and isinstance(b, int) and isinstance(e, int)
         except (TypeError, KeyError, ValueError, AssertionError):
-            raise err(f"tensor {name!r} has a malformed header entry {info!r}") from None
-        if dtype not in ST_DTYPES:
-            raise err(f"tensor {name!r} has unsupported dtype {dtype!r} (supported: {', '.join(ST_DTYPES)})")
-        if not 0 <= b <= e <= size - 8 - n:
-            raise err(f"tensor {name!r} data_offsets [{b}, {e}] fall outside the {size - 8 - n} data bytes (truncated?)")
-        if math.prod(shape) * np.dtype(ST_DTYPES[dtype][0]).itemsize != e - b:
-            raise err(f"tensor {name!r} of shape {shape} and dtype {dtype} does not fit its {e - b} bytes")
+            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {info!r}") from None
+        _check(dtype in ST_DTYPES, path, f"tensor {name!r} has unsupported dtype {dtype!r} (supported: {', '.join(ST_DTYPES)})")
+        _check(0 <= b <= e <= size - 8 - n, path, f"tensor {name!r} data_offsets [{b}, {e}] fall outside the data (truncated?)")
+        _check(math.prod(shape) * np.dtype(ST_DTYPES[dtype][0]).itemsize == e - b, path,
+               f"tensor {name!r} of shape {shape} and dtype {dtype} does not fit its {e - b} bytes")
         spans.append((b, e, name, dtype, shape))
-    spans.sort()
-    for (_, e0, n0, *_), (b1, e1, n1, *_) in zip(spans, spans[1:]):
-        if b1 < e0 and b1 < e1:
-            raise err(f"tensors {n0!r} and {n1!r} overlap (byte {b1})")
+    for (_, e0, n0, *_), (b1, e1, n1, *_) in zip(sorted(spans), sorted(spans)[1:]):
+        _check(b1 >= min(e0, e1), path, f"tensors {n0!r} and {n1!r} overlap (byte {b1})")
     out = {}
     for b, e, name, dtype, shape in spans:
         arr = np.frombuffer(mm, dtype=ST_DTYPES[dtype][0], count=math.prod(shape), offset=8 + n + b)
@@ -424,11 +421,9 @@ def _read_checkpoint(folder):
             f" (found {bins}: pickle checkpoints are never loaded, convert them to safetensors)" if bins else ""))
     (wmap, shards), tensors = _shards(index), {}
     for s in shards:
-        if not (folder / s).is_file():
-            raise CheckpointError(f"{index}: shard {s} is missing from {folder}")
+        _check((folder / s).is_file(), index, f"shard {s} is missing from {folder}")
         tensors.update(read_safetensors(folder / s))
-    if set(wmap) - set(tensors):
-        raise CheckpointError(f"{index}: tensors in weight_map but in no shard: {sorted(set(wmap) - set(tensors))[:5]}")
+    _check(set(wmap) <= set(tensors), index, f"tensors in weight_map but in no shard: {sorted(set(wmap) - set(tensors))[:5]}")
     return tensors, str(index)
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -463,8 +458,7 @@ def _config_from_hf(file):
         raise CheckpointError(f"{file}: missing; a model folder needs config.json (HF layout)") from None
     except (ValueError, AssertionError) as e:
         raise CheckpointError(f"{file}: not a JSON object ({e})") from None
-    if d.get("model_type") not in ARCH:
-        raise CheckpointError(f"{file}: model_type {d.get('model_type')!r} is not supported (supported: 'gpt2', 'opt')")
+    _check(d.get("model_type") in ARCH, file, f"model_type {d.get('model_type')!r} is not supported (supported: 'gpt2', 'opt')")
     opt, ours = d["model_type"] == "opt", d.get("dhrd", {})  # ours: the head settings HF has no field for
     cfg = GPTConfig(model_type=d["model_type"], head=ours.get("head", "linear"), pooling=ours.get("pooling", "last"))
     for field, spec in HF_CONFIG.items():
@@ -474,9 +468,8 @@ def _config_from_hf(file):
     cfg.word_embed_proj_dim = 0 if cfg.word_embed_proj_dim in (None, cfg.n_embd) else cfg.word_embed_proj_dim
     sizes = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_inner", "word_embed_proj_dim")
     bad = [HF_CONFIG[k][opt][0] for k in sizes if not isinstance(getattr(cfg, k), int) or getattr(cfg, k) < (k in sizes[:5])]
-    if bad or cfg.n_embd % cfg.n_head or cfg.activation not in list(ACT):
-        raise CheckpointError(f"{file}: invalid field(s) {bad or ['hidden size / heads', 'activation_function']}: sizes "
-                              f"must be positive ints, hidden size divisible by heads, activation one of {list(ACT)}")
+    _check(not bad and cfg.n_embd % cfg.n_head == 0 and cfg.activation in list(ACT), file, f"invalid field(s) {bad or 'heads'}"
+           f" or activation_function: sizes must be positive ints, hidden size divisible by heads, activation in {list(ACT)}")
     return cfg
 
 
@@ -531,17 +524,14 @@ def _hf_to_ours(model, tensors, file):
         name, how = wmap[k]
         t = t.float().t() if how == "T" and t.dim() == 2 else t.float()
         want = ours[name].shape if not isinstance(how, int) else (ours[name].shape[0] // 3, *ours[name].shape[1:])
-        if t.shape != want:
-            raise CheckpointError(f"{file}: tensor {key} has shape {list(t.shape)}, config.json implies {list(want)}")
+        _check(t.shape == want, file, f"tensor {key} has shape {list(t.shape)}, config.json implies {list(want)}")
         parts.setdefault(name, {})[how if isinstance(how, int) else None] = t
     sd = {n: torch.cat([p[0], p[1], p[2]]) if len(p) == 3 else p[None] for n, p in parts.items() if None in p or len(p) == 3}
     if tied and "wte.weight" in sd:
         sd["lm_head.weight"] = sd["wte.weight"]
     missing = [n for n in ours if n not in sd and not n.startswith("score")]
-    if unexpected or missing:
-        raise CheckpointError(f"{file}: tensors do not match a {model.config.model_type} model with this config.json: "
-                              f"missing {missing[:5]}{'...' if len(missing) > 5 else ''} ({len(missing)}), "
-                              f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''} ({len(unexpected)})")
+    _check(not (unexpected or missing), file, f"tensors do not match a {model.config.model_type} model with this config.json: "
+           f"missing {missing[:5]} ({len(missing)} in all), unexpected {unexpected[:5]} ({len(unexpected)} in all)")
     return {n: t.contiguous() for n, t in sd.items()}
 
 
@@ -588,8 +578,7 @@ class Tokenizer:
             raise CheckpointError(f"{folder}: a tokenizer file is not valid JSON ({e})") from None
         byte_of = {c: b for b, c in bytes_to_unicode().items()}
         order = [s for _, s in sorted((i, s) for s, i in vocab.items() if len(s) == 1 and s in byte_of)]
-        if len(order) != 256:
-            raise CheckpointError(f"{folder / 'vocab.json'}: has {len(order)} of the 256 byte tokens; not GPT-2 byte-level BPE")
+        _check(len(order) == 256, folder / "vocab.json", f"has {len(order)} of the 256 byte tokens; not GPT-2 byte-level BPE")
         for ln, line in enumerate(merges, 1):
             if line.strip() and not line.startswith("#version"):
                 pair = line.split(" ")
@@ -644,8 +633,7 @@ def resolve_model_dir(path_or_name, weights=True):
     """A local folder as is; a hub name -> DHRD_CACHE/<owner--name>, downloading whatever is missing."""
     if Path(path_or_name).expanduser().is_dir():
         return Path(path_or_name).expanduser()
-    if not HUB_NAME.match(name := str(path_or_name)) or ".." in name:
-        raise CheckpointError(f"{name}: no such folder, and not a hub name like 'gpt2' or 'facebook/opt-125m'")
+    _check(HUB_NAME.match(name := str(path_or_name)) and ".." not in name, name, "no such folder, and not a hub name like 'gpt2'")
     cache = Path(os.environ.get("DHRD_CACHE", "~/.cache/dhrd")).expanduser() / name.replace("/", "--")
     base = os.environ.get("DHRD_HUB_URL", "https://huggingface.co").rstrip("/")
     have, index = lambda *fs: all((cache / f).is_file() for f in fs), cache / "model.safetensors.index.json"
@@ -663,9 +651,8 @@ def resolve_model_dir(path_or_name, weights=True):
         get(f)
     if not weights or have("model.safetensors"):
         return cache
-    if listing is not None and not {"model.safetensors", index.name} & set(listing):
-        raise CheckpointError(f"{base}/{name}: the repository has no model.safetensors (files: {sorted(listing)[:12]}); "
-                              "only safetensors is loaded (never pickle): convert it and pass the folder")
+    _check(listing is None or {"model.safetensors", index.name} & set(listing), f"{base}/{name}", "the repository has no "
+           f"model.safetensors (files: {sorted(listing or [])[:12]}); only safetensors is loaded (never pickle): convert it")
     try:
         if listing is None or "model.safetensors" in listing:
             return get("model.safetensors") and cache
