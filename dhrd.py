@@ -27,7 +27,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import prepare
 from gpt import GPT, GPTConfig, CheckpointError
 
-
 @dataclass
 class Config:
     # I/O
@@ -77,10 +76,8 @@ CHOICES = dict(alpha_schedule=("constant", "linear"), lm_targets=("all", "ration
                pooling=("last", "mean"), lr_decay=("cosine", "linear"),
                dtype=("auto", "float32", "bfloat16", "float16"), eval_split=("train", "val", "test"))
 
-
 class ConfigError(ValueError):
     """A bad key/value, file or run state; the message says which and how to fix it."""
-
 
 def _set(d, key, value, where):
     """Type-checked assignment of one config value; `where` names the flag or file for the message."""
@@ -89,24 +86,20 @@ def _set(d, key, value, where):
         close = difflib.get_close_matches(key, types, n=3, cutoff=0.5)
         raise ConfigError(f"{where}: unknown config key '{key}'" + (f"; did you mean {', '.join(close)}?" if close else "")
                           + f" (keys: {', '.join(types)})")
-    t = types[key]
-    if isinstance(value, str) and t is not str:  # from the command line
-        low = value.lower()
-        if t is bool and low in ("true", "1", "yes", "false", "0", "no"):
-            value = low in ("true", "1", "yes")
-        else:
-            try:
-                value = t(value) if t is not bool else None
-            except ValueError:
-                value = None
+    t, v = types[key], value
+    if isinstance(value, str) and t is not str:  # text from the command line
+        bools = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+        try:
+            v = bools.get(value.lower()) if t is bool else t(value)
+        except ValueError:
+            pass
     elif t is float and type(value) is int:
-        value = float(value)
-    if type(value) is not t:
-        raise ConfigError(f"{where}: {key} must be a {t.__name__} (like {getattr(Config, key)!r}), got {value!r}")
-    if key in CHOICES and value not in CHOICES[key]:
-        raise ConfigError(f"{where}: {key}={value!r} is not one of {', '.join(CHOICES[key])}")
-    d[key] = value
-
+        v = float(value)
+    if type(v) is not t:
+        raise ConfigError(f"{where}: expected {t.__name__} for {key} (like {getattr(Config, key)!r}), got {value!r}")
+    if key in CHOICES and v not in CHOICES[key]:
+        raise ConfigError(f"{where}: {key}={v!r} is not one of {', '.join(CHOICES[key])}")
+    d[key] = v
 
 def _read_json(path, what):
     try:
@@ -114,26 +107,21 @@ def _read_json(path, what):
     except (OSError, ValueError) as e:
         raise ConfigError(f"{path}: cannot read the {what} ({e})") from None
 
-
 def parse_config(argv):
     """defaults <- (resume / eval of an out_dir: its config.json) <- JSON file <- --key=value."""
-    files, flags = [], []
-    for a in argv:
-        if not a.startswith("--"):
-            files.append(a)
-        elif "=" not in a:
-            raise ConfigError(f"argument '{a}': use --key=value")
-        else:
-            flags.append(a[2:].partition("=")[::2])
     d, layers = asdict(Config()), {}
-    for f in files:
-        obj = _read_json(f, "config file")
+    for a in argv:  # applied in order, later wins: JSON config files and --key=value
+        if a.startswith("--"):
+            k, eq, v = a[2:].partition("=")
+            if not eq:
+                raise ConfigError(f"argument '{a}': use --key=value")
+            _set(layers, k, v, f"--{k}")
+            continue
+        obj = _read_json(a, "config file")
         if not isinstance(obj, dict):
-            raise ConfigError(f"{f}: a config file is one JSON object {{\"key\": value}}")
+            raise ConfigError(f"{a}: a config file is one JSON object {{\"key\": value}}")
         for k, v in obj.items():
-            _set(layers, k, v, f)
-    for k, v in flags:
-        _set(layers, k, v, f"--{k}")
+            _set(layers, k, v, a)
     d.update(layers)
     # a run directory remembers its config: resume / eval / predict need only --out_dir or --init_from
     run = d["out_dir"] or f"out-{d['task']}" if d["init_from"] == "resume" else d["init_from"]
@@ -156,7 +144,6 @@ def _f1(t, p):
     tp = int((t & p).sum())
     return 2 * tp / (int(t.sum()) + int(p.sum())) if t.any() or p.any() else 0.0
 
-
 def metrics(kind, probs, gold, groups, pos=1):
     """probs [N,K] (a zero row = no prediction), gold [N] label ids, groups [N], pos = the 'Yes'/'True' label id."""
     pred = np.where(probs.max(1) > 0, probs.argmax(1), -1)
@@ -174,9 +161,7 @@ def metrics(kind, probs, gold, groups, pos=1):
         return {"accuracy": float(np.mean([gold[ix[int(np.argmax(probs[ix, pos]))]] == pos for ix in by.values()]))}
     return {"accuracy": acc}
 
-
-def score(val):
-    return float(np.mean(list(val.values())))  # SuperGLUE convention: the mean of a task's metrics
+score = lambda val: float(np.mean(list(val.values())))  # best-model selection: the mean of a task's metrics (SuperGLUE)
 
 # ------------------------------------------------------------------------------------------------------------
 # data: prepare.py's memory-mapped splits. The training order is an endless stream of seeded epoch permutations,
@@ -188,15 +173,12 @@ def load_split(data_dir, split, meta):
         raise ConfigError(f"{idx}: missing; {data_dir} has splits {', '.join(meta['counts'])}")
     return np.memmap(Path(data_dir, f"{split}.bin"), dtype=meta["token_dtype"], mode="r"), np.load(idx)
 
-
 @lru_cache(maxsize=4)
 def _perm(n, seed, epoch):
     return np.random.default_rng([seed, epoch]).permutation(n)
 
-
 def stream(n, seed, start, count):
     return np.array([_perm(n, seed, p // n)[p % n] for p in range(start, start + count)], dtype=np.int64)
-
 
 def make_batch(toks, rows, pad, lm, span, device):
     """rows [B,5] -> right-padded idx, attention mask, x_len, y, lm_targets ([x, r, y] when lm, else x only).
@@ -249,7 +231,6 @@ def class_probs(model, seqs, meta, cot, device, ctx, bs, cot_tokens, tok=None):
     model.train()
     return out
 
-
 def evaluate(model, split, meta, cot, device, ctx, cfg, tok):
     toks, rows = split
     probs = class_probs(model, [toks[s:s + x] for s, x in rows[:, :2]], meta, cot, device, ctx,
@@ -266,21 +247,14 @@ def rng_state():
     return dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 numpy=[n[0], torch.from_numpy(n[1].astype(np.int64)), *n[2:]], python=list(random.getstate()))
 
-
 def set_rng_state(s):
     torch.set_rng_state(s["torch"])
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-    n = s["numpy"]
-    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
+    torch.cuda.set_rng_state_all(s["cuda"]) if s["cuda"] and torch.cuda.is_available() else None
+    np.random.set_state((s["numpy"][0], s["numpy"][1].numpy().astype(np.uint32), *s["numpy"][2:]))
     random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
 
-
-def save_atomic(obj, path):
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
+def save_atomic(obj, path):  # a kill mid-write leaves the previous checkpoint intact
+    torch.save(obj, path.with_name(path.name + ".tmp")), os.replace(path.with_name(path.name + ".tmp"), path)
 
 def export(model, path, meta, cfg):
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
@@ -293,13 +267,39 @@ def export(model, path, meta, cfg):
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
 
-
 def load_exported(folder, device):
     """A dhrd out_dir (its model/) or an exported folder -> (model, its meta.json or None)."""
     folder = Path(folder) / "model" if Path(folder, "model", "config.json").exists() else Path(folder)
     meta = _read_json(folder / "meta.json", "dhrd meta") if (folder / "meta.json").exists() else None
     model = GPT.from_pretrained(folder, **({"pooling": meta["pooling"]} if meta else {}))
     return model.to(device), meta
+
+def predict(model, meta, cot, tok, device, ctx, cfg):
+    """--predict=in.jsonl: rows with "text" (already formatted) or raw task rows (formatted like prepare.py).
+    One output line per input x: {"line", "text", "label", "probs": {label: p}}."""
+    texts, lines = [], []
+    for ln, row in prepare.read_jsonl(cfg.predict):
+        try:
+            xs = [row["text"]] if "text" in row else prepare.format_input(meta["task"], row, meta.get("format", "paper"))
+        except (KeyError, TypeError) as e:
+            raise ConfigError(f"{cfg.predict}:{ln}: not a formatted row (field 'text') nor a raw {meta['task']} row "
+                              f"(missing field {e})") from None
+        texts += xs
+        lines += [ln] * len(xs)
+    bos = [] if meta["bos_id"] is None else [meta["bos_id"]]
+    seqs = [bos + tok.encode(t) for t in texts]
+    for ln, s in zip(lines, seqs):
+        if len(s) > model.config.block_size:
+            raise ConfigError(f"{cfg.predict}:{ln}: {len(s)} tokens, longer than the model's {model.config.block_size}")
+    probs = class_probs(model, seqs, meta, cot, device, ctx, cfg.eval_batch_size, cfg.cot_tokens, tok)
+    out = Path(cfg.predictions or Path(cfg.predict).with_suffix(".pred.jsonl"))
+    with open(out, "w") as f:
+        for ln, t, p in zip(lines, texts, probs):
+            label = meta["labels"][int(p.argmax())] if p.max() > 0 else None
+            f.write(json.dumps({"line": ln, "text": t, "label": label,
+                                "probs": dict(zip(meta["labels"], map(float, p)))}, ensure_ascii=False) + "\n")
+    print(f"dhrd.py: {len(texts)} predictions -> {out}")
+    return out
 
 # ------------------------------------------------------------------------------------------------------------
 
@@ -321,9 +321,8 @@ def main(argv):
     dev_type = "cuda" if device.startswith("cuda") else "cpu"
     dtype = cfg.dtype if cfg.dtype != "auto" else "bfloat16" if dev_type == "cpu" or torch.cuda.is_bf16_supported() else "float16"
     ctx = nullcontext() if dtype == "float32" else torch.autocast(dev_type, dtype=getattr(torch, dtype))
-    torch.manual_seed(cfg.seed + rank)  # per-rank seeds (dropout); DDP broadcasts rank 0's initial weights
-    np.random.seed(cfg.seed + rank)
-    random.seed(cfg.seed + rank)
+    for seed_fn in (torch.manual_seed, np.random.seed, random.seed):  # per rank (dropout); DDP broadcasts rank 0's init
+        seed_fn(cfg.seed + rank)
     out_dir = Path(cfg.out_dir)
 
     # --- model for eval_only / predict: a dhrd out_dir or an exported/HF folder; then the data it was made for
@@ -383,18 +382,13 @@ def main(argv):
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (0.9, 0.95), dev_type)
     scaler = torch.amp.GradScaler(dev_type, enabled=dtype == "float16")
     it, pos, best = 0, 0, {"score": -math.inf, "iter": None, "val": None}
-    if ckpt:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+    if ckpt:  # the lr schedule is a function of `it`; the data order of `pos`; rank 0's RNG streams are restored
+        optimizer.load_state_dict(ckpt["optimizer"]), scaler.load_state_dict(ckpt["scaler"]), set_rng_state(ckpt["rng"])
         it, pos, best = ckpt["iter"], ckpt["data_pos"], ckpt["best"]
-        set_rng_state(ckpt["rng"])
-        torch.manual_seed(cfg.seed + rank + 1000 * it) if rank else None  # other ranks' RNG: reseeded deterministically
-    raw = model
-    if cfg.compile:
-        model = torch.compile(model)
-    if ddp:
-        model = DDP(model, device_ids=[local] if dev_type == "cuda" else None)
-    nparams = sum(p.numel() for p in raw.parameters())
+        torch.manual_seed(cfg.seed + rank + 1000 * it) if rank else None  # other ranks: reseeded deterministically
+    raw = model  # evaluation, checkpoints and export use the plain module
+    model = torch.compile(model) if cfg.compile else model
+    model = DDP(model, device_ids=[local] if dev_type == "cuda" else None) if ddp else model
 
     # --- logs: out_dir/config.json (resolved), log.jsonl (a resumed run drops the lines after its checkpoint)
     log_path, mlf = out_dir / "log.jsonl", None
@@ -403,14 +397,12 @@ def main(argv):
         (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1) + "\n")
         keep = [l for l in log_path.read_text().splitlines() if json.loads(l)["iter"] <= it] if ckpt and log_path.exists() else []
         log_path.write_text("".join(l + "\n" for l in keep))
-        print(f"dhrd.py: {cfg.task} ({meta['counts']}) | {cfg.init_from}: {nparams / 1e6:.2f}M params | {device} {dtype} "
+        print(f"dhrd.py: {cfg.task} ({meta['counts']}) | {cfg.init_from}: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M params | {device} {dtype} "
               f"| world {world} x micro {micro} x batch {cfg.batch_size} | alpha {cfg.alpha} beta {cfg.beta}", flush=True)
-        if cfg.mlflow:
+        if cfg.mlflow:  # optional: never a hard dependency
             try:
-                import mlflow
-                mlf = mlflow
-                mlf.start_run()
-                mlf.log_params(asdict(cfg))
+                import mlflow as mlf
+                mlf.start_run(), mlf.log_params(asdict(cfg))
             except ImportError:
                 print("dhrd.py: --mlflow=True but the mlflow package is not installed; logging to log.jsonl only")
 
@@ -447,9 +439,7 @@ def main(argv):
                 # ONE forward over s = [x, rationale, answer]: pooled logits at x_len, reasoning-head loss on s
                 cls_logits, loss_lm = model(idx, mask, x_len, lm_targets)
                 loss_cls = F.cross_entropy(cls_logits.float(), y)
-                loss = beta_loss = cfg.beta * loss_cls  # paper Eq. 4: L = beta * L_cls + alpha * L_lm
-                if use_lm:
-                    loss = beta_loss + alpha * loss_lm
+                loss = cfg.beta * loss_cls + (alpha * loss_lm if use_lm else 0.0)  # paper Eq. 4: beta L_cls + alpha L_lm
             scaler.scale(loss / micro).backward()
             sums += torch.stack([loss.detach(), loss_cls.detach(), loss_lm.detach() if use_lm else loss.new_zeros(())]).float()
         pos += B * G
@@ -464,9 +454,7 @@ def main(argv):
         if cfg.grad_clip > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        scaler.step(optimizer), scaler.update(), optimizer.zero_grad(set_to_none=True)
         it += 1
         if master and (it % cfg.log_interval == 0 or it == 1):
             dt, t_last = (time.time() - t_last) / (1 if it == 1 else cfg.log_interval), time.time()
@@ -492,38 +480,8 @@ def main(argv):
         (out_dir / "results.json").write_text(json.dumps(res, indent=1) + "\n")
         vals = " ".join(f"{k} {v:.4f}" for k, v in (best["val"] or {}).items())
         print(f"dhrd.py: {cfg.task} val {vals} (best at iter {best['iter']}) in {time.time() - t0:.0f}s -> {out_dir}/results.json")
-        if mlf:
-            mlf.end_run()
+        mlf.end_run() if mlf else None
     return best["val"]
-
-
-def predict(model, meta, cot, tok, device, ctx, cfg):
-    """--predict=in.jsonl: rows with "text" (already formatted) or raw task rows (formatted like prepare.py).
-    One output line per input x: {"line", "text", "label", "probs": {label: p}}."""
-    texts, lines = [], []
-    for ln, row in prepare.read_jsonl(cfg.predict):
-        try:
-            xs = [row["text"]] if "text" in row else prepare.format_input(meta["task"], row, meta.get("format", "paper"))
-        except (KeyError, TypeError) as e:
-            raise ConfigError(f"{cfg.predict}:{ln}: not a formatted row (field 'text') nor a raw {meta['task']} row "
-                              f"(missing field {e})") from None
-        texts += xs
-        lines += [ln] * len(xs)
-    bos = [] if meta["bos_id"] is None else [meta["bos_id"]]
-    seqs = [bos + tok.encode(t) for t in texts]
-    for ln, s in zip(lines, seqs):
-        if len(s) > model.config.block_size:
-            raise ConfigError(f"{cfg.predict}:{ln}: {len(s)} tokens, longer than the model's {model.config.block_size}")
-    probs = class_probs(model, seqs, meta, cot, device, ctx, cfg.eval_batch_size, cfg.cot_tokens, tok)
-    out = Path(cfg.predictions or Path(cfg.predict).with_suffix(".pred.jsonl"))
-    with open(out, "w") as f:
-        for ln, t, p in zip(lines, texts, probs):
-            label = meta["labels"][int(p.argmax())] if p.max() > 0 else None
-            f.write(json.dumps({"line": ln, "text": t, "label": label,
-                                "probs": dict(zip(meta["labels"], map(float, p)))}, ensure_ascii=False) + "\n")
-    print(f"dhrd.py: {len(texts)} predictions -> {out}")
-    return out
-
 
 if __name__ == "__main__":
     try:
