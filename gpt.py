@@ -15,19 +15,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
 class CheckpointError(ValueError):  # a model/tokenizer file that cannot be used; the message names file and problem
     pass
-
 
 class DownloadError(OSError):  # offline, HTTP error, size or checksum mismatch; the message names the URL
     pass
 
-
 def _check(ok, where, msg):  # how bad input is reported: a CheckpointError naming the file and what is wrong
     if not ok:
         raise CheckpointError(f"{where}: {msg}")
-
 
 @dataclass
 class GPTConfig:
@@ -58,7 +54,6 @@ class GPTConfig:
 ACT = {"gelu_new": lambda x: F.gelu(x, approximate="tanh"), "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
        "gelu": F.gelu, "relu": F.relu}
 
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg):
         super().__init__()  # one fused q,k,v matmul (GPT-2 c_attn); OPT's q/k/v_proj are concatenated on load
@@ -80,7 +75,6 @@ class CausalSelfAttention(nn.Module):
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
-
 class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -89,7 +83,6 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.c_proj(self.act(self.c_fc(x)))
-
 
 class Block(nn.Module):
     def __init__(self, cfg):
@@ -104,7 +97,6 @@ class Block(nn.Module):
             return x + self.drop(self.mlp(self.ln_2(x)))
         x = self.ln_1(x + self.drop(self.attn(x, mask, cache, start)))  # opt-350m: post-LN (original Transformer)
         return self.ln_2(x + self.drop(self.mlp(x)))
-
 
 class GPT(nn.Module):
     def __init__(self, config):
@@ -283,7 +275,6 @@ class GPT(nn.Module):
         N = sum(p.numel() for p in self.parameters()) - self.wpe.weight.numel()
         return 6 * N + 12 * self.config.n_layer * self.config.n_embd * T
 
-
 def _sample(logits, temperature, top_p, generator):
     if temperature == 0.0:
         return logits.argmax(-1)
@@ -293,7 +284,6 @@ def _sample(logits, temperature, top_p, generator):
         sp[(sp.cumsum(-1) - sp) > top_p] = 0.0
         probs = torch.zeros_like(probs).scatter_(-1, si, sp)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
-
 
 class _FusedLMLoss(torch.autograd.Function):
     """Head + cross-entropy over chunks of rows with the gradients computed in the same sweep, so only [chunk, V]
@@ -326,7 +316,6 @@ class _FusedLMLoss(torch.autograd.Function):
         gh, gw = ctx.saved_tensors
         return gh * go.to(gh.dtype), (gw * go).to(ctx.w_dtype), None, None, None
 
-
 def fused_lm_loss(h, weight, targets, ignore_index=-100, chunk=1024):
     """Eq. 3: mean cross-entropy of the reasoning head over the N valid targets. h [B,T,D], weight [V,D] (the tied
     LM head), targets [B,T] (ignore_index = no target). Gathers the valid rows first, so padding and ignored
@@ -347,7 +336,6 @@ ST_DTYPES = {"F64": (np.float64, torch.float64), "F32": (np.float32, torch.float
              "I16": (np.int16, torch.int16), "I8": (np.int8, torch.int8), "U8": (np.uint8, torch.uint8),
              "BOOL": (np.bool_, torch.bool)}  # bf16 has no numpy dtype: it travels as int16, viewed in torch
 ST_NAMES = {t: n for n, (_, t) in ST_DTYPES.items()}
-
 
 def read_safetensors(path):
     """-> {name: tensor} (owned copies). Every header field is checked against the file size before anything is
@@ -384,7 +372,6 @@ def read_safetensors(path):
         out[name] = torch.from_numpy(arr.reshape(shape).copy()).view(ST_DTYPES[dtype][1])
     return out
 
-
 def write_safetensors(path, tensors, metadata=None):
     """{name: tensor} -> path, atomically (temporary file + rename); header padded to 8 bytes like the reference."""
     header, off, ts = {}, 0, {k: tensors[k].detach().cpu().contiguous() for k in sorted(tensors)}
@@ -399,7 +386,6 @@ def write_safetensors(path, tensors, metadata=None):
             f.write(t.reshape(-1).view(torch.uint8).numpy().data)
     os.replace(f"{path}.tmp", path)
 
-
 def _shards(index):
     try:
         wmap = json.loads(index.read_text())["weight_map"]
@@ -408,7 +394,6 @@ def _shards(index):
         return wmap, shards
     except (ValueError, KeyError, TypeError, AttributeError, AssertionError) as e:
         raise CheckpointError(f"{index}: not a valid safetensors index (needs a weight_map of plain file names): {e!r}") from None
-
 
 def _read_checkpoint(folder):
     """model.safetensors, or model.safetensors.index.json + its shards -> ({name: tensor}, file name for errors)."""
@@ -449,7 +434,6 @@ HF_CONFIG = {
 }
 ARCH = {"gpt2": ("GPT2LMHeadModel", "GPT2ForSequenceClassification"), "opt": ("OPTForCausalLM", "OPTForSequenceClassification")}
 
-
 def _config_from_hf(file):
     try:
         d = json.loads(Path(file).read_text())
@@ -472,7 +456,6 @@ def _config_from_hf(file):
            f" or activation_function: sizes must be positive ints, hidden size divisible by heads, activation in {list(ACT)}")
     return cfg
 
-
 def _config_to_hf(c, labels=None):
     opt = c.model_type == "opt"
     d = {spec[opt][0]: getattr(c, f) for f, spec in HF_CONFIG.items() if spec[opt] is not None}
@@ -486,7 +469,6 @@ def _config_to_hf(c, labels=None):
         names = list(labels) if labels else [f"LABEL_{i}" for i in range(c.num_labels)]
         d.update(num_labels=c.num_labels, id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
     return d
-
 
 def _weight_map(model):
     """HF name (without the `transformer.` / `model.` prefix) -> (our name, how); how: None, 'T' (GPT-2's Conv1D
@@ -508,7 +490,6 @@ def _weight_map(model):
                              ("fc2", "mlp.c_proj"), ("final_layer_norm", "ln_2")]:
                     m[f"{hf}{a}.{w}"] = (f"{us}{b}.{w}", None)
     return {k: v for k, v in m.items() if v[0] in ours}  # drops project_in / ln_f / biases this config lacks
-
 
 def _hf_to_ours(model, tensors, file):
     wmap, ours = _weight_map(model), dict(model.named_parameters(remove_duplicate=False))
@@ -534,7 +515,6 @@ def _hf_to_ours(model, tensors, file):
            f"missing {missing[:5]} ({len(missing)} in all), unexpected {unexpected[:5]} ({len(unexpected)} in all)")
     return {n: t.contiguous() for n, t in sd.items()}
 
-
 def _ours_to_hf(model):
     sd, prefix = model.state_dict(), "transformer." if model.config.model_type == "gpt2" else "model."
     out = {}
@@ -553,13 +533,11 @@ TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_conf
                    "generation_config.json")
 GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
-
 def bytes_to_unicode():
     """GPT-2's reversible byte -> printable character map (openai/gpt-2 encoder.py)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs + [256 + i for i in range(256 - len(bs))]
     return dict(zip(bs + [b for b in range(256) if b not in bs], map(chr, cs)))
-
 
 class Tokenizer:
     """.encode(str) -> ids, equal to HF's tokenizer with add_special_tokens=False; .decode(ids) -> str; .bos_id (the
@@ -618,7 +596,6 @@ class Tokenizer:
     def decode(self, ids):
         return b"".join(self._bytes[i] for i in ids).decode("utf-8", errors="replace")
 
-
 def load_tokenizer(path_or_name):
     return Tokenizer(resolve_model_dir(path_or_name, weights=False), name=path_or_name)
 
@@ -627,7 +604,6 @@ def load_tokenizer(path_or_name):
 # LFS oid) from {DHRD_HUB_URL}/api/models/{name}/tree/main when the server offers that listing.
 
 HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
-
 
 def resolve_model_dir(path_or_name, weights=True):
     """A local folder as is; a hub name -> DHRD_CACHE/<owner--name>, downloading whatever is missing."""
@@ -663,7 +639,6 @@ def resolve_model_dir(path_or_name, weights=True):
     for s in _shards(index)[1]:
         get(s)
     return cache
-
 
 def download(url, dest, expected_size=None, sha256=None, desc=None):
     """urllib download to dest via dest.part, renamed only once complete and verified; resumes a partial .part
