@@ -6,7 +6,7 @@ hub names with urllib, and builds a tiktoken tokenizer from vocab.json + merges.
 (GPT2LMHeadModel, OPTForCausalLM, *ForSequenceClassification) to 1e-4. Deps: torch, numpy, tiktoken, stdlib.
 """
 import hashlib, inspect, json, math, mmap, os, re, shutil, sys, time, urllib.error, urllib.request
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +66,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))
         if cache is not None:  # preallocated [B, H, T_max, hd] buffers: written in place, never re-concatenated
             if cache[0] is None:
-                cache[0], cache[1] = k.new_empty(B, self.n_head, cache[2], C // self.n_head), k.new_empty(B, self.n_head, cache[2], C // self.n_head)
+                cache[:2] = [k.new_empty(B, self.n_head, cache[2], C // self.n_head) for _ in range(2)]
             cache[0][:, :, start:start + T], cache[1][:, :, start:start + T] = k, v
             k, v = cache[0][:, :, :start + T], cache[1][:, :, :start + T]
         # softmax(q k^T / sqrt(hd)): GPT-2 divides the scores, OPT scales q after q_proj; same maths as SDPA's default
@@ -235,10 +235,7 @@ class GPT(nn.Module):
             _check(num_labels in (None, cfg.num_labels), file, f"the checkpoint's classification head has {cfg.num_labels} "
                    f"labels, not num_labels={num_labels}; drop num_labels or use a checkpoint without `score`")
         cfg.num_labels = cfg.num_labels or num_labels or 0
-        for k, v in overrides.items():
-            if k not in {f.name for f in fields(GPTConfig)}:
-                raise TypeError(f"from_pretrained: unknown override {k!r} (GPTConfig fields only)")
-            setattr(cfg, k, v)
+        cfg = replace(cfg, **overrides)  # unknown fields -> TypeError
         with torch.device("meta"):  # no time spent initialising weights that are overwritten anyway
             model = cls(cfg)
         sd = _hf_to_ours(model, tensors, file)
@@ -402,8 +399,7 @@ def _read_checkpoint(folder):
         return read_safetensors(single), str(single)
     if not index.is_file():
         bins = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
-        raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json" + (
-            f" (found {bins}: pickle checkpoints are never loaded, convert them to safetensors)" if bins else ""))
+        _check(False, folder, f"no model.safetensors or model.safetensors.index.json (found {bins or 'neither'}; pickle is never loaded)")
     (wmap, shards), tensors = _shards(index), {}
     for s in shards:
         _check((folder / s).is_file(), index, f"shard {s} is missing from {folder}")
@@ -533,11 +529,9 @@ TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_conf
                    "generation_config.json")
 GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
-def bytes_to_unicode():
-    """GPT-2's reversible byte -> printable character map (openai/gpt-2 encoder.py)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs + [256 + i for i in range(256 - len(bs))]
-    return dict(zip(bs + [b for b in range(256) if b not in bs], map(chr, cs)))
+def bytes_to_unicode():  # GPT-2's reversible byte -> printable character map (openai/gpt-2 encoder.py)
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    return dict(zip(bs + [b for b in range(256) if b not in bs], map(chr, bs + [256 + i for i in range(256 - len(bs))])))
 
 class Tokenizer:
     """.encode(str) -> ids, equal to HF's tokenizer with add_special_tokens=False; .decode(ids) -> str; .bos_id (the
@@ -559,11 +553,9 @@ class Tokenizer:
         _check(len(order) == 256, folder / "vocab.json", f"has {len(order)} of the 256 byte tokens; not GPT-2 byte-level BPE")
         for ln, line in enumerate(merges, 1):
             if line.strip() and not line.startswith("#version"):
-                pair = line.split(" ")
-                if len(pair) != 2 or pair[0] + pair[1] not in vocab or any(c not in byte_of for c in pair[0] + pair[1]):
-                    raise CheckpointError(f"{folder / 'merges.txt'}:{ln}: expected two byte-level tokens whose merge "
-                                          f"is in vocab.json, got {line!r}")
-                order.append(pair[0] + pair[1])
+                if len(line.split(" ")) != 2 or (m := line.replace(" ", "")) not in vocab or any(c not in byte_of for c in m):
+                    raise CheckpointError(f"{folder / 'merges.txt'}:{ln}: expected two byte-level tokens whose merge is in vocab.json, got {line!r}")
+                order.append(m)
         ranks, rank2id = {}, []
         for s in order:  # rank = merge priority (the first occurrence wins)
             if (b := bytes(byte_of[c] for c in s)) not in ranks:
@@ -580,9 +572,9 @@ class Tokenizer:
         r2i = np.array(rank2id + list(specials.values()), dtype=np.int64)
         self._r2i = None if np.array_equal(r2i, np.arange(len(r2i))) else r2i  # GPT-2: the ranks are the ids
         self.vocab_size = max(full.values()) + 1
-        self._bytes = [b""] * self.vocab_size
+        self._bytes = [b""] * self.vocab_size  # id -> bytes, for decode
         for s, i in full.items():
-            self._bytes[i] = s.encode() if s in specials or any(c not in byte_of for c in s) else bytes(byte_of[c] for c in s)
+            self._bytes[i] = bytes(byte_of[c] for c in s) if s not in specials and all(c in byte_of for c in s) else s.encode()
         tid = lambda k, d: full.get(content(meta[k])) if meta.get(k) else meta.get(k + "_id", d)
         self.eos_id = tid("eos_token", full.get("</s>", full.get("<|endoftext|>")))
         self.pad_id = tid("pad_token", full.get("<pad>"))
@@ -656,11 +648,9 @@ def download(url, dest, expected_size=None, sha256=None, desc=None):
                     have = f.truncate(0)
                 total = (have + int(r.headers.get("Content-Length") or 0)) / 1e6
                 while chunk := r.read(1 << 20):
-                    have += f.write(chunk)
-                    if time.time() - last > 0.5:
+                    if (have := have + f.write(chunk)) and time.time() - last > 0.5:
                         last = time.time()
-                        print(f"\r{desc or url}: {have / 1e6:.1f}/{total:.1f} MB, {have / 1e6 / (last - t0 + 1e-9):.1f} MB/s",
-                              end="", file=sys.stderr, flush=True)
+                        print(f"\r{desc or url}: {have / 1e6:.1f}/{total:.1f} MB", end="", file=sys.stderr, flush=True)
             print(f"\r{desc or url}: {have / 1e6:.1f} MB done", file=sys.stderr)
         except urllib.error.HTTPError as e:
             if not (e.code == 416 and have):  # 416 on a resume: the .part is already complete

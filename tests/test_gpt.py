@@ -165,7 +165,6 @@ def test_gpt_tokenizer_matches_transformers():
         for c in cases["cases"]:
             assert tok.encode(c["text"]) == c[name], (name, c["text"])
             assert tok.decode(c[name]) == c["text"]
-        assert tok.encode_batch([c["text"] for c in cases["cases"]]) == [c[name] for c in cases["cases"]]
 
 # -- bad input --------------------------------------------------------------------------------
 
@@ -230,7 +229,7 @@ def test_gpt_bad_checkpoints(tmp_path):
         GPT.from_pretrained(d)
     (d / "model.safetensors").unlink()
     (d / "pytorch_model.bin").write_bytes(b"pickle")
-    with pytest.raises(CheckpointError, match="pickle"):
+    with pytest.raises(CheckpointError, match="pickle is never loaded"):
         GPT.from_pretrained(d)
     for text, msg in [('{"model_type": "llama"}', "model_type 'llama' is not supported"), ("{nope", "not a JSON"),
                       ('{"model_type": "gpt2", "n_embd": 30, "n_head": 4}', "invalid field"),
