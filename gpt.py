@@ -251,7 +251,11 @@ class GPT(nn.Module):
         """HF layout (config.json + model.safetensors + the source folder's tokenizer files) that transformers'
         AutoModelForCausalLM and, for a linear head, AutoModelForSequenceClassification load unchanged."""
         (path := Path(path)).mkdir(parents=True, exist_ok=True)
-        write_safetensors(path / "model.safetensors", _ours_to_hf(self))
+        sd, prefix = self.state_dict(), "transformer." if self.config.model_type == "gpt2" else "model."
+        write_safetensors(path / "model.safetensors", {
+            hf if hf.startswith(("lm_head", "score")) else prefix + hf:
+            (sd[name].t() if how == "T" else sd[name].chunk(3)[how] if isinstance(how, int) else sd[name]).contiguous()
+            for hf, (name, how) in _weight_map(self).items()})
         (path / "config.json.tmp").write_text(json.dumps(_config_to_hf(self.config, labels), indent=2))
         os.replace(path / "config.json.tmp", path / "config.json")
         src = Path(getattr(self, "source_dir", path))
@@ -408,26 +412,18 @@ def _read_checkpoint(folder):
     return tensors, str(index)
 
 # ---------------------------------------------------------------------------------------------------------------
-# HF config.json <-> GPTConfig: one table for both directions and both architectures.
-# our field -> (GPT2Config name, default), (OPTConfig name, default); None = not in that config.
+# HF config.json <-> GPTConfig: our field -> (config.json name, transformers' default), per model_type.
 
-HF_CONFIG = {
-    "vocab_size": (("vocab_size", 50257), ("vocab_size", 50272)),
-    "block_size": (("n_positions", 1024), ("max_position_embeddings", 2048)),
-    "n_layer": (("n_layer", 12), ("num_hidden_layers", 12)),
-    "n_head": (("n_head", 12), ("num_attention_heads", 12)),
-    "n_embd": (("n_embd", 768), ("hidden_size", 768)),
-    "n_inner": (("n_inner", None), ("ffn_dim", 3072)),
-    "word_embed_proj_dim": (None, ("word_embed_proj_dim", None)),
-    "pre_ln": (None, ("do_layer_norm_before", True)),
-    "activation": (("activation_function", "gelu_new"), ("activation_function", "relu")),
-    "layer_norm_eps": (("layer_norm_epsilon", 1e-5), None),
-    "bias": (None, ("enable_bias", True)),
-    "tie_word_embeddings": (("tie_word_embeddings", True), ("tie_word_embeddings", True)),
-    "bos_token_id": (("bos_token_id", None), ("bos_token_id", 2)),
-    "eos_token_id": (("eos_token_id", None), ("eos_token_id", 2)),
-    "pad_token_id": (("pad_token_id", None), ("pad_token_id", 1)),
-}
+HF_KEYS = {
+    "gpt2": dict(vocab_size=("vocab_size", 50257), block_size=("n_positions", 1024), n_layer=("n_layer", 12), n_head=("n_head", 12),
+                 n_embd=("n_embd", 768), n_inner=("n_inner", None), activation=("activation_function", "gelu_new"),
+                 layer_norm_eps=("layer_norm_epsilon", 1e-5), tie_word_embeddings=("tie_word_embeddings", True),
+                 bos_token_id=("bos_token_id", 50256), eos_token_id=("eos_token_id", 50256), pad_token_id=("pad_token_id", None)),
+    "opt": dict(vocab_size=("vocab_size", 50272), block_size=("max_position_embeddings", 2048), n_layer=("num_hidden_layers", 12),
+                n_head=("num_attention_heads", 12), n_embd=("hidden_size", 768), n_inner=("ffn_dim", 3072),
+                word_embed_proj_dim=("word_embed_proj_dim", None), pre_ln=("do_layer_norm_before", True),
+                activation=("activation_function", "relu"), bias=("enable_bias", True), tie_word_embeddings=("tie_word_embeddings", True),
+                bos_token_id=("bos_token_id", 2), eos_token_id=("eos_token_id", 2), pad_token_id=("pad_token_id", 1))}
 ARCH = {"gpt2": ("GPT2LMHeadModel", "GPT2ForSequenceClassification"), "opt": ("OPTForCausalLM", "OPTForSequenceClassification")}
 
 def _config_from_hf(file):
@@ -438,23 +434,21 @@ def _config_from_hf(file):
         raise CheckpointError(f"{file}: missing; a model folder needs config.json (HF layout)") from None
     except (ValueError, AssertionError) as e:
         raise CheckpointError(f"{file}: not a JSON object ({e})") from None
-    _check(d.get("model_type") in ARCH, file, f"model_type {d.get('model_type')!r} is not supported (supported: 'gpt2', 'opt')")
-    opt, ours = d["model_type"] == "opt", d.get("dhrd", {})  # ours: the head settings HF has no field for
-    cfg = GPTConfig(model_type=d["model_type"], head=ours.get("head", "linear"), pooling=ours.get("pooling", "last"))
-    for field, spec in HF_CONFIG.items():
-        if spec[opt] is not None:
-            setattr(cfg, field, d.get(*spec[opt]))
+    _check((mt := d.get("model_type")) in ARCH, file, f"model_type {mt!r} is not supported (supported: 'gpt2', 'opt')")
+    ours = d.get("dhrd", {})  # the head settings HF has no field for
+    cfg = GPTConfig(mt, head=ours.get("head", "linear"), pooling=ours.get("pooling", "last"),
+                    **{k: d.get(*v) for k, v in HF_KEYS[mt].items()})
     cfg.n_inner = cfg.n_inner or 0
     cfg.word_embed_proj_dim = 0 if cfg.word_embed_proj_dim in (None, cfg.n_embd) else cfg.word_embed_proj_dim
     sizes = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_inner", "word_embed_proj_dim")
-    bad = [HF_CONFIG[k][opt][0] for k in sizes if not isinstance(getattr(cfg, k), int) or getattr(cfg, k) < (k in sizes[:5])]
+    bad = [HF_KEYS[mt].get(k, (k,))[0] for k in sizes if not isinstance(getattr(cfg, k), int) or getattr(cfg, k) < (k in sizes[:5])]
     _check(not bad and cfg.n_embd % cfg.n_head == 0 and cfg.activation in list(ACT), file, f"invalid field(s) {bad or 'heads'}"
            f" or activation_function: sizes must be positive ints, hidden size divisible by heads, activation in {list(ACT)}")
     return cfg
 
 def _config_to_hf(c, labels=None):
     opt = c.model_type == "opt"
-    d = {spec[opt][0]: getattr(c, f) for f, spec in HF_CONFIG.items() if spec[opt] is not None}
+    d = {name: getattr(c, k) for k, (name, _) in HF_KEYS[c.model_type].items()}
     d.update(ffn_dim=c.n_inner or 4 * c.n_embd, word_embed_proj_dim=c.word_embed_proj_dim or c.n_embd) if opt else \
         d.update(n_inner=c.n_inner or None)
     drop = ("dropout", "attention_dropout") if opt else ("resid_pdrop", "embd_pdrop", "attn_pdrop")
@@ -510,14 +504,6 @@ def _hf_to_ours(model, tensors, file):
     _check(not (unexpected or missing), file, f"tensors do not match a {model.config.model_type} model with this config.json: "
            f"missing {missing[:5]} ({len(missing)} in all), unexpected {unexpected[:5]} ({len(unexpected)} in all)")
     return {n: t.contiguous() for n, t in sd.items()}
-
-def _ours_to_hf(model):
-    sd, prefix = model.state_dict(), "transformer." if model.config.model_type == "gpt2" else "model."
-    out = {}
-    for hf, (name, how) in _weight_map(model).items():
-        t = sd[name].t() if how == "T" else sd[name].chunk(3)[how] if isinstance(how, int) else sd[name]
-        out[hf if hf.startswith(("lm_head", "score")) else prefix + hf] = t.contiguous()
-    return out
 
 # ---------------------------------------------------------------------------------------------------------------
 # Tokenizer: GPT-2's byte-level BPE (Radford et al. 2019) as a tiktoken Encoding built from vocab.json + merges.txt.
@@ -635,7 +621,7 @@ def resolve_model_dir(path_or_name, weights=True):
 def download(url, dest, expected_size=None, sha256=None, desc=None):
     """urllib download to dest via dest.part, renamed only once complete and verified; resumes a partial .part
     with an HTTP Range request; progress on stderr. Raises DownloadError naming the URL."""
-    dest, t0, last = Path(dest), time.time(), 0.0
+    dest, last = Path(dest), 0.0
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     have = part.stat().st_size if part.exists() else 0
