@@ -329,9 +329,8 @@ def fused_lm_loss(h, weight, targets, ignore_index=-100, chunk=1024):
 # shape, data_offsets: [begin, end]}} (offsets into the data after the header), then the raw little-endian bytes.
 
 ST_DTYPES = {"F64": (np.float64, torch.float64), "F32": (np.float32, torch.float32), "F16": (np.float16, torch.float16),
-             "BF16": (np.int16, torch.bfloat16), "I64": (np.int64, torch.int64), "I32": (np.int32, torch.int32),
-             "I16": (np.int16, torch.int16), "I8": (np.int8, torch.int8), "U8": (np.uint8, torch.uint8),
-             "BOOL": (np.bool_, torch.bool)}  # bf16 has no numpy dtype: it travels as int16, viewed in torch
+             "BF16": (np.int16, torch.bfloat16), "I64": (np.int64, torch.int64), "I32": (np.int32, torch.int32), "I16": (np.int16,
+             torch.int16), "I8": (np.int8, torch.int8), "U8": (np.uint8, torch.uint8), "BOOL": (np.bool_, torch.bool)}  # bf16: as int16
 ST_NAMES = {t: n for n, (_, t) in ST_DTYPES.items()}
 
 def read_safetensors(path):
@@ -369,13 +368,13 @@ def read_safetensors(path):
         out[name] = torch.from_numpy(arr.reshape(shape).copy()).view(ST_DTYPES[dtype][1])
     return out
 
-def write_safetensors(path, tensors, metadata=None):
+def write_safetensors(path, tensors):
     """{name: tensor} -> path, atomically (temporary file + rename); header padded to 8 bytes like the reference."""
     header, off, ts = {}, 0, {k: tensors[k].detach().cpu().contiguous() for k in sorted(tensors)}
     for name, t in ts.items():
         header[name] = {"dtype": ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + t.nbytes]}
         off += t.nbytes
-    h = json.dumps({**header, "__metadata__": {"format": "pt", **(metadata or {})}}, separators=(",", ":")).encode()
+    h = json.dumps({**header, "__metadata__": {"format": "pt"}}, separators=(",", ":")).encode()
     h += b" " * (-len(h) % 8)
     with open(f"{path}.tmp", "wb") as f:
         f.write(len(h).to_bytes(8, "little") + h)
