@@ -102,7 +102,7 @@ class GPT(nn.Module):
         _check(cfg.model_type in ("gpt2", "opt") and cfg.head in ("linear", "mlp") and cfg.pooling in ("last", "mean"), "GPTConfig",
                f"model_type {cfg.model_type!r}, head {cfg.head!r}, pooling {cfg.pooling!r} must be gpt2|opt, linear|mlp, last|mean")
         D = cfg.word_embed_proj_dim or cfg.n_embd  # OPT-350m embeds tokens in 512 dims, its blocks run in 1024
-        self.pos_offset = 0  # OPT's position table starts at row 2 (fairseq)
+        self.pos_offset = 2 if cfg.model_type == "opt" else 0  # OPT's position table starts at row 2 (fairseq)
         self.wte, self.wpe = nn.Embedding(cfg.vocab_size, D), nn.Embedding(cfg.block_size + self.pos_offset, cfg.n_embd)
         self.project_in = nn.Linear(D, cfg.n_embd, bias=False) if D != cfg.n_embd else None
         self.drop, self.h = nn.Dropout(cfg.dropout), nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
