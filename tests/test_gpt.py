@@ -166,6 +166,19 @@ def test_gpt_tokenizer_matches_transformers():
             assert tok.encode(c["text"]) == c[name], (name, c["text"])
             assert tok.decode(c[name]) == c["text"]
 
+def test_gpt_bad_tokenizer_files(tmp_path):
+    d = _gpt_copy(tmp_path, "tok_gpt2")
+    lines = (d / "merges.txt").read_text(encoding="utf-8").splitlines()
+    (d / "merges.txt").write_text("\n".join(lines[:3] + ["a b c"] + lines[4:]), encoding="utf-8")
+    with pytest.raises(CheckpointError, match=r"merges.txt:4: .*'a b c'"):
+        load_tokenizer(d)
+    (d / "vocab.json").write_text("{bad")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_tokenizer(d)
+    (d / "vocab.json").unlink()
+    with pytest.raises(CheckpointError, match="vocab.json: missing"):
+        load_tokenizer(d)
+
 # -- bad input --------------------------------------------------------------------------------
 
 
