@@ -252,7 +252,8 @@ class GPT(nn.Module):
             hf if hf.startswith(("lm_head", "score")) else prefix + hf:
             (sd[name].t() if how == "T" else sd[name].chunk(3)[how] if isinstance(how, int) else sd[name]).contiguous()
             for hf, (name, how) in _weight_map(self).items()})
-        (path / "config.json.tmp").write_text(json.dumps(_config_to_hf(self.config, labels), indent=2))
+        hf_cfg = {**_config_to_hf(self.config, labels), "torch_dtype": str(self.wte.weight.dtype).removeprefix("torch.")}
+        (path / "config.json.tmp").write_text(json.dumps(hf_cfg, indent=2))
         os.replace(path / "config.json.tmp", path / "config.json")
         src = Path(getattr(self, "source_dir", path))
         for f in TOKENIZER_FILES:
@@ -447,7 +448,7 @@ def _config_to_hf(c, labels=None):
     d.update(ffn_dim=c.n_inner or 4 * c.n_embd, word_embed_proj_dim=c.word_embed_proj_dim or c.n_embd) if opt else \
         d.update(n_inner=c.n_inner or None)
     drop = ("dropout", "attention_dropout") if opt else ("resid_pdrop", "embd_pdrop", "attn_pdrop")
-    d.update({k: c.dropout for k in drop}, model_type=c.model_type, torch_dtype="float32",
+    d.update({k: c.dropout for k in drop}, model_type=c.model_type,
              architectures=[ARCH[c.model_type][bool(c.num_labels and c.head == "linear")]],
              dhrd={"head": c.head, "pooling": c.pooling})
     if c.num_labels:
