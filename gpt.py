@@ -536,7 +536,8 @@ class Tokenizer:
         for ln, line in enumerate(merges, 1):
             if line.strip() and not line.startswith("#version"):
                 if len(line.split(" ")) != 2 or (m := line.replace(" ", "")) not in vocab or any(c not in byte_of for c in m):
-                    raise CheckpointError(f"{folder / 'merges.txt'}:{ln}: expected two byte-level tokens whose merge is in vocab.json, got {line!r}")
+                    raise CheckpointError(f"{folder / 'merges.txt'}:{ln}: expected two byte-level tokens whose merge is in "
+                                          f"vocab.json, got {line!r}")
                 order.append(m)
         ranks, rank2id = {}, []
         for s in order:  # rank = merge priority (the first occurrence wins)
