@@ -365,5 +365,5 @@ def test_gpt_hub_names_resolve_into_cache(_gpt_server, tmp_path, monkeypatch):
         _GPTHandler.files[f"/tiny/pickle/resolve/main/{f}"] = (FIX / "gpt2" / f).read_bytes()
     with pytest.raises(CheckpointError, match="no model.safetensors"):
         GPT.from_pretrained("tiny/pickle")
-    with pytest.raises(DownloadError, match="404"):
+    with pytest.raises(CheckpointError, match="tiny/absent: no such local folder.*404"):
         GPT.from_pretrained("tiny/absent")
