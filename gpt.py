@@ -2,7 +2,7 @@
 head on the last token of the input x and the (tied) LM head as the reasoning head, trained in ONE forward pass (Eq. 4).
 Reads/writes Hugging Face folders with its own safetensors code (no pickle), downloads hub names with urllib, builds a
 tiktoken tokenizer from vocab.json + merges.txt; matches transformers to 1e-4. Deps: torch, numpy, tiktoken, stdlib."""
-import hashlib, json, math, mmap, os, re, shutil, sys, time, urllib.error, urllib.request
+import hashlib, json, math, os, re, shutil, sys, time, urllib.error, urllib.request
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -351,7 +351,6 @@ def read_safetensors(path):
             assert isinstance(header, dict)
         except (ValueError, AssertionError) as e:
             raise CheckpointError(f"{path}: the safetensors header is not a JSON object ({e})") from None
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     header.pop("__metadata__", None)
     spans = []
     for name, info in header.items():
@@ -367,11 +366,9 @@ def read_safetensors(path):
         spans.append((b, e, name, dtype, shape))
     for (_, e0, n0, *_), (b1, e1, n1, *_) in zip(sorted(spans), sorted(spans)[1:]):
         _check(b1 >= min(e0, e1), path, f"tensors {n0!r} and {n1!r} overlap (byte {b1})")
-    out = {}
-    for b, e, name, dtype, shape in spans:
-        arr = np.frombuffer(mm, dtype=ST_DTYPES[dtype][0], count=math.prod(shape), offset=8 + n + b)
-        out[name] = torch.from_numpy(arr.reshape(shape).copy()).view(ST_DTYPES[dtype][1])
-    return out
+    return {name: torch.from_numpy(  # np.fromfile reads straight into an owned array: one copy in memory, no mmap to pin
+        np.fromfile(path, dtype=ST_DTYPES[dtype][0], count=math.prod(shape), offset=8 + n + b).reshape(shape)).view(ST_DTYPES[dtype][1])
+        for b, e, name, dtype, shape in spans}
 
 def write_safetensors(path, tensors):
     """{name: tensor} -> path, atomically (temporary file + rename); header padded to 8 bytes like the reference."""
