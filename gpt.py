@@ -364,8 +364,10 @@ def read_safetensors(path):
         _check(math.prod(shape) * np.dtype(ST_DTYPES[dtype][0]).itemsize == e - b, path,
                f"tensor {name!r} of shape {shape} and dtype {dtype} does not fit its {e - b} bytes")
         spans.append((b, e, name, dtype, shape))
-    for (_, e0, n0, *_), (b1, e1, n1, *_) in zip(sorted(spans), sorted(spans)[1:]):
-        _check(b1 >= min(e0, e1), path, f"tensors {n0!r} and {n1!r} overlap (byte {b1})")
+    end = 0
+    for b, e, name, *_ in sorted(spans):
+        _check(b >= end or b == e, path, f"tensor {name!r} overlaps an earlier tensor (byte {b})")
+        end = max(end, e)
     return {name: torch.from_numpy(  # np.fromfile reads straight into an owned array: one copy in memory, no mmap to pin
         np.fromfile(path, dtype=ST_DTYPES[dtype][0], count=math.prod(shape), offset=8 + n + b).reshape(shape)).view(ST_DTYPES[dtype][1])
         for b, e, name, dtype, shape in spans}
