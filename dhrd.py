@@ -9,13 +9,11 @@ At test time only the pooled head runs: one forward pass over x, no decoding.
     python dhrd.py --init_from=resume --out_dir=out-cb      # continue after an interruption
     python dhrd.py --init_from=out-cb --eval_only=True
     python dhrd.py --init_from=out-cb --predict=inputs.jsonl --predictions=preds.jsonl
-
-Config: the defaults below <- an optional JSON file (positional argument) <- --key=value. Data: prepare.py.
+Config: the defaults below <- JSON config files (positional) <- --key=value. Data: prepare.py.
 """
 import difflib, json, math, os, random, shutil, sys, time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -48,9 +46,7 @@ class Config:
     pooling: str = "last"           # 'last' real token of x (paper) | 'mean' over x
     cot_tokens: int = 128           # beta=0: max new tokens when decoding reasoning + answer at eval
     # the scratch model (sized for synth)
-    n_layer: int = 2
-    n_head: int = 4
-    n_embd: int = 128
+    n_layer: int = 2; n_head: int = 4; n_embd: int = 256  # noqa: E702  (n_embd 128: too small for the LM + pooled head)
     dropout: float = 0.0
     # optimisation
     batch_size: int = 32            # per-process micro-batch
@@ -72,9 +68,8 @@ class Config:
     compile: bool = False
 
 
-CHOICES = dict(alpha_schedule=("constant", "linear"), lm_targets=("all", "rationale"), head=("linear", "mlp"),
-               pooling=("last", "mean"), lr_decay=("cosine", "linear"),
-               dtype=("auto", "float32", "bfloat16", "float16"), eval_split=("train", "val", "test"))
+CHOICES = dict(alpha_schedule=("constant", "linear"), lm_targets=("all", "rationale"), head=("linear", "mlp"), pooling=(
+    "last", "mean"), lr_decay=("cosine", "linear"), dtype=("auto", "float32", "bfloat16", "float16"), eval_split=prepare.SPLITS)
 
 class ConfigError(ValueError):
     """A bad key/value, file or run state; the message says which and how to fix it."""
@@ -88,13 +83,11 @@ def _set(d, key, value, where):
                           + f" (keys: {', '.join(types)})")
     t, v = types[key], value
     if isinstance(value, str) and t is not str:  # text from the command line
-        bools = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
         try:
-            v = bools.get(value.lower()) if t is bool else t(value)
+            v = {"true": True, "1": True, "false": False, "0": False}.get(value.lower()) if t is bool else t(value)
         except ValueError:
             pass
-    elif t is float and type(value) is int:
-        v = float(value)
+    v = float(v) if t is float and type(v) is int else v
     if type(v) is not t:
         raise ConfigError(f"{where}: expected {t.__name__} for {key} (like {getattr(Config, key)!r}), got {value!r}")
     if key in CHOICES and v not in CHOICES[key]:
@@ -111,17 +104,14 @@ def parse_config(argv):
     """defaults <- (resume / eval of an out_dir: its config.json) <- JSON file <- --key=value."""
     d, layers = asdict(Config()), {}
     for a in argv:  # applied in order, later wins: JSON config files and --key=value
-        if a.startswith("--"):
-            k, eq, v = a[2:].partition("=")
-            if not eq:
-                raise ConfigError(f"argument '{a}': use --key=value")
-            _set(layers, k, v, f"--{k}")
-            continue
-        obj = _read_json(a, "config file")
+        flag, (k, eq, v) = a.startswith("--"), a[2:].partition("=")
+        if flag and not eq:
+            raise ConfigError(f"argument '{a}': use --key=value")
+        obj = {k: v} if flag else _read_json(a, "config file")
         if not isinstance(obj, dict):
             raise ConfigError(f"{a}: a config file is one JSON object {{\"key\": value}}")
         for k, v in obj.items():
-            _set(layers, k, v, a)
+            _set(layers, k, v, f"--{k}" if flag else a)
     d.update(layers)
     # a run directory remembers its config: resume / eval / predict need only --out_dir or --init_from
     run = d["out_dir"] or f"out-{d['task']}" if d["init_from"] == "resume" else d["init_from"]
@@ -132,7 +122,7 @@ def parse_config(argv):
         d["out_dir"] = d["out_dir"] if "out_dir" in layers or d["init_from"] == "resume" else run
     d["data_dir"] = d["data_dir"] or f"data/{d['task']}"
     d["out_dir"] = d["out_dir"] or f"out-{d['task']}"
-    if d["gradient_accumulation_steps"] < 1 or d["batch_size"] < 1 or d["eval_interval"] < 1 or d["log_interval"] < 1:
+    if min(d["gradient_accumulation_steps"], d["batch_size"], d["eval_interval"], d["log_interval"]) < 1:
         raise ConfigError("batch_size, gradient_accumulation_steps, eval_interval and log_interval must be >= 1")
     return Config(**d)
 
@@ -140,28 +130,22 @@ def parse_config(argv):
 # official metrics (SuperGLUE): accuracy; CB macro-F1 + accuracy; MultiRC F1 over all answers (F1a) + exact
 # match per question; COPA: per pair, the alternative with the higher P(Yes). An unparsed CoT answer = -1 (wrong).
 
-def _f1(t, p):
-    tp = int((t & p).sum())
-    return 2 * tp / (int(t.sum()) + int(p.sum())) if t.any() or p.any() else 0.0
+def _f1(t, p):  # binary F1 of boolean arrays
+    return 2 * int((t & p).sum()) / (int(t.sum()) + int(p.sum())) if t.any() or p.any() else 0.0
 
 def metrics(kind, probs, gold, groups, pos=1):
     """probs [N,K] (a zero row = no prediction), gold [N] label ids, groups [N], pos = the 'Yes'/'True' label id."""
     pred = np.where(probs.max(1) > 0, probs.argmax(1), -1)
     acc = float((pred == gold).mean())
     if kind == "cb":  # macro-F1 over the classes seen in gold or predictions (sklearn's 'macro', SuperGLUE)
-        cls = sorted(set(gold.tolist()) | set(pred.tolist()) - {-1})
+        cls = sorted((set(gold.tolist()) | set(pred.tolist())) - {-1})
         return {"f1": float(np.mean([_f1(gold == c, pred == c) for c in cls])), "accuracy": acc}
-    by = {}
-    for i, g in enumerate(groups.tolist()):
-        by.setdefault(g, []).append(i)
+    by = {g: np.flatnonzero(groups == g) for g in np.unique(groups)}  # MultiRC: question, COPA: pair
     if kind == "multirc":
-        em = np.mean([all(pred[i] == gold[i] for i in ix) for ix in by.values()])
-        return {"f1a": _f1(gold == pos, pred == pos), "em": float(em)}
+        return {"f1a": _f1(gold == pos, pred == pos), "em": float(np.mean([(pred[ix] == gold[ix]).all() for ix in by.values()]))}
     if kind == "copa":
         return {"accuracy": float(np.mean([gold[ix[int(np.argmax(probs[ix, pos]))]] == pos for ix in by.values()]))}
     return {"accuracy": acc}
-
-score = lambda val: float(np.mean(list(val.values())))  # best-model selection: the mean of a task's metrics (SuperGLUE)
 
 # ------------------------------------------------------------------------------------------------------------
 # data: prepare.py's memory-mapped splits. The training order is an endless stream of seeded epoch permutations,
@@ -173,12 +157,11 @@ def load_split(data_dir, split, meta):
         raise ConfigError(f"{idx}: missing; {data_dir} has splits {', '.join(meta['counts'])}")
     return np.memmap(Path(data_dir, f"{split}.bin"), dtype=meta["token_dtype"], mode="r"), np.load(idx)
 
-@lru_cache(maxsize=4)
-def _perm(n, seed, epoch):
-    return np.random.default_rng([seed, epoch]).permutation(n)
-
 def stream(n, seed, start, count):
-    return np.array([_perm(n, seed, p // n)[p % n] for p in range(start, start + count)], dtype=np.int64)
+    """Example ids at positions [start, start + count) of an endless stream of seeded epoch permutations of n."""
+    first = start // n
+    perms = [np.random.default_rng([seed, e]).permutation(n) for e in range(first, (start + count - 1) // n + 1)]
+    return np.concatenate(perms)[start - first * n:start - first * n + count]
 
 def make_batch(toks, rows, pad, lm, span, device):
     """rows [B,5] -> right-padded idx, attention mask, x_len, y, lm_targets ([x, r, y] when lm, else x only).
@@ -187,8 +170,7 @@ def make_batch(toks, rows, pad, lm, span, device):
     ids = np.full((len(rows), int(ends.max())), pad, dtype=np.int64)
     for b, (s, e) in enumerate(zip(rows[:, 0], ends)):
         ids[b, :e] = toks[s:s + e]
-    t = np.arange(ids.shape[1])[None]
-    tgt = None
+    t, tgt = np.arange(ids.shape[1])[None], None
     if lm:
         first = 0 if span == "all" else rows[:, 1:2] - 1  # the last x token predicts the first rationale token
         tgt = np.full_like(ids, -100)
@@ -204,9 +186,8 @@ def make_batch(toks, rows, pad, lm, span, device):
 @torch.no_grad()
 def class_probs(model, seqs, meta, cot, device, ctx, bs, cot_tokens, tok=None):
     model.eval()
-    K, pad = len(meta["labels"]), meta["pad_id"] if meta["pad_id"] is not None else 0
+    pad, out = meta["pad_id"] if meta["pad_id"] is not None else 0, np.zeros((len(seqs), len(meta["labels"])))
     verbal = {v: i for i, v in enumerate(meta["verbalizers"][l] for l in meta["labels"])}
-    out = np.zeros((len(seqs), K))
     order = np.argsort([len(s) for s in seqs], kind="stable")
     for i in range(0, len(seqs), bs):
         chunk = order[i:i + bs]
@@ -222,9 +203,8 @@ def class_probs(model, seqs, meta, cot, device, ctx, bs, cot_tokens, tok=None):
                 continue
             new = min(cot_tokens, model.config.block_size - L)
             gen = model.generate(ids, new, eos_token_id=meta["eos_id"], attention_mask=mask)[:, L:].tolist()
-        for b, j in enumerate(chunk):
-            g = gen[b][:gen[b].index(meta["eos_id"])] if meta["eos_id"] in gen[b] else gen[b]
-            text = tok.decode(g)
+        for b, j in enumerate(chunk):  # the label word after the last "\nFinal Answer:\n" (paper App. E.2)
+            text = tok.decode(gen[b][:gen[b].index(meta["eos_id"])] if meta["eos_id"] in gen[b] else gen[b])
             y = text.rsplit(prepare.SUFFIX_Y, 1)[1].strip() if prepare.SUFFIX_Y in text else None
             if y in verbal:
                 out[j, verbal[y]] = 1.0
@@ -256,69 +236,53 @@ def set_rng_state(s):
 def save_atomic(obj, path):  # a kill mid-write leaves the previous checkpoint intact
     torch.save(obj, path.with_name(path.name + ".tmp")), os.replace(path.with_name(path.name + ".tmp"), path)
 
-def export(model, path, meta, cfg):
+def export(model, path, meta, cfg):  # written aside, then swapped in by renames
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, labels=meta["labels"])
-    info = {**meta, "eval": "cot" if cfg.beta == 0 else "pooled", "pooling": cfg.pooling}
+    info = {**meta, "eval": "cot" if cfg.beta == 0 else "pooled", "pooling": cfg.pooling}  # what predict needs
     (tmp / "meta.json").write_text(json.dumps(info, indent=1, ensure_ascii=False) + "\n")
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-
-def load_exported(folder, device):
-    """A dhrd out_dir (its model/) or an exported folder -> (model, its meta.json or None)."""
-    folder = Path(folder) / "model" if Path(folder, "model", "config.json").exists() else Path(folder)
-    meta = _read_json(folder / "meta.json", "dhrd meta") if (folder / "meta.json").exists() else None
-    model = GPT.from_pretrained(folder, **({"pooling": meta["pooling"]} if meta else {}))
-    return model.to(device), meta
+    os.replace(path, old) if path.exists() else None
+    os.replace(tmp, path), shutil.rmtree(old, ignore_errors=True)
 
 def predict(model, meta, cot, tok, device, ctx, cfg):
-    """--predict=in.jsonl: rows with "text" (already formatted) or raw task rows (formatted like prepare.py).
-    One output line per input x: {"line", "text", "label", "probs": {label: p}}."""
-    texts, lines = [], []
+    """Rows with "text" (a formatted x) or raw task rows (formatted like prepare.py) -> {"line", "text", "label", "probs"}."""
+    texts, lines, bos = [], [], [] if meta["bos_id"] is None else [meta["bos_id"]]
     for ln, row in prepare.read_jsonl(cfg.predict):
         try:
             xs = [row["text"]] if "text" in row else prepare.format_input(meta["task"], row, meta.get("format", "paper"))
         except (KeyError, TypeError) as e:
             raise ConfigError(f"{cfg.predict}:{ln}: not a formatted row (field 'text') nor a raw {meta['task']} row "
                               f"(missing field {e})") from None
-        texts += xs
-        lines += [ln] * len(xs)
-    bos = [] if meta["bos_id"] is None else [meta["bos_id"]]
+        texts, lines = texts + xs, lines + [ln] * len(xs)
     seqs = [bos + tok.encode(t) for t in texts]
-    for ln, s in zip(lines, seqs):
-        if len(s) > model.config.block_size:
-            raise ConfigError(f"{cfg.predict}:{ln}: {len(s)} tokens, longer than the model's {model.config.block_size}")
+    too_long = next((ln for ln, s in zip(lines, seqs) if len(s) > model.config.block_size), None)
+    if too_long:
+        raise ConfigError(f"{cfg.predict}:{too_long}: longer than the model's {model.config.block_size} tokens")
     probs = class_probs(model, seqs, meta, cot, device, ctx, cfg.eval_batch_size, cfg.cot_tokens, tok)
     out = Path(cfg.predictions or Path(cfg.predict).with_suffix(".pred.jsonl"))
     with open(out, "w") as f:
         for ln, t, p in zip(lines, texts, probs):
-            label = meta["labels"][int(p.argmax())] if p.max() > 0 else None
-            f.write(json.dumps({"line": ln, "text": t, "label": label,
+            f.write(json.dumps({"line": ln, "text": t, "label": meta["labels"][int(p.argmax())] if p.max() > 0 else None,
                                 "probs": dict(zip(meta["labels"], map(float, p)))}, ensure_ascii=False) + "\n")
     print(f"dhrd.py: {len(texts)} predictions -> {out}")
     return out
 
 # ------------------------------------------------------------------------------------------------------------
-
 def main(argv):
     cfg = parse_config(argv)
     # --- DDP (torchrun sets RANK): NCCL on CUDA, Gloo on CPU; rank 0 logs, evaluates and checkpoints
     ddp = "RANK" in os.environ
     rank, local, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
     device = cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-    if ddp:
-        if device.startswith("cuda"):
-            device = f"cuda:{local}"
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-        if cfg.gradient_accumulation_steps % world:
-            raise ConfigError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} (for the whole job) must "
-                              f"be a multiple of the {world} processes")
-    master, micro = rank == 0, cfg.gradient_accumulation_steps // world
     dev_type = "cuda" if device.startswith("cuda") else "cpu"
+    if ddp:
+        device = f"cuda:{local}" if dev_type == "cuda" else device
+        torch.cuda.set_device(device) if dev_type == "cuda" else None
+        dist.init_process_group("nccl" if dev_type == "cuda" else "gloo")
+    if cfg.gradient_accumulation_steps % world:
+        raise ConfigError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} (whole job) must be a multiple of {world}")
+    master, micro = rank == 0, cfg.gradient_accumulation_steps // world
     dtype = cfg.dtype if cfg.dtype != "auto" else "bfloat16" if dev_type == "cpu" or torch.cuda.is_bf16_supported() else "float16"
     ctx = nullcontext() if dtype == "float32" else torch.autocast(dev_type, dtype=getattr(torch, dtype))
     for seed_fn in (torch.manual_seed, np.random.seed, random.seed):  # per rank (dropout); DDP broadcasts rank 0's init
@@ -327,8 +291,9 @@ def main(argv):
 
     # --- model for eval_only / predict: a dhrd out_dir or an exported/HF folder; then the data it was made for
     if cfg.eval_only or cfg.predict:
-        model, meta = load_exported(cfg.init_from, device)
-        meta = meta or _read_json(Path(cfg.data_dir, "meta.json"), "prepared data's meta")
+        folder = Path(cfg.init_from, "model") if Path(cfg.init_from, "model", "config.json").exists() else Path(cfg.init_from)
+        meta = _read_json(folder / "meta.json" if (folder / "meta.json").exists() else Path(cfg.data_dir, "meta.json"), "meta")
+        model = GPT.from_pretrained(folder, pooling=meta.get("pooling", cfg.pooling)).to(device)
         cot, tok = meta.get("eval") == "cot" or cfg.beta == 0, prepare.tokenizer_from_meta(meta)
         if cfg.predict:
             return predict(model, meta, cot, tok, device, ctx, cfg)
@@ -344,8 +309,7 @@ def main(argv):
         if master:
             prepare.prepare(task="synth", out_dir=cfg.data_dir,
                             model="char" if cfg.init_from in ("scratch", "resume") else cfg.init_from)
-        if ddp:
-            dist.barrier()
+        dist.barrier() if ddp else None
     meta = _read_json(Path(cfg.data_dir, "meta.json"), "prepared data's meta")
     train, val_split = load_split(cfg.data_dir, "train", meta), load_split(cfg.data_dir, "val", meta)
     if (train[1][:, 3] < 0).any():
@@ -353,8 +317,7 @@ def main(argv):
     use_lm = cfg.alpha > 0  # alpha=0: the pooled baseline needs no rationale, so x alone is fed (no LM work)
     if use_lm and cfg.lm_targets == "rationale" and (train[1][:, 2] == train[1][:, 1]).all():
         raise ConfigError(f"{cfg.data_dir}: no training example has a rationale/answer suffix; use --alpha=0")
-    tok, pad = prepare.tokenizer_from_meta(meta), meta["pad_id"] if meta["pad_id"] is not None else 0
-    cot = cfg.beta == 0
+    tok, pad, cot = prepare.tokenizer_from_meta(meta), meta["pad_id"] if meta["pad_id"] is not None else 0, cfg.beta == 0
 
     # --- model: scratch | resume | pretrained
     ckpt = None
@@ -362,14 +325,12 @@ def main(argv):
         if not (out_dir / "ckpt.pt").exists():
             raise ConfigError(f"{out_dir}/ckpt.pt: no checkpoint to resume from; pass the run's --out_dir")
         ckpt = torch.load(out_dir / "ckpt.pt", map_location="cpu", weights_only=True)
-        model = GPT(GPTConfig(**ckpt["model_config"]))
-        model.load_state_dict(ckpt["model"])
+        (model := GPT(GPTConfig(**ckpt["model_config"]))).load_state_dict(ckpt["model"])
     elif cfg.init_from == "scratch":
         block = max(v["n"] for v in meta["max_len"].values())
-        model = GPT(GPTConfig(vocab_size=meta["vocab_size"], block_size=-(-block // 64) * 64, n_layer=cfg.n_layer,
-                              n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, num_labels=len(meta["labels"]),
-                              head=cfg.head, pooling=cfg.pooling, bos_token_id=meta["bos_id"],
-                              eos_token_id=meta["eos_id"], pad_token_id=meta["pad_id"]))
+        model = GPT(GPTConfig(vocab_size=meta["vocab_size"], block_size=-(-block // 64) * 64, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                              n_embd=cfg.n_embd, dropout=cfg.dropout, num_labels=len(meta["labels"]), head=cfg.head,
+                              pooling=cfg.pooling, bos_token_id=meta["bos_id"], eos_token_id=meta["eos_id"], pad_token_id=meta["pad_id"]))
     else:
         model = GPT.from_pretrained(cfg.init_from, num_labels=len(meta["labels"]), head=cfg.head, pooling=cfg.pooling,
                                     dropout=cfg.dropout)
@@ -397,8 +358,8 @@ def main(argv):
         (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1) + "\n")
         keep = [l for l in log_path.read_text().splitlines() if json.loads(l)["iter"] <= it] if ckpt and log_path.exists() else []
         log_path.write_text("".join(l + "\n" for l in keep))
-        print(f"dhrd.py: {cfg.task} ({meta['counts']}) | {cfg.init_from}: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M params | {device} {dtype} "
-              f"| world {world} x micro {micro} x batch {cfg.batch_size} | alpha {cfg.alpha} beta {cfg.beta}", flush=True)
+        print(f"dhrd.py: {cfg.task} {meta['counts']} | {cfg.init_from} {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M "
+              f"params | {device} {dtype} | {world} x {micro} x {cfg.batch_size} | alpha {cfg.alpha} beta {cfg.beta}", flush=True)
         if cfg.mlflow:  # optional: never a hard dependency
             try:
                 import mlflow as mlf
@@ -410,8 +371,8 @@ def main(argv):
         with open(log_path, "a") as f:
             f.write(json.dumps(d) + "\n")
         if mlf:
-            flat = {f"val/{k}": v for k, v in d.get("val", {}).items()} or {k: v for k, v in d.items() if v is not None}
-            mlf.log_metrics({k: float(v) for k, v in flat.items() if k != "iter"}, step=d["iter"])
+            mlf.log_metrics({k: float(v) for k, v in {**d, **d.get("val", {})}.items() if k not in ("iter", "val")
+                             and v is not None}, step=d["iter"])
 
     def lr_at(i):  # linear warmup, then cosine or linear decay to learning_rate * min_lr_frac
         if i < cfg.warmup_iters:
@@ -425,16 +386,14 @@ def main(argv):
     saved = it if ckpt else None  # iter of the last checkpoint this run wrote or resumed from
     G, B = cfg.gradient_accumulation_steps, cfg.batch_size
     while it < cfg.max_iters:
-        lr = lr_at(it)
         for g in optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr = lr_at(it)
         alpha = cfg.alpha * (1 - it / cfg.max_iters) if cfg.alpha_schedule == "linear" else cfg.alpha
         sums = torch.zeros(3, device=device)
         for m in range(micro):
             rows = train[1][stream(len(train[1]), cfg.seed, pos + (rank * micro + m) * B, B)]
             idx, mask, x_len, y, lm_targets = make_batch(train[0], rows, pad, use_lm, cfg.lm_targets, device)
-            if ddp:
-                model.require_backward_grad_sync = m == micro - 1  # all-reduce gradients on the last micro-step only
+            model.require_backward_grad_sync = m == micro - 1  # DDP: all-reduce gradients on the last micro-step only
             with ctx:
                 # ONE forward over s = [x, rationale, answer]: pooled logits at x_len, reasoning-head loss on s
                 cls_logits, loss_lm = model(idx, mask, x_len, lm_targets)
@@ -448,9 +407,8 @@ def main(argv):
         loss_v, cls_v, lm_v = (sums / G).tolist()
         if not math.isfinite(loss_v):
             last = f"{out_dir}/ckpt.pt (iter {saved})" if saved is not None else "none written by this run yet"
-            raise FloatingPointError(f"non-finite loss at iter {it + 1}: loss {loss_v}, loss_cls {cls_v}, loss_lm {lm_v} "
-                                     f"(lr {lr:.3g}); stopped without saving. Last good checkpoint: {last}. Lower "
-                                     f"--learning_rate, keep --grad_clip on, or use --dtype=bfloat16/float32")
+            raise FloatingPointError(f"non-finite loss at iter {it + 1}: loss {loss_v}, loss_cls {cls_v}, loss_lm {lm_v} (lr {lr:.3g})"
+                                     f"; stopped without saving. Last good checkpoint: {last}. Lower --learning_rate or use float32")
         if cfg.grad_clip > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -465,20 +423,19 @@ def main(argv):
                 val = evaluate(raw, val_split, meta, cot, device, ctx, cfg, tok)
                 print(f"iter {it}: val " + " ".join(f"{k} {v:.4f}" for k, v in val.items()), flush=True)
                 log(dict(iter=it, val=val))
-                if score(val) > best["score"]:
-                    best = {"score": score(val), "iter": it, "val": val}
+                if (sc := float(np.mean(list(val.values())))) > best["score"]:  # the mean of the task's metrics (SuperGLUE)
+                    best = {"score": sc, "iter": it, "val": val}
                     export(raw, out_dir / "model", meta, cfg)
                 save_atomic(dict(model=raw.state_dict(), model_config=asdict(raw.config), optimizer=optimizer.state_dict(),
                                  scaler=scaler.state_dict(), scheduler={"iter": it, "lr": lr}, iter=it, data_pos=pos,
                                  best=best, rng=rng_state(), config=asdict(cfg)), out_dir / "ckpt.pt")
             saved = it
-            if ddp:
-                dist.barrier()
+            dist.barrier() if ddp else None  # the other ranks wait for rank 0's evaluation and checkpoint
 
     if master:
         res = {"task": cfg.task, "metric": meta["metric"], "val": best["val"], "best_iter": best["iter"]}
         (out_dir / "results.json").write_text(json.dumps(res, indent=1) + "\n")
-        vals = " ".join(f"{k} {v:.4f}" for k, v in (best["val"] or {}).items())
+        vals = " ".join(f"{k} {v:.4f}" for k, v in best["val"].items())
         print(f"dhrd.py: {cfg.task} val {vals} (best at iter {best['iter']}) in {time.time() - t0:.0f}s -> {out_dir}/results.json")
         mlf.end_run() if mlf else None
     return best["val"]

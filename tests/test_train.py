@@ -1,6 +1,6 @@
 """dhrd.py: DDP == one process, exact resume after a kill, official metrics, config errors, non-finite loss,
 torch.compile, eval_only and predict. CPU only; dhrd.py runs as a subprocess on tiny synth data."""
-import json, os, pathlib, subprocess, sys, time
+import json, os, pathlib, re, subprocess, sys, time
 
 import numpy as np
 import pytest
@@ -57,20 +57,23 @@ def test_train_metrics_handmade():
 
 
 def test_train_config_errors(tmp_path):
-    r = _train_run("--learning_rat=1e-3", cwd=tmp_path, check=False)
+    r = _train_run("--learning_rat=1e-3", cwd=tmp_path, check=False)  # the CLI: a message, no traceback
     assert r.returncode != 0 and "unknown config key 'learning_rat'" in r.stderr and "learning_rate" in r.stderr
     assert "Traceback" not in r.stderr
-    r = _train_run("--max_iters=ten", cwd=tmp_path, check=False)
-    assert r.returncode != 0 and "--max_iters: expected int for max_iters" in r.stderr and "'ten'" in r.stderr
-    r = _train_run("--compile=maybe", cwd=tmp_path, check=False)
-    assert r.returncode != 0 and "expected bool for compile" in r.stderr
-    r = _train_run("--lr_decay=step", cwd=tmp_path, check=False)
-    assert r.returncode != 0 and "cosine, linear" in r.stderr
+    for args, msg in [(["--max_iters=ten"], "--max_iters: expected int for max_iters (like 600), got 'ten'"),
+                      (["--compile=maybe"], "expected bool for compile"), (["--alpha=x"], "expected float for alpha"),
+                      (["--lr_decay=step"], "lr_decay='step' is not one of cosine, linear"),
+                      (["--batch_size"], "use --key=value"), (["--batch_size=0"], "must be >= 1")]:
+        with pytest.raises(dhrd.ConfigError, match=re.escape(msg)):
+            dhrd.parse_config(args)
     (tmp_path / "c.json").write_text(json.dumps({"batch_size": 4, "alhpa": 1}))
-    r = _train_run(str(tmp_path / "c.json"), cwd=tmp_path, check=False)
-    assert r.returncode != 0 and "c.json: unknown config key 'alhpa'" in r.stderr and "alpha" in r.stderr
-    r = _train_run("--task=cb", "--data_dir=nowhere", cwd=tmp_path, check=False)
-    assert r.returncode != 0 and "nowhere/meta.json: not found" in r.stderr and "prepare.py --task=cb" in r.stderr
+    with pytest.raises(dhrd.ConfigError, match=r"c.json: unknown config key 'alhpa'; did you mean alpha\?"):
+        dhrd.parse_config([str(tmp_path / "c.json")])
+    (tmp_path / "d.json").write_text(json.dumps({"batch_size": 4, "alpha": 0}))
+    cfg = dhrd.parse_config([str(tmp_path / "d.json"), "--batch_size=7"])  # later wins; an int is a fine float
+    assert (cfg.batch_size, cfg.alpha, cfg.out_dir, cfg.data_dir) == (7, 0.0, "out-synth", "data/synth")
+    with pytest.raises(dhrd.ConfigError, match="nowhere/meta.json: not found.*prepare.py --task=cb"):
+        dhrd.main(["--task=cb", "--data_dir=nowhere"])
 
 
 def test_train_ddp_two_processes_match_one(train_data, tmp_path):
