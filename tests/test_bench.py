@@ -4,11 +4,13 @@ import subprocess
 import sys
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 ROOT = next(p for p in pathlib.Path(__file__).resolve().parents if (p / "gpt.py").exists())
 sys.path.insert(0, str(ROOT))
 import bench  # noqa: E402
-from gpt import GPT, GPTConfig  # noqa: E402
+from gpt import GPT, GPTConfig, fused_lm_loss  # noqa: E402
 
 BENCH_TINY = ["--batch_size=4", "--seq_len=16", "--cot_batch_size=2", "--cot_tokens=5", "--cot_prompt_len=3",
               "--train_batch_size=2", "--train_seq_len=12", "--agree_batches=2", "--warmup=0", "--repeats=2",
@@ -82,3 +84,25 @@ def test_bench_bad_flags(arg, needle, tmp_path, monkeypatch):
     finally:
         vars(bench).update(saved)
     assert needle in str(e.value)
+
+
+def test_bench_fused_lm_loss_blocks_and_bf16_match_naive():
+    # bench.py's memory figure relies on gpt.fused_lm_loss working in [rows, chunk] pieces: several row blocks
+    # and vocabulary slices (targets on slice edges) must give the naive loss and gradients, also under autocast
+    torch.manual_seed(0)
+    h = torch.randn(37, 24, requires_grad=True)
+    w = torch.randn(61, 24, requires_grad=True)
+    t = torch.randint(0, 61, (37,))
+    t[:6] = torch.tensor([0, 60, 15, 16, -100, 31])
+    ref = F.cross_entropy(h @ w.t(), t, ignore_index=-100)
+    rh, rw = torch.autograd.grad(ref, [h, w])
+    for chunk, rows in ((16, 8), (7, 5), (61, 37)):
+        loss = fused_lm_loss(h, w, t, chunk=chunk, rows=rows)
+        gh, gw = torch.autograd.grad(3 * loss, [h, w])  # a non-unit upstream gradient
+        assert abs(loss.item() - ref.item()) < 1e-5
+        assert (gh - 3 * rh).abs().max() < 1e-5 and (gw - 3 * rw).abs().max() < 1e-5
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fused_lm_loss(h, w, t, chunk=16, rows=8)
+    gh, gw = torch.autograd.grad(loss, [h, w])
+    assert gw.dtype == torch.float32 and abs(loss.item() - ref.item()) < 0.05 * ref.item()
+    assert (gw - rw).abs().max() < 0.05 * rw.abs().max() and (gh - rh).abs().max() < 0.05 * rh.abs().max()
