@@ -154,7 +154,6 @@ def lm_loss_memory(n_embd):
 
 
 def main():
-    global device
     cfg = parse_args(sys.argv[1:], {k: v for k, v in globals().items()
                                     if not k.startswith("_") and isinstance(v, (int, float, bool, str))})
     globals().update(cfg)
@@ -163,8 +162,7 @@ def main():
     if dtype not in ("float32", "bfloat16", "float16") or dtype == "float16" and "cuda" not in device:
         raise SystemExit(f"bench.py: --dtype={dtype!r}: expected float32 or bfloat16 (float16 on CUDA only: "
                          "CPUs run float16 matmuls at a few GFLOP/s)")
-    if cot_prompt_len + cot_tokens > 10**6 or min(batch_size, seq_len, cot_batch_size, cot_tokens,
-                                                  cot_prompt_len, train_batch_size, train_seq_len) < 1:
+    if min(batch_size, seq_len, cot_batch_size, cot_tokens, cot_prompt_len, train_batch_size, train_seq_len) < 1:
         raise SystemExit("bench.py: batch sizes, lengths and token counts must be >= 1")
     torch.manual_seed(seed)
     device_type = "cuda" if "cuda" in device else "cpu"
@@ -177,17 +175,14 @@ def main():
                     ("train_seq_len", train_seq_len)):
         if n > c.block_size:
             raise SystemExit(f"bench.py: --{name.split()[0]}: {name}={n} exceeds the model's block_size {c.block_size}")
-    # inference runs on a copy with weights in `dtype`: autocast re-casts every weight at every decode
-    # step (gpt2 decode 60 -> 107 new tok/s, 2-core Zen 5); pooled predictions still agree with float32.
-    infer = model if dtype == "float32" else copy.deepcopy(model).to(ptdtype)
-    fast = torch.compile(infer) if compile else infer
+    fast = torch.compile(model) if compile else model  # pooled and training (generate runs eagerly)
     g = torch.Generator(device).manual_seed(seed)
     rand = lambda *shape: torch.randint(c.vocab_size, shape, generator=g, device=device)
     model.eval()
 
     # --- pooled classification (App. E.7): one forward over x, last-token pooling, no LM head
     x = rand(batch_size, seq_len)
-    with torch.inference_mode():
+    with torch.inference_mode(), ctx:  # one autocast region: weights are cast once, then cached
         t_pooled = timed(lambda: fast.classify(x))
     # agreement with the float32 path on batches of mixed lengths (right padding, the real use)
     agree = total = 0
@@ -197,22 +192,25 @@ def main():
             lens = torch.randint(1, seq_len + 1, (batch_size,), generator=g, device=device)
             mask = (torch.arange(seq_len, device=device)[None] < lens[:, None]).long()
             ref = model.classify(xb, mask).argmax(-1)
-            agree += (fast.classify(xb, mask).argmax(-1) == ref).sum().item()
+            with ctx:  # autocast keeps the residual stream in fp32: 100% agree (all-bf16 weights: 98.4%)
+                agree += (fast.classify(xb, mask).argmax(-1) == ref).sum().item()
             total += batch_size
 
     # --- CoT decoding (App. E.6): KV cache, temperature 0.1, top_p 0.7, no early stop (fixed length)
     prompt = rand(cot_batch_size, cot_prompt_len)
+    # decoding runs on a copy with weights in `dtype`: a decode step is a few small matmuls, and autocast's
+    # casts and fp32 side ops cost more than the matmuls there (gpt2: 60 -> 107 new tok/s, 2 Zen 5 cores)
+    infer = model if dtype == "float32" else copy.deepcopy(model).to(ptdtype)
     def decode():
         gen = torch.Generator(device).manual_seed(seed)
-        y = fast.generate(prompt, cot_tokens, temperature=temperature, top_p=top_p, generator=gen)
+        y = infer.generate(prompt, cot_tokens, temperature=temperature, top_p=top_p, generator=gen)
         assert y.shape == (cot_batch_size, cot_prompt_len + cot_tokens), y.shape
     with torch.inference_mode():
         t_cot = timed(decode)
-    del infer, fast
+    del infer
 
     # --- one DHRD training step: forward (both losses, Eq. 4) + backward + AdamW
     model.train()
-    fast = torch.compile(model) if compile else model
     opt = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device_type)
     s = rand(train_batch_size, train_seq_len)
     x_len = torch.full((train_batch_size,), max(1, train_seq_len // 2), device=device)
