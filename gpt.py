@@ -265,7 +265,7 @@ class GPT(nn.Module):
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-        # fused AdamW, on CPU too (torch >= 2.4): GPT-2-124M optimizer step 2138 ms (foreach) -> 76 ms on 2 Zen 5 cores,
+        # fused AdamW, on CPU too (torch >= 2.4): GPT-2-124M optimizer step 2138 ms (foreach) -> 76 ms on the 2-core EPYC dev VM,
         # the largest single cost of a CPU training step before (measured by H5 with bench.py)
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
 
@@ -293,7 +293,7 @@ class _FusedLMLoss(torch.autograd.Function):
     Pass 1 gets each row's logsumexp; pass 2 (training) recomputes each slice's logits and writes the gradients,
     so a slice of the weight gradient comes from one matmul over the whole block (no [V, D] temporaries).
     bench.py, V=50257, 1024 rows, bf16, fwd+bwd: peak 724 MB (one-pass row chunks) -> 183 MB (naive full
-    logits: 673 MB); the 4th head matmul costs nothing measurable here (1144 -> 1106 ms, 2 Zen 5 cores)."""
+    logits: 673 MB); the 4th head matmul costs nothing measurable here (1144 -> 1106 ms, 2-core EPYC VM)."""
 
     @staticmethod
     def forward(ctx, h, w, t, chunk, rows, need_grad):
