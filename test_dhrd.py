@@ -1,0 +1,1137 @@
+"""The dhrd test suite: `python -m pytest -q test_dhrd.py` (CPU, no network; loopback servers only).
+Reference outputs come from tests/fixtures/ (made with transformers by tests/fixtures/make_fixtures.py)."""
+import hashlib
+import http.server
+import json
+import os
+import pathlib
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+import bench  # noqa: E402
+import dhrd  # noqa: E402
+import prepare  # noqa: E402
+from gpt import (CheckpointError, DownloadError, GPT, GPTConfig, download, fused_lm_loss,  # noqa: E402
+                 load_tokenizer, read_safetensors, resolve_model_dir, write_safetensors)
+
+# ==============================================================================================================
+# gpt.py: parity with transformers, fused loss, one-pass property, checkpoints, tokenizer, downloads
+# ==============================================================================================================
+
+FIX = ROOT / "tests" / "fixtures"
+PARITY = [("gpt2", "gpt2"), ("gpt2_hub", "gpt2"), ("opt", "opt"), ("opt350", "opt350"), ("opt350_hub", "opt350"),
+          ("opt350_bf16", "opt350")]
+
+
+def _gpt_ref(name):
+    return {k: torch.from_numpy(v) for k, v in np.load(FIX / f"{name}_ref.npz").items()}
+
+
+def _gpt_tiny(model_type="gpt2", **kw):
+    torch.manual_seed(0)
+    opt = model_type == "opt"
+    cfg = dict(model_type=model_type, vocab_size=61, block_size=48, n_layer=2, n_head=2, n_embd=16,
+               activation="relu" if opt else "gelu_new", word_embed_proj_dim=8 if opt else 0, pre_ln=not opt)
+    return GPT(GPTConfig(**{**cfg, **kw})).eval()
+
+
+@pytest.mark.parametrize("folder,ref", PARITY)
+def test_gpt_parity_with_transformers(folder, ref):
+    r, m = _gpt_ref(ref), GPT.from_pretrained(FIX / folder).eval()
+    real = r["attention_mask"].bool()
+    with torch.no_grad():
+        d_logits = (m.lm_logits(r["input_ids"], r["attention_mask"]) - r["logits"])[real].abs().max().item()
+        d_hidden = (m.hidden_states(r["input_ids"], r["attention_mask"]) - r["last_hidden_state"])[real].abs().max().item()
+        assert d_logits < 1e-4 and d_hidden < 1e-4, (d_logits, d_hidden)
+        if m.score is not None:  # seq-cls checkpoints: HF `score` pooled at the last non-pad token
+            assert m.config.num_labels == r["cls_logits"].shape[1]
+            assert (m.classify(r["input_ids"], r["attention_mask"]) - r["cls_logits"]).abs().max() < 1e-4
+        assert torch.equal(m.generate(r["gen1_input_ids"], 12), r["gen1_output"])
+        genb = m.generate(r["genb_input_ids"], 12, attention_mask=r["genb_attention_mask"])  # left-padded batch
+        assert torch.equal(genb, r["genb_output"])
+        m.config.pad_token_id = int(r["genb_input_ids"][2, 0])  # the pad the reference used (hub config has none)
+        eos = m.generate(r["genb_input_ids"], 12, attention_mask=r["genb_attention_mask"], eos_token_id=int(r["gen_eos_id"]))
+        assert torch.equal(eos, r["gen_eos_output"][:, :eos.shape[1]])  # HF pads finished rows
+
+
+def test_gpt_hub_layout_has_buffers_and_bare_keys():
+    keys = set(read_safetensors(FIX / "gpt2_hub" / "model.safetensors"))
+    assert "wte.weight" in keys and any(k.endswith("attn.bias") for k in keys)  # the case the loader must handle
+    assert (FIX / "opt350_hub" / "model.safetensors.index.json").exists()
+
+
+def test_gpt_fused_lm_loss_equals_naive():
+    torch.manual_seed(0)
+    h = torch.randn(3, 11, 16, dtype=torch.float64).float().requires_grad_()
+    w = torch.randn(50, 16).requires_grad_()
+    t = torch.randint(0, 50, (3, 11))
+    t[0, :4] = -100
+    t[2, 7:] = -100
+    for chunk in (1, 5, 1024):
+        loss = fused_lm_loss(h, w, t, chunk=chunk)
+        gh, gw = torch.autograd.grad(loss, [h, w])
+        ref = F.cross_entropy((h @ w.t()).view(-1, 50), t.view(-1), ignore_index=-100)
+        rh, rw = torch.autograd.grad(ref, [h, w])
+        assert abs(loss.item() - ref.item()) < 1e-5
+        assert (gh - rh).abs().max() < 1e-5 and (gw - rw).abs().max() < 1e-5
+    zero = fused_lm_loss(h, w, torch.full_like(t, -100))
+    assert zero.item() == 0.0 and zero.requires_grad
+    with torch.no_grad():
+        assert abs(fused_lm_loss(h, w, t).item() - ref.item()) < 1e-5
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "opt"])
+def test_gpt_forward_one_pass_property(model_type):
+    """Class logits at the last token of x are the same for [x] and [x, rationale] (paper §3), in one batch
+    with right padding, for both heads and poolings; and loss_lm equals the naive full-logits loss."""
+    for head, pooling in [("linear", "last"), ("mlp", "mean")]:
+        m = _gpt_tiny(model_type, num_labels=3, head=head, pooling=pooling)
+        torch.manual_seed(1)
+        idx = torch.randint(0, 61, (2, 20))
+        am = torch.ones_like(idx)
+        am[1, 14:] = 0
+        x_len = torch.tensor([9, 6])
+        tg = torch.cat([idx[:, 1:], torch.full((2, 1), -100)], 1).masked_fill(am == 0, -100)
+        cls, loss = m(idx, am, x_len=x_len, lm_targets=tg)
+        alone = torch.cat([m.classify(idx[b:b + 1, :x_len[b]]) for b in range(2)])
+        assert (cls - alone).abs().max() < 1e-5
+        naive = F.cross_entropy(m.lm_logits(idx, am).view(-1, 61), tg.view(-1), ignore_index=-100)
+        assert abs(loss.item() - naive.item()) < 1e-5
+        loss.backward()
+
+
+def test_gpt_sampling_and_cache_match_recompute():
+    m = _gpt_tiny("opt")
+    p = torch.randint(0, 61, (1, 5))
+    x = p
+    for _ in range(8):  # greedy without a cache
+        x = torch.cat([x, m.lm_logits(x)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(m.generate(p, 8), x)
+    assert torch.equal(m.generate(p, 8, temperature=1.0, top_p=1e-9), x)  # nucleus of one token = greedy
+    g = lambda: torch.Generator().manual_seed(3)
+    a, b = m.generate(p, 8, temperature=1.0, generator=g()), m.generate(p, 8, temperature=1.0, generator=g())
+    assert torch.equal(a, b) and a.shape == (1, 13)
+
+
+def test_gpt_bf16_autocast_cpu():
+    m = _gpt_tiny("gpt2", num_labels=2)
+    idx = torch.randint(0, 61, (2, 12))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cls, loss = m(idx, lm_targets=idx)
+        loss.backward()
+        out = m.generate(idx[:, :4], 3)
+    assert torch.isfinite(loss) and cls.shape == (2, 2) and out.shape == (2, 7)
+    assert m.wte.weight.grad is not None and m.wte.weight.grad.dtype == torch.float32
+
+
+def test_gpt_optimizer_groups_and_flops():
+    m = _gpt_tiny("gpt2")
+    opt = m.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    decay, no_decay = opt.param_groups
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert m.flops_per_token(32) > 6 * sum(p.numel() for p in m.parameters()) - 6 * m.wpe.weight.numel()
+
+
+@pytest.mark.parametrize("folder", ["gpt2", "opt350", "opt350_hub"])
+def test_gpt_save_pretrained_round_trip(folder, tmp_path):
+    m = GPT.from_pretrained(FIX / folder).eval()
+    m.save_pretrained(tmp_path / "m", labels=["a", "b", "c"] if m.score is not None else None)
+    m2 = GPT.from_pretrained(tmp_path / "m").eval()
+    idx = torch.randint(0, m.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(m.lm_logits(idx), m2.lm_logits(idx))
+        if m.score is not None:
+            assert torch.equal(m.classify(idx), m2.classify(idx))
+    assert (tmp_path / "m" / "vocab.json").read_bytes() == (FIX / folder / "vocab.json").read_bytes()
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["model_type"] == m.config.model_type and (m.score is None or cfg["id2label"]["2"] == "c")
+    keys = set(read_safetensors(tmp_path / "m" / "model.safetensors"))
+    assert any(k.startswith(("transformer.h.0.", "model.decoder.layers.0.")) for k in keys)
+
+
+def test_gpt_mlp_head_and_new_head(tmp_path):
+    with pytest.raises(CheckpointError, match="unexpected.*score.weight"):  # a linear checkpoint head vs head=mlp
+        GPT.from_pretrained(FIX / "opt", head="mlp")
+    m = GPT.from_pretrained(FIX / "opt350_bf16", num_labels=4, head="mlp")
+    assert m.classify(torch.tensor([[5, 6, 7]])).shape == (1, 4)
+    m.save_pretrained(tmp_path / "mlp")
+    m2 = GPT.from_pretrained(tmp_path / "mlp")
+    assert m2.config.head == "mlp" and torch.equal(m.classify(torch.tensor([[5, 6]])), m2.classify(torch.tensor([[5, 6]])))
+    with pytest.raises(CheckpointError, match="labels"):
+        GPT.from_pretrained(FIX / "gpt2", num_labels=5)
+
+
+def test_gpt_tokenizer_matches_transformers():
+    cases = json.loads((FIX / "tokenizer_cases.json").read_text())
+    for name in ("tok_gpt2", "tok_opt"):
+        tok, info = load_tokenizer(FIX / name), cases["tokenizers_info"][name]
+        assert (tok.eos_id, tok.pad_id, tok.vocab_size) == (info["eos_id"], info["pad_id"], info["len"])
+        assert tok.bos_id == (2 if name == "tok_opt" else None)  # HF prepends </s> for OPT, nothing for GPT-2
+        for c in cases["cases"]:
+            assert tok.encode(c["text"]) == c[name], (name, c["text"])
+            assert tok.decode(c[name]) == c["text"]
+
+def test_gpt_bad_tokenizer_files(tmp_path):
+    d = _gpt_copy(tmp_path, "tok_gpt2")
+    lines = (d / "merges.txt").read_text(encoding="utf-8").splitlines()
+    (d / "merges.txt").write_text("\n".join(lines[:3] + ["a b c"] + lines[4:]), encoding="utf-8")
+    with pytest.raises(CheckpointError, match=r"merges.txt:4: .*'a b c'"):
+        load_tokenizer(d)
+    (d / "vocab.json").write_text("{bad")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_tokenizer(d)
+    (d / "vocab.json").unlink()
+    with pytest.raises(CheckpointError, match="vocab.json: missing"):
+        load_tokenizer(d)
+
+# -- bad input --------------------------------------------------------------------------------
+
+
+def _gpt_st(header, data=b"", n=None):
+    h = json.dumps(header).encode()
+    return (len(h) if n is None else n).to_bytes(8, "little") + h + data
+
+
+BAD_FILES = [
+    (b"\x01\x02", "too short"),
+    ((10 ** 9).to_bytes(8, "little") + b"{}", "past the end"),
+    (_gpt_st({}, n=4) + b"xx", "not a JSON object"),
+    (_gpt_st({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"1234"), "outside"),
+    (_gpt_st({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+              "b": {"dtype": "F32", "shape": [1], "data_offsets": [2, 6]}}, b"12345678"), "'b' overlaps"),
+    (_gpt_st({"a": {"dtype": "U8", "shape": [8], "data_offsets": [0, 8]}, "z": {"dtype": "U8", "shape": [0], "data_offsets": [1, 1]},
+              "b": {"dtype": "U8", "shape": [2], "data_offsets": [4, 6]}}, b"12345678"), "'b' overlaps"),
+    (_gpt_st({"a": {"dtype": "Q4", "shape": [1], "data_offsets": [0, 4]}}, b"1234"), "unsupported dtype"),
+    (_gpt_st({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"12345678"), "does not fit its 8 bytes"),
+    (_gpt_st({"a": {"dtype": "F32", "shape": "x", "data_offsets": [0, 4]}}, b"1234"), "malformed"),
+    (_gpt_st([1, 2]), "not a JSON object"),
+]
+
+
+@pytest.mark.parametrize("data,msg", BAD_FILES)
+def test_gpt_bad_safetensors(tmp_path, data, msg):
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(data)
+    with pytest.raises(CheckpointError, match=msg) as e:
+        read_safetensors(f)
+    assert str(f) in str(e.value)
+
+
+def test_gpt_safetensors_dtypes_round_trip(tmp_path):
+    ts = {"f32": torch.randn(3, 2), "f16": torch.randn(4).half(), "bf16": torch.randn(2, 2).bfloat16(),
+          "i64": torch.arange(5), "empty": torch.zeros(0, 3), "scalar": torch.tensor(1.5)}
+    write_safetensors(tmp_path / "t.safetensors", ts)
+    back = read_safetensors(tmp_path / "t.safetensors")
+    assert set(back) == set(ts) and all(torch.equal(back[k], ts[k]) and back[k].dtype == ts[k].dtype for k in ts)
+
+
+def _gpt_copy(tmp_path, folder="gpt2"):
+    d = tmp_path / folder
+    shutil.copytree(FIX / folder, d)
+    return d
+
+
+def test_gpt_bad_checkpoints(tmp_path):
+    d = _gpt_copy(tmp_path)
+    st = read_safetensors(d / "model.safetensors")
+    cases = []
+    cases.append(({**st, "transformer.h.9.mlp.c_fc.weight": torch.zeros(1)}, "unexpected.*h.9"))
+    cases.append(({k: v for k, v in st.items() if "ln_f" not in k}, "missing.*ln_f"))
+    bad = dict(st)
+    bad["transformer.wpe.weight"] = torch.zeros(7, 32)
+    cases.append((bad, r"wpe.weight has shape \[7, 32\]"))
+    for tensors, msg in cases:
+        write_safetensors(d / "model.safetensors", tensors)
+        with pytest.raises(CheckpointError, match=msg):
+            GPT.from_pretrained(d)
+    (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:1000])  # truncated download
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        GPT.from_pretrained(d)
+    (d / "model.safetensors").unlink()
+    (d / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(CheckpointError, match="pickle is never loaded"):
+        GPT.from_pretrained(d)
+    for text, msg in [('{"model_type": "llama"}', "model_type 'llama' is not supported"), ("{nope", "not a JSON"),
+                      ('{"model_type": "gpt2", "n_embd": 30, "n_head": 4}', "invalid field"),
+                      ('{"model_type": "opt", "hidden_size": "big"}', "wrong type|invalid")]:
+        (d / "config.json").write_text(text)
+        with pytest.raises(CheckpointError, match=msg) as e:
+            GPT.from_pretrained(d)
+        assert "config.json" in str(e.value)
+    (d / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="config.json"):
+        GPT.from_pretrained(d)
+    with pytest.raises(CheckpointError, match="no such folder"):
+        GPT.from_pretrained(str(tmp_path / "nope" / "x"))
+
+
+def test_gpt_bad_sharded_index(tmp_path):
+    d = _gpt_copy(tmp_path, "opt350_hub")
+    idx = json.loads((d / "model.safetensors.index.json").read_text())
+    (d / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="shard model-00002-of-00002.safetensors is missing"):
+        GPT.from_pretrained(d)
+    idx["weight_map"] = {k: "../evil.safetensors" for k in idx["weight_map"]}
+    (d / "model.safetensors.index.json").write_text(json.dumps(idx))
+    with pytest.raises(CheckpointError, match="index"):
+        GPT.from_pretrained(d)
+
+# -- downloads against a loopback server ---------------------------------------------------------
+
+
+class _GPTHandler(http.server.BaseHTTPRequestHandler):
+    files = {}  # url path -> bytes
+    hits = []
+
+    def log_message(self, *a):
+        pass
+
+    def do_GET(self):
+        self.hits.append((self.path, self.headers.get("Range")))
+        body = self.files.get(self.path)
+        if body is None:
+            self.send_response(404)
+            self.end_headers()
+            return
+        start = int(self.headers["Range"].split("=")[1].split("-")[0]) if self.headers.get("Range") else 0
+        if start >= len(body) and start:
+            self.send_response(416)
+            self.end_headers()
+            return
+        self.send_response(206 if start else 200)
+        self.send_header("Content-Length", str(len(body) - start))
+        self.end_headers()
+        self.wfile.write(body[start:])
+
+
+@pytest.fixture
+def _gpt_server():
+    _GPTHandler.files, _GPTHandler.hits = {}, []
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _GPTHandler)
+    th = threading.Thread(target=srv.serve_forever, daemon=True)
+    th.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_gpt_download_resume_and_checks(_gpt_server, tmp_path):
+    body = os.urandom(300_000)
+    _GPTHandler.files["/f.bin"] = body
+    sha = hashlib.sha256(body).hexdigest()
+    dest = tmp_path / "f.bin"
+    (tmp_path / "f.bin.part").write_bytes(body[:123_456])  # an interrupted earlier download
+    download(f"{_gpt_server}/f.bin", dest, expected_size=len(body), sha256=sha)
+    assert dest.read_bytes() == body and not (tmp_path / "f.bin.part").exists()
+    assert _GPTHandler.hits[-1] == ("/f.bin", "bytes=123456-")
+    with pytest.raises(DownloadError, match="expected 999"):
+        download(f"{_gpt_server}/f.bin", tmp_path / "g.bin", expected_size=999)
+    assert not (tmp_path / "g.bin").exists() and not (tmp_path / "g.bin.part").exists()
+    with pytest.raises(DownloadError, match="sha256"):
+        download(f"{_gpt_server}/f.bin", tmp_path / "h.bin", sha256="0" * 64)
+    assert not (tmp_path / "h.bin").exists() and not (tmp_path / "h.bin.part").exists()
+    with pytest.raises(DownloadError, match="HTTP 404"):
+        download(f"{_gpt_server}/missing", tmp_path / "m.bin")
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens here: looks offline
+    with pytest.raises(DownloadError, match=f"127.0.0.1:{port}/x.*local folder"):
+        download(f"http://127.0.0.1:{port}/x", tmp_path / "x.bin")
+
+
+def _gpt_serve_repo(name, folder, with_api=True):
+    tree = []
+    for f in sorted(folder.iterdir()):
+        body = f.read_bytes()
+        _GPTHandler.files[f"/{name}/resolve/main/{f.name}"] = body
+        tree.append({"type": "file", "path": f.name, "size": len(body)} if f.suffix != ".safetensors" else
+                    {"type": "file", "path": f.name, "size": 134, "lfs": {"oid": hashlib.sha256(body).hexdigest(), "size": len(body)}})
+    if with_api:
+        _GPTHandler.files[f"/api/models/{name}/tree/main"] = json.dumps(tree).encode()
+
+
+def test_gpt_hub_names_resolve_into_cache(_gpt_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("DHRD_HUB_URL", _gpt_server)
+    monkeypatch.setenv("DHRD_CACHE", str(tmp_path / "cache"))
+    _gpt_serve_repo("tiny/gpt2", FIX / "gpt2_hub")
+    _gpt_serve_repo("tiny/opt350", FIX / "opt350_hub", with_api=False)  # plain file server: no listing
+    r = _gpt_ref("gpt2")
+    m = GPT.from_pretrained("tiny/gpt2").eval()
+    assert (m.lm_logits(r["input_ids"][:1, :r["lengths"][0]]) - r["logits"][:1, :r["lengths"][0]]).abs().max() < 1e-4
+    assert resolve_model_dir("tiny/gpt2") == tmp_path / "cache" / "tiny--gpt2"
+    n = len(_GPTHandler.hits)
+    assert load_tokenizer("tiny/gpt2").encode("Hello") == load_tokenizer(FIX / "gpt2_hub").encode("Hello")
+    assert len(_GPTHandler.hits) == n  # second use: served from the cache, no network
+    m = GPT.from_pretrained("tiny/opt350").eval()  # sharded, fp16, found without the tree API
+    r = _gpt_ref("opt350")
+    assert (m.lm_logits(r["input_ids"][:1, :r["lengths"][0]]) - r["logits"][:1, :r["lengths"][0]]).abs().max() < 1e-4
+    _GPTHandler.files["/api/models/tiny/pickle/tree/main"] = json.dumps(
+        [{"type": "file", "path": "config.json"}, {"type": "file", "path": "pytorch_model.bin", "size": 9}]).encode()
+    for f in ("config.json", "vocab.json", "merges.txt"):
+        _GPTHandler.files[f"/tiny/pickle/resolve/main/{f}"] = (FIX / "gpt2" / f).read_bytes()
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        GPT.from_pretrained("tiny/pickle")
+    with pytest.raises(CheckpointError, match="tiny/absent: no such local folder.*404"):
+        GPT.from_pretrained("tiny/absent")
+
+
+# ==============================================================================================================
+# prepare.py: synth, SuperGLUE templates, custom data, rationales, teachers, bad input
+# ==============================================================================================================
+
+def _prep_files(d):
+    return {p.name: p.read_bytes() for p in sorted(pathlib.Path(d).iterdir())}
+
+
+def _prep_decode(d, split):
+    """Round trip: the memory-mapped record layout back to (x text, suffix text, label, group) per example."""
+    meta = json.loads((pathlib.Path(d) / "meta.json").read_text())
+    tok = prepare.tokenizer_from_meta(meta)
+    b = np.memmap(pathlib.Path(d) / f"{split}.bin", dtype=meta["token_dtype"], mode="r")
+    idx = np.load(pathlib.Path(d) / f"{split}.idx.npy")
+    out = []
+    for start, x_len, n, label, group in idx.tolist():
+        ids = b[start:start + n].tolist()
+        x, suffix = ids[int(tok.bos_id is not None):x_len], ids[x_len:n - 1 if n > x_len else n]   # minus BOS/EOS
+        out.append((ids, tok.decode(x), tok.decode(suffix), label, group))
+    return meta, tok, idx, out
+
+
+def test_synth_deterministic_and_layout(tmp_path):
+    m1 = prepare.prepare(task="synth", out_dir=tmp_path / "a", quiet=True)
+    prepare.prepare(task="synth", out_dir=tmp_path / "b", quiet=True)
+    assert _prep_files(tmp_path / "a") == _prep_files(tmp_path / "b")          # byte-identical
+    assert set(_prep_files(tmp_path / "a")) == {f"{s}.{e}" for s in ("train", "val", "test")
+                                                for e in ("bin", "idx.npy", "jsonl")} | {"meta.json"}
+    assert m1["counts"] == {"train": prepare.SYNTH["n_train"], "val": prepare.SYNTH["n_val"], "test": prepare.SYNTH["n_test"]}
+    texts = {}
+    for split in ("train", "val", "test"):
+        meta, tok, idx, exs = _prep_decode(tmp_path / "a", split)
+        rows = [json.loads(l) for l in (tmp_path / "a" / f"{split}.jsonl").read_text().splitlines()]
+        assert idx.dtype == np.int64 and idx.shape == (len(rows), 5)
+        assert (idx[1:, 0] == idx[:-1, 0] + idx[:-1, 2]).all()                   # contiguous, in order
+        for (ids, x, suffix, label, group), r in zip(exs, rows):
+            assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id
+            assert x == r["text"] and meta["labels"][label] == r["label"] and group == r["idx"]
+            assert suffix == f"\nReasoning:\n{r['rationale']}\nFinal Answer:\n{r['label']}"
+            # the label follows from the last value the rationale computes
+            last = int(r["rationale"].rsplit("=", 1)[1])
+            assert r["label"] == ("Yes" if last > prepare.SYNTH["mod"] // 2 - 1 else "No")
+        assert abs(np.bincount(idx[:, 3]).tolist()[0] - len(rows) / 2) <= 1        # balanced labels
+        texts[split] = {r["text"] for r in rows}
+    assert not (texts["train"] & texts["val"]) and not (texts["train"] & texts["test"])
+
+
+def test_synth_rationale_values_are_correct(tmp_path):
+    prepare.prepare(task="synth", out_dir=tmp_path, quiet=True)
+    for line in (tmp_path / "val.jsonl").read_text().splitlines()[:200]:
+        r = json.loads(line)
+        env, mod = {}, prepare.SYNTH["mod"]
+        stmts = r["text"].split(";")[0].split(",")
+        for s in stmts:
+            v, expr = s.split("=")
+            env[v] = eval(expr, {}, dict(env)) % mod
+        assert r["rationale"] == ",".join(f"{s.split('=')[0]}={env[s.split('=')[1][0]]}{s.split('=')[1][1]}"
+                                          f"{env.get(s.split('=')[1][2:], s.split('=')[1][2:])}={env[s.split('=')[0]]}"
+                                          for s in stmts[1:])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SuperGLUE: tiny files in the official jsonl layout
+
+_PREP_SG = {
+    "CB": [dict(premise="It rained all day.", hypothesis="The ground is wet.", label="entailment", idx=0),
+           dict(premise="He left early.", hypothesis="He stayed late.", label="contradiction", idx=1),
+           dict(premise="She bought a car.", hypothesis="The car is red.", label="neutral", idx=2)],
+    "RTE": [dict(premise="Paris is in France.", hypothesis="Paris is French.", label="entailment", idx=0),
+            dict(premise="Cats meow.", hypothesis="Dogs meow.", label="not_entailment", idx=1)],
+    "BoolQ": [dict(question="is the sky blue", passage="Sky -- The sky is blue.", label=True, idx=0),
+              dict(question="is grass red", passage="Grass -- Grass is green.", label=False, idx=1)],
+    "COPA": [dict(premise="The man turned on the faucet.", choice1="The toilet filled.", choice2="Water flowed.",
+                  question="effect", label=1, idx=0),
+             dict(premise="I was cold.", choice1="I wore a coat.", choice2="I ate soup.", question="cause",
+                  label=0, idx=1)],
+    "MultiRC": [dict(idx=0, version=1.1, passage=dict(text="Tom has two cats. He feeds them fish.", questions=[
+        dict(question="How many cats?", idx=0, answers=[dict(text="two", idx=0, label=1), dict(text="three", idx=1, label=0),
+                                                        dict(text="2", idx=2, label=1)]),
+        dict(question="What do they eat?", idx=1, answers=[dict(text="fish", idx=3, label=1), dict(text="rice", idx=4, label=0)])]))],
+    "WiC": [dict(word="bank", sentence1="He sat on the bank.", sentence2="The bank raised rates.", idx=0, label=False,
+                 start1=14, end1=18, start2=4, end2=8, version=1.1)],
+    "WSC": [dict(text="Mark told Pete he was late.", target=dict(span1_index=0, span1_text="Mark", span2_index=3,
+                                                                 span2_text="he"), idx=0, label=True)],
+}
+
+
+def _prep_write_sg(root, drop=()):
+    for folder, rows in _PREP_SG.items():
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        for split in ("train", "val", "test"):
+            if (folder, split) in drop:
+                continue
+            rs = [{k: v for k, v in r.items() if k != "label"} for r in rows] if split == "test" else rows
+            if folder == "MultiRC" and split == "test":
+                rs = [json.loads(json.dumps(rows[0]).replace(', "label": 1', "").replace(', "label": 0', ""))]
+            (root / folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rs))
+    return root
+
+
+def _prep_rows(d, split):
+    return [json.loads(l) for l in (pathlib.Path(d) / f"{split}.jsonl").read_text().splitlines()]
+
+
+def test_superglue_templates_and_mappings(tmp_path):
+    sg = _prep_write_sg(tmp_path / "sg")
+    m = prepare.prepare(task="cb", data_dir=sg, out_dir=tmp_path / "cb", model="char", quiet=True)
+    assert m["labels"] == ["No", "Yes"] and m["metric"] == "cb" and m["counts"] == dict(train=3, val=3, test=3)
+    r = _prep_rows(tmp_path / "cb", "train")
+    assert r[0]["text"] == ("Passage: It rained all day.\nQuestion: " + prepare.NLI_Q +
+                            "\nAnswer: The ground is wet.\nIs the answer correct Yes or No?")
+    assert prepare.format_input("cb", _PREP_SG["CB"][0]) == [r[0]["text"]]                # dhrd.py --predict
+    assert prepare.format_input("multirc", _PREP_SG["MultiRC"][0])[3].endswith("Answer: fish\nIs the answer correct Yes or No?")
+    assert prepare.format_input("custom", {"text": "as is"}) == ["as is"]
+    assert [x["label"] for x in r] == ["Yes", "No", "No"] and [x["label"] for x in _prep_rows(tmp_path / "cb", "test")] == [None] * 3
+    meta, tok, idx, exs = _prep_decode(tmp_path / "cb", "train")
+    assert exs[0][2] == "\nFinal Answer:\nYes" and exs[0][1] == r[0]["text"]      # label-only suffix, no rationale
+    _, _, tidx, texs = _prep_decode(tmp_path / "cb", "test")
+    assert (tidx[:, 1] == tidx[:, 2]).all() and (tidx[:, 3] == -1).all()          # test: x only, label unknown
+    m = prepare.prepare(task="cb", fmt="native", data_dir=sg, out_dir=tmp_path / "cbn", model="char", quiet=True)
+    assert m["labels"] == ["entailment", "contradiction", "neutral"] and m["verbalizers"]["neutral"] == "Maybe"
+    assert [x["label"] for x in _prep_rows(tmp_path / "cbn", "train")] == ["entailment", "contradiction", "neutral"]
+    assert _prep_rows(tmp_path / "cbn", "train")[0]["text"].endswith("Is the answer correct Yes, No or Maybe?")
+    # COPA: one example per alternative, grouped by pair; native: one example per pair
+    m = prepare.prepare(task="copa", data_dir=sg, out_dir=tmp_path / "copa", model="char", quiet=True)
+    r = _prep_rows(tmp_path / "copa", "train")
+    assert m["metric"] == "copa" and [(x["group"], x["label"]) for x in r] == [(0, "No"), (0, "Yes"), (1, "Yes"), (1, "No")]
+    assert "Question: What happened as a result?\nAnswer: Water flowed." in r[1]["text"]
+    assert np.load(tmp_path / "copa" / "train.idx.npy")[:, 4].tolist() == [0, 0, 1, 1]
+    m = prepare.prepare(task="copa", fmt="native", data_dir=sg, out_dir=tmp_path / "copan", model="char", quiet=True)
+    assert m["metric"] == "accuracy" and [x["label"] for x in _prep_rows(tmp_path / "copan", "train")] == ["choice2", "choice1"]
+    # MultiRC: one example per candidate answer, group = question
+    prepare.prepare(task="multirc", data_dir=sg, out_dir=tmp_path / "mrc", model="char", quiet=True)
+    r = _prep_rows(tmp_path / "mrc", "train")
+    assert [(x["group"], x["label"]) for x in r] == [(0, "Yes"), (0, "No"), (0, "Yes"), (1, "Yes"), (1, "No")]
+    assert r[3]["text"].endswith("Question: What do they eat?\nAnswer: fish\nIs the answer correct Yes or No?")
+    assert [x["label"] for x in _prep_rows(tmp_path / "mrc", "test")] == [None] * 5
+    for task, label, frag in [("rte", "No", "Answer: Dogs meow."), ("boolq", "No", "Question: is grass red?"),
+                              ("wsc", "Yes", 'Who or what does "he" refer to?\nAnswer: Mark'),
+                              ("wic", "No", 'Is the word "bank" used with the same meaning')]:
+        prepare.prepare(task=task, data_dir=sg, out_dir=tmp_path / task, model="char", quiet=True)
+        r = _prep_rows(tmp_path / task, "val")
+        assert r[-1]["label"] == label and frag in r[-1]["text"], (task, r[-1])
+
+
+def test_boolq_without_train_splits_val(tmp_path):
+    rows = [dict(question=f"q{i}", passage=f"P -- text {i}", label=i % 3 == 0, idx=i) for i in range(10)]
+    (tmp_path / "BoolQ").mkdir()
+    (tmp_path / "BoolQ" / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    m = prepare.prepare(task="boolq", data_dir=tmp_path, out_dir=tmp_path / "o", model="char", quiet=True)
+    assert m["counts"] == dict(train=8, val=2) and "train" in m["split_note"]
+    assert [r["text"].split("\n")[1] for r in _prep_rows(tmp_path / "o", "val")] == ["Question: q0?", "Question: q5?"]
+
+
+def test_truncation_shortens_passage_keeps_question(tmp_path):
+    rows = [dict(premise="word " * 200, hypothesis="The final hypothesis stays.", label="entailment", idx=0),
+            dict(premise="short.", hypothesis="Also kept.", label="not_entailment", idx=1)]
+    (tmp_path / "RTE").mkdir()
+    for s in ("train", "val"):
+        (tmp_path / "RTE" / f"{s}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    m = prepare.prepare(task="rte", data_dir=tmp_path, out_dir=tmp_path / "o", model="char", max_len=300, quiet=True)
+    assert m["shortened"] == 2 and m["max_len"]["train"]["x"] == 300                   # 1 per split
+    meta, tok, idx, exs = _prep_decode(tmp_path / "o", "train")
+    assert idx[0, 1] == 300 and exs[0][1].endswith("Answer: The final hypothesis stays.\nIs the answer correct Yes or No?")
+    assert exs[0][1].startswith("Passage: word word") and exs[1][1] == _prep_rows(tmp_path / "o", "train")[1]["text"]
+    with pytest.raises(prepare.PrepareError, match="raise --max_len"):
+        prepare.prepare(task="rte", data_dir=tmp_path, out_dir=tmp_path / "o2", model="char", max_len=40, quiet=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# custom data, rationale import, ablations
+
+def _prep_custom(tmp_path):
+    (tmp_path / "train.csv").write_text("text,label,rationale\n\"good, fine\",pos,nice words\nawful,neg,bad words\n"
+                                        "great,pos,\nmeh,neg,dull\n")
+    (tmp_path / "val.jsonl").write_text('{"text": "ok", "label": "pos"}\n\n{"text": "bad", "label": "neg"}\n')
+    (tmp_path / "test.json").write_text('[{"text": "what"}, {"text": "so so", "label": "neg"}]')
+    return dict(train_file=tmp_path / "train.csv", val_file=tmp_path / "val.jsonl", test_file=tmp_path / "test.json")
+
+
+def test_custom_formats_and_labels(tmp_path):
+    m = prepare.prepare(task="custom", out_dir=tmp_path / "o", model="char", quiet=True, **_prep_custom(tmp_path))
+    assert m["labels"] == ["neg", "pos"] and m["counts"] == dict(train=4, val=2, test=2)
+    assert set(m["sources"]) == {"train.csv", "val.jsonl", "test.json"} and m["rationale_source"] == "file"
+    r = _prep_rows(tmp_path / "o", "train")
+    assert [(x["text"], x["label"], x["rationale"]) for x in r] == [
+        ("good, fine", "pos", "nice words"), ("awful", "neg", "bad words"), ("great", "pos", None), ("meh", "neg", "dull")]
+    _, _, idx, exs = _prep_decode(tmp_path / "o", "train")
+    assert exs[0][2] == "\nReasoning:\nnice words\nFinal Answer:\npos" and exs[2][2] == "\nFinal Answer:\npos"
+    assert [x["label"] for x in _prep_rows(tmp_path / "o", "test")] == [None, "neg"]
+    m = prepare.prepare(task="custom", out_dir=tmp_path / "o", model="char", quiet=True,
+                        **{**_prep_custom(tmp_path), "test_file": None})                   # rerun without a test file
+    assert m["counts"] == dict(train=4, val=2) and not list((tmp_path / "o").glob("test.*"))
+    m = prepare.prepare(task="custom", out_dir=tmp_path / "clip", model="char", max_rationale=4, quiet=True, **_prep_custom(tmp_path))
+    assert m["rationale_clipped"] == 2 and _prep_decode(tmp_path / "clip", "train")[3][0][2] == "\nReasoning:\nnice\nFinal Answer:\npos"
+    # integer labels sort numerically; evidence-binding recipe: --text_field=sentence --filter=status=verified
+    (tmp_path / "ev.csv").write_text("sentence,status,label\nA holds.,verified,10\nB maybe.,draft,2\nC holds.,verified,2\n")
+    m = prepare.prepare(task="custom", train_file=tmp_path / "ev.csv", val_file=tmp_path / "ev.csv", text_field="sentence",
+                        filter="status=verified", out_dir=tmp_path / "ev", model="char", quiet=True)
+    assert m["labels"] == ["2", "10"] and m["counts"] == dict(train=2, val=2)
+    assert m["dropped"] == {"train/filtered": 1, "val/filtered": 1}
+    assert [x["text"] for x in _prep_rows(tmp_path / "ev", "train")] == ["A holds.", "C holds."]
+
+
+def test_rationale_import_and_ablations(tmp_path):
+    files = _prep_custom(tmp_path)
+    lines = [dict(task="custom", split="train", idx=0, rationale="  first reason ", label="pos"),
+             dict(task="custom", split="train", idx=1, rationale="second reason", label="neg"),
+             dict(task="custom", split="train", idx=2, rationale="wrong side", label="neg"),     # disagrees
+             dict(task="custom", split="train", idx=3, rationale="", label="neg"),               # empty
+             dict(task="custom", split="val", idx=0, rationale="no answer given"),              # answer-less
+             dict(task="custom", split="val", idx=1, rationale="says so", label="Neg. Clearly"),  # agrees
+             dict(task="custom", split="test", idx=1, rationale="says not", label="negative"),    # disagrees
+             dict(task="other", split="train", idx=0, rationale="ignored", label="x")]
+    rf = tmp_path / "r.jsonl"
+    rf.write_text("".join(json.dumps(l) + "\n" for l in lines))
+    m = prepare.prepare(task="custom", out_dir=tmp_path / "o", model="char", rationales=rf, quiet=True, **files)
+    assert m["dropped"] == {"rationales/disagree": 2, "rationales/empty": 1, "rationales/no_answer": 1}
+    assert [x["rationale"] for x in _prep_rows(tmp_path / "o", "val")] == [None, "says so"]
+    assert m["rationale_source"] == "file:r.jsonl" and "r.jsonl" in m["sources"]
+    r = _prep_rows(tmp_path / "o", "train")
+    assert [x["rationale"] for x in r] == ["first reason", "second reason", None, "dull"]  # CSV rationale kept for 3
+    _, _, _, exs = _prep_decode(tmp_path / "o", "train")
+    assert exs[1][2] == "\nReasoning:\nsecond reason\nFinal Answer:\nneg"
+    m = prepare.prepare(task="custom", out_dir=tmp_path / "a", model="char", rationales=rf, ablation="only_label",
+                        quiet=True, **files)
+    assert m["ablation"] == "only_label"
+    _, _, _, exs = _prep_decode(tmp_path / "a", "train")
+    assert [e[2] for e in exs] == ["\nFinal Answer:\npos", "\nFinal Answer:\nneg", "\nFinal Answer:\npos", "\nFinal Answer:\nneg"]
+    outs = {}
+    for abl in ("shuffle_reasoning", "shuffle_reasoning_label"):
+        for seed in (1, 1, 5):
+            prepare.prepare(task="custom", out_dir=tmp_path / abl, model="char", rationales=rf, ablation=abl,
+                            seed=seed, quiet=True, **files)
+            outs.setdefault(abl, []).append(_prep_files(tmp_path / abl))
+            _, _, idx, exs = _prep_decode(tmp_path / abl, "train")
+            assert idx[:, 3].tolist() == [1, 0, 1, 0]                                      # class labels stay gold
+            suffixes = [e[2].split("\nFinal Answer:\n") for e in exs if "Reasoning" in e[2]]
+            assert sorted(s[0] for s in suffixes) == sorted("\nReasoning:\n" + r for r in ("first reason", "second reason", "dull"))
+            pairs = {("\nReasoning:\nfirst reason", "pos"), ("\nReasoning:\nsecond reason", "neg"), ("\nReasoning:\ndull", "neg")}
+            if abl == "shuffle_reasoning_label":
+                assert {tuple(s) for s in suffixes} == pairs                               # answer moves with its rationale
+        assert outs[abl][0] == outs[abl][1]                                                # seeded
+    assert outs["shuffle_reasoning"][0] != outs["shuffle_reasoning"][2]                   # a different seed shuffles differently
+
+
+# ---------------------------------------------------------------------------------------------------------
+# teacher over an OpenAI-compatible API: a fake /v1/chat/completions on 127.0.0.1
+
+def _prep_server(handler_fn):
+    import http.server, threading
+
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            code, payload = handler_fn(self.path, self.headers, body)
+            self.send_response(code)
+            self.end_headers()
+            self.wfile.write(payload if isinstance(payload, bytes) else json.dumps(payload).encode())
+
+        def do_GET(self):
+            code, payload = handler_fn(self.path, self.headers, None)
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv, f"http://127.0.0.1:{srv.server_address[1]}"
+
+
+def test_teacher_api_retries_drops_and_resume(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare, "RETRY_BASE", 0.01)
+    monkeypatch.setenv("PREP_TEST_KEY", "sk-secret-123")
+    rows = [dict(text=f"item {k}", label="pos" if k % 2 == 0 else "neg") for k in range(8)]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    calls, broken = {}, {7}
+
+    def handle(path, headers, body):
+        assert path == "/v1/chat/completions" and headers["Authorization"] == "Bearer sk-secret-123"
+        assert body["model"] == "tiny-teacher"
+        prompt = body["messages"][0]["content"]
+        assert "[END OF REASONING]" in prompt and "2 to 5 sentences" in prompt
+        k = int(prompt.split("item ")[1].split()[0])
+        gold = prompt.split("Correct answer: ")[1].strip()
+        calls[k] = calls.get(k, 0) + 1
+        other = "neg" if gold == "pos" else "pos"
+        ok = lambda txt: (200, {"choices": [{"message": {"content": txt}}]})
+        if k in broken:
+            return 500, {"error": "down"}
+        if k in (3, 4, 5) and calls[k] == 1:                      # transient: 429, 500, garbage body
+            return {3: (429, {"error": "slow down"}), 4: (500, {"error": "oops"}), 5: (200, b"not json")}[k]
+        return ok({1: f"Reasoning for {k}.\n[END OF REASONING]\nAnswer: {other}",          # disagrees with gold
+                   2: "I forgot the marker. Answer: pos",                                    # answer-less
+                   6: "[END OF REASONING]\nAnswer: pos"}.get(k, f"Step one for {k}. Step two.\n[END OF REASONING]\nAnswer: {gold}."))
+
+    srv, url = _prep_server(handle)
+    kw = dict(task="custom", train_file=tmp_path / "t.jsonl", val_file=tmp_path / "t.jsonl", model="char",
+              teacher_url=url + "/v1", teacher_model="tiny-teacher", api_key_env="PREP_TEST_KEY", teacher_workers=3,
+              out_dir=tmp_path / "o", quiet=True)
+    try:
+        m = prepare.prepare(**kw)                                          # item 7 fails for good: not written
+        rf = tmp_path / "o" / "rationales.jsonl"
+        assert sorted(json.loads(l)["idx"] for l in rf.read_text().splitlines()) == list(range(7))
+        assert m["dropped"] == {"rationales/disagree": 1, "rationales/no_answer": 1, "rationales/empty": 1}
+        assert m["rationale_source"] == "teacher:tiny-teacher"
+        assert calls[3] == calls[4] == calls[5] == 2 and calls[0] == 1 and calls[7] == 6
+        r = _prep_rows(tmp_path / "o", "train")
+        assert r[0]["rationale"] == "Step one for 0. Step two." and r[5]["rationale"] == "Step one for 5. Step two."
+        assert [x["rationale"] is None for x in r] == [False, True, True, False, False, False, True, True]
+        for p in (tmp_path / "o").iterdir():
+            assert b"sk-secret-123" not in p.read_bytes()
+        # resume after a kill mid-line: the partial line goes, existing ids are skipped, only the rest is asked for
+        lines = rf.read_text().splitlines(keepends=True)
+        rf.write_text("".join(lines[:4]) + lines[4][:10])
+        broken.clear(); before = dict(calls)
+        m = prepare.prepare(**kw)
+        got = [json.loads(l)["idx"] for l in rf.read_text().splitlines()]
+        assert sorted(got) == list(range(8)) and len(got) == 8
+        done_first = {json.loads(l)["idx"] for l in lines[:4]}
+        assert {k for k in calls if calls[k] != before.get(k)} == set(range(8)) - done_first
+        assert _prep_rows(tmp_path / "o", "train")[7]["rationale"] == "Step one for 7. Step two."
+        before = dict(calls)
+        prepare.prepare(**kw)
+        assert calls == before                                             # nothing generated twice
+    finally:
+        srv.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bad input: one clean message naming file, line and field
+
+def test_bad_input_messages(tmp_path):
+    sg = _prep_write_sg(tmp_path / "sg")
+    cb = sg / "CB" / "train.jsonl"
+    good = cb.read_text()
+    run = lambda **kw: prepare.prepare(**{**dict(task="cb", data_dir=sg, out_dir=tmp_path / "o", model="char", quiet=True), **kw})
+    cb.write_text(good + '{"premise": "x", "hypothesis": \n')
+    with pytest.raises(prepare.PrepareError, match=r"CB/train.jsonl:4: malformed JSON"):
+        run()
+    cb.write_text(good + '{"premise": "x", "label": "neutral", "idx": 3}\n')
+    with pytest.raises(prepare.PrepareError, match=r"CB/train.jsonl:4: missing field 'hypothesis'"):
+        run()
+    cb.write_text(good + '{"premise": "x", "hypothesis": "y", "label": "maybe", "idx": 3}\n')
+    with pytest.raises(prepare.PrepareError, match=r"CB/train.jsonl:4: unknown label 'maybe'.*known labels: entailment, contradiction, neutral"):
+        run()
+    cb.write_text("\n")
+    with pytest.raises(prepare.PrepareError, match=r"CB/train.jsonl: no examples"):
+        run()
+    cb.write_text(good)
+    files = _prep_custom(tmp_path)
+    (tmp_path / "bad.csv").write_text("text,label\nfine,pos\nnope,weird\n")
+    with pytest.raises(prepare.PrepareError, match=r"bad.csv:3: unknown label 'weird'.*known labels \(from train\): neg, pos"):
+        prepare.prepare(task="custom", out_dir=tmp_path / "c", model="char", **{**files, "val_file": tmp_path / "bad.csv"})
+    (tmp_path / "nolabel.jsonl").write_text('{"text": "a", "label": "pos"}\n{"text": "b"}\n')
+    with pytest.raises(prepare.PrepareError, match=r"nolabel.jsonl:2: missing field 'label'"):
+        prepare.prepare(task="custom", out_dir=tmp_path / "c", model="char", **{**files, "train_file": tmp_path / "nolabel.jsonl"})
+    (tmp_path / "empty.csv").write_text("text,label\n")
+    with pytest.raises(prepare.PrepareError, match=r"empty.csv: split 'val' is empty"):
+        prepare.prepare(task="custom", out_dir=tmp_path / "c", model="char", **{**files, "val_file": tmp_path / "empty.csv"})
+    (tmp_path / "r.jsonl").write_text('{"task": "custom", "split": "train", "idx": 0, "rationale": "a", "label": "pos"}\n'
+                                      '{"task": "custom", "split": "train", "rationale": "b"}\n')
+    with pytest.raises(prepare.PrepareError, match=r"r.jsonl:2: missing field 'idx'"):
+        prepare.prepare(task="custom", out_dir=tmp_path / "c", model="char", rationales=tmp_path / "r.jsonl", **files)
+    (tmp_path / "r.jsonl").write_text('{"task": "custom", "split": "train", "idx": 99, "rationale": "b", "label": "pos"}\n')
+    with pytest.raises(prepare.PrepareError, match=r"r.jsonl:1: no example split='train' idx=99"):
+        prepare.prepare(task="custom", out_dir=tmp_path / "c", model="char", rationales=tmp_path / "r.jsonl", **files)
+    # the CLI turns every one of these into one line on stderr and exit status 1, never a traceback
+    for argv, msg in [(["--task=nope"], "unknown --task=nope"), (["--bogus=1"], "bad option '--bogus=1'"),
+                      (["cb"], "bad option 'cb'"), (["--task=synth", "--max_len=big"], "--max_len=big"),
+                      ([f"--task=cb", f"--data_dir={sg}", "--model=char", "--format=weird"], "unknown --format=weird")]:
+        with pytest.raises(SystemExit) as e:
+            prepare.main(argv)
+        assert isinstance(e.value.code, str) and e.value.code.startswith("prepare.py: ") and msg in e.value.code, e.value.code
+
+
+# ---------------------------------------------------------------------------------------------------------
+# BPE tokenizers (H2's tiny fixture folders) and the SuperGLUE download on loopback
+
+def test_bpe_tokenizers_bos_and_truncation(tmp_path):
+    sg = _prep_write_sg(tmp_path / "sg")
+    long = dict(premise="The committee discussed the budget at length. " * 60, hypothesis="The budget was discussed.",
+                label="entailment", idx=9)
+    (sg / "RTE" / "train.jsonl").write_text((sg / "RTE" / "train.jsonl").read_text() + json.dumps(long) + "\n")
+    for name, has_bos in (("tok_gpt2", False), ("tok_opt", True)):
+        folder = ROOT / "tests" / "fixtures" / name
+        m = prepare.prepare(task="rte", data_dir=sg, out_dir=tmp_path / name, model=str(folder), max_len=128, quiet=True)
+        assert m["tokenizer"] == {"type": "bpe", "name": str(folder)} and m["token_dtype"] == "uint16"
+        meta, tok, idx, exs = _prep_decode(tmp_path / name, "train")
+        assert (m["bos_id"] is not None) == has_bos and m["shortened"] == 1 and idx[2, 1] == 128
+        for (ids, x, suffix, label, group), r, x_len in zip(exs, _prep_rows(tmp_path / name, "train"), idx[:, 1]):
+            assert (ids[0] == tok.bos_id) == has_bos and ids[-1] == tok.eos_id
+            assert x == r["text"] and suffix == "\nFinal Answer:\n" + r["label"]
+            assert ids[:x_len] == ([tok.bos_id] if has_bos else []) + tok.encode(r["text"])
+        assert exs[2][1].endswith("\nAnswer: The budget was discussed.\nIs the answer correct Yes or No?")
+
+
+def test_superglue_download_from_loopback(tmp_path, monkeypatch):
+    import io, zipfile
+    src = _prep_write_sg(tmp_path / "src")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for f in sorted((src / "CB").iterdir()):
+            z.writestr(f"CB/{f.name}", f.read_bytes())
+        z.writestr("__MACOSX/CB/._train.jsonl", b"junk")
+    served = []
+
+    def handle(path, headers, body):
+        served.append(path)
+        return (200, buf.getvalue()) if path == "/CB.zip" else (404, b"no")
+
+    srv, url = _prep_server(handle)
+    try:
+        monkeypatch.setattr(prepare, "SUPERGLUE_URL", url)
+        m = prepare.prepare(task="cb", data_dir=tmp_path / "dl", out_dir=tmp_path / "o", model="char", quiet=True)
+        assert m["counts"] == dict(train=3, val=3, test=3) and served == ["/CB.zip"]
+        assert sorted(p.name for p in (tmp_path / "dl").rglob("*")) == ["CB", "test.jsonl", "train.jsonl", "val.jsonl"]
+        assert m["sources"]["CB/train.jsonl"] == prepare.sha256(src / "CB" / "train.jsonl")
+        prepare.prepare(task="cb", data_dir=tmp_path / "dl", out_dir=tmp_path / "o", model="char", quiet=True)
+        assert served == ["/CB.zip"]                                                   # present now: no second fetch
+        with pytest.raises(prepare.PrepareError, match=r"RTE/val.jsonl not found and downloading .*/RTE.zip failed"):
+            prepare.prepare(task="rte", data_dir=tmp_path / "dl", out_dir=tmp_path / "o", model="char", quiet=True)
+    finally:
+        srv.shutdown()
+
+
+def test_local_teacher_batched_generate_and_resume(tmp_path, monkeypatch):
+    """--teacher=DIR: gpt.py's batched, left-padded generate; one line per train example; a rerun generates nothing."""
+    monkeypatch.setattr(prepare, "TEACHER_PROMPT", "{x} => {y}:")      # short: the tiny model has 64 positions
+    rows = [dict(text=t, label=l) for t, l in (("a cat", "pos"), ("the long dog ran", "neg"), ("x", "pos"))]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    calls = []
+    real = prepare.GPT.generate
+    monkeypatch.setattr(prepare.GPT, "generate", lambda self, idx, *a, **k: calls.append(idx.shape) or real(self, idx, *a, **k))
+    kw = dict(task="custom", train_file=tmp_path / "t.jsonl", val_file=tmp_path / "t.jsonl", model="char",
+              teacher=str(ROOT / "tests" / "fixtures" / "gpt2"), teacher_max_new_tokens=6, quiet=True)
+    texts = {}
+    for batch in (3, 1):
+        m = prepare.prepare(out_dir=tmp_path / f"b{batch}", teacher_batch=batch, **kw)
+        lines = [json.loads(l) for l in (tmp_path / f"b{batch}" / "rationales.jsonl").read_text().splitlines()]
+        assert [l["idx"] for l in lines] == [0, 1, 2] and m["rationale_source"].startswith("teacher:")
+        assert sum(m["dropped"].values()) == 3                   # a random tiny model never writes the marker
+        texts[batch] = [l["rationale"] for l in lines]
+        assert all(texts[batch])                                # it did generate text
+    assert len(calls) == 4 and calls[0][0] == 3 and texts[3] == texts[1]   # left-padded batch == one at a time
+    prepare.prepare(out_dir=tmp_path / "b3", teacher_batch=3, **kw)
+    assert len(calls) == 4                                                  # resume: nothing generated twice
+    with pytest.raises(prepare.PrepareError, match=r"needs \d+ \+ 60 tokens, more than its 64 positions"):
+        prepare.prepare(out_dir=tmp_path / "long", **{**kw, "teacher_max_new_tokens": 60})
+
+
+# ==============================================================================================================
+# dhrd.py: DDP == single process, exact resume, metrics, config errors, compile, eval/predict
+# ==============================================================================================================
+
+TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--batch_size=8", "--dtype=float32", "--eval_batch_size=256",
+        "--warmup_iters=2", "--learning_rate=3e-3"]
+
+
+def _train_run(*args, cwd, timeout=120, check=True):
+    r = subprocess.run([sys.executable, str(ROOT / "dhrd.py"), *args], cwd=cwd, capture_output=True, text=True,
+                       timeout=timeout)
+    if check:
+        assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
+def _train_log(out_dir, key="loss"):
+    return [json.loads(l) for l in (pathlib.Path(out_dir) / "log.jsonl").read_text().splitlines()
+            if key in json.loads(l)]
+
+
+@pytest.fixture(scope="module")
+def train_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("synth")
+    prepare.prepare(task="synth", out_dir=d, quiet=True)
+    return d
+
+
+def test_train_metrics_handmade():
+    # CB: 3 classes; macro-F1 = mean of per-class F1 over classes seen in gold or predictions
+    gold = np.array([0, 0, 1, 2, 2, 2])
+    probs = np.eye(3)[[0, 1, 1, 2, 2, 0]]
+    m = dhrd.metrics("cb", probs, gold, np.arange(6))
+    f1 = [2 * 1 / (2 + 2), 2 * 1 / (1 + 2), 2 * 2 / (3 + 2)]  # class 0: tp 1, |gold| 2, |pred| 2; ...
+    assert m == pytest.approx({"f1": sum(f1) / 3, "accuracy": 4 / 6})
+    # MultiRC: F1a over all answers (positive = 1); EM = share of questions (groups) with every answer right
+    gold = np.array([1, 0, 1, 1, 0, 0])
+    pred = np.array([1, 0, 0, 1, 0, 1])
+    groups = np.array([7, 7, 7, 3, 3, 5])
+    m = dhrd.metrics("multirc", np.eye(2)[pred], gold, groups, pos=1)
+    assert m == pytest.approx({"f1a": 2 * 2 / (3 + 3), "em": 1 / 3})
+    # COPA: per pair the alternative with the higher P(Yes) is chosen; correct if its gold is Yes (pos=1)
+    gold = np.array([1, 0, 0, 1, 1, 0])
+    p_yes = np.array([0.4, 0.3, 0.9, 0.8, 0.2, 0.1])  # pair 0: option 0 (right); pair 1: option 2 (wrong); pair 2: 4
+    probs = np.stack([1 - p_yes, p_yes], 1)
+    assert dhrd.metrics("copa", probs, gold, np.array([0, 0, 1, 1, 2, 2]), pos=1) == {"accuracy": pytest.approx(2 / 3)}
+    # an unparsed CoT answer (zero row) is wrong, never class 0
+    assert dhrd.metrics("accuracy", np.array([[0.0, 0.0], [0.0, 1.0]]), np.array([0, 1]), np.arange(2)) == {"accuracy": 0.5}
+
+
+def test_train_config_errors(tmp_path):
+    r = _train_run("--learning_rat=1e-3", cwd=tmp_path, check=False)  # the CLI: a message, no traceback
+    assert r.returncode != 0 and "unknown config key 'learning_rat'" in r.stderr and "learning_rate" in r.stderr
+    assert "Traceback" not in r.stderr
+    for args, msg in [(["--max_iters=ten"], "--max_iters: expected int for max_iters (like 600), got 'ten'"),
+                      (["--compile=maybe"], "expected bool for compile"), (["--alpha=x"], "expected float for alpha"),
+                      (["--lr_decay=step"], "lr_decay='step' is not one of cosine, linear"),
+                      (["--batch_size"], "use --key=value"), (["--batch_size=0"], "must be >= 1")]:
+        with pytest.raises(dhrd.ConfigError, match=re.escape(msg)):
+            dhrd.parse_config(args)
+    (tmp_path / "c.json").write_text(json.dumps({"batch_size": 4, "alhpa": 1}))
+    with pytest.raises(dhrd.ConfigError, match=r"c.json: unknown config key 'alhpa'; did you mean alpha\?"):
+        dhrd.parse_config([str(tmp_path / "c.json")])
+    (tmp_path / "d.json").write_text(json.dumps({"batch_size": 4, "alpha": 0}))
+    cfg = dhrd.parse_config([str(tmp_path / "d.json"), "--batch_size=7"])  # later wins; an int is a fine float
+    assert (cfg.batch_size, cfg.alpha, cfg.out_dir, cfg.data_dir) == (7, 0.0, "out-synth", "data/synth")
+    with pytest.raises(dhrd.ConfigError, match="nowhere/meta.json: not found.*prepare.py --task=cb"):
+        dhrd.main(["--task=cb", "--data_dir=nowhere"])
+
+
+def test_train_ddp_two_processes_match_one(train_data, tmp_path):
+    """2 Gloo processes x 1 micro-step == 1 process x 2 micro-steps: same samples per step, same losses."""
+    flags = [*TINY, f"--data_dir={train_data}", "--gradient_accumulation_steps=2", "--max_iters=4",
+             "--log_interval=1", "--eval_interval=4", "--dropout=0.0"]
+    _train_run(*flags, f"--out_dir={tmp_path / 'one'}", cwd=tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(ROOT / "dhrd.py"), *flags, f"--out_dir={tmp_path / 'two'}"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=180, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    one, two = _train_log(tmp_path / "one"), _train_log(tmp_path / "two")
+    assert [l["iter"] for l in one] == [l["iter"] for l in two] == [1, 2, 3, 4]
+    for a, b in zip(one, two):
+        for k in ("loss", "loss_cls", "loss_lm"):
+            assert abs(a[k] - b[k]) < 1e-5, (k, a, b)
+    assert len({l["loss"] for l in one}) == 4  # the losses move: the comparison means something
+
+
+def _train_weights(out_dir):
+    return torch.load(pathlib.Path(out_dir) / "ckpt.pt", weights_only=True)["model"]
+
+
+@pytest.fixture(scope="module")
+def trained_run(train_data, tmp_path_factory):
+    """An uninterrupted run (dropout on, so RNG restore matters) that resume, eval_only and predict compare to."""
+    d = tmp_path_factory.mktemp("run")
+    flags = [*TINY, f"--data_dir={train_data}", "--max_iters=40", "--eval_interval=5", "--log_interval=1",
+             "--dropout=0.1"]
+    _train_run(*flags, f"--out_dir={d / 'full'}", cwd=d)
+    return d, flags
+
+
+def test_train_resume_after_kill_is_exact(trained_run):
+    d, flags = trained_run
+    out = d / "killed"
+    p = subprocess.Popen([sys.executable, str(ROOT / "dhrd.py"), *flags, f"--out_dir={out}"], cwd=d,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    while not (out / "ckpt.pt").exists() and p.poll() is None and time.time() - t0 < 120:
+        time.sleep(0.005)
+    p.kill()
+    p.wait()
+    assert not (out / "results.json").exists(), "the run finished before it could be killed"
+    killed_at = torch.load(out / "ckpt.pt", weights_only=True)["iter"]
+    assert killed_at < 40
+    _train_run("--init_from=resume", f"--out_dir={out}", cwd=d)
+    full, resumed = _train_weights(d / "full"), _train_weights(out)
+    assert full.keys() == resumed.keys()
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), k
+    res = [json.loads((x / "results.json").read_text()) for x in (d / "full", out)]
+    assert res[0] == res[1] and res[0]["val"]["accuracy"] > 0
+    assert _train_log(d / "full") == _train_log(out)  # the log after the kill was trimmed to the checkpoint
+
+
+def test_train_eval_only_and_predict(trained_run):
+    d, _ = trained_run
+    run, res = d / "full", json.loads((d / "full" / "results.json").read_text())
+    r = _train_run(f"--init_from={run}", "--eval_only=True", cwd=d)
+    assert json.loads(r.stdout.strip().splitlines()[-1])["val"] == res["val"]  # the exported best model
+    rows = [json.loads(l) for l in (pathlib.Path(json.loads((run / "config.json").read_text())["data_dir"]) /
+                                    "val.jsonl").read_text().splitlines()]
+    (d / "in.jsonl").write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in rows))
+    _train_run(f"--init_from={run / 'model'}", f"--predict={d / 'in.jsonl'}", f"--predictions={d / 'p.jsonl'}", cwd=d)
+    preds = [json.loads(l) for l in (d / "p.jsonl").read_text().splitlines()]
+    assert len(preds) == len(rows) and all(abs(sum(p["probs"].values()) - 1) < 1e-5 for p in preds)
+    acc = np.mean([p["label"] == r["label"] for p, r in zip(preds, rows)])
+    assert acc == pytest.approx(res["val"]["accuracy"])
+    (d / "bad.jsonl").write_text('{"text": "a=1;a>4?"}\n{"txt": 1}\n')
+    r = _train_run(f"--init_from={run}", f"--predict={d / 'bad.jsonl'}", cwd=d, check=False)
+    assert r.returncode != 0 and "bad.jsonl:2" in r.stderr and "'text'" in r.stderr
+
+
+def test_train_nonfinite_loss_stops_clearly(train_data, tmp_path):
+    out = tmp_path / "nan"
+    r = _train_run(*TINY, f"--data_dir={train_data}", f"--out_dir={out}", "--learning_rate=1e30", "--warmup_iters=0",
+                   "--grad_clip=0", "--max_iters=6", "--eval_interval=1", cwd=tmp_path, check=False)
+    assert r.returncode != 0 and "non-finite loss at iter 2" in r.stderr, r.stdout + r.stderr
+    assert "ckpt.pt (iter 1)" in r.stderr and "Traceback" not in r.stderr
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter"] == 1  # the last good checkpoint is intact
+
+
+def test_train_compile_alpha0_and_cot(train_data, tmp_path):
+    """--compile=True trains; alpha=0 (pooled baseline) logs no LM loss; beta=0 evaluates by decoding."""
+    r = _train_run(*TINY, f"--data_dir={train_data}", f"--out_dir={tmp_path / 'c'}", "--compile=True", "--max_iters=2",
+                   "--alpha=0", cwd=tmp_path, timeout=300)
+    assert "val accuracy" in r.stdout and _train_log(tmp_path / "c")[-1]["loss_lm"] is None
+    _train_run(*TINY, f"--data_dir={train_data}", f"--out_dir={tmp_path / 'cot'}", "--beta=0", "--max_iters=2",
+               "--cot_tokens=8", cwd=tmp_path)
+    val = _train_log(tmp_path / "cot", "val")[-1]["val"]
+    assert val == {"accuracy": 0.0}  # 8 tokens never reach "Final Answer:": unparsed answers count as wrong
+
+
+class _TrainFakeLM:
+    """Stands in for GPT in class_probs: 'decodes' a fixed continuation per prompt."""
+    config = type("C", (), {"block_size": 64})
+
+    def __init__(self, tok, answers):
+        self.tok, self.answers = tok, answers
+
+    def eval(self):
+        pass
+
+    train = eval
+
+    def generate(self, idx, n, eos_token_id=None, attention_mask=None):
+        outs = [self.tok.encode(a) + [eos_token_id] * n for a in self.answers[:len(idx)]]
+        return torch.cat([idx, torch.tensor([o[:n] for o in outs])], 1)
+
+
+def test_train_cot_answer_parsing():
+    """beta=0 evaluation: the verbalised label after the last "Final Answer:" line; anything else = no prediction."""
+    meta = dict(labels=["No", "Yes"], verbalizers={"No": "No", "Yes": "Yes"}, pad_id=40, eos_id=39)
+    tok = prepare.CharTokenizer("\n +,-0123456789:;=>?AFNRYabcdegilnorsw")
+    answers = ["\nReasoning:\nb=1+2=3\nFinal Answer:\nYes", "\nReasoning:\nb=9\nFinal Answer:\nNo",
+               "\nReasoning:\nb=9\nFinal Answer:\nYess", "\nReasoning:\nb=1+2=3,c="]
+    seqs = [[1, 2], [3], [4, 5, 6], [7]]  # lengths differ: length-sorted batches must map back to the rows
+    order = np.argsort([len(s) for s in seqs], kind="stable")
+    model = _TrainFakeLM(tok, [answers[j] for j in order])
+    probs = dhrd.class_probs(model, seqs, meta, True, "cpu", torch.no_grad(), 8, 60, tok)
+    assert probs.tolist() == [[0, 1], [1, 0], [0, 0], [0, 0]]
+
+
+# ==============================================================================================================
+# bench.py: the JSON contract on a tiny model, flag errors
+# ==============================================================================================================
+
+BENCH_TINY = ["--batch_size=4", "--seq_len=16", "--cot_batch_size=2", "--cot_tokens=5", "--cot_prompt_len=3",
+              "--train_batch_size=2", "--train_seq_len=12", "--agree_batches=2", "--warmup=0", "--repeats=2",
+              # 4096 rows x 4096 vocab: the naive loss holds several [4096, 4096] fp32 tensors (64 MB each),
+              # the fused one only [chunk, 4096] pieces, so fused < naive must hold by a wide margin
+              "--mem_vocab=4096", "--mem_seq_len=4096"]
+
+
+def _bench_run(*args, timeout=120):
+    return subprocess.run([sys.executable, str(ROOT / "bench.py"), *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _bench_tiny_model(path):
+    cfg = GPTConfig(vocab_size=97, block_size=64, n_layer=2, n_head=2, n_embd=32, num_labels=3)
+    GPT(cfg).save_pretrained(path)
+    return path
+
+
+def test_bench_end_to_end_json(tmp_path):
+    model_dir = _bench_tiny_model(tmp_path / "tiny")
+    out = tmp_path / "bench.json"
+    p = _bench_run(f"--init_from={model_dir}", f"--out={out}", *BENCH_TINY)  # default dtype: bfloat16
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(out.read_text())
+    # every key of SPEC §5, with the shapes that were asked for
+    assert r["device"] == "cpu" and r["dtype"] == "bfloat16" and r["model"] == str(model_dir)
+    assert {k: r["pooled"][k] for k in ("batch_size", "seq_len")} == {"batch_size": 4, "seq_len": 16}
+    assert {k: r["cot"][k] for k in ("batch_size", "new_tokens")} == {"batch_size": 2, "new_tokens": 5}
+    assert {k: r["train"][k] for k in ("batch_size", "seq_len")} == {"batch_size": 2, "seq_len": 12}
+    assert r["train"]["mfu"] is None  # no MFU on a CPU: there is no vendor peak to divide by
+    for v in (r["pooled"]["qps"], r["cot"]["qps"], r["cot"]["tokens_per_s"], r["train"]["tokens_per_s"]):
+        assert isinstance(v, float) and v > 0
+    assert r["speedup"] == r["pooled"]["qps"] / r["cot"]["qps"]
+    assert r["cot"]["tokens_per_s"] == pytest.approx(r["cot"]["qps"] * 5)
+    assert r["pooled"]["agreement_n"] == 8 and 0 <= r["pooled"]["agreement_fp32"] <= 1
+    m = r["lm_loss_memory"]
+    assert 0 < m["fused_peak_mb"] < m["naive_peak_mb"]
+    assert m["naive_peak_mb"] > 32  # at least one [4096, 4096] logits tensor was measured
+    assert "pooled QPS" in p.stdout and "speedup" in p.stdout  # the printed table
+
+
+def test_bench_builtin_shape_is_gpt2_124m():
+    # `--init_from=gpt2` builds the real shape without a download: 124,439,808 parameters (tied
+    # embeddings, as HF counts GPT2LMHeadModel) plus the bias-free 768 x 2 pooled head
+    model = bench.load_model("gpt2")
+    assert sum(p.numel() for p in model.parameters()) == 124_439_808 + 768 * bench.num_labels
+
+
+def test_bench_bad_flag_cli():
+    p = _bench_run("--batch_sise=4", timeout=60)
+    assert p.returncode != 0 and "bad argument '--batch_sise=4'" in p.stderr and "batch_size" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("arg, needle", [
+    ("--batch_size=four", "bad value for --batch_size"),
+    ("--compile=maybe", "bad value for --compile"),
+    ("seq_len=4", "bad argument 'seq_len=4'"),
+    ("--init_from=no-such-model", "neither a model folder nor a built-in shape"),
+    ("--dtype=float16", "float16 on CUDA only"),
+    ("--seq_len=65", "exceeds the model's block_size 64"),
+])
+def test_bench_bad_flags(arg, needle, tmp_path, monkeypatch):
+    model_dir = _bench_tiny_model(tmp_path / "tiny")
+    saved = dict(vars(bench))  # main() writes the flags into the module globals (nanoGPT style)
+    monkeypatch.setattr(sys, "argv", ["bench.py", f"--init_from={model_dir}", arg])
+    try:
+        with pytest.raises(SystemExit) as e:
+            bench.main()
+    finally:
+        vars(bench).update(saved)
+    assert needle in str(e.value)
+
+
+def test_bench_fused_lm_loss_blocks_and_bf16_match_naive():
+    # bench.py's memory figure relies on gpt.fused_lm_loss working in [rows, chunk] pieces: several row blocks
+    # and vocabulary slices (targets on slice edges) must give the naive loss and gradients, also under autocast
+    torch.manual_seed(0)
+    h = torch.randn(37, 24, requires_grad=True)
+    w = torch.randn(61, 24, requires_grad=True)
+    t = torch.randint(0, 61, (37,))
+    t[:6] = torch.tensor([0, 60, 15, 16, -100, 31])
+    ref = F.cross_entropy(h @ w.t(), t, ignore_index=-100)
+    rh, rw = torch.autograd.grad(ref, [h, w])
+    for chunk, rows in ((16, 8), (7, 5), (61, 37)):
+        loss = fused_lm_loss(h, w, t, chunk=chunk, rows=rows)
+        gh, gw = torch.autograd.grad(3 * loss, [h, w])  # a non-unit upstream gradient
+        assert abs(loss.item() - ref.item()) < 1e-5
+        assert (gh - 3 * rh).abs().max() < 1e-5 and (gw - 3 * rw).abs().max() < 1e-5
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fused_lm_loss(h, w, t, chunk=16, rows=8)
+    gh, gw = torch.autograd.grad(loss, [h, w])
+    assert gw.dtype == torch.float32 and abs(loss.item() - ref.item()) < 0.05 * ref.item()
+    assert (gw - rw).abs().max() < 0.05 * rw.abs().max() and (gh - rh).abs().max() < 0.05 * rh.abs().max()
