@@ -12,11 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-class CheckpointError(ValueError):  # a model/tokenizer file that cannot be used; the message names file and problem
-    pass
-
-class DownloadError(OSError):  # offline, HTTP error, size or checksum mismatch; the message names the URL
-    pass
+class CheckpointError(ValueError): pass  # a model/tokenizer file that cannot be used; the message names file and problem
+class DownloadError(OSError): pass  # offline, HTTP error, size or checksum mismatch; the message names the URL
 
 def _check(ok, where, msg):  # how bad input is reported: a CheckpointError naming the file and what is wrong
     if not ok:
@@ -137,9 +134,12 @@ class GPT(nn.Module):
         m = am[:, None, None, :] & torch.ones(T, T, dtype=torch.bool, device=dev).tril()
         return pos, m | torch.eye(T, dtype=torch.bool, device=dev)  # a pad row must attend somewhere (no NaN)
 
-    def _embed(self, idx, pos):
+    def _blocks(self, idx, pos, mask, caches=None, start=0):  # embeddings + blocks; KV caches in generate only
         x = self.wte(idx) if self.project_in is None else self.project_in(self.wte(idx))
-        return self.drop(x + self.wpe(pos + self.pos_offset))
+        x = self.drop(x + self.wpe(pos + self.pos_offset))
+        for block, cache in zip(self.h, caches or [None] * len(self.h)):
+            x = block(x, mask, cache, start)
+        return x
 
     def _final(self, x):
         x = x if self.ln_f is None else self.ln_f(x)
@@ -150,10 +150,7 @@ class GPT(nn.Module):
         if idx.shape[1] > self.config.block_size:
             raise ValueError(f"sequence of length {idx.shape[1]} is longer than block_size {self.config.block_size}")
         pos, mask = self._mask(attention_mask, idx.shape[1])
-        x = self._embed(idx, pos)
-        for block in self.h:
-            x = block(x, mask)
-        return self._final(x)
+        return self._final(self._blocks(idx, pos, mask))
 
     def lm_logits(self, idx, attention_mask=None):
         return self.lm_head(self.hidden_states(idx, attention_mask)).float()
@@ -166,23 +163,21 @@ class GPT(nn.Module):
         keep = (torch.arange(h.shape[1], device=h.device)[None] < x_len[:, None]).to(h.dtype)
         return (h * keep[..., None]).sum(1) / x_len[:, None].to(h.dtype)
 
-    def _x_len(self, idx, am):  # real length of each right-padded row
-        return am.long().sum(1) if am is not None else torch.full((idx.shape[0],), idx.shape[1], device=idx.device)
-
     def classify(self, idx, attention_mask=None):
         """[B,K] class logits pooled at the last real token (right padding). Never touches the LM head."""
         if self.score is None:
             raise ValueError("this model has no classification head: pass num_labels=K to from_pretrained/GPTConfig")
-        return self.score(self.pool(self.hidden_states(idx, attention_mask), self._x_len(idx, attention_mask)))
+        return self.forward(idx, attention_mask)[0]
 
     def forward(self, idx, attention_mask=None, x_len=None, lm_targets=None):
-        """THE training forward: one pass over s = [x, rationale, answer] feeds both losses of Eq. 4. Causal
-        attention makes h at the last token of x independent of what follows, so pooling at x_len equals running
-        x alone (paper §3) -- and one forward keeps DDP's gradient hooks simple."""
+        """THE training forward: one pass over s = [x, rationale, answer] feeds both losses of Eq. 4 (and keeps DDP's
+        hooks simple). Causal attention makes h at x's last token independent of what follows: pooling there = x alone (§3)."""
         h = self.hidden_states(idx, attention_mask)
         cls_logits = loss_lm = None
         if self.score is not None:
-            cls_logits = self.score(self.pool(h, x_len if x_len is not None else self._x_len(idx, attention_mask)))
+            if x_len is None:  # x alone: the real length of each right-padded row
+                x_len = (torch.ones_like(idx) if attention_mask is None else attention_mask).long().sum(1)
+            cls_logits = self.score(self.pool(h, x_len))
         if lm_targets is not None:
             loss_lm = fused_lm_loss(h, self.lm_head.weight, lm_targets)
         return cls_logits, loss_lm
@@ -204,9 +199,7 @@ class GPT(nn.Module):
         pad = self.config.pad_token_id if self.config.pad_token_id is not None else eos_token_id
         done, x, n = torch.zeros(B, dtype=torch.bool, device=idx.device), idx, T
         for _ in range(max_new_tokens):
-            h = self._embed(x, pos)
-            for block, cache in zip(self.h, caches):
-                h = block(h, mask, cache, n - x.shape[1])
+            h = self._blocks(x, pos, mask, caches, n - x.shape[1])
             logits = self.lm_head(self._final(h[:, -1])).float()  # the LM head on the last position only
             tok = _sample(logits, temperature, top_p, generator)
             if eos_token_id is not None:
@@ -234,8 +227,25 @@ class GPT(nn.Module):
         cfg = replace(cfg, **overrides)  # unknown fields -> TypeError
         with torch.device("meta"):  # no time spent initialising weights that are overwritten anyway
             model = cls(cfg)
-        sd = _hf_to_ours(model, tensors, file)
-        model.load_state_dict(sd, strict=False, assign=True)
+        wmap, ours = _weight_map(model), dict(model.named_parameters())  # a tied lm_head is not listed
+        prefix, parts, unexpected = ("transformer." if cfg.model_type == "gpt2" else "model."), {}, []
+        for key, t in tensors.items():
+            k = key[len(prefix):] if key.startswith(prefix) else key  # hub gpt2 / OPT files may lack the prefix
+            if k.endswith((".attn.bias", ".attn.masked_bias")) or k == "lm_head.weight" and cfg.tie_word_embeddings:
+                continue  # GPT-2's causal-mask buffers; a tied head is the embedding
+            if k not in wmap:
+                unexpected.append(key)
+                continue
+            name, how = wmap[k]
+            t = t.float().t() if how == "T" and t.dim() == 2 else t.float()
+            want = ours[name].shape if not isinstance(how, int) else (ours[name].shape[0] // 3, *ours[name].shape[1:])
+            _check(t.shape == want, file, f"tensor {key} has shape {list(t.shape)}, config.json implies {list(want)}")
+            parts.setdefault(name, {})[how if isinstance(how, int) else None] = t
+        sd = {n: torch.cat([p[0], p[1], p[2]]) if len(p) == 3 else p[None] for n, p in parts.items() if None in p or len(p) == 3}
+        missing = [n for n in ours if n not in sd and not n.startswith("score")]
+        _check(not (unexpected or missing), file, f"tensors do not match a {cfg.model_type} model with this config.json: "
+               f"missing {missing[:5]} ({len(missing)} in all), unexpected {unexpected[:5]} ({len(unexpected)} in all)")
+        model.load_state_dict({n: t.contiguous() for n, t in sd.items()}, strict=False, assign=True)
         if cfg.tie_word_embeddings:
             model.lm_head.weight = model.wte.weight
         if model.score is not None and not any(k.startswith("score") for k in sd):  # a fresh head
@@ -252,8 +262,7 @@ class GPT(nn.Module):
             hf if hf.startswith(("lm_head", "score")) else prefix + hf:
             (sd[name].t() if how == "T" else sd[name].chunk(3)[how] if isinstance(how, int) else sd[name]).contiguous()
             for hf, (name, how) in _weight_map(self).items()})
-        hf_cfg = {**_config_to_hf(self.config, labels), "torch_dtype": str(self.wte.weight.dtype).removeprefix("torch.")}
-        (path / "config.json.tmp").write_text(json.dumps(hf_cfg, indent=2))
+        (path / "config.json.tmp").write_text(json.dumps(_config_to_hf(self.config, labels, self.wte.weight.dtype), indent=2))
         os.replace(path / "config.json.tmp", path / "config.json")
         src = Path(getattr(self, "source_dir", path))
         for f in TOKENIZER_FILES:
@@ -289,11 +298,10 @@ def _sample(logits, temperature, top_p, generator):
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 class _FusedLMLoss(torch.autograd.Function):
-    """Head + cross-entropy without the [N, V] logits: rows in blocks of `rows`, the vocabulary in slices of `chunk`.
-    Pass 1 gets each row's logsumexp; pass 2 (training) recomputes each slice's logits and writes the gradients,
-    so a slice of the weight gradient comes from one matmul over the whole block (no [V, D] temporaries).
-    bench.py, V=50257, 1024 rows, bf16, fwd+bwd: peak 724 MB (one-pass row chunks) -> 183 MB (naive full
-    logits: 673 MB); the 4th head matmul costs nothing measurable here (1144 -> 1106 ms, 2-core EPYC VM)."""
+    """Head + CE without the [N, V] logits, in [rows, chunk] pieces. Pass 1: each row's logsumexp; pass 2 (training)
+    recomputes a slice's logits and writes its gradients, a weight-gradient slice in one matmul per block (no [V, D]
+    temporaries). bench.py, V=50257, 1024 rows, bf16, fwd+bwd: peak 724 MB (one-pass row chunks) -> 183 MB (naive
+    full logits: 673 MB); the 4th head matmul costs nothing measurable here (1144 -> 1106 ms, 2-core EPYC VM)."""
 
     @staticmethod
     def forward(ctx, h, w, t, chunk, rows, need_grad):
@@ -332,15 +340,13 @@ class _FusedLMLoss(torch.autograd.Function):
         return gh.mul_(go.to(gh.dtype)), gw.mul_(go).to(ctx.w_dtype), None, None, None, None
 
 def fused_lm_loss(h, weight, targets, ignore_index=-100, chunk=1024, rows=2048):
-    """Eq. 3: mean cross-entropy of the reasoning head over the N valid targets. h [B,T,D], weight [V,D] (the tied
-    LM head), targets [B,T] (ignore_index = no target). Gathers the valid rows first, so padding and ignored
-    positions never reach the head, then runs head + CE on [rows, chunk] pieces of the logits (see above)."""
+    """Eq. 3: mean CE of the reasoning head over the valid targets. h [B,T,D], weight [V,D] (the tied LM head), targets
+    [B,T] (ignore_index = none). Only valid rows reach the head, in [rows, chunk] pieces of the logits (see above)."""
     valid = targets != ignore_index
     hv, tv = h[valid], targets[valid]
     if tv.numel() == 0:
         return h.sum() * 0.0 + weight.sum() * 0.0  # a zero that still has a graph (DDP-safe)
-    need = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
-    return _FusedLMLoss.apply(hv, weight, tv, chunk, rows, need)
+    return _FusedLMLoss.apply(hv, weight, tv, chunk, rows, torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad))
 
 # ---------------------------------------------------------------------------------------------------------------
 # safetensors, read and written here (no pickle): 8-byte little-endian header length, a JSON header {name: {dtype,
@@ -458,7 +464,7 @@ def _config_from_hf(file):
            f" or activation_function: sizes must be positive ints, hidden size divisible by heads, activation in {list(ACT)}")
     return cfg
 
-def _config_to_hf(c, labels=None):
+def _config_to_hf(c, labels, dtype):
     opt = c.model_type == "opt"
     d = {name: getattr(c, k) for k, (name, _) in HF_KEYS[c.model_type].items()}
     d.update(ffn_dim=c.n_inner or 4 * c.n_embd, word_embed_proj_dim=c.word_embed_proj_dim or c.n_embd) if opt else \
@@ -470,7 +476,7 @@ def _config_to_hf(c, labels=None):
     if c.num_labels:
         names = list(labels) if labels else [f"LABEL_{i}" for i in range(c.num_labels)]
         d.update(num_labels=c.num_labels, id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
-    return d
+    return d | {"torch_dtype": str(dtype).removeprefix("torch.")}
 
 def _weight_map(model):
     """HF name (without the `transformer.` / `model.` prefix) -> (our name, how); how: None, 'T' (GPT-2's Conv1D
@@ -492,30 +498,6 @@ def _weight_map(model):
                              ("fc2", "mlp.c_proj"), ("final_layer_norm", "ln_2")]:
                     m[f"{hf}{a}.{w}"] = (f"{us}{b}.{w}", None)
     return {k: v for k, v in m.items() if v[0] in ours}  # drops project_in / ln_f / biases this config lacks
-
-def _hf_to_ours(model, tensors, file):
-    wmap, ours = _weight_map(model), dict(model.named_parameters(remove_duplicate=False))
-    prefix, tied = ("transformer." if model.config.model_type == "gpt2" else "model."), model.config.tie_word_embeddings
-    parts, unexpected = {}, []
-    for key, t in tensors.items():
-        k = key[len(prefix):] if key.startswith(prefix) else key  # hub gpt2 / OPT files may lack the prefix
-        if k.endswith((".attn.bias", ".attn.masked_bias")) or k == "lm_head.weight" and tied:
-            continue  # GPT-2's causal-mask buffers; a tied head is the embedding
-        if k not in wmap:
-            unexpected.append(key)
-            continue
-        name, how = wmap[k]
-        t = t.float().t() if how == "T" and t.dim() == 2 else t.float()
-        want = ours[name].shape if not isinstance(how, int) else (ours[name].shape[0] // 3, *ours[name].shape[1:])
-        _check(t.shape == want, file, f"tensor {key} has shape {list(t.shape)}, config.json implies {list(want)}")
-        parts.setdefault(name, {})[how if isinstance(how, int) else None] = t
-    sd = {n: torch.cat([p[0], p[1], p[2]]) if len(p) == 3 else p[None] for n, p in parts.items() if None in p or len(p) == 3}
-    if tied and "wte.weight" in sd:
-        sd["lm_head.weight"] = sd["wte.weight"]
-    missing = [n for n in ours if n not in sd and not n.startswith("score")]
-    _check(not (unexpected or missing), file, f"tensors do not match a {model.config.model_type} model with this config.json: "
-           f"missing {missing[:5]} ({len(missing)} in all), unexpected {unexpected[:5]} ({len(unexpected)} in all)")
-    return {n: t.contiguous() for n, t in sd.items()}
 
 # ---------------------------------------------------------------------------------------------------------------
 # Tokenizer: GPT-2's byte-level BPE (Radford et al. 2019) as a tiktoken Encoding built from vocab.json + merges.txt.
