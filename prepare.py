@@ -19,11 +19,9 @@ import numpy as np
 import torch
 from gpt import GPT, download, load_tokenizer
 
-# synth: the embedded default task. Variable tracking mod `mod`: "a=3,b=a+4,c=b-a,d=c+7;d>4?" -> Yes/No.
-# The label needs every intermediate value; the rationale spells them out ("b=3+4=7,c=7-3=4,d=4+7=1"), so a
-# small train set with rationales (DHRD, alpha>0) can beat the pooled baseline (alpha=0). Tune here only.
-# Tuned by H4 (dhrd.py, README synth table): one step mod 100 ("a=79,b=a-74;b>49?", rationale "b=79-74=5"). With
-# steps >= 2 (mod 10) the 2-layer default model stays at chance with or without rationales (600-1500 iters).
+# synth, the embedded default: modular arithmetic, "a=79,b=a-74;b>49?" -> No, rationale "b=79-74=5". The label needs
+# the intermediate value the rationale spells out, so rationales (alpha>0) can help a pooled head trained on 1000
+# examples. Measured (README): steps >= 2 (mod 10) leave the default model at chance either way. Tune here only.
 SYNTH = dict(seed=1337, n_train=1000, n_val=500, n_test=500, steps=1, mod=100, ops="+-", p_const=0.5)
 
 SUFFIX_R, SUFFIX_Y = "\nReasoning:\n", "\nFinal Answer:\n"   # paper App. E.2: s = [x, <REASON>, r, <ANS>, y]
