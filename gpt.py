@@ -21,18 +21,26 @@ def _check(ok, where, msg):  # how bad input is reported: a CheckpointError nami
 
 @dataclass
 class GPTConfig:
-    model_type: str = "gpt2"          # 'gpt2' | 'opt'
+    model_type: str = "gpt2"          # 'gpt2' | 'opt' | 'llama' (Llama 2/3.x, SmolLM2) | 'qwen2' | 'qwen3'
     vocab_size: int = 50257
     block_size: int = 1024            # max positions
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
+    n_kv_head: int = 0                # grouped-query attention (Llama/Qwen): K/V heads; 0 -> n_head
+    head_dim: int = 0                 # 0 -> n_embd // n_head (Qwen3 sets it explicitly)
     n_inner: int = 0                  # MLP width; 0 -> 4 * n_embd
     word_embed_proj_dim: int = 0      # OPT-350m: 512 (project_in/out); 0 -> n_embd
     pre_ln: bool = True               # OPT do_layer_norm_before (False for opt-350m)
-    activation: str = "gelu_new"      # 'gelu_new' (gpt2) | 'relu' (opt)
+    norm: str = "layernorm"           # 'layernorm' (GPT-2/OPT) | 'rmsnorm' (Llama/Qwen)
+    activation: str = "gelu_new"      # 'gelu_new' (gpt2) | 'relu' (opt) | 'silu' (Llama/Qwen, gated)
+    glu: bool = False                 # gated MLP down(act(gate(x)) * up(x)) (SwiGLU, Llama/Qwen)
+    rope_theta: float = 0.0           # rotary positions with this base; 0 -> learned position table (GPT-2/OPT)
+    rope_scaling: dict | None = None  # Llama-3.1/3.2 {'rope_type': 'llama3', 'factor', 'low_freq_factor', ...}
     layer_norm_eps: float = 1e-5
-    bias: bool = True
+    bias: bool = True                 # biases of o_proj, the MLP and LayerNorm
+    qkv_bias: bool = True             # biases of q/k/v_proj (Qwen2: True with bias False)
+    qk_norm: bool = False             # Qwen3: RMSNorm over each head of q and k before the rotation
     tie_word_embeddings: bool = True
     bos_token_id: int | None = None
     eos_token_id: int | None = None
@@ -43,67 +51,114 @@ class GPTConfig:
     dropout: float = 0.0
 
 # ---------------------------------------------------------------------------------------------------------------
-# The model. Module names are GPT-2's (nanoGPT); OPT tensors are renamed on load (_weight_map).
+# The model: one attention, one MLP, one block for every family; switches, not copies. Module names are HF Llama's
+# (q_proj ... down_proj, so LoRA targets read the same everywhere); GPT-2 / OPT tensors are renamed on load (_weight_map).
 
 ACT = {"gelu_new": lambda x: F.gelu(x, approximate="tanh"), "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-       "gelu": F.gelu, "relu": F.relu}
+       "gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+FAMILIES = ("gpt2", "opt", "llama", "qwen2", "qwen3")
+
+class RMSNorm(nn.Module):  # Llama/Qwen: x / rms(x) * weight, in fp32 then back to x's dtype (as HF, for parity)
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
+
+    def forward(self, x):
+        y = x.float()
+        return self.weight * (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+def _norm(cfg, dim):
+    return RMSNorm(dim, cfg.layer_norm_eps) if cfg.norm == "rmsnorm" else nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
+
+def rope(pos, cfg):
+    """(cos, sin) [B,T,hd] of rotary embeddings (RoFormer) at positions pos [B,T], in fp32 like HF. Llama-3.1's 'llama3'
+    scaling divides the low frequencies by `factor` and blends the middle band (transformers' _compute_llama3_parameters)."""
+    hd = cfg.head_dim or cfg.n_embd // cfg.n_head
+    inv = 1.0 / cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64, device=pos.device).float() / hd)
+    if (sc := cfg.rope_scaling) and sc.get("rope_type", sc.get("type")) == "llama3":
+        old, lo, hi, f = sc["original_max_position_embeddings"], sc["low_freq_factor"], sc["high_freq_factor"], sc["factor"]
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old / lo, inv / f, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        mid = (wavelen <= old / lo) & (wavelen >= old / hi)
+        inv = torch.where(mid, (1 - smooth) * scaled / f + smooth * scaled, scaled)
+    freqs = pos.float()[..., None] * inv
+    emb = torch.cat((freqs, freqs), dim=-1)  # HF's half-split layout: dims i and i + hd/2 form a rotation pair
+    return emb.cos(), emb.sin()
+
+def _rotate(x, cos, sin):  # x [B,H,T,hd]; rotate_half as in HF: (x1, x2) -> (-x2, x1), in x's dtype as HF
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos[:, None].to(x.dtype) + torch.cat((-x2, x1), dim=-1) * sin[:, None].to(x.dtype)
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg):
-        super().__init__()  # one fused q,k,v matmul (GPT-2 c_attn); OPT's q/k/v_proj are concatenated on load
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.n_head, self.dropout = cfg.n_head, cfg.dropout
+        super().__init__()  # grouped-query attention: n_kv_head K/V heads shared by n_head // n_kv_head query heads each
+        self.n_head, self.n_kv, self.hd = cfg.n_head, cfg.n_kv_head or cfg.n_head, cfg.head_dim or cfg.n_embd // cfg.n_head
+        self.q_proj = nn.Linear(cfg.n_embd, self.n_head * self.hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.n_embd, self.n_kv * self.hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.n_embd, self.n_kv * self.hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.n_head * self.hd, cfg.n_embd, bias=cfg.bias)
+        self.q_norm, self.k_norm = (RMSNorm(self.hd, cfg.layer_norm_eps), RMSNorm(self.hd, cfg.layer_norm_eps)) if cfg.qk_norm else (None, None)
+        self.dropout = cfg.dropout
 
-    def forward(self, x, mask=None, cache=None, start=0):
-        B, T, C = x.shape
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))
-        if cache is not None:  # preallocated [B, H, T_max, hd] buffers: written in place, never re-concatenated
+    def forward(self, x, mask=None, cache=None, start=0, rot=None):
+        B, T, _ = x.shape
+        q, k, v = (p(x).view(B, T, -1, self.hd) for p in (self.q_proj, self.k_proj, self.v_proj))
+        if self.q_norm is not None:  # Qwen3: per-head RMSNorm of q and k
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if rot is not None:  # Llama/Qwen: rotary positions, applied before k enters the cache
+            q, k = _rotate(q, *rot), _rotate(k, *rot)
+        if cache is not None:  # preallocated [B, n_kv, T_max, hd] buffers: written in place, never re-concatenated
             if cache[0] is None:
-                cache[:2] = [k.new_empty(B, self.n_head, cache[2], C // self.n_head) for _ in range(2)]
+                cache[:2] = [k.new_empty(B, self.n_kv, cache[2], self.hd) for _ in range(2)]
             cache[0][:, :, start:start + T], cache[1][:, :, start:start + T] = k, v
             k, v = cache[0][:, :, :start + T], cache[1][:, :, :start + T]
+        if self.n_kv != self.n_head:  # each K/V head serves n_head // n_kv query heads (HF repeat_kv)
+            k, v = (t.repeat_interleave(self.n_head // self.n_kv, dim=1) for t in (k, v))
         # softmax(q k^T / sqrt(hd)): GPT-2 divides the scores, OPT scales q after q_proj; same maths as SDPA's default
         # scale. No mask -> is_causal, which keeps SDPA on its flash / memory-efficient kernels.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            dropout_p=self.dropout if self.training else 0.0)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.c_fc, self.act = nn.Linear(cfg.n_embd, cfg.n_inner or 4 * cfg.n_embd, bias=cfg.bias), ACT[cfg.activation]
-        self.c_proj = nn.Linear(cfg.n_inner or 4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        n = cfg.n_inner or 4 * cfg.n_embd
+        self.up_proj, self.down_proj, self.act = nn.Linear(cfg.n_embd, n, bias=cfg.bias), nn.Linear(n, cfg.n_embd, bias=cfg.bias), ACT[cfg.activation]
+        self.gate_proj = nn.Linear(cfg.n_embd, n, bias=cfg.bias) if cfg.glu else None
 
-    def forward(self, x):
-        return self.c_proj(self.act(self.c_fc(x)))
+    def forward(self, x):  # GPT-2/OPT: down(act(up x)); Llama/Qwen SwiGLU: down(silu(gate x) * up x)
+        return self.down_proj(self.act(self.up_proj(x)) if self.gate_proj is None else self.act(self.gate_proj(x)) * self.up_proj(x))
 
 class Block(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.ln_1, self.attn = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps), CausalSelfAttention(cfg)
-        self.ln_2, self.mlp = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps), MLP(cfg)
+        self.ln_1, self.attn = _norm(cfg, cfg.n_embd), CausalSelfAttention(cfg)
+        self.ln_2, self.mlp = _norm(cfg, cfg.n_embd), MLP(cfg)
         self.pre_ln, self.drop = cfg.pre_ln, nn.Dropout(cfg.dropout)
 
-    def forward(self, x, mask=None, cache=None, start=0):
-        if self.pre_ln:  # GPT-2 and most OPT sizes
-            x = x + self.drop(self.attn(self.ln_1(x), mask, cache, start))
+    def forward(self, x, mask=None, cache=None, start=0, rot=None):
+        if self.pre_ln:  # GPT-2, Llama/Qwen and most OPT sizes
+            x = x + self.drop(self.attn(self.ln_1(x), mask, cache, start, rot))
             return x + self.drop(self.mlp(self.ln_2(x)))
-        x = self.ln_1(x + self.drop(self.attn(x, mask, cache, start)))  # opt-350m: post-LN (original Transformer)
+        x = self.ln_1(x + self.drop(self.attn(x, mask, cache, start, rot)))  # opt-350m: post-LN (original Transformer)
         return self.ln_2(x + self.drop(self.mlp(x)))
 
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         cfg = self.config = config
-        _check(cfg.model_type in ("gpt2", "opt") and cfg.head in ("linear", "mlp") and cfg.pooling in ("last", "mean"), "GPTConfig",
-               f"model_type {cfg.model_type!r}, head {cfg.head!r}, pooling {cfg.pooling!r} must be gpt2|opt, linear|mlp, last|mean")
+        _check(cfg.model_type in FAMILIES and cfg.head in ("linear", "mlp") and cfg.pooling in ("last", "mean"), "GPTConfig",
+               f"model_type {cfg.model_type!r}, head {cfg.head!r}, pooling {cfg.pooling!r} must be {'|'.join(FAMILIES)}, linear|mlp, last|mean")
         D = cfg.word_embed_proj_dim or cfg.n_embd  # OPT-350m embeds tokens in 512 dims, its blocks run in 1024
         self.pos_offset = 2 if cfg.model_type == "opt" else 0  # OPT's position table starts at row 2 (fairseq)
-        self.wte, self.wpe = nn.Embedding(cfg.vocab_size, D), nn.Embedding(cfg.block_size + self.pos_offset, cfg.n_embd)
+        self.wte = nn.Embedding(cfg.vocab_size, D)
+        self.wpe = None if cfg.rope_theta else nn.Embedding(cfg.block_size + self.pos_offset, cfg.n_embd)  # RoPE: no table
         self.project_in = nn.Linear(D, cfg.n_embd, bias=False) if D != cfg.n_embd else None
         self.drop, self.h = nn.Dropout(cfg.dropout), nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps) if cfg.pre_ln else None  # post-LN has none
+        self.ln_f = _norm(cfg, cfg.n_embd) if cfg.pre_ln else None  # post-LN has none
         self.project_out = nn.Linear(cfg.n_embd, D, bias=False) if D != cfg.n_embd else None
         self.lm_head = nn.Linear(D, cfg.vocab_size, bias=False)  # the reasoning head (paper §3)
         if cfg.tie_word_embeddings:
@@ -113,7 +168,7 @@ class GPT(nn.Module):
                       else nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.Linear(D, cfg.num_labels)))
         self.apply(self._init_weights)
         for name, p in self.h.named_parameters():  # GPT-2 paper §2.3: residual projections scaled by 1/sqrt(2 L)
-            if name.endswith("c_proj.weight"):
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def _init_weights(self, m):
@@ -136,9 +191,10 @@ class GPT(nn.Module):
 
     def _blocks(self, idx, pos, mask, caches=None, start=0):  # embeddings + blocks; KV caches in generate only
         x = self.wte(idx) if self.project_in is None else self.project_in(self.wte(idx))
-        x = self.drop(x + self.wpe(pos + self.pos_offset))
+        rot = rope(pos, self.config) if self.wpe is None else None  # Llama/Qwen rotate q, k; GPT-2/OPT add a position row
+        x = self.drop(x if self.wpe is None else x + self.wpe(pos + self.pos_offset))
         for block, cache in zip(self.h, caches or [None] * len(self.h)):
-            x = block(x, mask, cache, start)
+            x = block(x, mask, cache, start, rot)
         return x
 
     def _final(self, x):
@@ -227,21 +283,20 @@ class GPT(nn.Module):
         cfg = replace(cfg, **overrides)  # unknown fields -> TypeError
         with torch.device("meta"):  # no time spent initialising weights that are overwritten anyway
             model = cls(cfg)
-        wmap, ours = _weight_map(model), dict(model.named_parameters())  # a tied lm_head is not listed
-        prefix, parts, unexpected = ("transformer." if cfg.model_type == "gpt2" else "model."), {}, []
+        wmap, ours, sd, unexpected = _weight_map(model), dict(model.named_parameters()), {}, []  # a tied lm_head is not listed
         for key, t in tensors.items():
-            k = key[len(prefix):] if key.startswith(prefix) else key  # hub gpt2 / OPT files may lack the prefix
-            if k.endswith((".attn.bias", ".attn.masked_bias")) or k == "lm_head.weight" and cfg.tie_word_embeddings:
-                continue  # GPT-2's causal-mask buffers; a tied head is the embedding
+            k = key.removeprefix(HF_NAMES[cfg.model_type][0])  # hub gpt2 / OPT files may lack the prefix
+            if k.endswith((".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")) or k == "lm_head.weight" and cfg.tie_word_embeddings:
+                continue  # GPT-2's causal-mask buffers, old Llama files' RoPE buffer; a tied head is the embedding
             if k not in wmap:
                 unexpected.append(key)
                 continue
-            name, how = wmap[k]
-            t = t.float().t() if how == "T" and t.dim() == 2 else t.float()
-            want = ours[name].shape if not isinstance(how, int) else (ours[name].shape[0] // 3, *ours[name].shape[1:])
-            _check(t.shape == want, file, f"tensor {key} has shape {list(t.shape)}, config.json implies {list(want)}")
-            parts.setdefault(name, {})[how if isinstance(how, int) else None] = t
-        sd = {n: torch.cat([p[0], p[1], p[2]]) if len(p) == 3 else p[None] for n, p in parts.items() if None in p or len(p) == 3}
+            names, transpose = wmap[k]
+            t = t.float().t() if transpose and t.dim() == 2 else t.float()
+            for name, part in zip(names, t.chunk(len(names))):  # GPT-2's fused c_attn -> our q, k, v
+                _check(part.shape == ours[name].shape, file, f"tensor {key} has shape {list(t.shape)}, config.json implies "
+                       f"{list(ours[name].shape)}" + (f" for each of its {len(names)} parts" if len(names) > 1 else ""))
+                sd[name] = part
         missing = [n for n in ours if n not in sd and not n.startswith("score")]
         _check(not (unexpected or missing), file, f"tensors do not match a {cfg.model_type} model with this config.json: "
                f"missing {missing[:5]} ({len(missing)} in all), unexpected {unexpected[:5]} ({len(unexpected)} in all)")
@@ -257,11 +312,11 @@ class GPT(nn.Module):
         """HF layout (config.json + model.safetensors + the source folder's tokenizer files) that transformers'
         AutoModelForCausalLM and, for a linear head, AutoModelForSequenceClassification load unchanged."""
         (path := Path(path)).mkdir(parents=True, exist_ok=True)
-        sd, prefix = self.state_dict(), "transformer." if self.config.model_type == "gpt2" else "model."
+        sd = self.state_dict()
         write_safetensors(path / "model.safetensors", {
-            hf if hf.startswith(("lm_head", "score")) else prefix + hf:
-            (sd[name].t() if how == "T" else sd[name].chunk(3)[how] if isinstance(how, int) else sd[name]).contiguous()
-            for hf, (name, how) in _weight_map(self).items()})
+            (hf if hf.startswith(("lm_head", "score")) else HF_NAMES[self.config.model_type][0] + hf):
+            (lambda t: t.t() if transpose and t.dim() == 2 else t)(torch.cat([sd[n] for n in names])).contiguous()
+            for hf, (names, transpose) in _weight_map(self).items()})
         (path / "config.json.tmp").write_text(json.dumps(_config_to_hf(self.config, labels, self.wte.weight.dtype), indent=2))
         os.replace(path / "config.json.tmp", path / "config.json")
         src = Path(getattr(self, "source_dir", path))
@@ -279,9 +334,10 @@ class GPT(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
 
     def flops_per_token(self, T):
-        """6N + 12 L H Q T (PaLM appendix B, nanoGPT's estimate_mfu; H Q = n_embd); N without position embeddings."""
-        N = sum(p.numel() for p in self.parameters()) - self.wpe.weight.numel()
-        return 6 * N + 12 * self.config.n_layer * self.config.n_embd * T
+        """6N + 12 L H Q T (PaLM appendix B, nanoGPT's estimate_mfu); N without position embeddings."""
+        c = self.config
+        N = sum(p.numel() for p in self.parameters()) - (0 if self.wpe is None else self.wpe.weight.numel())
+        return 6 * N + 12 * c.n_layer * c.n_head * (c.head_dim or c.n_embd // c.n_head) * T
 
 def _sample(logits, temperature, top_p, generator):
     if temperature == 0.0:
@@ -442,7 +498,18 @@ HF_KEYS = {
                 word_embed_proj_dim=("word_embed_proj_dim", None), pre_ln=("do_layer_norm_before", True),
                 activation=("activation_function", "relu"), bias=("enable_bias", True), tie_word_embeddings=("tie_word_embeddings", True),
                 bos_token_id=("bos_token_id", 2), eos_token_id=("eos_token_id", 2), pad_token_id=("pad_token_id", 1))}
-ARCH = {"gpt2": ("GPT2LMHeadModel", "GPT2ForSequenceClassification"), "opt": ("OPTForCausalLM", "OPTForSequenceClassification")}
+_LLAMA = dict(vocab_size=("vocab_size", 32000), block_size=("max_position_embeddings", 2048), n_layer=("num_hidden_layers", 32),
+              n_head=("num_attention_heads", 32), n_kv_head=("num_key_value_heads", None), n_embd=("hidden_size", 4096),
+              head_dim=("head_dim", None), n_inner=("intermediate_size", 11008), activation=("hidden_act", "silu"),
+              layer_norm_eps=("rms_norm_eps", 1e-6), tie_word_embeddings=("tie_word_embeddings", False),
+              bos_token_id=("bos_token_id", 1), eos_token_id=("eos_token_id", 2), pad_token_id=("pad_token_id", None))
+_QWEN = {**_LLAMA, "vocab_size": ("vocab_size", 151936), "block_size": ("max_position_embeddings", 32768),
+         "n_inner": ("intermediate_size", 22016), "bos_token_id": ("bos_token_id", None), "eos_token_id": ("eos_token_id", None)}
+HF_KEYS.update(llama=_LLAMA, qwen2=_QWEN, qwen3={**_QWEN, "head_dim": ("head_dim", 128)})
+ARCH = {"gpt2": ("GPT2LMHeadModel", "GPT2ForSequenceClassification"), "opt": ("OPTForCausalLM", "OPTForSequenceClassification"),
+        "llama": ("LlamaForCausalLM", "LlamaForSequenceClassification"), "qwen2": ("Qwen2ForCausalLM", "Qwen2ForSequenceClassification"),
+        "qwen3": ("Qwen3ForCausalLM", "Qwen3ForSequenceClassification")}
+ROPE = ("llama", "qwen2", "qwen3")  # RMSNorm, rotary positions, SwiGLU, grouped-query attention
 
 def _config_from_hf(file):
     try:
@@ -452,52 +519,76 @@ def _config_from_hf(file):
         raise CheckpointError(f"{file}: missing; a model folder needs config.json (HF layout)") from None
     except (ValueError, AssertionError) as e:
         raise CheckpointError(f"{file}: not a JSON object ({e})") from None
-    _check((mt := d.get("model_type")) in ARCH, file, f"model_type {mt!r} is not supported (supported: 'gpt2', 'opt')")
+    _check((mt := d.get("model_type")) in ARCH, file, f"model_type {mt!r} is not supported (supported: {', '.join(ARCH)})")
     ours = d.get("dhrd", {})  # the head settings HF has no field for
     cfg = GPTConfig(mt, head=ours.get("head", "linear"), pooling=ours.get("pooling", "last"),
                     **{k: d.get(*v) for k, v in HF_KEYS[mt].items()})
-    cfg.n_inner = cfg.n_inner or 0
+    cfg.n_inner, cfg.n_kv_head, cfg.head_dim = cfg.n_inner or 0, cfg.n_kv_head or 0, cfg.head_dim or 0
     cfg.word_embed_proj_dim = 0 if cfg.word_embed_proj_dim in (None, cfg.n_embd) else cfg.word_embed_proj_dim
-    sizes = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_inner", "word_embed_proj_dim")
+    if isinstance(cfg.eos_token_id, list):  # Llama-3 lists several end tokens; the first is its <|end_of_text|>
+        cfg.eos_token_id = cfg.eos_token_id[0]
+    if mt in ROPE:
+        rp = d.get("rope_parameters") or {}  # transformers >= 5 writes rope_theta / the scaling here, older files at top level
+        sc = d.get("rope_scaling") or (rp if rp.get("rope_type", "default") != "default" else None)
+        _check(not sc or sc.get("rope_type", sc.get("type")) in ("default", "llama3"), file, f"rope_scaling {sc} is not "
+               "supported (only 'default' and Llama-3.1's 'llama3')")
+        _check(not (d.get("attention_bias") or d.get("mlp_bias") or d.get("use_sliding_window")), file, "attention_bias, "
+               "mlp_bias and use_sliding_window must be false or absent (no released Llama/Qwen2/Qwen3 sets them)")
+        cfg = replace(cfg, norm="rmsnorm", glu=True, bias=False, qkv_bias=mt == "qwen2", qk_norm=mt == "qwen3",
+                      rope_theta=float(d.get("rope_theta") or rp.get("rope_theta") or 10000.0), rope_scaling=sc and dict(sc))
+    sizes = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_inner", "word_embed_proj_dim", "n_kv_head", "head_dim")
     bad = [HF_KEYS[mt].get(k, (k,))[0] for k in sizes if not isinstance(getattr(cfg, k), int) or getattr(cfg, k) < (k in sizes[:5])]
-    _check(not bad and cfg.n_embd % cfg.n_head == 0 and cfg.activation in list(ACT), file, f"invalid field(s) {bad or 'heads'}"
-           f" or activation_function: sizes must be positive ints, hidden size divisible by heads, activation in {list(ACT)}")
+    heads_ok = not bad and (cfg.head_dim or cfg.n_embd % cfg.n_head == 0) and cfg.n_head % (cfg.n_kv_head or cfg.n_head) == 0
+    _check(heads_ok and cfg.activation in list(ACT), file, f"invalid field(s) {bad or 'heads'} or activation: sizes must be "
+           f"positive ints, hidden size divisible by heads, heads by key_value heads, activation in {list(ACT)}")
     return cfg
 
 def _config_to_hf(c, labels, dtype):
     opt = c.model_type == "opt"
     d = {name: getattr(c, k) for k, (name, _) in HF_KEYS[c.model_type].items()}
-    d.update(ffn_dim=c.n_inner or 4 * c.n_embd, word_embed_proj_dim=c.word_embed_proj_dim or c.n_embd) if opt else \
-        d.update(n_inner=c.n_inner or None)
-    drop = ("dropout", "attention_dropout") if opt else ("resid_pdrop", "embd_pdrop", "attn_pdrop")
-    d.update({k: c.dropout for k in drop}, model_type=c.model_type,
-             architectures=[ARCH[c.model_type][bool(c.num_labels and c.head == "linear")]],
+    if c.model_type in ROPE:
+        d.update(num_key_value_heads=c.n_kv_head or c.n_head, head_dim=c.head_dim or c.n_embd // c.n_head,
+                 intermediate_size=c.n_inner or 4 * c.n_embd, rope_theta=c.rope_theta, rope_scaling=c.rope_scaling,
+                 attention_dropout=c.dropout, **({} if c.model_type == "qwen2" else {"attention_bias": False}))
+    elif opt:
+        d.update(ffn_dim=c.n_inner or 4 * c.n_embd, word_embed_proj_dim=c.word_embed_proj_dim or c.n_embd, dropout=c.dropout,
+                 attention_dropout=c.dropout)
+    else:
+        d.update(n_inner=c.n_inner or None, resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout)
+    d.update(model_type=c.model_type, architectures=[ARCH[c.model_type][bool(c.num_labels and c.head == "linear")]],
              dhrd={"head": c.head, "pooling": c.pooling})
     if c.num_labels:
         names = list(labels) if labels else [f"LABEL_{i}" for i in range(c.num_labels)]
         d.update(num_labels=c.num_labels, id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
     return d | {"torch_dtype": str(dtype).removeprefix("torch.")}
 
+# HF tensor names -> ours, per family: (prefix, top-level pairs, block prefix, per-block pairs). Several names of ours:
+# the HF tensor is split in equal parts (GPT-2's fused c_attn -> q, k, v).
+_LLAMA_NAMES = ("model.", [("embed_tokens", "wte"), ("norm", "ln_f")], "layers.{}.", [("input_layernorm", "ln_1"),
+    ("post_attention_layernorm", "ln_2"), *[(f"self_attn.{n}", f"attn.{n}") for n in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm",
+    "k_norm")], *[(f"mlp.{n}", f"mlp.{n}") for n in ("gate_proj", "up_proj", "down_proj")]])
+HF_NAMES = {
+    "gpt2": ("transformer.", [("wte", "wte"), ("wpe", "wpe"), ("ln_f", "ln_f")], "h.{}.", [("ln_1", "ln_1"), ("ln_2", "ln_2"),
+             ("attn.c_attn", "attn.q_proj attn.k_proj attn.v_proj"), ("attn.c_proj", "attn.o_proj"), ("mlp.c_fc", "mlp.up_proj"),
+             ("mlp.c_proj", "mlp.down_proj")]),
+    "opt": ("model.", [("decoder.embed_tokens", "wte"), ("decoder.embed_positions", "wpe"), ("decoder.project_in", "project_in"),
+            ("decoder.project_out", "project_out"), ("decoder.final_layer_norm", "ln_f")], "decoder.layers.{}.",
+            [("self_attn.q_proj", "attn.q_proj"), ("self_attn.k_proj", "attn.k_proj"), ("self_attn.v_proj", "attn.v_proj"),
+             ("self_attn.out_proj", "attn.o_proj"), ("self_attn_layer_norm", "ln_1"), ("fc1", "mlp.up_proj"), ("fc2", "mlp.down_proj"),
+             ("final_layer_norm", "ln_2")]),
+    "llama": _LLAMA_NAMES, "qwen2": _LLAMA_NAMES, "qwen3": _LLAMA_NAMES}
+
 def _weight_map(model):
-    """HF name (without the `transformer.` / `model.` prefix) -> (our name, how); how: None, 'T' (GPT-2's Conv1D
-    stores [in, out]: transpose) or 0/1/2 (OPT's q/k/v_proj: a third of our fused c_attn)."""
-    ours = dict(model.named_parameters(remove_duplicate=False))
-    m = {n: (n, None) for n in ours if n.startswith("score") or n == "lm_head.weight" and not model.config.tie_word_embeddings}
-    if model.config.model_type == "gpt2":  # our names are GPT-2's
-        m.update({n: (n, "T" if p.dim() == 2 and (".attn." in n or ".mlp." in n) else None)
-                  for n, p in ours.items() if not n.startswith(("lm_head", "score"))})
-    else:
-        m.update({f"decoder.{a}.weight": (f"{b}.weight", None) for a, b in [("embed_tokens", "wte"),
-                  ("embed_positions", "wpe"), ("project_in", "project_in"), ("project_out", "project_out")]})
-        for w in ("weight", "bias"):
-            m[f"decoder.final_layer_norm.{w}"] = (f"ln_f.{w}", None)
-            for i in range(model.config.n_layer):
-                hf, us = f"decoder.layers.{i}.", f"h.{i}."
-                m.update({f"{hf}self_attn.{s}_proj.{w}": (f"{us}attn.c_attn.{w}", j) for j, s in enumerate("qkv")})
-                for a, b in [("self_attn.out_proj", "attn.c_proj"), ("self_attn_layer_norm", "ln_1"), ("fc1", "mlp.c_fc"),
-                             ("fc2", "mlp.c_proj"), ("final_layer_norm", "ln_2")]:
-                    m[f"{hf}{a}.{w}"] = (f"{us}{b}.{w}", None)
-    return {k: v for k, v in m.items() if v[0] in ours}  # drops project_in / ln_f / biases this config lacks
+    """HF name (without the `transformer.` / `model.` prefix) -> (our names, transpose); transpose: GPT-2's Conv1D
+    stores its matrices as [in, out]."""
+    c, ours = model.config, dict(model.named_parameters(remove_duplicate=False))
+    _, top, blk, pairs = HF_NAMES[c.model_type]
+    m = {n: ((n,), False) for n in ours if n.startswith("score") or n == "lm_head.weight" and not c.tie_word_embeddings}
+    for w in ("weight", "bias"):
+        m.update({f"{a}.{w}": (tuple(f"{n}.{w}" for n in b.split()), False) for a, b in top})
+        for i in range(c.n_layer):
+            m.update({f"{blk.format(i)}{a}.{w}": (tuple(f"h.{i}.{n}.{w}" for n in b.split()), c.model_type == "gpt2") for a, b in pairs})
+    return {k: v for k, v in m.items() if all(n in ours for n in v[0])}  # drops project_in / ln_f / biases this config lacks
 
 # ---------------------------------------------------------------------------------------------------------------
 # Tokenizer: GPT-2's byte-level BPE (Radford et al. 2019) as a tiktoken Encoding built from vocab.json + merges.txt.

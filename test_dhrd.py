@@ -264,7 +264,7 @@ def test_gpt_bad_checkpoints(tmp_path):
     (d / "pytorch_model.bin").write_bytes(b"pickle")
     with pytest.raises(CheckpointError, match="pickle is never loaded"):
         GPT.from_pretrained(d)
-    for text, msg in [('{"model_type": "llama"}', "model_type 'llama' is not supported"), ("{nope", "not a JSON"),
+    for text, msg in [('{"model_type": "mistral"}', "model_type 'mistral' is not supported"), ("{nope", "not a JSON"),
                       ('{"model_type": "gpt2", "n_embd": 30, "n_head": 4}', "invalid field"),
                       ('{"model_type": "opt", "hidden_size": "big"}', "wrong type|invalid")]:
         (d / "config.json").write_text(text)
