@@ -32,7 +32,7 @@ from gpt import (CheckpointError, DownloadError, GPT, GPTConfig, download, fused
 
 FIX = ROOT / "tests" / "fixtures"
 PARITY = [("gpt2", "gpt2"), ("gpt2_hub", "gpt2"), ("opt", "opt"), ("opt350", "opt350"), ("opt350_hub", "opt350"),
-          ("opt350_bf16", "opt350")]
+          ("opt350_bf16", "opt350"), ("llama", "llama"), ("llama_hub", "llama"), ("qwen2", "qwen2"), ("qwen3", "qwen3")]
 
 
 def _gpt_ref(name):
@@ -44,6 +44,9 @@ def _gpt_tiny(model_type="gpt2", **kw):
     opt = model_type == "opt"
     cfg = dict(model_type=model_type, vocab_size=61, block_size=48, n_layer=2, n_head=2, n_embd=16,
                activation="relu" if opt else "gelu_new", word_embed_proj_dim=8 if opt else 0, pre_ln=not opt)
+    if model_type in ("llama", "qwen3"):  # GQA 2/1, RMSNorm, SwiGLU, RoPE (+ q/k norm)
+        cfg.update(n_kv_head=1, norm="rmsnorm", glu=True, activation="silu", rope_theta=1e4, bias=False,
+                   qkv_bias=False, qk_norm=model_type == "qwen3", pre_ln=True)
     return GPT(GPTConfig(**{**cfg, **kw})).eval()
 
 
@@ -92,7 +95,7 @@ def test_gpt_fused_lm_loss_equals_naive():
         assert abs(fused_lm_loss(h, w, t).item() - ref.item()) < 1e-5
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "opt"])
+@pytest.mark.parametrize("model_type", ["gpt2", "opt", "llama", "qwen3"])
 def test_gpt_forward_one_pass_property(model_type):
     """Class logits at the last token of x are the same for [x] and [x, rationale] (paper §3), in one batch
     with right padding, for both heads and poolings; and loss_lm equals the naive full-logits loss."""
@@ -145,7 +148,7 @@ def test_gpt_optimizer_groups_and_flops():
     assert m.flops_per_token(32) > 6 * sum(p.numel() for p in m.parameters()) - 6 * m.wpe.weight.numel()
 
 
-@pytest.mark.parametrize("folder", ["gpt2", "opt350", "opt350_hub"])
+@pytest.mark.parametrize("folder", ["gpt2", "opt350", "opt350_hub", "llama_hub", "qwen2", "qwen3"])
 def test_gpt_save_pretrained_round_trip(folder, tmp_path):
     m = GPT.from_pretrained(FIX / folder).eval()
     m.save_pretrained(tmp_path / "m", labels=["a", "b", "c"] if m.score is not None else None)
@@ -159,7 +162,26 @@ def test_gpt_save_pretrained_round_trip(folder, tmp_path):
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     assert cfg["model_type"] == m.config.model_type and (m.score is None or cfg["id2label"]["2"] == "c")
     keys = set(read_safetensors(tmp_path / "m" / "model.safetensors"))
-    assert any(k.startswith(("transformer.h.0.", "model.decoder.layers.0.")) for k in keys)
+    assert any(k.startswith(("transformer.h.0.", "model.decoder.layers.0.", "model.layers.0.")) for k in keys)
+    assert ("lm_head.weight" in keys) == (not m.config.tie_word_embeddings)
+
+
+def test_gpt_rope_config_keys_and_errors(tmp_path):
+    """rope_theta / rope_scaling are read from the top level (hub files) and from rope_parameters (transformers 5);
+    what gpt.py does not implement is refused by name, not run differently."""
+    a, b = GPT.from_pretrained(FIX / "llama").config, GPT.from_pretrained(FIX / "llama_hub").config
+    assert a.rope_theta == b.rope_theta == 1e4 and a.rope_scaling["factor"] == b.rope_scaling["factor"] == 8.0
+    assert (a.n_kv_head, a.norm, a.glu, a.qkv_bias, a.qk_norm) == (2, "rmsnorm", True, False, False)
+    q2, q3 = GPT.from_pretrained(FIX / "qwen2").config, GPT.from_pretrained(FIX / "qwen3").config
+    assert (q2.qkv_bias, q2.bias, q2.tie_word_embeddings, q3.qk_norm, q3.head_dim, q3.n_kv_head) == (True, False, False, True, 16, 1)
+    base = json.loads((FIX / "llama_hub" / "config.json").read_text())
+    for extra, msg in [({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling.*yarn.*not supported"),
+                       ({"attention_bias": True}, "attention_bias"), ({"num_key_value_heads": 3}, "heads")]:
+        shutil.copytree(FIX / "llama_hub", d := tmp_path / str(len(list(tmp_path.iterdir()))))
+        (d / "config.json").write_text(json.dumps({**base, **extra}))
+        with pytest.raises(CheckpointError, match=msg) as e:
+            GPT.from_pretrained(d)
+        assert str(d / "config.json") in str(e.value)
 
 
 def test_gpt_mlp_head_and_new_head(tmp_path):
