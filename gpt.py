@@ -638,7 +638,7 @@ def resolve_model_dir(path_or_name, weights=True):
     cache = Path(os.environ.get("DHRD_CACHE", "~/.cache/dhrd")).expanduser() / name.replace("/", "--")
     base = os.environ.get("DHRD_HUB_URL", "https://huggingface.co").rstrip("/")
     have, index = lambda *fs: all((cache / f).is_file() for f in fs), cache / "model.safetensors.index.json"
-    if have("config.json", "vocab.json", "merges.txt") and (not weights or have("model.safetensors") or
+    if have("config.json") and (have("tokenizer.json") or have("vocab.json", "merges.txt")) and (not weights or have("model.safetensors") or
                                                             have(index.name) and have(*_shards(index)[1])):
         return cache  # complete in the cache: no network
     try:  # {file: (size, sha256 of LFS files)}; None when offline or the server has no listing
@@ -649,7 +649,8 @@ def resolve_model_dir(path_or_name, weights=True):
         listing = None
     get = lambda f: have(f) or download(f"{base}/{name}/resolve/main/{f}", cache / f, *(listing or {}).get(f, (None, None)))
     try:
-        for f in ("config.json", "vocab.json", "merges.txt") + tuple(f for f in TOKENIZER_FILES if f in (listing or {})):
+        tok = ("tokenizer.json",) if "tokenizer.json" in (listing or {}) else ("vocab.json", "merges.txt")  # Llama-3: no vocab.json
+        for f in ("config.json",) + tok + tuple(f for f in TOKENIZER_FILES if f in (listing or {})):
             get(f)
     except DownloadError as e:  # most often a mistyped local path
         raise CheckpointError(f"{name}: no such local folder, and no such model on the hub ({e})") from None
