@@ -524,10 +524,9 @@ def _pretokenizer(pre, where):
     if kinds == ["ByteLevel"] and regex:
         return GPT2_PAT
     if kinds == ["Split", "ByteLevel"] and not regex:  # Llama-3, Qwen2: one regex; unmatched text is a piece too
-        s = steps[0]
-        _check("Regex" in s.get("pattern", {}) and s.get("behavior") == "Isolated" and not s.get("invert"), where,
-               f"pre_tokenizer Split {s.get('pattern')} {s.get('behavior')} invert={s.get('invert')} is not supported")
-        return f"{s['pattern']['Regex']}|(?:(?!(?:{s['pattern']['Regex']}))[\\s\\S])+"
+        _check((s := steps[0]).get("behavior") == "Isolated" and not s.get("invert") and (r := s["pattern"].get("Regex")),
+               where, f"pre_tokenizer Split {s['pattern']} {s.get('behavior')} invert={s.get('invert')} is not supported")
+        return f"{r}|(?:(?!(?:{r}))[\\s\\S])+"
     # SmolLM2: Digits makes every \p{N} (Rust's char::is_numeric) its own piece BEFORE the GPT-2 regex runs, so
     # whitespace before a digit ends a piece: "a  1" -> "a", "  ", "1" (GPT2_PAT alone: "a", " ", " ", "1").
     _check(kinds == ["Digits", "ByteLevel"] and regex, where, f"pre_tokenizer {kinds} is not supported")
@@ -541,11 +540,11 @@ class Tokenizer:
 
     def __init__(self, folder, name=None):
         folder, self.name, meta = Path(folder), str(name or folder), {}
-        tj = folder / "tokenizer.json"
+        tj = folder / "tokenizer.json"  # HF's format wins: only it has the pre-tokenizer (SmolLM2: Digits), normalizer
         try:
             for f in ("special_tokens_map.json", "tokenizer_config.json", "config.json"):  # earlier files win
                 meta = {**(json.loads((folder / f).read_text(encoding="utf-8")) if (folder / f).is_file() else {}), **meta}
-            if tj.is_file():  # HF's own format wins: it alone has the pre-tokenizer and normalizer (SmolLM2: Digits)
+            if tj.is_file():
                 t = json.loads(tj.read_text(encoding="utf-8"))
                 m, vfile, mfile = t.get("model") or {}, f"{tj} model.vocab", f"{tj} model.merges"
                 bad = {k: m.get(k) for k in ("byte_fallback", "dropout", "continuing_subword_prefix", "end_of_word_suffix")}
@@ -578,18 +577,15 @@ class Tokenizer:
         for ln, line in enumerate(merges, 1):
             if line.strip() and not line.startswith("#version"):
                 if len(line.split(" ")) != 2 or (m := line.replace(" ", "")) not in vocab or any(c not in byte_of for c in m):
-                    raise CheckpointError(f"{mfile}:{ln}: expected two byte-level tokens whose merge is in "
-                                          f"vocab, got {line!r}")
+                    raise CheckpointError(f"{mfile}:{ln}: expected two byte-level tokens whose merge is in vocab, got {line!r}")
                 order.append(m)
         ranks, rank2id = {}, []
         for s in order:  # rank = merge priority (the first occurrence wins)
             if (b := bytes(byte_of[c] for c in s)) not in ranks:
                 ranks[b] = len(rank2id)
                 rank2id.append(vocab[s])
-        for b in range(256):  # tiktoken needs every byte; HF drops one its vocab lacks (SmolLM2 lacks 21): id -1, dropped
-            if bytes([b]) not in ranks:
-                ranks[bytes([b])] = len(rank2id)
-                rank2id.append(-1)
+        miss = [bytes([b]) for b in range(256) if bytes([b]) not in ranks]  # tiktoken needs all 256; HF drops a byte its
+        ranks, rank2id = {**ranks, **{b: len(rank2id) + j for j, b in enumerate(miss)}}, rank2id + [-1] * len(miss)  # vocab lacks
         content = lambda v: v.get("content") if isinstance(v, dict) else v
         added = {**added, **{content(v): int(k) for k, v in meta.get("added_tokens_decoder", {}).items()}}
         full, opt_like = {**vocab, **added}, "</s>" in vocab and "<s>" in vocab
