@@ -591,10 +591,11 @@ def _weight_map(model):
     return {k: v for k, v in m.items() if all(n in ours for n in v[0])}  # drops project_in / ln_f / biases this config lacks
 
 # ---------------------------------------------------------------------------------------------------------------
-# Tokenizer: GPT-2's byte-level BPE (Radford et al. 2019) as a tiktoken Encoding built from vocab.json + merges.txt.
-# tiktoken merges the adjacent pair whose concatenation has the lowest rank, HF the pair listed first in merges.txt:
-# giving merge i the rank 256 + i makes the two agree. Ranks then map to vocab.json ids: the identity for GPT-2,
-# a permutation for OPT (fairseq's dictionary order, with <s> <pad> </s> <unk> at 0..3).
+# Tokenizer: GPT-2's byte-level BPE (Radford et al. 2019) as a tiktoken Encoding built from tokenizer.json (HF's
+# format: Llama-3, Qwen2/3, SmolLM2) or else vocab.json + merges.txt (GPT-2, OPT). tiktoken merges the adjacent pair
+# whose concatenation has the lowest rank, HF the pair listed first in merges: giving merge i the rank 256 + i makes
+# the two agree. Ranks then map to vocab ids: the identity for GPT-2, a permutation for OPT (fairseq's dictionary
+# order, with <s> <pad> </s> <unk> at 0..3). tiktoken takes one regex, so _pretokenizer folds HF's steps into one.
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json")
@@ -604,45 +605,92 @@ def bytes_to_unicode():  # GPT-2's reversible byte -> printable character map (o
     bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     return dict(zip(bs + [b for b in range(256) if b not in bs], map(chr, bs + [256 + i for i in range(256 - len(bs))])))
 
+def _pretokenizer(pre, where):
+    """tokenizer.json's pre_tokenizer -> one regex; only the byte-level forms whose splitting it reproduces exactly."""
+    steps = pre.get("pretokenizers") or [] if (pre or {}).get("type") == "Sequence" else [pre or {}]
+    kinds, last = [s.get("type") for s in steps], steps[-1] if steps else {}
+    regex = last.get("use_regex", True)
+    _check(kinds[-1:] == ["ByteLevel"] and not last.get("add_prefix_space"), where, f"pre_tokenizer {kinds} is not "
+           "supported: it must end with ByteLevel(add_prefix_space=false)")
+    if kinds == ["ByteLevel"] and regex:
+        return GPT2_PAT
+    if kinds == ["Split", "ByteLevel"] and not regex:  # Llama-3, Qwen2: one regex; unmatched text is a piece too
+        _check((s := steps[0]).get("behavior") == "Isolated" and not s.get("invert") and (r := s["pattern"].get("Regex")),
+               where, f"pre_tokenizer Split {s['pattern']} {s.get('behavior')} invert={s.get('invert')} is not supported")
+        return f"{r}|(?:(?!(?:{r}))[\\s\\S])+"
+    # SmolLM2: Digits makes every \p{N} (Rust's char::is_numeric) its own piece BEFORE the GPT-2 regex runs, so
+    # whitespace before a digit ends a piece: "a  1" -> "a", "  ", "1" (GPT2_PAT alone: "a", " ", " ", "1").
+    _check(kinds == ["Digits", "ByteLevel"] and regex, where, f"pre_tokenizer {kinds} is not supported")
+    return ((r"\p{N}|" if steps[0].get("individual_digits") else r"\p{N}+|") +
+            GPT2_PAT.replace(r"| ?\p{N}+", "").replace(r"\s+(?!\S)", r"\s+(?:(?!\S)|(?=\p{N}))"))
+
 class Tokenizer:
     """.encode(str) -> ids, equal to HF's tokenizer with add_special_tokens=False; .decode(ids) -> str; .bos_id (the
-    id HF prepends: </s> for OPT, None for GPT-2), .eos_id, .pad_id, .vocab_size, .name."""
+    id HF prepends: </s> for OPT, <|begin_of_text|> for Llama-3, None for GPT-2/Qwen/SmolLM2), .eos_id, .pad_id,
+    .vocab_size, .name."""
 
     def __init__(self, folder, name=None):
         folder, self.name, meta = Path(folder), str(name or folder), {}
+        tj = folder / "tokenizer.json"  # HF's format wins: only it has the pre-tokenizer (SmolLM2: Digits), normalizer
         try:
-            vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
-            merges = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
             for f in ("special_tokens_map.json", "tokenizer_config.json", "config.json"):  # earlier files win
                 meta = {**(json.loads((folder / f).read_text(encoding="utf-8")) if (folder / f).is_file() else {}), **meta}
+            if tj.is_file():
+                t = json.loads(tj.read_text(encoding="utf-8"))
+                m, vfile, mfile = t.get("model") or {}, f"{tj} model.vocab", f"{tj} model.merges"
+                bad = {k: m.get(k) for k in ("byte_fallback", "dropout", "continuing_subword_prefix", "end_of_word_suffix")}
+                _check(m.get("type") == "BPE" and not any(bad.values()), tj, f"model {m.get('type')} {bad}: only byte-level"
+                       " BPE is supported")
+                _check(t.get("normalizer") in (None, {"type": "NFC"}), tj, f"normalizer {t.get('normalizer')} is not"
+                       " supported (only NFC, Qwen2's)")
+                vocab, pat, self._nfc = m.get("vocab", {}), _pretokenizer(t.get("pre_tokenizer"), tj), t.get("normalizer")
+                merges = [x if isinstance(x, str) else " ".join(x) for x in m.get("merges", [])]  # "a b" or [a, b]
+                added = {a["content"]: a["id"] for a in t.get("added_tokens", [])}  # all split from text, as HF does
+                _check(not any(a.get(k) for a in t.get("added_tokens", []) for k in ("lstrip", "rstrip", "single_word")),
+                       tj, "added_tokens with lstrip/rstrip/single_word are not supported")
+                post = t.get("post_processor") or {}  # Llama-3: TemplateProcessing "single" = bos + $A; HF uses it
+                tmpl = [p for p in post.get("processors", [post]) if p.get("type") == "TemplateProcessing"]
+                first = tmpl and (tmpl[0].get("single") or [{}])[0].get("SpecialToken", {}).get("id")
+                meta = {**meta, "add_bos_token": bool(first), **({"bos_token": first} if first else {})}
+            else:
+                vocab, pat, self._nfc, vfile, mfile = (json.loads((folder / "vocab.json").read_text(encoding="utf-8")),
+                                                       GPT2_PAT, None, folder / "vocab.json", folder / "merges.txt")
+                merges, added = (folder / "merges.txt").read_text(encoding="utf-8").splitlines(), {}
         except FileNotFoundError as e:
-            raise CheckpointError(f"{e.filename}: missing; a tokenizer folder needs vocab.json + merges.txt") from None
+            raise CheckpointError(f"{e.filename}: missing; a tokenizer folder needs tokenizer.json or vocab.json + "
+                                  "merges.txt") from None
         except ValueError as e:
             raise CheckpointError(f"{folder}: a tokenizer file is not valid JSON ({e})") from None
         byte_of = {c: b for b, c in bytes_to_unicode().items()}
         order = [s for _, s in sorted((i, s) for s, i in vocab.items() if len(s) == 1 and s in byte_of)]
-        _check(len(order) == 256, folder / "vocab.json", f"has {len(order)} of the 256 byte tokens; not GPT-2 byte-level BPE")
+        _check(all(chr(c) in vocab for c in range(33, 127)) and "Ġ" in vocab, vfile, f"has {len(order)} of the 256 "
+               "byte tokens and not all of the printable ASCII ones; not GPT-2 byte-level BPE")
         for ln, line in enumerate(merges, 1):
             if line.strip() and not line.startswith("#version"):
                 if len(line.split(" ")) != 2 or (m := line.replace(" ", "")) not in vocab or any(c not in byte_of for c in m):
-                    raise CheckpointError(f"{folder / 'merges.txt'}:{ln}: expected two byte-level tokens whose merge is in "
-                                          f"vocab.json, got {line!r}")
+                    raise CheckpointError(f"{mfile}:{ln}: expected two byte-level tokens whose merge is in vocab, got {line!r}")
                 order.append(m)
         ranks, rank2id = {}, []
         for s in order:  # rank = merge priority (the first occurrence wins)
             if (b := bytes(byte_of[c] for c in s)) not in ranks:
                 ranks[b] = len(rank2id)
                 rank2id.append(vocab[s])
+        miss = [bytes([b]) for b in range(256) if bytes([b]) not in ranks]  # tiktoken needs all 256; HF drops a byte its
+        ranks, rank2id = {**ranks, **{b: len(rank2id) + j for j, b in enumerate(miss)}}, rank2id + [-1] * len(miss)  # vocab lacks
         content = lambda v: v.get("content") if isinstance(v, dict) else v
-        added = {content(v): int(k) for k, v in meta.get("added_tokens_decoder", {}).items()}
+        added = {**added, **{content(v): int(k) for k, v in meta.get("added_tokens_decoder", {}).items()}}
         full, opt_like = {**vocab, **added}, "</s>" in vocab and "<s>" in vocab
         named = [content(meta[k]) for k in ("bos_token", "eos_token", "unk_token", "pad_token") if meta.get(k)]
         named = named or (["</s>", "<pad>"] if opt_like else ["<|endoftext|>"])  # HF's defaults without a config
         specials = {s: full[s] for s in list(added) + named if s in full and s.encode() not in ranks}  # split out, as HF
-        self.enc = tiktoken.Encoding(self.name, pat_str=GPT2_PAT, mergeable_ranks=ranks,
+        self.enc = tiktoken.Encoding(self.name, pat_str=pat, mergeable_ranks=ranks,
                                      special_tokens={s: len(rank2id) + j for j, s in enumerate(specials)})
         r2i = np.array(rank2id + list(specials.values()), dtype=np.int64)
         self._r2i = None if np.array_equal(r2i, np.arange(len(r2i))) else r2i  # GPT-2: the ranks are the ids
+        if self._nfc:  # Qwen2: NFC on the text between added tokens (HF splits those out before normalizing)
+            import unicodedata
+            split = re.compile("(" + "|".join(map(re.escape, sorted(specials, key=len, reverse=True))) + ")").split
+            self._nfc = lambda s: "".join(p if i % 2 else unicodedata.normalize("NFC", p) for i, p in enumerate(split(s)))
         self.vocab_size = max(full.values()) + 1
         self._bytes = [b""] * self.vocab_size  # id -> bytes, for decode
         for s, i in full.items():
@@ -654,8 +702,8 @@ class Tokenizer:
         self.bos_id = tid("bos_token", full.get("</s>")) if add_bos else None
 
     def encode(self, text):
-        ranks = self.enc.encode(text, allowed_special="all")
-        return ranks if self._r2i is None else self._r2i[np.asarray(ranks, dtype=np.int64)].tolist()
+        ranks = self.enc.encode(self._nfc(text) if self._nfc else text, allowed_special="all")
+        return ranks if self._r2i is None else [i for i in self._r2i[np.asarray(ranks, dtype=np.int64)].tolist() if i >= 0]
 
     def decode(self, ids):
         return b"".join(self._bytes[i] for i in ids).decode("utf-8", errors="replace")
@@ -677,7 +725,7 @@ def resolve_model_dir(path_or_name, weights=True):
     cache = Path(os.environ.get("DHRD_CACHE", "~/.cache/dhrd")).expanduser() / name.replace("/", "--")
     base = os.environ.get("DHRD_HUB_URL", "https://huggingface.co").rstrip("/")
     have, index = lambda *fs: all((cache / f).is_file() for f in fs), cache / "model.safetensors.index.json"
-    if have("config.json", "vocab.json", "merges.txt") and (not weights or have("model.safetensors") or
+    if have("config.json") and (have("tokenizer.json") or have("vocab.json", "merges.txt")) and (not weights or have("model.safetensors") or
                                                             have(index.name) and have(*_shards(index)[1])):
         return cache  # complete in the cache: no network
     try:  # {file: (size, sha256 of LFS files)}; None when offline or the server has no listing
@@ -688,7 +736,8 @@ def resolve_model_dir(path_or_name, weights=True):
         listing = None
     get = lambda f: have(f) or download(f"{base}/{name}/resolve/main/{f}", cache / f, *(listing or {}).get(f, (None, None)))
     try:
-        for f in ("config.json", "vocab.json", "merges.txt") + tuple(f for f in TOKENIZER_FILES if f in (listing or {})):
+        tok = ("tokenizer.json",) if "tokenizer.json" in (listing or {}) else ("vocab.json", "merges.txt")  # Llama-3: no vocab.json
+        for f in ("config.json",) + tok + tuple(f for f in TOKENIZER_FILES if f in (listing or {})):
             get(f)
     except DownloadError as e:  # most often a mistyped local path
         raise CheckpointError(f"{name}: no such local folder, and no such model on the hub ({e})") from None

@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 import pytest
+import tiktoken
 import torch
 import torch.nn.functional as F
 
@@ -23,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 import bench  # noqa: E402
 import dhrd  # noqa: E402
 import prepare  # noqa: E402
-from gpt import (CheckpointError, DownloadError, GPT, GPTConfig, download, fused_lm_loss,  # noqa: E402
+from gpt import (GPT2_PAT, CheckpointError, DownloadError, GPT, GPTConfig, download, fused_lm_loss,  # noqa: E402
                  load_tokenizer, read_safetensors, resolve_model_dir, write_safetensors)
 
 # ==============================================================================================================
@@ -205,6 +206,42 @@ def test_gpt_tokenizer_matches_transformers():
         for c in cases["cases"]:
             assert tok.encode(c["text"]) == c[name], (name, c["text"])
             assert tok.decode(c[name]) == c["text"]
+
+TOK_JSON = ("tok_llama3", "tok_qwen2", "tok_smol")
+
+def test_gpt_tokenizer_json_matches_transformers():
+    cases = json.loads((FIX / "tokenizer_json_cases.json").read_text(encoding="utf-8"))
+    for name in TOK_JSON:
+        tok, info = load_tokenizer(FIX / name), cases["info"][name]
+        assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (info["bos_prepended"], info["eos_id"],
+                                                                       info["pad_id"], info["len"]), name
+        for c in cases["cases"]:
+            assert tok.encode(c["text"]) == c[name], (name, c["text"])
+            assert tok.decode(c[name]) == c[name + "_decoded"], (name, c["text"])
+            assert tok.decode(c[name]) == c["text"] or set(c["text"]) & set("\x04\x06\x13\x1d\U00040000\U00080001") \
+                or name == "tok_qwen2", (name, c["text"])  # round trip, but for dropped bytes and NFC
+    # the cases can fail: the naive fold of Digits into GPT-2's regex, no NFC, and a bytes-missing vocab each differ
+    smol, qwen = load_tokenizer(FIX / "tok_smol"), load_tokenizer(FIX / "tok_qwen2")
+    ids = lambda tok, enc, text: [i for i in tok._r2i[enc.encode(text, allowed_special="all")].tolist() if i >= 0]
+    naive = tiktoken.Encoding("naive", pat_str=r"\p{N}|" + GPT2_PAT, mergeable_ranks=smol.enc._mergeable_ranks,
+                              special_tokens=smol.enc._special_tokens)
+    assert any(ids(smol, naive, c["text"]) != c["tok_smol"] for c in cases["cases"])
+    assert any(ids(qwen, qwen.enc, c["text"]) != c["tok_qwen2"] for c in cases["cases"])
+    assert cases["info"]["tok_smol"]["missing_bytes"] and smol.encode("\x04") == [] == next(
+        c["tok_smol"] for c in cases["cases"] if c["text"] == "\x04")
+
+def test_gpt_tokenizer_json_unsupported(tmp_path):
+    t = json.loads((FIX / "tok_llama3" / "tokenizer.json").read_text(encoding="utf-8"))
+    for field, value, msg in [("normalizer", {"type": "Lowercase"}, "normalizer"),
+                              ("pre_tokenizer", {"type": "Whitespace"}, r"pre_tokenizer \['Whitespace'\]"),
+                              ("pre_tokenizer", {"type": "ByteLevel", "add_prefix_space": True}, "add_prefix_space"),
+                              ("model", {**t["model"], "type": "WordPiece"}, "model WordPiece"),
+                              ("model", {**t["model"], "vocab": {"a": 0}, "merges": []}, "model.vocab: has 1 of the 256")]:
+        d = tmp_path / field
+        d.mkdir(exist_ok=True)
+        (d / "tokenizer.json").write_text(json.dumps({**t, field: value}), encoding="utf-8")
+        with pytest.raises(CheckpointError, match=f"tokenizer.json.*{msg}"):
+            load_tokenizer(d)
 
 def test_gpt_bad_tokenizer_files(tmp_path):
     d = _gpt_copy(tmp_path, "tok_gpt2")
