@@ -1,0 +1,26 @@
+"""Mean +- std over seeds of the runs made by experiments/real_rationales.sh -> a markdown table.
+    python experiments/summarize.py out-real"""
+import json, statistics, sys
+from pathlib import Path
+
+rows = {}
+for d in sorted(Path(sys.argv[1] if len(sys.argv) > 1 else "out-real").glob("*-s*")):
+    if not (d / "test.json").is_file():
+        continue
+    name, seed = d.name.rsplit("-s", 1)
+    res, t = json.loads((d / "results.json").read_text()), json.loads((d / "test.json").read_text())
+    metric = res["metric"]
+    rows.setdefault(name, []).append((int(seed), res["val"][metric], t["test"]["test"][metric], t["train_s"], t["test_s"]))
+ms = lambda xs: f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
+print(f"| setting | seeds | val {metric} | test {metric} | per seed (val / test) | train s / test-eval s per run |")
+print("|---|---|---|---|---|---|")
+for name, rs in rows.items():
+    per = ", ".join(f"s{s}: {v:.3f} / {t:.3f}" for s, v, t, *_ in sorted(rs))
+    print(f"| {name} | {len(rs)} | {ms([r[1] for r in rs])} | {ms([r[2] for r in rs])} | {per} | "
+          f"{statistics.mean(r[3] for r in rs):.0f} / {statistics.mean(r[4] for r in rs):.0f} |")
+base = {s: (v, t) for s, v, t, *_ in rows.get("pooled", [])}
+for name, rs in rows.items():  # paired by seed: same data order and head init for every setting of one seed
+    if name != "pooled" and (pairs := [(v - base[s][0], t - base[s][1]) for s, v, t, *_ in rs if s in base]):
+        print(f"\n{name} - pooled, paired by seed (n={len(pairs)}): val {ms([p[0] for p in pairs])}, test {ms([p[1] for p in pairs])}",
+              end="")
+print()
