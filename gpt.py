@@ -1,7 +1,8 @@
-"""GPT-2 and OPT with the two heads of Dual-Head Reasoning Distillation (arXiv 2509.21487): a pooled classification
-head on the last token of the input x and the (tied) LM head as the reasoning head, trained in ONE forward pass (Eq. 4).
-Reads/writes Hugging Face folders with its own safetensors code (no pickle), downloads hub names with urllib, builds a
-tiktoken tokenizer from vocab.json + merges.txt; matches transformers to 1e-4. Deps: torch, numpy, tiktoken, stdlib."""
+"""GPT-2, OPT, Llama and Qwen2/3 with the two heads of Dual-Head Reasoning Distillation (arXiv 2509.21487): a pooled
+classification head on the last token of the input x and the LM head as the reasoning head, trained in ONE forward pass
+(Eq. 4). Reads/writes Hugging Face folders with its own safetensors code (no pickle), downloads hub names with urllib,
+builds a tiktoken tokenizer from tokenizer.json or vocab.json + merges.txt; matches transformers to 1e-4.
+Deps: torch, numpy, tiktoken, stdlib."""
 import hashlib, json, math, os, re, shutil, sys, time, urllib.error, urllib.request
 from dataclasses import dataclass, replace
 from pathlib import Path
