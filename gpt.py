@@ -424,6 +424,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, **kw))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, **kw))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default (nn.Linear's own init)
+        self.train(base.training)  # added to a model in eval mode: no adapter dropout either
 
     def forward(self, x):  # dropout on the adapter's input only (PEFT); the frozen base path sees x unchanged
         y = self.base(x)
