@@ -45,11 +45,9 @@ class Config:
     head: str = "linear"            # 'linear' (bias-free, HF `score`) | 'mlp' (paper's 2-layer MLP)
     pooling: str = "last"           # 'last' real token of x (paper) | 'mean' over x
     cot_tokens: int = 128           # beta=0: max new tokens when decoding reasoning + answer at eval
-    kl_coef: float = 0.0            # + kl_coef * KL(p_model || p_base) of the LM head at the L_lm targets (README: recipe)
+    kl_coef: float = 0.0            # + kl_coef * KL(p_model || p_base), LM head at the L_lm targets (README: recipe)
     # LoRA (paper App. E.4: r=16, alpha=32, dropout 0.1, all projections; only adapters + pooled head train)
-    lora_rank: int = 0              # 0 = full fine-tuning
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.1
+    lora_rank: int = 0; lora_alpha: float = 32.0; lora_dropout: float = 0.1  # noqa: E702  (rank 0 = full fine-tuning)
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # gate_proj: skipped where absent
     # the scratch model (sized for synth)
     n_layer: int = 2; n_head: int = 4; n_embd: int = 256  # noqa: E702  (n_embd 128: too small for the LM + pooled head)
@@ -373,7 +371,8 @@ def main(argv):
         keep = [l for l in log_path.read_text().splitlines() if json.loads(l)["iter"] <= it] if ckpt and log_path.exists() else []
         log_path.write_text("".join(l + "\n" for l in keep))
         print(f"dhrd.py: {cfg.task} {meta['counts']} | {cfg.init_from} {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M "
-              f"params ({sum(p.numel() for p in raw.parameters() if p.requires_grad) / 1e6:.2f}M trained) | {device} {dtype} | {world} x {micro} x {cfg.batch_size} | alpha {cfg.alpha} beta {cfg.beta}", flush=True)
+              f"params ({sum(p.numel() for p in raw.parameters() if p.requires_grad) / 1e6:.2f}M trained) | {device} {dtype} | "
+              f"{world} x {micro} x {cfg.batch_size} | alpha {cfg.alpha} beta {cfg.beta}", flush=True)
         if cfg.mlflow:  # optional: never a hard dependency
             try:
                 import mlflow as mlf
@@ -421,8 +420,7 @@ def main(argv):
                 # paper Eq. 4: beta L_cls + alpha L_lm; plus kl_coef * KL(p_model || p_base) when --kl_coef > 0
                 loss = cfg.beta * loss_cls + (alpha * loss_lm if use_lm else 0.0) + cfg.kl_coef * loss_kl
             scaler.scale(loss / micro).backward()
-            sums += torch.stack([loss.detach(), loss_cls.detach(), loss_lm.detach() if use_lm else loss.new_zeros(()),
-                                 loss_kl.detach()]).float()
+            sums += torch.stack([loss, loss_cls, loss_lm if use_lm else loss.new_zeros(()), loss_kl]).detach().float()
         pos += B * G
         if ddp:
             dist.all_reduce(sums)  # the job's mean over all G micro-batches: identical on every rank
@@ -452,8 +450,8 @@ def main(argv):
                     save_lora(raw, out_dir / "adapter") if cfg.lora_rank else None  # + the adapters alone (megabytes)
                 save_atomic(dict(model=raw.state_dict(), model_config=asdict(raw.config), optimizer=optimizer.state_dict(),
                                  scaler=scaler.state_dict(), scheduler={"iter": it, "lr": lr}, iter=it, data_pos=pos,
-                                 best=best, rng=rng_state(), config=asdict(cfg),
-                                 **({"kl_ref": ref.state_dict()} if ref is not None and ref is not raw else {})), out_dir / "ckpt.pt")
+                                 best=best, rng=rng_state(), config=asdict(cfg), **({} if ref in (None, raw) else
+                                 {"kl_ref": ref.state_dict()})), out_dir / "ckpt.pt")  # full fine-tuning's KL base
             saved = it
             dist.barrier() if ddp else None  # the other ranks wait for rank 0's evaluation and checkpoint
 

@@ -439,7 +439,8 @@ def add_lora(model, rank=16, alpha=32.0, dropout=0.1, targets=LORA_TARGETS):
     if rank < 1 or getattr(model, "lora", None):
         raise ValueError(f"LoRA rank must be >= 1 (got {rank}), and adapters are added once per model")
     model.requires_grad_(False)
-    pairs = [(m, t) for b in model.h for m in (b.attn, b.mlp) for t in targets if isinstance(getattr(m, t, None), nn.Linear)]
+    pairs = [(m, t) for b in model.h for m in (b.attn, b.mlp) for t in targets
+             if isinstance(getattr(m, t, None), nn.Linear)]
     if not pairs:
         raise ValueError(f"LoRA targets {targets}: none exists in this {model.config.model_type} model")
     for m, t in pairs:
@@ -474,9 +475,11 @@ def save_lora(model, path):
     our module names) + path/adapter.json (rank, alpha, dropout, targets, base_model). load_lora is its exact inverse."""
     _check(getattr(model, "lora", None), "save_lora", "the model has no LoRA adapters; call add_lora first")
     (path := Path(path)).mkdir(parents=True, exist_ok=True)
-    write_safetensors(path / "adapter.safetensors", {k: v for k, v in model.state_dict().items() if ".lora_" in k or k.startswith("score")})
-    (path / "adapter.json").write_text(json.dumps({**model.lora, "base_model": str(Path(getattr(model, "source_dir", "")).resolve()) if hasattr(model, "source_dir") else "",
-                                                   "num_labels": model.config.num_labels, "head": model.config.head}, indent=1))
+    write_safetensors(path / "adapter.safetensors", {k: v for k, v in model.state_dict().items() if ".lora_" in k or
+                                                     k.startswith("score")})
+    src = str(Path(model.source_dir).resolve()) if hasattr(model, "source_dir") else ""  # none on a dhrd resume
+    (path / "adapter.json").write_text(json.dumps({**model.lora, "base_model": src, "num_labels": model.config.num_labels,
+                                                   "head": model.config.head}, indent=1))
 
 def load_lora(model, path):
     """On GPT.from_pretrained(base_model, num_labels=K): add the saved adapters and head, checked name by name and shape
