@@ -11,7 +11,7 @@ At test time only the pooled head runs: one forward pass over x, no decoding.
     python dhrd.py --init_from=out-cb --predict=inputs.jsonl --predictions=preds.jsonl
 Config: the defaults below <- JSON config files (positional) <- --key=value. Data: prepare.py.
 """
-import difflib, json, math, os, random, shutil, sys, time
+import copy, difflib, json, math, os, random, shutil, sys, time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import prepare
-from gpt import GPT, GPTConfig, CheckpointError
+from gpt import GPT, GPTConfig, CheckpointError, add_lora, lora_disabled, save_lora
 
 @dataclass
 class Config:
@@ -45,6 +45,10 @@ class Config:
     head: str = "linear"            # 'linear' (bias-free, HF `score`) | 'mlp' (paper's 2-layer MLP)
     pooling: str = "last"           # 'last' real token of x (paper) | 'mean' over x
     cot_tokens: int = 128           # beta=0: max new tokens when decoding reasoning + answer at eval
+    kl_coef: float = 0.0            # + kl_coef * KL(p_model || p_base), LM head at the L_lm targets (README: recipe)
+    # LoRA (paper App. E.4: r=16, alpha=32, dropout 0.1, all projections; only adapters + pooled head train)
+    lora_rank: int = 0; lora_alpha: float = 32.0; lora_dropout: float = 0.1  # noqa: E702  (rank 0 = full fine-tuning)
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # gate_proj: skipped where absent
     # the scratch model (sized for synth)
     n_layer: int = 2; n_head: int = 4; n_embd: int = 256  # noqa: E702  (n_embd 128: too small for the LM + pooled head)
     dropout: float = 0.0
@@ -325,7 +329,7 @@ def main(argv):
         if not (out_dir / "ckpt.pt").exists():
             raise ConfigError(f"{out_dir}/ckpt.pt: no checkpoint to resume from; pass the run's --out_dir")
         ckpt = torch.load(out_dir / "ckpt.pt", map_location="cpu", weights_only=True)
-        (model := GPT(GPTConfig(**ckpt["model_config"]))).load_state_dict(ckpt["model"])
+        model = GPT(GPTConfig(**ckpt["model_config"]))  # its weights are loaded below, once the adapters exist
     elif cfg.init_from == "scratch":
         block = max(v["n"] for v in meta["max_len"].values())
         model = GPT(GPTConfig(vocab_size=meta["vocab_size"], block_size=-(-block // 64) * 64, n_layer=cfg.n_layer, n_head=cfg.n_head,
@@ -339,7 +343,15 @@ def main(argv):
                           f"model's vocab_size {model.config.vocab_size}; prepare the data with --model={cfg.init_from}")
     if not use_lm and not model.config.tie_word_embeddings:
         model.lm_head.weight.requires_grad_(False)  # unused: DDP would wait for its gradient forever
+    if cfg.lora_rank:  # frozen base: every trainable tensor (adapters, score) gets a gradient each step, so plain DDP
+        add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+    if cfg.kl_coef and not use_lm:
+        raise ConfigError("--kl_coef acts at the LM targets, which --alpha=0 does not build; use alpha > 0")
+    model.load_state_dict(ckpt["model"]) if ckpt else None
     model.to(device)
+    # the KL reference: with LoRA the same network with its adapters off; else a frozen copy of the initial weights
+    ref = None if not cfg.kl_coef else model if cfg.lora_rank else copy.deepcopy(model).requires_grad_(False).eval()
+    ref.load_state_dict(ckpt["kl_ref"]) if ckpt and ref is not None and ref is not model else None
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (0.9, 0.95), dev_type)
     scaler = torch.amp.GradScaler(dev_type, enabled=dtype == "float16")
     it, pos, best = 0, 0, {"score": -math.inf, "iter": None, "val": None}
@@ -359,7 +371,8 @@ def main(argv):
         keep = [l for l in log_path.read_text().splitlines() if json.loads(l)["iter"] <= it] if ckpt and log_path.exists() else []
         log_path.write_text("".join(l + "\n" for l in keep))
         print(f"dhrd.py: {cfg.task} {meta['counts']} | {cfg.init_from} {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M "
-              f"params | {device} {dtype} | {world} x {micro} x {cfg.batch_size} | alpha {cfg.alpha} beta {cfg.beta}", flush=True)
+              f"params ({sum(p.numel() for p in raw.parameters() if p.requires_grad) / 1e6:.2f}M trained) | {device} {dtype} | "
+              f"{world} x {micro} x {cfg.batch_size} | alpha {cfg.alpha} beta {cfg.beta}", flush=True)
         if cfg.mlflow:  # optional: never a hard dependency
             try:
                 import mlflow as mlf
@@ -389,22 +402,29 @@ def main(argv):
         for g in optimizer.param_groups:
             g["lr"] = lr = lr_at(it)
         alpha = cfg.alpha * (1 - it / cfg.max_iters) if cfg.alpha_schedule == "linear" else cfg.alpha
-        sums = torch.zeros(3, device=device)
+        sums = torch.zeros(4, device=device)
         for m in range(micro):
             rows = train[1][stream(len(train[1]), cfg.seed, pos + (rank * micro + m) * B, B)]
             idx, mask, x_len, y, lm_targets = make_batch(train[0], rows, pad, use_lm, cfg.lm_targets, device)
             model.require_backward_grad_sync = m == micro - 1  # DDP: all-reduce gradients on the last micro-step only
+            kl_ref = None
+            if ref is not None:  # the base model's hidden states at the valid LM targets: no grad, no dropout
+                with torch.no_grad(), ctx, lora_disabled(ref):
+                    kl_ref = (ref.eval().hidden_states(idx, mask)[lm_targets != -100], ref.lm_head.weight)
+                raw.train()
             with ctx:
                 # ONE forward over s = [x, rationale, answer]: pooled logits at x_len, reasoning-head loss on s
-                cls_logits, loss_lm = model(idx, mask, x_len, lm_targets)
+                cls_logits, loss_lm, *kl = model(idx, mask, x_len, lm_targets, kl_ref)
                 loss_cls = F.cross_entropy(cls_logits.float(), y)
-                loss = cfg.beta * loss_cls + (alpha * loss_lm if use_lm else 0.0)  # paper Eq. 4: beta L_cls + alpha L_lm
+                loss_kl = kl[0] if kl else loss_cls.new_zeros(())
+                # paper Eq. 4: beta L_cls + alpha L_lm; plus kl_coef * KL(p_model || p_base) when --kl_coef > 0
+                loss = cfg.beta * loss_cls + (alpha * loss_lm if use_lm else 0.0) + cfg.kl_coef * loss_kl
             scaler.scale(loss / micro).backward()
-            sums += torch.stack([loss.detach(), loss_cls.detach(), loss_lm.detach() if use_lm else loss.new_zeros(())]).float()
+            sums += torch.stack([loss, loss_cls, loss_lm if use_lm else loss.new_zeros(()), loss_kl]).detach().float()
         pos += B * G
         if ddp:
             dist.all_reduce(sums)  # the job's mean over all G micro-batches: identical on every rank
-        loss_v, cls_v, lm_v = (sums / G).tolist()
+        loss_v, cls_v, lm_v, kl_v = (sums / G).tolist()
         if not math.isfinite(loss_v):
             last = f"{out_dir}/ckpt.pt (iter {saved})" if saved is not None else "none written by this run yet"
             raise FloatingPointError(f"non-finite loss at iter {it + 1}: loss {loss_v}, loss_cls {cls_v}, loss_lm {lm_v} (lr {lr:.3g})"
@@ -417,7 +437,8 @@ def main(argv):
         if master and (it % cfg.log_interval == 0 or it == 1):
             dt, t_last = (time.time() - t_last) / (1 if it == 1 else cfg.log_interval), time.time()
             print(f"iter {it}: loss {loss_v:.4f} (cls {cls_v:.4f}, lm {lm_v:.4f}) lr {lr:.2e} {dt * 1000:.0f}ms/it", flush=True)
-            log(dict(iter=it, loss=loss_v, loss_cls=cls_v, loss_lm=lm_v if use_lm else None, lr=lr, alpha=alpha))
+            log(dict(iter=it, loss=loss_v, loss_cls=cls_v, loss_lm=lm_v if use_lm else None, lr=lr, alpha=alpha,
+                     **({"loss_kl": kl_v} if ref is not None else {})))
         if it % cfg.eval_interval == 0 or it == cfg.max_iters:
             if master:
                 val = evaluate(raw, val_split, meta, cot, device, ctx, cfg, tok)
@@ -425,10 +446,12 @@ def main(argv):
                 log(dict(iter=it, val=val))
                 if (sc := float(np.mean(list(val.values())))) > best["score"]:  # the mean of the task's metrics (SuperGLUE)
                     best = {"score": sc, "iter": it, "val": val}
-                    export(raw, out_dir / "model", meta, cfg)
+                    export(raw, out_dir / "model", meta, cfg)  # LoRA merged in: a plain HF folder
+                    save_lora(raw, out_dir / "adapter") if cfg.lora_rank else None  # + the adapters alone (megabytes)
                 save_atomic(dict(model=raw.state_dict(), model_config=asdict(raw.config), optimizer=optimizer.state_dict(),
                                  scaler=scaler.state_dict(), scheduler={"iter": it, "lr": lr}, iter=it, data_pos=pos,
-                                 best=best, rng=rng_state(), config=asdict(cfg)), out_dir / "ckpt.pt")
+                                 best=best, rng=rng_state(), config=asdict(cfg), **({} if ref in (None, raw) else
+                                 {"kl_ref": ref.state_dict()})), out_dir / "ckpt.pt")  # full fine-tuning's KL base
             saved = it
             dist.barrier() if ddp else None  # the other ranks wait for rank 0's evaluation and checkpoint
 

@@ -4,6 +4,7 @@ classification head on the last token of the input x and the LM head as the reas
 builds a tiktoken tokenizer from tokenizer.json or vocab.json + merges.txt; matches transformers to 1e-4.
 Deps: torch, numpy, tiktoken, stdlib."""
 import hashlib, json, math, os, re, shutil, sys, time, urllib.error, urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -226,7 +227,7 @@ class GPT(nn.Module):
             raise ValueError("this model has no classification head: pass num_labels=K to from_pretrained/GPTConfig")
         return self.forward(idx, attention_mask)[0]
 
-    def forward(self, idx, attention_mask=None, x_len=None, lm_targets=None):
+    def forward(self, idx, attention_mask=None, x_len=None, lm_targets=None, kl_ref=None):
         """THE training forward: one pass over s = [x, rationale, answer] feeds both losses of Eq. 4 (and keeps DDP's
         hooks simple). Causal attention makes h at x's last token independent of what follows: pooling there = x alone (§3)."""
         h = self.hidden_states(idx, attention_mask)
@@ -237,6 +238,8 @@ class GPT(nn.Module):
             cls_logits = self.score(self.pool(h, x_len))
         if lm_targets is not None:
             loss_lm = fused_lm_loss(h, self.lm_head.weight, lm_targets)
+        if kl_ref is not None:  # dhrd's --kl_coef: (the frozen reference's hidden states at the valid targets, its LM head)
+            return cls_logits, loss_lm, kl_to_ref(h[lm_targets != -100], self.lm_head.weight, *kl_ref)
         return cls_logits, loss_lm
 
     @torch.no_grad()
@@ -313,7 +316,7 @@ class GPT(nn.Module):
         """HF layout (config.json + model.safetensors + the source folder's tokenizer files) that transformers'
         AutoModelForCausalLM and, for a linear head, AutoModelForSequenceClassification load unchanged."""
         (path := Path(path)).mkdir(parents=True, exist_ok=True)
-        sd = self.state_dict()
+        sd = merged_state_dict(self)  # LoRA folded into the base weights: a plain HF checkpoint
         write_safetensors(path / "model.safetensors", {
             (hf if hf.startswith(("lm_head", "score")) else HF_NAMES[self.config.model_type][0] + hf):
             (lambda t: t.t() if transpose and t.dim() == 2 else t)(torch.cat([sd[n] for n in names])).contiguous()
@@ -327,6 +330,8 @@ class GPT(nn.Module):
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         # decay the matrices (matmuls, embeddings) only; biases and LayerNorm gains stay undecayed (nanoGPT)
+        # LoRA: only lora_A/B and `score` require grad; A, B are matrices and decay (as HF Trainer's grouping would):
+        # decay pulls B A towards 0, i.e. towards the base model
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -404,6 +409,109 @@ def fused_lm_loss(h, weight, targets, ignore_index=-100, chunk=1024, rows=2048):
     if tv.numel() == 0:
         return h.sum() * 0.0 + weight.sum() * 0.0  # a zero that still has a graph (DDP-safe)
     return _FusedLMLoss.apply(hv, weight, tv, chunk, rows, torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad))
+
+# ---------------------------------------------------------------------------------------------------------------
+# LoRA (Hu et al. 2021), as the paper trains its backbones (App. E.4: r=16, alpha=32, dropout 0.1 on q/k/v/o/gate/up/down;
+# only the adapters and the pooled head train). y = base(x) + B A drop(x) * alpha/r with B = 0 at the start, so a fresh
+# adapter is the base model exactly. save_pretrained merges (W + alpha/r B A): the export is a plain HF folder.
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+class LoRALinear(nn.Module):
+    def __init__(self, base, rank, alpha, dropout):
+        super().__init__()
+        self.base, self.scale, self.drop, self.enabled = base, alpha / rank, nn.Dropout(dropout), True
+        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, **kw))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default (nn.Linear's own init)
+        self.train(base.training)  # added to a model in eval mode: no adapter dropout either
+
+    def forward(self, x):  # dropout on the adapter's input only (PEFT); the frozen base path sees x unchanged
+        y = self.base(x)
+        return y + F.linear(F.linear(self.drop(x), self.lora_A), self.lora_B) * self.scale if self.enabled else y
+
+def add_lora(model, rank=16, alpha=32.0, dropout=0.1, targets=LORA_TARGETS):
+    """Freeze every weight, wrap the targeted projections of every block, keep `score` trainable (PEFT's modules_to_save
+    for sequence classification). A known target this family lacks (gate_proj in GPT-2/OPT) is skipped."""
+    targets = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else list(targets)
+    if bad := [t for t in targets if t not in LORA_TARGETS]:
+        raise ValueError(f"unknown LoRA target(s) {bad}; valid: {','.join(LORA_TARGETS)}")
+    if rank < 1 or getattr(model, "lora", None):
+        raise ValueError(f"LoRA rank must be >= 1 (got {rank}), and adapters are added once per model")
+    model.requires_grad_(False)
+    pairs = [(m, t) for b in model.h for m in (b.attn, b.mlp) for t in targets
+             if isinstance(getattr(m, t, None), nn.Linear)]
+    if not pairs:
+        raise ValueError(f"LoRA targets {targets}: none exists in this {model.config.model_type} model")
+    for m, t in pairs:
+        setattr(m, t, LoRALinear(getattr(m, t), rank, alpha, dropout))
+    model.score.requires_grad_(True) if model.score is not None else None
+    model.lora = dict(rank=rank, alpha=alpha, dropout=dropout, targets=targets)
+    return model
+
+@contextmanager
+def lora_disabled(model):  # the frozen base network, without a second copy of its weights (dhrd's --kl_coef reference)
+    mods = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in mods:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m in mods:
+            m.enabled = True
+
+def merged_state_dict(model):  # state_dict with every adapter folded in (W + scale B A, in fp32); the model is untouched
+    sd, mods = model.state_dict(), {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    sd = {k: v for k, v in sd.items() if ".lora_" not in k}
+    for n, m in mods.items():
+        w = sd.pop(f"{n}.base.weight")
+        sd[f"{n}.weight"] = (w.float() + m.scale * (m.lora_B.detach().float() @ m.lora_A.detach().float())).to(w.dtype)
+        if f"{n}.base.bias" in sd:
+            sd[f"{n}.bias"] = sd.pop(f"{n}.base.bias")
+    return sd
+
+def save_lora(model, path):
+    """Adapter-only checkpoint: path/adapter.safetensors (every lora_A [r,in] / lora_B [out,r] and the `score` head, by
+    our module names) + path/adapter.json (rank, alpha, dropout, targets, base_model). load_lora is its exact inverse."""
+    _check(getattr(model, "lora", None), "save_lora", "the model has no LoRA adapters; call add_lora first")
+    (path := Path(path)).mkdir(parents=True, exist_ok=True)
+    write_safetensors(path / "adapter.safetensors", {k: v for k, v in model.state_dict().items() if ".lora_" in k or
+                                                     k.startswith("score")})
+    src = str(Path(model.source_dir).resolve()) if hasattr(model, "source_dir") else ""  # none on a dhrd resume
+    (path / "adapter.json").write_text(json.dumps({**model.lora, "base_model": src, "num_labels": model.config.num_labels,
+                                                   "head": model.config.head}, indent=1))
+
+def load_lora(model, path):
+    """On GPT.from_pretrained(base_model, num_labels=K): add the saved adapters and head, checked name by name and shape
+    by shape (a different base gives a CheckpointError naming the tensor)."""
+    file = Path(path) / "adapter.safetensors"
+    try:
+        c = json.loads((Path(path) / "adapter.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{Path(path) / 'adapter.json'}: cannot read the adapter config ({e})") from None
+    tensors, hint = read_safetensors(file), f"saved on base {c.get('base_model') or '?'} with num_labels={c.get('num_labels')}"
+    add_lora(model, c["rank"], c["alpha"], c["dropout"], c["targets"])
+    ours = {k: v for k, v in model.state_dict().items() if ".lora_" in k or k.startswith("score")}
+    _check(ours.keys() == tensors.keys(), file, f"tensors do not match this model ({hint}): missing "
+           f"{sorted(ours.keys() - tensors.keys())[:4]}, unexpected {sorted(tensors.keys() - ours.keys())[:4]}")
+    for k, t in tensors.items():
+        _check(t.shape == ours[k].shape, file, f"tensor {k} has shape {list(t.shape)}, this model's is {list(ours[k].shape)}; "
+               f"the adapter was {hint}: load that base")
+    model.load_state_dict(tensors, strict=False)
+    return model
+
+def kl_to_ref(h, w, h_ref, w_ref, rows=256):
+    """Mean over rows of KL(p || p_ref) (dhrd's --kl_coef): p = softmax(h w^T), the model's next-token distribution at
+    the valid LM targets, p_ref the frozen reference's (h_ref, w_ref without grad). Row chunks under activation
+    checkpointing: at most [rows, V] logits exist at a time, forward and backward, never [N, V]."""
+    def part(a, b):
+        lp, lq = F.log_softmax((a @ w.t()).float(), -1), F.log_softmax((b @ w_ref.t()).float(), -1)
+        return (lp.exp() * (lp - lq)).sum()
+    if len(h) == 0:
+        return h.sum() * 0.0
+    return sum(torch.utils.checkpoint.checkpoint(part, h[i:i + rows], h_ref[i:i + rows], use_reentrant=False)
+               for i in range(0, len(h), rows)) / len(h)
 
 # ---------------------------------------------------------------------------------------------------------------
 # safetensors, read and written here (no pickle): 8-byte little-endian header length, a JSON header {name: {dtype,
@@ -582,7 +690,7 @@ HF_NAMES = {
 def _weight_map(model):
     """HF name (without the `transformer.` / `model.` prefix) -> (our names, transpose); transpose: GPT-2's Conv1D
     stores its matrices as [in, out]."""
-    c, ours = model.config, dict(model.named_parameters(remove_duplicate=False))
+    c, ours = model.config, {n.replace(".base.", "."): p for n, p in model.named_parameters(remove_duplicate=False)}  # LoRA
     _, top, blk, pairs = HF_NAMES[c.model_type]
     m = {n: ((n,), False) for n in ours if n.startswith("score") or n == "lm_head.weight" and not c.tie_word_embeddings}
     for w in ("weight", "bias"):

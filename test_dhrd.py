@@ -23,6 +23,7 @@ ROOT = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 import bench  # noqa: E402
 import dhrd  # noqa: E402
+import gpt  # noqa: E402
 import prepare  # noqa: E402
 from gpt import (GPT2_PAT, CheckpointError, DownloadError, GPT, GPTConfig, download, fused_lm_loss,  # noqa: E402
                  load_tokenizer, read_safetensors, resolve_model_dir, write_safetensors)
@@ -964,7 +965,7 @@ def test_train_config_errors(tmp_path):
         with pytest.raises(dhrd.ConfigError, match=re.escape(msg)):
             dhrd.parse_config(args)
     (tmp_path / "c.json").write_text(json.dumps({"batch_size": 4, "alhpa": 1}))
-    with pytest.raises(dhrd.ConfigError, match=r"c.json: unknown config key 'alhpa'; did you mean alpha\?"):
+    with pytest.raises(dhrd.ConfigError, match=r"c.json: unknown config key 'alhpa'; did you mean alpha[,?]"):
         dhrd.parse_config([str(tmp_path / "c.json")])
     (tmp_path / "d.json").write_text(json.dumps({"batch_size": 4, "alpha": 0}))
     cfg = dhrd.parse_config([str(tmp_path / "d.json"), "--batch_size=7"])  # later wins; an int is a fine float
@@ -1094,6 +1095,159 @@ def test_train_cot_answer_parsing():
     model = _TrainFakeLM(tok, [answers[j] for j in order])
     probs = dhrd.class_probs(model, seqs, meta, True, "cpu", torch.no_grad(), 8, 60, tok)
     assert probs.tolist() == [[0, 1], [1, 0], [0, 0], [0, 0]]
+
+
+# ---- lora: adapters on a frozen base (paper App. E.4), merged export, adapter-only files, KL to the base
+
+
+def _lora_perturb(m, seed=1):  # non-zero B (a fresh adapter is exactly the base), so merges and round trips show
+    g = torch.Generator().manual_seed(seed)
+    for n, p in m.named_parameters():
+        if ".lora_B" in n:
+            p.data = torch.randn(p.shape, generator=g) * 0.1
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_lora_fresh_is_base_and_trains_only_adapters(model_type):
+    m = _gpt_tiny(model_type, num_labels=3)
+    idx = torch.randint(0, 61, (3, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits, cls = m.lm_logits(idx), m.classify(idx)
+    base = {k: v.clone() for k, v in gpt.merged_state_dict(m).items()}
+    gpt.add_lora(m, rank=4, alpha=8, dropout=0.0)
+    with torch.no_grad():  # B = 0: bit-identical to the base model
+        assert torch.equal(m.lm_logits(idx), logits) and torch.equal(m.classify(idx), cls)
+    trained = [n for n, p in m.named_parameters() if p.requires_grad]
+    assert all(".lora_" in n or n.startswith("score") for n in trained) and "score.weight" in trained
+    assert any("gate_proj.lora_A" in n for n in trained) == (model_type == "llama")  # GPT-2 has no gate_proj: skipped
+    assert sum(".lora_A" in n for n in trained) == 2 * (7 if model_type == "llama" else 6)
+    opt = m.configure_optimizers(0.1, 1e-2, (0.9, 0.95), "cpu")
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == sum(p.numel() for p in m.parameters() if p.requires_grad)
+    m.train()
+    y, losses = torch.tensor([0, 1, 2]), []
+    for _ in range(8):
+        cls_logits, loss_lm = m(idx, lm_targets=torch.roll(idx, -1, 1))
+        loss = F.cross_entropy(cls_logits, y) + loss_lm
+        loss.backward(), opt.step(), opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1, losses
+    after = dict(m.state_dict())
+    for k, v in base.items():  # the frozen weights did not move by a bit; the adapters and the head did
+        if not k.startswith("score"):
+            assert torch.equal(after[k.replace("_proj.", "_proj.base.")], v), k
+    assert not torch.equal(after["score.weight"], base["score.weight"])
+    assert all(after[n].abs().sum() > 0 for n in trained if ".lora_B" in n)
+    with pytest.raises(ValueError, match="unknown LoRA target.*'qkv'.*valid: q_proj,k_proj,v_proj,o_proj,gate_proj"):
+        gpt.add_lora(_gpt_tiny(model_type), targets="q_proj,qkv")
+    with pytest.raises(ValueError, match="none exists"):
+        gpt.add_lora(_gpt_tiny("gpt2"), targets=["gate_proj"])
+
+
+def test_lora_merged_export_and_adapter_round_trip(tmp_path):
+    m = gpt.add_lora(GPT.from_pretrained(FIX / "llama").eval(), rank=4, alpha=32, dropout=0.1)
+    _lora_perturb(m)
+    r = _gpt_ref("llama")
+    ids, am = r["input_ids"], r["attention_mask"]
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with torch.no_grad():
+        logits, cls = m.lm_logits(ids, am), m.classify(ids, am)
+    assert (logits - r["logits"]).abs().max() > 1e-3  # the adapters change the model
+    m.save_pretrained(tmp_path / "merged")
+    assert m.state_dict().keys() == before.keys() and all(torch.equal(m.state_dict()[k], v) for k, v in before.items())
+    merged = GPT.from_pretrained(tmp_path / "merged").eval()  # a plain HF folder: no lora tensors in it
+    assert not any("lora" in k or ".base." in k for k in read_safetensors(tmp_path / "merged" / "model.safetensors"))
+    with torch.no_grad():
+        assert (merged.lm_logits(ids, am) - logits).abs().max() < 1e-5
+        assert (merged.classify(ids, am) - cls).abs().max() < 1e-5
+    gpt.save_lora(m, tmp_path / "ad")
+    saved = read_safetensors(tmp_path / "ad" / "adapter.safetensors")
+    assert set(saved) == {k for k in before if ".lora_" in k or k.startswith("score")}
+    assert json.loads((tmp_path / "ad" / "adapter.json").read_text())["rank"] == 4
+    m2 = gpt.load_lora(GPT.from_pretrained(FIX / "llama").eval(), tmp_path / "ad")
+    assert all(torch.equal(m2.state_dict()[k], v) for k, v in before.items())
+    with torch.no_grad():
+        assert torch.equal(m2.lm_logits(ids, am), logits) and torch.equal(m2.classify(ids, am), cls)
+    with pytest.raises(CheckpointError, match=r"adapter.safetensors: tensor h.0.attn.\w+.lora_A has shape \[4, 32\], "
+                       r"this model's is \[4, 16\].*load that base"):
+        gpt.load_lora(_gpt_tiny("llama", num_labels=3), tmp_path / "ad")
+    with pytest.raises(CheckpointError, match="unexpected.*score.weight"):  # a base loaded without num_labels
+        gpt.load_lora(_gpt_tiny("llama", n_embd=32, vocab_size=897, n_head=4, head_dim=8, n_kv_head=2, n_inner=64), tmp_path / "ad")
+
+
+def test_lora_kl_to_base(monkeypatch):
+    m = gpt.add_lora(_gpt_tiny("llama", num_labels=2, vocab_size=61), rank=4, alpha=8, dropout=0.0)
+    idx = torch.randint(0, 61, (3, 12), generator=torch.Generator().manual_seed(0))
+    tg = torch.roll(idx, -1, 1)
+    tg[0, 5:] = tg[2, :3] = -100  # only the valid targets count
+
+    def kl(rows=256):
+        with torch.no_grad(), gpt.lora_disabled(m):
+            ref = (m.hidden_states(idx)[tg != -100], m.lm_head.weight)
+        h = m.hidden_states(idx)[tg != -100]
+        return gpt.kl_to_ref(h, m.lm_head.weight, *ref, rows=rows), m(idx, lm_targets=tg, kl_ref=ref)[2]
+
+    assert max(abs(v.item()) for v in kl()) < 1e-6  # adapters at zero: the model is the base
+    _lora_perturb(m)
+    a, b = kl(rows=5)  # row chunks of 5 == one chunk == the naive full-logits KL
+    with torch.no_grad(), gpt.lora_disabled(m):
+        q = F.log_softmax(m.lm_logits(idx)[tg != -100], -1)
+    p = F.log_softmax(m.lm_logits(idx)[tg != -100], -1)
+    naive = (p.exp() * (p - q)).sum(-1).mean()
+    assert a.item() > 1e-3 and abs(a.item() - naive.item()) < 1e-5 and abs(b.item() - naive.item()) < 1e-5
+    b.backward()
+    for n, prm in m.named_parameters():  # the gradient reaches the adapters only (the head is not in the KL)
+        assert (prm.grad is not None and prm.grad.abs().sum() > 0) == (".lora_" in n), n
+
+
+@pytest.fixture(scope="module")
+def lora_data(tmp_path_factory):
+    """A score-less copy of the tiny Llama fixture and synth data tokenized with its tokenizer."""
+    d = tmp_path_factory.mktemp("lora")
+    m = GPT.from_pretrained(FIX / "llama")
+    m.score, m.config.num_labels = None, 0
+    m.save_pretrained(d / "base")
+    prepare.prepare(task="synth", out_dir=d / "data", model=str(d / "base"), quiet=True)
+    return d, ["--init_from=" + str(d / "base"), f"--data_dir={d / 'data'}", "--batch_size=4", "--dtype=float32",
+               "--learning_rate=3e-3", "--warmup_iters=2", "--lora_rank=4", "--lora_dropout=0.1", "--kl_coef=0.1",
+               "--max_iters=8", "--eval_interval=4", "--log_interval=1", "--eval_batch_size=500"]
+
+
+def test_train_lora_end_to_end_and_resume(lora_data):
+    """dhrd.py --lora_rank: the base stays frozen; merged model/ and adapter/ give the trained model's class
+    logits; eval_only reads the merged export; a killed run resumes to the same adapters, log and results."""
+    d, flags = lora_data
+    _train_run(*flags, f"--out_dir={d / 'full'}", cwd=d)
+    ck, base = _train_weights(d / "full"), read_safetensors(d / "base" / "model.safetensors")
+    assert torch.equal(ck["h.1.mlp.gate_proj.base.weight"], base["model.layers.1.mlp.gate_proj.weight"])
+    assert ck["h.1.mlp.gate_proj.lora_B"].abs().sum() > 0
+    log = _train_log(d / "full")
+    assert log[-1]["loss_kl"] > 0 and log[0]["loss_kl"] < 1e-6  # KL to the base: 0 while B = 0, then grows
+    res = json.loads((d / "full" / "results.json").read_text())
+    raw = GPT(GPTConfig(**torch.load(d / "full" / "ckpt.pt", weights_only=True)["model_config"]))
+    gpt.add_lora(raw, 4, 32.0, 0.1)
+    raw.load_state_dict(ck)
+    merged = GPT.from_pretrained(d / "full" / "model").eval()
+    adapted = gpt.load_lora(GPT.from_pretrained(d / "base", num_labels=2), d / "full" / "adapter").eval()
+    ids = torch.randint(0, 897, (4, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # model/ and adapter/ are the same best model; the checkpoint holds the last one
+        c = adapted.classify(ids)
+        assert (merged.classify(ids) - c).abs().max() < 1e-5 and (merged.lm_logits(ids) - adapted.lm_logits(ids)).abs().max() < 1e-5
+        assert torch.equal(raw.eval().classify(ids), c) == (res["best_iter"] == 8), res
+    r = _train_run(f"--init_from={d / 'full'}", "--eval_only=True", cwd=d)
+    assert json.loads(r.stdout.strip().splitlines()[-1])["val"] == res["val"]
+    out = d / "killed"  # the kill/resume pattern of test_train_resume_after_kill_is_exact
+    p = subprocess.Popen([sys.executable, str(ROOT / "dhrd.py"), *flags, f"--out_dir={out}"], cwd=d,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    while not (out / "ckpt.pt").exists() and p.poll() is None and time.time() - t0 < 120:
+        time.sleep(0.005)
+    p.kill()
+    p.wait()
+    assert not (out / "results.json").exists(), "the run finished before it could be killed"
+    _train_run("--init_from=resume", f"--out_dir={out}", cwd=d)
+    resumed = _train_weights(out)
+    assert ck.keys() == resumed.keys() and all(torch.equal(ck[k], resumed[k]) for k in ck)
+    assert json.loads((out / "results.json").read_text()) == res and _train_log(d / "full") == _train_log(out)
 
 
 # ==============================================================================================================
