@@ -46,6 +46,14 @@ for seed in $SEEDS; do
   run only_label "$seed" --data_dir=data/$TASK-real-only_label --alpha=1
   run shuffle_reasoning "$seed" --data_dir=data/$TASK-real-shuffle_reasoning --alpha=1
 done
+# the paper's setting (App. E.4): LoRA r=16, alpha=32, dropout 0.1 on all projections, only adapters + pooled head
+# train; LoRA needs a larger learning rate than full fine-tuning (2e-4, PEFT's usual value; not tuned here)
+if [ "${LORA:-1}" = 1 ]; then
+  for seed in $SEEDS; do
+    run pooled_lora "$seed" --data_dir=data/$TASK-real-none --alpha=0 --lora_rank=16 --learning_rate=2e-4
+    run dhrd_lora "$seed" --data_dir=data/$TASK-real-none --alpha=1 --lora_rank=16 --learning_rate=2e-4
+  done
+fi
 run cot_only 1 --data_dir=data/$TASK-real-none --beta=0 --cot_tokens=96
 # paper Table 5 on this model and data: wall time of evaluating the same val set with the pooled head (one forward
 # over x) and with the CoT-only model (decoding rationale + answer, greedy, up to 96 new tokens), model load included
