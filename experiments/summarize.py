@@ -13,11 +13,12 @@ for d in sorted(root.glob("*-s*")):
     metric = res["metric"]
     test = t["test"]["test"][metric] if t["test"] else float("nan")  # TEST=0: not evaluated
     rows.setdefault(name, []).append((int(seed), res["val"][metric], test, t["train_s"], t["test_s"]))
-ms = lambda xs: f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
+ms = lambda xs: "–" if any(x != x for x in xs) else f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 \
+    else f"{xs[0]:.3f}"  # x != x: NaN, a test split that was not evaluated (TEST=0)
 print(f"| setting | seeds | val {metric} | test {metric} | per seed (val / test) | train s / test-eval s per run |")
 print("|---|---|---|---|---|---|")
 for name, rs in rows.items():
-    per = ", ".join(f"s{s}: {v:.3f} / {t:.3f}" for s, v, t, *_ in sorted(rs))
+    per = ", ".join(f"s{s}: {v:.3f}" + (f" / {t:.3f}" if t == t else "") for s, v, t, *_ in sorted(rs))
     print(f"| {name} | {len(rs)} | {ms([r[1] for r in rs])} | {ms([r[2] for r in rs])} | {per} | "
           f"{statistics.mean(r[3] for r in rs):.0f} / {statistics.mean(r[4] for r in rs):.0f} |")
 base = {s: (v, t) for s, v, t, *_ in rows.get("pooled", [])}
