@@ -3,7 +3,7 @@ classification head on the last token of the input x and the LM head as the reas
 (Eq. 4). Reads/writes Hugging Face folders with its own safetensors code (no pickle), downloads hub names with urllib,
 builds a tiktoken tokenizer from tokenizer.json or vocab.json + merges.txt; matches transformers to 1e-4.
 Deps: torch, numpy, tiktoken, stdlib."""
-import hashlib, json, math, os, re, shutil, sys, time, urllib.error, urllib.request
+import hashlib, json, math, os, re, shutil, sys, time, unicodedata, urllib.error, urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -797,7 +797,6 @@ class Tokenizer:
         r2i = np.array(rank2id + list(specials.values()), dtype=np.int64)
         self._r2i = None if np.array_equal(r2i, np.arange(len(r2i))) else r2i  # GPT-2: the ranks are the ids
         if self._nfc:  # Qwen2: NFC on the text between added tokens (HF splits those out before normalizing)
-            import unicodedata
             split = re.compile("(" + "|".join(map(re.escape, sorted(specials, key=len, reverse=True))) + ")").split
             self._nfc = lambda s: "".join(p if i % 2 else unicodedata.normalize("NFC", p) for i, p in enumerate(split(s)))
         self.vocab_size = max(full.values()) + 1
