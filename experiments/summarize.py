@@ -21,10 +21,11 @@ for name, rs in rows.items():
     per = ", ".join(f"s{s}: {v:.3f}" + (f" / {t:.3f}" if t == t else "") for s, v, t, *_ in sorted(rs))
     print(f"| {name} | {len(rs)} | {ms([r[1] for r in rs])} | {ms([r[2] for r in rs])} | {per} | "
           f"{statistics.mean(r[3] for r in rs):.0f} / {statistics.mean(r[4] for r in rs):.0f} |")
-base = {s: (v, t) for s, v, t, *_ in rows.get("pooled", [])}
 for name, rs in rows.items():  # paired by seed: same data order and head init for every setting of one seed
-    if name != "pooled" and (pairs := [(v - base[s][0], t - base[s][1]) for s, v, t, *_ in rs if s in base]):
-        print(f"\n{name} - pooled, paired by seed (n={len(pairs)}): val {ms([p[0] for p in pairs])}, test {ms([p[1] for p in pairs])}",
+    ref = "pooled_lora" if name.endswith("_lora") else "pooled"  # LoRA runs against the LoRA baseline
+    base = {s: (v, t) for s, v, t, *_ in rows.get(ref, [])}
+    if name != ref and (pairs := [(v - base[s][0], t - base[s][1]) for s, v, t, *_ in rs if s in base]):
+        print(f"\n{name} - {ref}, paired by seed (n={len(pairs)}): val {ms([p[0] for p in pairs])}, test {ms([p[1] for p in pairs])}",
               end="")
 print()
 t = {n: json.loads((root / f"{n}-s1" / "val_timing.json").read_text()) for n in ("pooled", "cot_only")
