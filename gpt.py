@@ -58,7 +58,6 @@ class GPTConfig:
 
 ACT = {"gelu_new": lambda x: F.gelu(x, approximate="tanh"), "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
        "gelu": F.gelu, "relu": F.relu, "silu": F.silu}
-FAMILIES = ("gpt2", "opt", "llama", "qwen2", "qwen3")
 
 class RMSNorm(nn.Module):  # Llama/Qwen: x / rms(x) * weight, in fp32 then back to x's dtype (as HF, for parity)
     def __init__(self, dim, eps):
@@ -152,8 +151,8 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         cfg = self.config = config
-        _check(cfg.model_type in FAMILIES and cfg.head in ("linear", "mlp") and cfg.pooling in ("last", "mean"), "GPTConfig",
-               f"model_type {cfg.model_type!r}, head {cfg.head!r}, pooling {cfg.pooling!r} must be {'|'.join(FAMILIES)}, linear|mlp, last|mean")
+        _check(cfg.model_type in ARCH and cfg.head in ("linear", "mlp") and cfg.pooling in ("last", "mean"), "GPTConfig",
+               f"model_type {cfg.model_type!r}, head {cfg.head!r}, pooling {cfg.pooling!r} must be {'|'.join(ARCH)}, linear|mlp, last|mean")
         D = cfg.word_embed_proj_dim or cfg.n_embd  # OPT-350m embeds tokens in 512 dims, its blocks run in 1024
         self.pos_offset = 2 if cfg.model_type == "opt" else 0  # OPT's position table starts at row 2 (fairseq)
         self.wte = nn.Embedding(cfg.vocab_size, D)

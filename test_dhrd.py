@@ -1006,10 +1006,9 @@ def trained_run(train_data, tmp_path_factory):
     return d, flags
 
 
-def test_train_resume_after_kill_is_exact(trained_run):
-    d, flags = trained_run
-    out = d / "killed"
-    p = subprocess.Popen([sys.executable, str(ROOT / "dhrd.py"), *flags, f"--out_dir={out}"], cwd=d,
+def _train_kill_after_first_ckpt(flags, out, cwd):
+    """Start dhrd.py and kill -9 it as soon as its first checkpoint exists (before it can finish)."""
+    p = subprocess.Popen([sys.executable, str(ROOT / "dhrd.py"), *flags, f"--out_dir={out}"], cwd=cwd,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     t0 = time.time()
     while not (out / "ckpt.pt").exists() and p.poll() is None and time.time() - t0 < 120:
@@ -1017,6 +1016,12 @@ def test_train_resume_after_kill_is_exact(trained_run):
     p.kill()
     p.wait()
     assert not (out / "results.json").exists(), "the run finished before it could be killed"
+
+
+def test_train_resume_after_kill_is_exact(trained_run):
+    d, flags = trained_run
+    out = d / "killed"
+    _train_kill_after_first_ckpt(flags, out, d)
     killed_at = torch.load(out / "ckpt.pt", weights_only=True)["iter"]
     assert killed_at < 40
     _train_run("--init_from=resume", f"--out_dir={out}", cwd=d)
@@ -1235,15 +1240,8 @@ def test_train_lora_end_to_end_and_resume(lora_data):
         assert torch.equal(raw.eval().classify(ids), c) == (res["best_iter"] == 8), res
     r = _train_run(f"--init_from={d / 'full'}", "--eval_only=True", cwd=d)
     assert json.loads(r.stdout.strip().splitlines()[-1])["val"] == res["val"]
-    out = d / "killed"  # the kill/resume pattern of test_train_resume_after_kill_is_exact
-    p = subprocess.Popen([sys.executable, str(ROOT / "dhrd.py"), *flags, f"--out_dir={out}"], cwd=d,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    t0 = time.time()
-    while not (out / "ckpt.pt").exists() and p.poll() is None and time.time() - t0 < 120:
-        time.sleep(0.005)
-    p.kill()
-    p.wait()
-    assert not (out / "results.json").exists(), "the run finished before it could be killed"
+    out = d / "killed"
+    _train_kill_after_first_ckpt(flags, out, d)
     _train_run("--init_from=resume", f"--out_dir={out}", cwd=d)
     resumed = _train_weights(out)
     assert ck.keys() == resumed.keys() and all(torch.equal(ck[k], resumed[k]) for k in ck)
