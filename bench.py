@@ -14,12 +14,12 @@ import copy, json, os, subprocess, sys, time, statistics
 from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
-from gpt import GPT, GPTConfig, fused_lm_loss
+from gpt import GPT, GPTConfig, fused_lm_loss, native_dtype
 
 # ----------------------------------------------------------------------------- config (--key=value)
 init_from = "gpt2"        # a model folder (real weights), or a built-in shape below (random weights)
 device = "cpu"            # cpu | cuda | cuda:N
-dtype = "bfloat16"        # float32 | bfloat16 | float16 (GPU only: ~3 GFLOP/s on CPUs)
+dtype = "auto"            # auto (gpt.native_dtype) | float32 | bfloat16 | float16 (GPU only)
 compile = False           # torch.compile the model (GPU; slow to start on CPU)
 batch_size, seq_len = 16, 128               # pooled classification
 cot_batch_size, cot_tokens = 8, 64          # CoT decoding: new tokens per sample (paper: up to 500)
@@ -159,9 +159,12 @@ def main():
     globals().update(cfg)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("bench.py: --device=cuda but torch.cuda.is_available() is False; use --device=cpu")
-    if dtype not in ("float32", "bfloat16", "float16") or dtype == "float16" and "cuda" not in device:
-        raise SystemExit(f"bench.py: --dtype={dtype!r}: expected float32 or bfloat16 (float16 on CUDA only: "
+    if dtype not in ("auto", "float32", "bfloat16", "float16") or dtype == "float16" and "cuda" not in device:
+        raise SystemExit(f"bench.py: --dtype={dtype!r}: expected auto, float32 or bfloat16 (float16 on CUDA only: "
                          "CPUs run float16 matmuls at a few GFLOP/s)")
+    why = "--dtype"
+    if dtype == "auto":
+        globals()["dtype"], why = native_dtype(device)
     if min(batch_size, seq_len, cot_batch_size, cot_tokens, cot_prompt_len, train_batch_size, train_seq_len) < 1:
         raise SystemExit("bench.py: batch sizes, lengths and token counts must be >= 1")
     torch.manual_seed(seed)
@@ -238,7 +241,7 @@ def main():
 
     mem = lm_loss_memory(c.n_embd)
 
-    res = {"device": device, "dtype": dtype, "model": init_from,
+    res = {"device": device, "dtype": dtype, "dtype_reason": why, "model": init_from,
            "pooled": {"batch_size": batch_size, "seq_len": seq_len, "qps": batch_size / t_pooled,
                       "agreement_fp32": agree / total, "agreement_n": total},
            "cot": {"batch_size": cot_batch_size, "new_tokens": cot_tokens, "prompt_len": cot_prompt_len,
@@ -255,7 +258,7 @@ def main():
     res["threads"] = torch.get_num_threads()
 
     p, ct, tr, m = res["pooled"], res["cot"], res["train"], res["lm_loss_memory"]
-    print(f"dhrd bench: {init_from} on {device} ({dtype}, {res['threads']} threads), median of {repeats}")
+    print(f"dhrd bench: {init_from} on {device} {dtype} ({why}), {res['threads']} threads, median of {repeats}")
     rows = [("pooled QPS", f"{p['qps']:.2f}", f"batch {batch_size} x {seq_len} tokens; "
              f"agrees with fp32 on {100 * p['agreement_fp32']:.1f}% of {total}"),
             ("CoT QPS", f"{ct['qps']:.3f}", f"batch {cot_batch_size}, {cot_prompt_len}-token prompt "

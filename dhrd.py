@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import prepare
-from gpt import GPT, GPTConfig, CheckpointError, add_lora, lora_disabled, save_lora
+from gpt import GPT, GPTConfig, CheckpointError, add_lora, lora_disabled, native_dtype, save_lora
 
 @dataclass
 class Config:
@@ -68,7 +68,7 @@ class Config:
     eval_batch_size: int = 128
     seed: int = 1337
     device: str = "auto"            # 'auto' | 'cpu' | 'cuda' | 'cuda:N'
-    dtype: str = "auto"             # 'auto' (bfloat16 where supported) | 'float32' | 'bfloat16' | 'float16'
+    dtype: str = "auto"             # 'auto' (gpt.native_dtype) | 'float32' | 'bfloat16' | 'float16'
     compile: bool = False
 
 
@@ -287,7 +287,7 @@ def main(argv):
     if cfg.gradient_accumulation_steps % world:
         raise ConfigError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} (whole job) must be a multiple of {world}")
     master, micro = rank == 0, cfg.gradient_accumulation_steps // world
-    dtype = cfg.dtype if cfg.dtype != "auto" else "bfloat16" if dev_type == "cpu" or torch.cuda.is_bf16_supported() else "float16"
+    dtype, why = (cfg.dtype, "--dtype") if cfg.dtype != "auto" else native_dtype(device)
     ctx = nullcontext() if dtype == "float32" else torch.autocast(dev_type, dtype=getattr(torch, dtype))
     for seed_fn in (torch.manual_seed, np.random.seed, random.seed):  # per rank (dropout); DDP broadcasts rank 0's init
         seed_fn(cfg.seed + rank)
@@ -299,6 +299,7 @@ def main(argv):
         meta = _read_json(folder / "meta.json" if (folder / "meta.json").exists() else Path(cfg.data_dir, "meta.json"), "meta")
         model = GPT.from_pretrained(folder, pooling=meta.get("pooling", cfg.pooling)).to(device)
         cot, tok = meta.get("eval") == "cot" or cfg.beta == 0, prepare.tokenizer_from_meta(meta)
+        print(f"dhrd.py: {'predict' if cfg.predict else 'eval'} {folder} | {device} {dtype} ({why})", file=sys.stderr)
         if cfg.predict:
             return predict(model, meta, cot, tok, device, ctx, cfg)
         val = evaluate(model, load_split(cfg.data_dir, cfg.eval_split, meta), meta, cot, device, ctx, cfg, tok)
@@ -371,7 +372,7 @@ def main(argv):
         keep = [l for l in log_path.read_text().splitlines() if json.loads(l)["iter"] <= it] if ckpt and log_path.exists() else []
         log_path.write_text("".join(l + "\n" for l in keep))
         print(f"dhrd.py: {cfg.task} {meta['counts']} | {cfg.init_from} {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M "
-              f"params ({sum(p.numel() for p in raw.parameters() if p.requires_grad) / 1e6:.2f}M trained) | {device} {dtype} | "
+              f"params ({sum(p.numel() for p in raw.parameters() if p.requires_grad) / 1e6:.2f}M trained) | {device} {dtype} ({why}) | "
               f"{world} x {micro} x {cfg.batch_size} | alpha {cfg.alpha} beta {cfg.beta}", flush=True)
         if cfg.mlflow:  # optional: never a hard dependency
             try:

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 import numpy as np
 import torch
-from gpt import GPT, download, load_tokenizer
+from gpt import GPT, download, load_tokenizer, native_dtype
 
 # synth, the embedded default: modular arithmetic, "a=79,b=a-74;b>49?" -> No, rationale "b=79-74=5". The label needs
 # the intermediate value the rationale spells out, so rationales (alpha>0) can help a pooled head trained on 1000
@@ -406,7 +406,8 @@ def chat(url, model, prompt, key, max_tokens, timeout, tries=6):
 
 
 def run_teacher(splits, task, out_path, verbalizers, teacher=None, teacher_url=None, teacher_model=None,
-                api_key_env="OPENAI_API_KEY", batch=8, workers=4, max_new_tokens=160, timeout=60.0):
+                api_key_env="OPENAI_API_KEY", batch=8, workers=4, max_new_tokens=160, timeout=60.0,
+                teacher_dtype="auto"):
     """Generate rationales for train: append line by line to out_path, skipping (split, idx) already there.
     Kill it at any point and rerun: nothing lost, nothing generated twice."""
     out_path, done = Path(out_path), set()
@@ -441,15 +442,19 @@ def run_teacher(splits, task, out_path, verbalizers, teacher=None, teacher_url=N
                 if len(failed) == len(todo):
                     fail(failed[-1])
         else:   # a local checkpoint through gpt.py's batched KV-cache generate (greedy, left-padded prompts)
-            tok, model = load_tokenizer(teacher), GPT.from_pretrained(teacher).eval()
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            dtype = native_dtype(device)[0] if teacher_dtype == "auto" else teacher_dtype
+            tok = load_tokenizer(teacher)
+            # decoding in the weights' own dtype: a step is a few small matmuls, autocast's casts cost more
+            model = GPT.from_pretrained(teacher).to(device, getattr(torch, dtype)).eval()
             pad, bos = tok.pad_id if tok.pad_id is not None else tok.eos_id, [] if tok.bos_id is None else [tok.bos_id]
             for b in range(0, len(todo), batch):
                 ids = [bos + tok.encode(p) for p in prompts[b:b + batch]]
                 if (T := max(map(len, ids))) + max_new_tokens > model.config.block_size:
                     fail(f"{teacher}: a prompt (train examples from idx {todo[b][0]}) needs {T} + {max_new_tokens} "
                          f"tokens, more than its {model.config.block_size} positions; lower --teacher_max_new_tokens")
-                idx = torch.tensor([[pad] * (T - len(x)) + x for x in ids])
-                mask = torch.tensor([[0] * (T - len(x)) + [1] * len(x) for x in ids])
+                idx = torch.tensor([[pad] * (T - len(x)) + x for x in ids], device=device)
+                mask = torch.tensor([[0] * (T - len(x)) + [1] * len(x) for x in ids], device=device)
                 with torch.no_grad():
                     out = model.generate(idx, max_new_tokens, temperature=0.0, eos_token_id=tok.eos_id, attention_mask=mask)
                 for (i, _), row in zip(todo[b:b + batch], out[:, T:].tolist()):
@@ -525,10 +530,12 @@ def write_splits(out_dir, splits, labels, verbalizers, tok, max_len, max_rationa
 def prepare(task="synth", out_dir=None, model=None, data_dir=None, fmt="paper", max_len=512, max_rationale=256,
             rationales=None, ablation="none", teacher=None, teacher_url=None, teacher_model=None,
             api_key_env="OPENAI_API_KEY", teacher_batch=8, teacher_workers=4, teacher_max_new_tokens=160,
-            teacher_timeout=60.0, train_file=None, val_file=None, test_file=None, text_field="text", filter=None,
+            teacher_timeout=60.0, teacher_dtype="auto", train_file=None, val_file=None, test_file=None, text_field="text", filter=None,
             seed=1337, quiet=False):
     """Python entry point (dhrd.py calls prepare(task="synth", out_dir=...)). Returns the meta dict."""
     out_dir, model = Path(out_dir or f"data/{task}"), model or ("char" if task == "synth" else "gpt2")
+    if teacher_dtype not in ("auto", "float32", "bfloat16", "float16"):
+        fail(f"unknown --teacher_dtype={teacher_dtype}; use auto (gpt.native_dtype), float32, bfloat16 or float16")
     if fmt not in ("paper", "native"):
         fail(f"unknown --format={fmt}; use paper (the paper's Yes/No template) or native (each task's labels)")
     if ablation not in ("none", "only_label", "shuffle_reasoning", "shuffle_reasoning_label"):
@@ -551,7 +558,7 @@ def prepare(task="synth", out_dir=None, model=None, data_dir=None, fmt="paper", 
         out_dir.mkdir(parents=True, exist_ok=True)
         rationales = rationales or out_dir / "rationales.jsonl"
         run_teacher(splits, task, rationales, verb, teacher, teacher_url, teacher_model, api_key_env,
-                    teacher_batch, teacher_workers, teacher_max_new_tokens, float(teacher_timeout))
+                    teacher_batch, teacher_workers, teacher_max_new_tokens, float(teacher_timeout), teacher_dtype)
         D["rationale_source"] = f"teacher:{teacher_model or teacher}"
     if rationales:
         for k, n in attach_rationales(splits, task, rationales, verb).items():

@@ -141,6 +141,23 @@ def test_gpt_bf16_autocast_cpu():
     assert m.wte.weight.grad is not None and m.wte.weight.grad.dtype == torch.float32
 
 
+@pytest.mark.parametrize("avx512_bf16, amx, onednn, cuda_bf16, cpu, gpu", [
+    (True, False, True, True, ("bfloat16", "native bf16: AVX-512-BF16/AMX"), ("bfloat16", "native bf16")),
+    (False, True, True, True, ("bfloat16", "native bf16: AVX-512-BF16/AMX"), ("bfloat16", "native bf16")),
+    (False, False, True, False, ("float32", "no native bf16"), ("float16", "no bf16 on this GPU; fp16 with a gradient scaler")),
+    (True, True, False, False, ("float32", "no native bf16"), ("float16", "no bf16 on this GPU; fp16 with a gradient scaler")),
+])
+def test_gpt_native_dtype_choice(monkeypatch, avx512_bf16, amx, onednn, cuda_bf16, cpu, gpu):
+    # dtype=auto: bf16 on a CPU only with AVX-512-BF16 or AMX that oneDNN may use (ONEDNN_MAX_CPU_ISA can forbid
+    # it: the 4th row), else fp32 (emulated bf16 is ~150x slower); on CUDA bf16 where supported, else fp16
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: onednn)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: cuda_bf16)
+    assert gpt.native_dtype("cpu") == cpu
+    assert gpt.native_dtype("cuda:1") == gpu
+
+
 def test_gpt_optimizer_groups_and_flops():
     m = _gpt_tiny("gpt2")
     opt = m.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
@@ -888,7 +905,8 @@ def test_local_teacher_batched_generate_and_resume(tmp_path, monkeypatch):
     real = prepare.GPT.generate
     monkeypatch.setattr(prepare.GPT, "generate", lambda self, idx, *a, **k: calls.append(idx.shape) or real(self, idx, *a, **k))
     kw = dict(task="custom", train_file=tmp_path / "t.jsonl", val_file=tmp_path / "t.jsonl", model="char",
-              teacher=str(ROOT / "tests" / "fixtures" / "gpt2"), teacher_max_new_tokens=6, quiet=True)
+              teacher=str(ROOT / "tests" / "fixtures" / "gpt2"), teacher_max_new_tokens=6, quiet=True,
+              teacher_dtype="float32")  # exact batch == one-at-a-time below; bf16 rounding depends on the shapes
     texts = {}
     for batch in (3, 1):
         m = prepare.prepare(out_dir=tmp_path / f"b{batch}", teacher_batch=batch, **kw)
@@ -902,6 +920,10 @@ def test_local_teacher_batched_generate_and_resume(tmp_path, monkeypatch):
     assert len(calls) == 4                                                  # resume: nothing generated twice
     with pytest.raises(prepare.PrepareError, match=r"needs \d+ \+ 60 tokens, more than its 64 positions"):
         prepare.prepare(out_dir=tmp_path / "long", **{**kw, "teacher_max_new_tokens": 60})
+    with pytest.raises(prepare.PrepareError, match="unknown --teacher_dtype=fp8; use auto"):
+        prepare.prepare(out_dir=tmp_path / "bad", **{**kw, "teacher_dtype": "fp8"})
+    prepare.prepare(out_dir=tmp_path / "bf16", **{**kw, "teacher_dtype": "bfloat16"})  # runs in bf16 weights
+    assert len((tmp_path / "bf16" / "rationales.jsonl").read_text().splitlines()) == 3
 
 
 # ==============================================================================================================
@@ -912,7 +934,7 @@ TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--batch_size=8", "--dtype=f
         "--warmup_iters=2", "--learning_rate=3e-3"]
 
 
-def _train_run(*args, cwd, timeout=120, check=True):
+def _train_run(*args, cwd, timeout=600, check=True):
     r = subprocess.run([sys.executable, str(ROOT / "dhrd.py"), *args], cwd=cwd, capture_output=True, text=True,
                        timeout=timeout)
     if check:
@@ -982,7 +1004,7 @@ def test_train_ddp_two_processes_match_one(train_data, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         str(ROOT / "dhrd.py"), *flags, f"--out_dir={tmp_path / 'two'}"], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=180, env=env)
+                       capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     one, two = _train_log(tmp_path / "one"), _train_log(tmp_path / "two")
     assert [l["iter"] for l in one] == [l["iter"] for l in two] == [1, 2, 3, 4]
@@ -1259,7 +1281,7 @@ BENCH_TINY = ["--batch_size=4", "--seq_len=16", "--cot_batch_size=2", "--cot_tok
               "--mem_vocab=4096", "--mem_seq_len=4096"]
 
 
-def _bench_run(*args, timeout=120):
+def _bench_run(*args, timeout=600):
     return subprocess.run([sys.executable, str(ROOT / "bench.py"), *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout)
 
@@ -1273,11 +1295,12 @@ def _bench_tiny_model(path):
 def test_bench_end_to_end_json(tmp_path):
     model_dir = _bench_tiny_model(tmp_path / "tiny")
     out = tmp_path / "bench.json"
-    p = _bench_run(f"--init_from={model_dir}", f"--out={out}", *BENCH_TINY)  # default dtype: bfloat16
+    p = _bench_run(f"--init_from={model_dir}", f"--out={out}", *BENCH_TINY)  # default dtype: auto
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads(out.read_text())
     # every key of SPEC §5, with the shapes that were asked for
-    assert r["device"] == "cpu" and r["dtype"] == "bfloat16" and r["model"] == str(model_dir)
+    assert r["device"] == "cpu" and r["model"] == str(model_dir)
+    assert (r["dtype"], r["dtype_reason"]) == gpt.native_dtype("cpu")  # bf16 only where the CPU has it natively
     assert {k: r["pooled"][k] for k in ("batch_size", "seq_len")} == {"batch_size": 4, "seq_len": 16}
     assert {k: r["cot"][k] for k in ("batch_size", "new_tokens")} == {"batch_size": 2, "new_tokens": 5}
     assert {k: r["train"][k] for k in ("batch_size", "seq_len")} == {"batch_size": 2, "seq_len": 12}
