@@ -38,13 +38,15 @@ class Config:
     predictions: str = ""           # out.jsonl (default: <predict>.pred.jsonl): label + probabilities per x
     mlflow: bool = False            # log params/metrics to MLflow when the package is importable
     # the method (paper Eq. 4): L = beta * L_cls + alpha * L_lm
-    alpha: float = 1.0              # reasoning head weight; 0 = pooled baseline (no rationales needed)
+    alpha: float = 1.0              # reasoning head weight; 0 = pooled baseline (no rationales needed); 'auto':
+                                    # matched to the gradients at the start (see alpha_from_gradients)
     beta: float = 1.0               # pooled head weight; 0 = CoT-only model, evaluated by decoding the answer
     alpha_schedule: str = "constant"  # 'constant' | 'linear' (anneal alpha to 0 by max_iters; paper §6 future work)
     lm_targets: str = "all"         # 'all' next-token targets of s = [x, r, y] (paper Eq. 3) | 'rationale' (r, y only)
     head: str = "linear"            # 'linear' (bias-free, HF `score`) | 'mlp' (paper's 2-layer MLP)
     pooling: str = "last"           # 'last' real token of x (paper) | 'mean' over x
     cot_tokens: int = 128           # beta=0: max new tokens when decoding reasoning + answer at eval
+    grad_stats: bool = False        # log the backbone gradient norms of beta L_cls, alpha L_lm and their cosine
     kl_coef: float = 0.0            # + kl_coef * KL(p_model || p_base), LM head at the L_lm targets (README: recipe)
     # LoRA (paper App. E.4: r=16, alpha=32, dropout 0.1, all projections; only adapters + pooled head train)
     lora_rank: int = 0; lora_alpha: float = 32.0; lora_dropout: float = 0.1  # noqa: E702  (rank 0 = full fine-tuning)
@@ -86,6 +88,9 @@ def _set(d, key, value, where):
         raise ConfigError(f"{where}: unknown config key '{key}'" + (f"; did you mean {', '.join(close)}?" if close else "")
                           + f" (keys: {', '.join(types)})")
     t, v = types[key], value
+    if key == "alpha" and value == "auto":  # a float, or 'auto' (set from the first batches' gradients)
+        d[key] = value
+        return
     if isinstance(value, str) and t is not str:  # text from the command line
         try:
             v = {"true": True, "1": True, "false": False, "0": False}.get(value.lower()) if t is bool else t(value)
@@ -273,6 +278,56 @@ def predict(model, meta, cot, tok, device, ctx, cfg):
     return out
 
 # ------------------------------------------------------------------------------------------------------------
+# gradient statistics: how the two losses of Eq. 4 pull on the shared backbone (the transformer blocks; the
+# embeddings, the pooled head and the LM head are each touched by one loss only, or tied to the input side)
+
+ALPHA_AUTO_BATCHES = 8  # micro-batches averaged by --alpha=auto before the first step
+
+
+def backbone_grads(model, batch, ctx, device):
+    """(grad of L_cls, grad of L_lm or None) w.r.t. the trainable block parameters, for one micro-batch,
+    unweighted. An extra forward + backward on the plain module (no DDP hooks, no compile); the RNG is
+    forked, so dropout masks and the run's trajectory are the same as without it."""
+    params = [p for p in model.h.parameters() if p.requires_grad]
+    idx, mask, x_len, y, lm_targets = batch
+    devices = [torch.device(device)] if str(device).startswith("cuda") else []
+    with torch.random.fork_rng(devices=devices):
+        with ctx:
+            out = model(idx, mask, x_len, lm_targets)
+        loss_cls = F.cross_entropy(out[0].float(), y)
+        g_cls = torch.autograd.grad(loss_cls, params, retain_graph=out[1] is not None, allow_unused=True)
+        g_lm = None
+        if out[1] is not None:
+            g_lm = torch.autograd.grad(out[1], params, allow_unused=True)
+    zero = lambda gs: [torch.zeros_like(p) if g is None else g for p, g in zip(params, gs)]
+    return zero(g_cls), None if g_lm is None else zero(g_lm)
+
+
+def _norm(gs):
+    return torch.sqrt(sum(g.float().pow(2).sum() for g in gs)).item()
+
+
+def grad_stats(g_cls, g_lm, alpha, beta):
+    """Norms of the backbone gradients of beta L_cls and alpha L_lm (Eq. 4's two terms) and their cosine."""
+    n_cls = _norm(g_cls)
+    stats = {"grad_cls": beta * n_cls}
+    if g_lm is not None:
+        n_lm = _norm(g_lm)
+        dot = sum((a.float() * b.float()).sum() for a, b in zip(g_cls, g_lm)).item()
+        stats["grad_lm"] = alpha * n_lm
+        stats["grad_cos"] = dot / max(n_cls * n_lm, 1e-30)
+    return stats
+
+
+def alpha_from_gradients(norms_cls, norms_lm, beta):
+    """--alpha=auto, the rule: alpha = beta * mean ||grad L_cls|| / mean ||grad L_lm|| over the backbone at the
+    initial weights, on the first ALPHA_AUTO_BATCHES training micro-batches, so that the two terms of Eq. 4
+    start with gradients of equal size. Fixed for the whole run (and across a resume). The paper picks alpha on
+    validation per backbone and names the sensitivity to alpha as a limitation (App. A, F)."""
+    return beta * (sum(norms_cls) / len(norms_cls)) / max(sum(norms_lm) / len(norms_lm), 1e-30)
+
+
+# ------------------------------------------------------------------------------------------------------------
 def main(argv):
     cfg = parse_config(argv)
     # --- DDP (torchrun sets RANK): NCCL on CUDA, Gloo on CPU; rank 0 logs, evaluates and checkpoints
@@ -319,7 +374,7 @@ def main(argv):
     train, val_split = load_split(cfg.data_dir, "train", meta), load_split(cfg.data_dir, "val", meta)
     if (train[1][:, 3] < 0).any():
         raise ConfigError(f"{cfg.data_dir}/train.jsonl: line {int(np.argmax(train[1][:, 3] < 0)) + 1} has no label")
-    use_lm = cfg.alpha > 0  # alpha=0: the pooled baseline needs no rationale, so x alone is fed (no LM work)
+    use_lm = cfg.alpha == "auto" or cfg.alpha > 0  # alpha=0: the pooled baseline needs no rationale, so x alone is fed (no LM work)
     if use_lm and cfg.lm_targets == "rationale" and (train[1][:, 2] == train[1][:, 1]).all():
         raise ConfigError(f"{cfg.data_dir}: no training example has a rationale/answer suffix; use --alpha=0")
     tok, pad, cot = prepare.tokenizer_from_meta(meta), meta["pad_id"] if meta["pad_id"] is not None else 0, cfg.beta == 0
@@ -395,6 +450,26 @@ def main(argv):
         decay = 0.5 * (1 + math.cos(math.pi * frac)) if cfg.lr_decay == "cosine" else 1 - frac
         return cfg.learning_rate * (cfg.min_lr_frac + decay * (1 - cfg.min_lr_frac))
 
+    # --- alpha=auto: from the gradients at the initial weights (a resumed run keeps the value it chose)
+    alpha_base = cfg.alpha
+    if cfg.alpha == "auto" and ckpt:
+        alpha_base = ckpt["alpha"]
+    elif cfg.alpha == "auto":
+        norms = torch.zeros(2, device=device)
+        for j in range(ALPHA_AUTO_BATCHES):  # the same first micro-batches of the stream on every rank
+            rows = train[1][stream(len(train[1]), cfg.seed, j * cfg.batch_size, cfg.batch_size)]
+            batch = make_batch(train[0], rows, pad, use_lm, cfg.lm_targets, device)
+            g_cls, g_lm = backbone_grads(raw, batch, ctx, device)
+            norms += torch.tensor([_norm(g_cls), _norm(g_lm)], device=device)
+        if ddp:
+            dist.all_reduce(norms)  # the same alpha on every rank, whatever their rounding
+        alpha_base = alpha_from_gradients([norms[0].item()], [norms[1].item()], cfg.beta)
+        if master:
+            n_cls, n_lm = (norms / (ALPHA_AUTO_BATCHES * world)).tolist()
+            print(f"alpha=auto: {alpha_base:.4f} = beta {cfg.beta} x |grad L_cls| {n_cls:.4g} / |grad L_lm| {n_lm:.4g}"
+                  f" (backbone, initial weights, {ALPHA_AUTO_BATCHES} micro-batches)", flush=True)
+            log(dict(iter=0, alpha_auto=alpha_base, grad_norm_cls=n_cls, grad_norm_lm=n_lm))
+
     # --- the loop: one optimizer step = gradient_accumulation_steps micro-batches over all ranks
     t0 = t_last = time.time()
     saved = it if ckpt else None  # iter of the last checkpoint this run wrote or resumed from
@@ -402,11 +477,16 @@ def main(argv):
     while it < cfg.max_iters:
         for g in optimizer.param_groups:
             g["lr"] = lr = lr_at(it)
-        alpha = cfg.alpha * (1 - it / cfg.max_iters) if cfg.alpha_schedule == "linear" else cfg.alpha
+        alpha = alpha_base * (1 - it / cfg.max_iters) if cfg.alpha_schedule == "linear" else alpha_base
+        stats = {}
         sums = torch.zeros(4, device=device)
         for m in range(micro):
             rows = train[1][stream(len(train[1]), cfg.seed, pos + (rank * micro + m) * B, B)]
             idx, mask, x_len, y, lm_targets = make_batch(train[0], rows, pad, use_lm, cfg.lm_targets, device)
+            if cfg.grad_stats and m == 0 and master and ((it + 1) % cfg.log_interval == 0 or it == 0):
+                g_cls, g_lm = backbone_grads(raw, (idx, mask, x_len, y, lm_targets), ctx, device)
+                stats = grad_stats(g_cls, g_lm, alpha, cfg.beta)
+                del g_cls, g_lm
             model.require_backward_grad_sync = m == micro - 1  # DDP: all-reduce gradients on the last micro-step only
             kl_ref = None
             if ref is not None:  # the base model's hidden states at the valid LM targets: no grad, no dropout
@@ -439,7 +519,7 @@ def main(argv):
             dt, t_last = (time.time() - t_last) / (1 if it == 1 else cfg.log_interval), time.time()
             print(f"iter {it}: loss {loss_v:.4f} (cls {cls_v:.4f}, lm {lm_v:.4f}) lr {lr:.2e} {dt * 1000:.0f}ms/it", flush=True)
             log(dict(iter=it, loss=loss_v, loss_cls=cls_v, loss_lm=lm_v if use_lm else None, lr=lr, alpha=alpha,
-                     **({"loss_kl": kl_v} if ref is not None else {})))
+                     **({"loss_kl": kl_v} if ref is not None else {}), **stats))
         if it % cfg.eval_interval == 0 or it == cfg.max_iters:
             if master:
                 val = evaluate(raw, val_split, meta, cot, device, ctx, cfg, tok)
@@ -451,7 +531,7 @@ def main(argv):
                     save_lora(raw, out_dir / "adapter") if cfg.lora_rank else None  # + the adapters alone (megabytes)
                 save_atomic(dict(model=raw.state_dict(), model_config=asdict(raw.config), optimizer=optimizer.state_dict(),
                                  scaler=scaler.state_dict(), scheduler={"iter": it, "lr": lr}, iter=it, data_pos=pos,
-                                 best=best, rng=rng_state(), config=asdict(cfg), **({} if ref in (None, raw) else
+                                 best=best, rng=rng_state(), config=asdict(cfg), alpha=alpha_base, **({} if ref in (None, raw) else
                                  {"kl_ref": ref.state_dict()})), out_dir / "ckpt.pt")  # full fine-tuning's KL base
             saved = it
             dist.barrier() if ddp else None  # the other ranks wait for rank 0's evaluation and checkpoint

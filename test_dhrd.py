@@ -1056,6 +1056,56 @@ def test_train_resume_after_kill_is_exact(trained_run):
     assert _train_log(d / "full") == _train_log(out)  # the log after the kill was trimmed to the checkpoint
 
 
+def test_train_grad_stats_match_naive():
+    # --grad_stats: the block-parameter gradients of L_cls and L_lm, separately, against one plain backward each
+    model = GPT(GPTConfig(vocab_size=61, block_size=32, n_layer=2, n_head=2, n_embd=16, num_labels=3, dropout=0.1))
+    torch.manual_seed(1)
+    idx = torch.randint(0, 61, (4, 12))
+    x_len = torch.tensor([5, 7, 12, 3])
+    y = torch.tensor([0, 2, 1, 1])
+    targets = torch.where(torch.arange(12) < 11, idx.roll(-1, 1), -100)
+    batch = (idx, torch.ones_like(idx), x_len, y, targets)
+    rng = torch.get_rng_state()
+    g_cls, g_lm = dhrd.backbone_grads(model, batch, torch.autocast("cpu", enabled=False), "cpu")
+    assert torch.equal(torch.get_rng_state(), rng)  # forked: the run's dropout masks do not move
+    stats = dhrd.grad_stats(g_cls, g_lm, alpha=0.5, beta=2.0)
+    naive = []
+    for which in (0, 1):
+        model.zero_grad()
+        torch.set_rng_state(rng)  # the same dropout masks as above
+        cls_logits, loss_lm = model(*batch[:3], lm_targets=targets)
+        (F.cross_entropy(cls_logits, y) if which == 0 else loss_lm).backward()
+        naive.append(torch.cat([p.grad.flatten() for p in model.h.parameters()]))
+    assert stats["grad_cls"] == pytest.approx(2.0 * naive[0].norm().item(), rel=1e-5)
+    assert stats["grad_lm"] == pytest.approx(0.5 * naive[1].norm().item(), rel=1e-5)
+    cos = F.cosine_similarity(naive[0], naive[1], dim=0).item()
+    assert stats["grad_cos"] == pytest.approx(cos, rel=1e-4, abs=1e-6)
+    assert dhrd.alpha_from_gradients([2.0, 4.0], [1.0, 2.0], beta=0.5) == pytest.approx(1.0)
+
+
+def test_train_grad_stats_leave_the_run_unchanged(trained_run):
+    d, flags = trained_run
+    _train_run(*flags, "--grad_stats=True", f"--out_dir={d / 'stats'}", cwd=d)
+    full, stats = _train_weights(d / "full"), _train_weights(d / "stats")
+    assert all(torch.equal(full[k], stats[k]) for k in full)  # dropout 0.1: the RNG was forked
+    lines = _train_log(d / "stats")
+    assert [l["loss"] for l in lines] == [l["loss"] for l in _train_log(d / "full")]
+    assert all(l["grad_cls"] > 0 and l["grad_lm"] > 0 and -1 <= l["grad_cos"] <= 1 for l in lines)
+
+
+def test_train_alpha_auto_fixed_and_resumed(train_data, tmp_path):
+    flags = [*TINY, f"--data_dir={train_data}", "--max_iters=12", "--eval_interval=3", "--alpha=auto"]
+    _train_run(*flags, f"--out_dir={tmp_path / 'full'}", cwd=tmp_path)
+    first = _train_log(tmp_path / "full", "alpha_auto")
+    assert len(first) == 1 and first[0]["iter"] == 0  # decided once, before the first step
+    a = first[0]["alpha_auto"]
+    assert a == pytest.approx(first[0]["grad_norm_cls"] / first[0]["grad_norm_lm"])  # beta = 1
+    assert {l["alpha"] for l in _train_log(tmp_path / "full")} == {a}  # fixed after
+    _train_kill_after_first_ckpt(flags, tmp_path / "killed", tmp_path)
+    _train_run("--init_from=resume", f"--out_dir={tmp_path / 'killed'}", cwd=tmp_path)
+    assert _train_log(tmp_path / "killed") == _train_log(tmp_path / "full")  # alpha kept, not re-measured
+
+
 def test_train_eval_only_and_predict(trained_run):
     d, _ = trained_run
     run, res = d / "full", json.loads((d / "full" / "results.json").read_text())
