@@ -1,35 +1,155 @@
-"""Mean +- std over seeds of the runs made by experiments/real_rationales.sh -> a markdown table.
-    python experiments/summarize.py out-real/cqa"""
-import json, statistics, sys
+"""Tables of the runs under one folder, from whatever has finished there (a run counts once its test.json exists):
+    python experiments/summarize.py experiments/results/esnli     # the budget experiment (esnli_budget.sh)
+    python experiments/summarize.py out-real/esnli                # the 100-step grid (real_rationales.sh)
+Each run is a folder <arm>-s<seed> with results.json, log.jsonl and test.json. Printed, as markdown:
+  1. final: best val (the exported model) and test per arm, mean ± sample std over seeds, wall times;
+  2. learning curves: val at every evaluation step per arm, and the paired difference to the baseline arm
+     (pooled; pooled_lora for *_lora arms, pooled_mlp for *_mlp arms) at each step, seed by seed;
+  3. gradient statistics (--grad_stats): backbone norms of beta L_cls and alpha L_lm and their cosine,
+     averaged over the first and the last 50 steps; alpha=auto's chosen alpha;
+  4. the pre-registered decision rule (README), applied to every DHRD arm that has a paired baseline."""
+import json
+import statistics
+import sys
 from pathlib import Path
 
-rows = {}
-root = Path(sys.argv[1] if len(sys.argv) > 1 else "out-real/cqa")
-for d in sorted(root.glob("*-s*")):
-    if not (d / "test.json").is_file():
-        continue
-    name, seed = d.name.rsplit("-s", 1)
-    res, t = json.loads((d / "results.json").read_text()), json.loads((d / "test.json").read_text())
-    metric = res["metric"]
-    test = t["test"]["test"][metric] if t["test"] else float("nan")  # TEST=0: not evaluated
-    rows.setdefault(name, []).append((int(seed), res["val"][metric], test, t["train_s"], t["test_s"]))
-ms = lambda xs: "–" if any(x != x for x in xs) else f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 \
-    else f"{xs[0]:.3f}"  # x != x: NaN, a test split that was not evaluated (TEST=0)
-print(f"| setting | seeds | val {metric} | test {metric} | per seed (val / test) | train s / test-eval s per run |")
-print("|---|---|---|---|---|---|")
-for name, rs in rows.items():
-    per = ", ".join(f"s{s}: {v:.3f}" + (f" / {t:.3f}" if t == t else "") for s, v, t, *_ in sorted(rs))
-    print(f"| {name} | {len(rs)} | {ms([r[1] for r in rs])} | {ms([r[2] for r in rs])} | {per} | "
-          f"{statistics.mean(r[3] for r in rs):.0f} / {statistics.mean(r[4] for r in rs):.0f} |")
-for name, rs in rows.items():  # paired by seed: same data order and head init for every setting of one seed
-    ref = "pooled_lora" if name.endswith("_lora") else "pooled"  # LoRA runs against the LoRA baseline
-    base = {s: (v, t) for s, v, t, *_ in rows.get(ref, [])}
-    if name != ref and (pairs := [(v - base[s][0], t - base[s][1]) for s, v, t, *_ in rs if s in base]):
-        print(f"\n{name} - {ref}, paired by seed (n={len(pairs)}): val {ms([p[0] for p in pairs])}, test {ms([p[1] for p in pairs])}",
-              end="")
-print()
-t = {n: json.loads((root / f"{n}-s1" / "val_timing.json").read_text()) for n in ("pooled", "cot_only")
-     if (root / f"{n}-s1" / "val_timing.json").is_file()}
-if len(t) == 2:
-    print(f"\nval evaluation wall time (model load included): pooled {t['pooled']['eval_s']} s, CoT decoding "
-          f"{t['cot_only']['eval_s']} s -> {t['cot_only']['eval_s'] / max(t['pooled']['eval_s'], 1):.1f}x")
+
+def ms(xs):
+    """'mean ± std' over seeds ('–' when nothing, the value alone for one seed)."""
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "–"
+    if len(xs) == 1:
+        return f"{xs[0]:.3f}"
+    return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}"
+
+
+def load(root):
+    """{arm: {seed: run}}; run = dict(metric, best, test, train_s, test_s, curve {iter: val}, train [lines])."""
+    arms = {}
+    for d in sorted(Path(root).glob("*-s*")):
+        if not (d / "test.json").is_file():
+            continue  # unfinished: not counted
+        arm, seed = d.name.rsplit("-s", 1)
+        res = json.loads((d / "results.json").read_text())
+        t = json.loads((d / "test.json").read_text())
+        metric = res["metric"]
+        lines = [json.loads(line) for line in (d / "log.jsonl").read_text().splitlines()]
+        test = t["test"][next(k for k in t["test"] if k not in ("task", "split", "model"))] if t["test"] else None
+        arms.setdefault(arm, {})[int(seed)] = dict(
+            metric=metric, best=res["val"][metric], test=None if test is None else test[metric],
+            train_s=t["train_s"], test_s=t["test_s"], cpu=t.get("cpu"),
+            curve={line["iter"]: line["val"][metric] for line in lines if "val" in line},
+            train=[line for line in lines if "loss" in line], auto=[line for line in lines if "alpha_auto" in line])
+    return dict(sorted(arms.items(), key=lambda kv: (not kv[0].startswith("pooled"), kv[0])))  # baselines first
+
+
+def baseline_of(arm):
+    for suffix in ("_lora", "_mlp"):
+        if arm.endswith(suffix):
+            return "pooled" + suffix
+    return "pooled"
+
+
+def final_table(arms):
+    metric = next(iter(next(iter(arms.values())).values()))["metric"]
+    print(f"| arm | seeds | best val {metric} | test {metric} | per seed (val / test) | train s / test s |")
+    print("|---|---|---|---|---|---|")
+    for arm, runs in arms.items():
+        per = ", ".join(f"s{s}: {r['best']:.3f}" + (f" / {r['test']:.3f}" if r["test"] is not None else "")
+                        for s, r in sorted(runs.items()))
+        walls = f"{statistics.mean(r['train_s'] for r in runs.values()):.0f} / " \
+                f"{statistics.mean(r['test_s'] for r in runs.values()):.0f}"
+        print(f"| {arm} | {len(runs)} | {ms([r['best'] for r in runs.values()])} | "
+              f"{ms([r['test'] for r in runs.values()])} | {per} | {walls} |")
+    for arm, runs in arms.items():
+        base = arms.get(baseline_of(arm))
+        if arm == baseline_of(arm) or not base:
+            continue
+        seeds = sorted(set(runs) & set(base))
+        if seeds:
+            dv = [runs[s]["best"] - base[s]["best"] for s in seeds]
+            dt = [runs[s]["test"] - base[s]["test"] for s in seeds if runs[s]["test"] is not None
+                  and base[s]["test"] is not None]
+            print(f"\n{arm} − {baseline_of(arm)}, paired by seed (n={len(seeds)}): best val {ms(dv)}, test {ms(dt)}",
+                  end="")
+    print()
+
+
+def curve_table(arms):
+    steps = sorted({i for runs in arms.values() for r in runs.values() for i in r["curve"]})
+    print("\n| arm | " + " | ".join(f"val @ {i}" for i in steps) + " |")
+    print("|---|" + "---|" * len(steps))
+    for arm, runs in arms.items():
+        cells = [ms([r["curve"].get(i) for r in runs.values()]) for i in steps]
+        print(f"| {arm} | " + " | ".join(cells) + " |")
+    for arm, runs in arms.items():
+        base = arms.get(baseline_of(arm))
+        if arm == baseline_of(arm) or not base:
+            continue
+        cells = []
+        for i in steps:
+            d = [runs[s]["curve"][i] - base[s]["curve"][i] for s in runs
+                 if s in base and i in runs[s]["curve"] and i in base[s]["curve"]]
+            cells.append(ms(d))
+        print(f"| {arm} − {baseline_of(arm)} (paired) | " + " | ".join(cells) + " |")
+
+
+def grad_table(arms):
+    have = {arm: runs for arm, runs in arms.items() if any("grad_cls" in l for r in runs.values() for l in r["train"])}
+    if not have:
+        return
+    print("\n| arm | alpha | steps | beta·‖∇L_cls‖ | alpha·‖∇L_lm‖ | ratio lm/cls | cosine |")
+    print("|---|---|---|---|---|---|---|")
+    for arm, runs in have.items():
+        alphas = [r["auto"][0]["alpha_auto"] if r["auto"] else r["train"][0]["alpha"] for r in runs.values()]
+        for name, lo, hi in (("1–50", 0, 50), ("351–400", 351, 400)):
+            rows = [l for r in runs.values() for l in r["train"] if lo <= l["iter"] <= hi and "grad_cls" in l]
+            if not rows:
+                continue
+            mean = lambda k: statistics.mean(l[k] for l in rows) if all(k in l for l in rows) else None
+            g_cls, g_lm, cos = mean("grad_cls"), mean("grad_lm"), mean("grad_cos")
+            ratio = "–" if g_lm is None else f"{statistics.mean(l['grad_lm'] / l['grad_cls'] for l in rows):.2f}"
+            print(f"| {arm} | {ms(alphas)} | {name} | {g_cls:.2f} | " + ("–" if g_lm is None else f"{g_lm:.2f}")
+                  + f" | {ratio} | " + ("–" if cos is None else f"{cos:+.3f}") + " |")
+
+
+def decision(arms):
+    """The pre-registered rule (README, the budget experiment), on the val curves at steps 100, 300, 400."""
+    base = arms.get("pooled")
+    if not base:
+        return
+    print()
+    gains = [r["curve"][400] - r["curve"][300] for r in base.values() if {300, 400} <= set(r["curve"])]
+    plateau = bool(gains) and statistics.mean(gains) < 0.01
+    print(f"baseline gain from step 300 to 400: {ms(gains)} -> " + ("plateaued" if plateau else "still improving"))
+    for arm in ("dhrd", "dhrd_auto"):
+        runs = arms.get(arm, {})
+        seeds = [s for s in runs if s in base and {100, 400} <= set(runs[s]["curve"]) & set(base[s]["curve"])]
+        if len(seeds) < 3:
+            print(f"{arm}: {len(seeds)} paired seed(s) of the 3 the rule needs: undecided")
+            continue
+        gap = {s: {i: base[s]["curve"][i] - runs[s]["curve"][i] for i in (100, 400)} for s in seeds}
+        real = plateau and all(g[400] >= 0.03 for g in gap.values())
+        artifact = all(g[400] < g[100] and g[400] < 0.03 for g in gap.values())
+        verdict = "undecided"
+        if real:
+            verdict = "real finding of this regime"
+        elif artifact:
+            verdict = "budget artifact"
+        per = ", ".join(f"s{s}: {g[100]:+.3f} -> {g[400]:+.3f}" for s, g in sorted(gap.items()))
+        print(f"{arm}: gap (baseline − {arm}) at step 100 -> 400: {per} => {verdict}")
+
+
+def main(root):
+    arms = load(root)
+    if not arms:
+        sys.exit(f"summarize.py: no finished run (a folder <arm>-s<seed> with test.json) under {root}")
+    final_table(arms)
+    curve_table(arms)
+    grad_table(arms)
+    decision(arms)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "experiments/results/esnli")
