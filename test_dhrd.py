@@ -837,13 +837,68 @@ def test_bad_input_messages(tmp_path):
     (tmp_path / "r.jsonl").write_text('{"task": "custom", "split": "train", "idx": 99, "rationale": "b", "label": "pos"}\n')
     with pytest.raises(prepare.PrepareError, match=r"r.jsonl:1: no example split='train' idx=99"):
         prepare.prepare(task="custom", out_dir=tmp_path / "c", model="char", rationales=tmp_path / "r.jsonl", **files)
-    # the CLI turns every one of these into one line on stderr and exit status 1, never a traceback
-    for argv, msg in [(["--task=nope"], "unknown --task=nope"), (["--bogus=1"], "bad option '--bogus=1'"),
-                      (["cb"], "bad option 'cb'"), (["--task=synth", "--max_len=big"], "--max_len=big"),
-                      ([f"--task=cb", f"--data_dir={sg}", "--model=char", "--format=weird"], "unknown --format=weird")]:
-        with pytest.raises(SystemExit) as e:
+    # the CLI: a bad flag raises ConfigError, bad input PrepareError (prepare.py's __main__: one line, exit 2 / 1)
+    bad_cb = [f"--task=cb", f"--data_dir={sg}", "--model=char", "--format=weird"]
+    for argv, err, msg in [(["--task=nope"], prepare.PrepareError, "unknown --task=nope"),
+                           (["--bogus=1"], prepare.ConfigError, "--bogus: unknown config key 'bogus'"),
+                           (["cb"], prepare.ConfigError, "argument 'cb': use --key=value"),
+                           (["--task=synth", "--max_len=big"], prepare.ConfigError,
+                            "--max_len: expected int for max_len (like 512), got 'big'"),
+                           (bad_cb, prepare.PrepareError, "unknown --format=weird")]:
+        with pytest.raises(err, match=re.escape(msg)):
             prepare.main(argv)
-        assert isinstance(e.value.code, str) and e.value.code.startswith("prepare.py: ") and msg in e.value.code, e.value.code
+
+
+def test_prep_flags_parser_rules(tmp_path):
+    """prepare.parse_flags, the one --key=value parser of every script: types follow the defaults."""
+    defaults = dict(quiet=False, n=3, lr=1e-3, alpha=1.0, name="a", dtype="auto", out=None)
+    choices = dict(dtype=("auto", "float32"), alpha=("auto",))   # alpha: a float, or the string auto
+
+    def parse(*argv):
+        return prepare.parse_flags(list(argv), defaults, choices)
+
+    assert parse() == {}
+    got = parse("--quiet=TRUE", "--n=7", "--lr=2", "--name=b=c", "--out=x", "--dtype=float32")
+    assert got == dict(quiet=True, n=7, lr=2.0, name="b=c", out="x", dtype="float32")
+    assert type(got["lr"]) is float
+    for text, want in (("true", True), ("False", False), ("1", True), ("0", False)):
+        assert parse(f"--quiet={text}") == {"quiet": want}
+    assert parse("--alpha=auto") == {"alpha": "auto"} and parse("--alpha=0.5") == {"alpha": 0.5}
+    for arg, msg in [("--quiet=yes", "--quiet: expected bool for quiet (like False), got 'yes'; use true, false"),
+                     ("--quiet=", "--quiet: expected bool for quiet (like False), got ''"),
+                     ("--n=3.5", "--n: expected int for n (like 3), got '3.5'"),
+                     ("--lr=fast", "--lr: expected float for lr (like 0.001), got 'fast'"),
+                     ("--alpha=half", "--alpha: expected float for alpha (like 1.0), got 'half'; or use auto"),
+                     ("--dtype=fp8", "--dtype: dtype='fp8' is not one of auto, float32"),
+                     ("--nmae=b", "--nmae: unknown config key 'nmae'; did you mean name? (keys: quiet, n, lr,"),
+                     ("--quiet", "argument '--quiet': use --key=value"),
+                     ("quiet=1", "argument 'quiet=1': use --key=value, or give the path of a JSON config file")]:
+        with pytest.raises(prepare.ConfigError, match=re.escape(msg)):
+            parse(arg)
+    # JSON config files (positional) and flags apply in order, later wins; JSON values keep their JSON type
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(dict(n=5, lr=1, quiet=True, alpha="auto")))
+    b.write_text(json.dumps(dict(n=6, out=None)))
+    assert parse(str(a), "--n=9", str(b)) == dict(n=6, lr=1.0, quiet=True, alpha="auto", out=None)
+    assert parse(str(a), "--n=9")["n"] == 9
+    for obj, msg in [({"quiet": "yes"}, "a.json: expected bool for quiet (like False), got 'yes'"),
+                     ({"quiet": 1}, "a.json: expected bool for quiet (like False), got 1"),
+                     ({"n": 2.0}, "a.json: expected int for n (like 3), got 2.0"),
+                     ({"nn": 1}, "a.json: unknown config key 'nn'; did you mean n"),
+                     ([1], "a.json: a config file is one JSON object")]:
+        a.write_text(json.dumps(obj))
+        with pytest.raises(prepare.ConfigError, match=re.escape(msg)):
+            parse(str(a))
+    a.write_text("{broken")
+    with pytest.raises(prepare.ConfigError, match=re.escape("a.json: cannot read the config file")):
+        parse(str(a))
+    # the command line: one line on stderr, exit status 2 for a bad flag and 1 for bad input, no traceback
+    for arg, code, line in [("--quiet=yes", 2, "prepare.py: error: --quiet: expected bool for quiet (like False)"),
+                            ("--task=nope", 1, "prepare.py: error: unknown --task=nope; use synth")]:
+        p = subprocess.run([sys.executable, str(ROOT / "prepare.py"), arg], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=120)
+        assert p.returncode == code and len(p.stderr.splitlines()) == 1, p.stderr
+        assert p.stderr.startswith(line), p.stderr
 
 
 # ---------------------------------------------------------------------------------------------------------
