@@ -15,6 +15,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 from gpt import GPT, GPTConfig, fused_lm_loss, native_dtype
+from prepare import ConfigError, parse_flags
 
 # ----------------------------------------------------------------------------- config (--key=value)
 init_from = "gpt2"        # a model folder (real weights), or a built-in shape below (random weights)
@@ -33,6 +34,9 @@ warmup, repeats = 1, 3    # untimed calls, then the median of `repeats` timed ca
 num_labels = 2
 seed = 1337
 out = "bench.json"
+# the flags: every setting above, typed like its default (prepare.parse_flags has the rules)
+FLAGS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+CHOICES = {"dtype": ("auto", "float32", "bfloat16", "float16")}
 
 # Shapes of the public checkpoints (their config.json), so `--init_from=gpt2` needs no download.
 SHAPES = {
@@ -49,34 +53,13 @@ SHAPES = {
 GPU_PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0}  # bf16 dense; other cards: no MFU
 
 
-def parse_args(argv, cfg):
-    """--key=value over the globals above; the value's type follows the default's."""
-    for arg in argv:
-        key, eq, val = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
-        if not eq or key not in cfg or key.startswith("_"):
-            raise SystemExit(f"bench.py: bad argument {arg!r}: expected --key=value with key one of "
-                             + ", ".join(k for k in cfg if not k.startswith("_")))
-        old = cfg[key]
-        try:
-            if isinstance(old, bool):
-                if val not in ("True", "False", "true", "false", "1", "0"):
-                    raise ValueError("expected True or False")
-                new = val in ("True", "true", "1")
-            else:
-                new = type(old)(val)
-        except ValueError as e:
-            raise SystemExit(f"bench.py: bad value for --{key}: {val!r} ({e}); default is {old!r}")
-        cfg[key] = new
-    return cfg
-
-
 def load_model(init_from):
     if os.path.isdir(init_from):  # its own `score` head if it has one, else a fresh num_labels head
         model = GPT.from_pretrained(init_from)
         return model if model.score is not None else GPT.from_pretrained(init_from, num_labels=num_labels)
     if init_from not in SHAPES:
-        raise SystemExit(f"bench.py: --init_from={init_from!r} is neither a model folder nor a built-in "
-                         f"shape ({', '.join(SHAPES)})")
+        raise ConfigError(f"--init_from={init_from!r} is neither a model folder nor a built-in shape "
+                          f"({', '.join(SHAPES)})")
     return GPT(GPTConfig(**SHAPES[init_from], num_labels=num_labels))
 
 
@@ -154,19 +137,17 @@ def lm_loss_memory(n_embd):
 
 
 def main():
-    cfg = parse_args(sys.argv[1:], {k: v for k, v in globals().items()
-                                    if not k.startswith("_") and isinstance(v, (int, float, bool, str))})
-    globals().update(cfg)
+    globals().update(parse_flags(sys.argv[1:], FLAGS, CHOICES))
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("bench.py: --device=cuda but torch.cuda.is_available() is False; use --device=cpu")
-    if dtype not in ("auto", "float32", "bfloat16", "float16") or dtype == "float16" and "cuda" not in device:
-        raise SystemExit(f"bench.py: --dtype={dtype!r}: expected auto, float32 or bfloat16 (float16 on CUDA only: "
-                         "CPUs run float16 matmuls at a few GFLOP/s)")
+        raise ConfigError("--device=cuda but torch.cuda.is_available() is False; use --device=cpu")
+    if dtype == "float16" and "cuda" not in device:
+        raise ConfigError("--dtype=float16: float16 on CUDA only (CPUs run float16 matmuls at a few GFLOP/s); "
+                          "use auto, float32 or bfloat16")
     why = "--dtype"
     if dtype == "auto":
         globals()["dtype"], why = native_dtype(device)
     if min(batch_size, seq_len, cot_batch_size, cot_tokens, cot_prompt_len, train_batch_size, train_seq_len) < 1:
-        raise SystemExit("bench.py: batch sizes, lengths and token counts must be >= 1")
+        raise ConfigError("batch sizes, lengths and token counts must be >= 1")
     torch.manual_seed(seed)
     device_type = "cuda" if "cuda" in device else "cpu"
     ptdtype = getattr(torch, dtype)
@@ -177,7 +158,7 @@ def main():
     for name, n in (("seq_len", seq_len), ("cot_prompt_len + cot_tokens", cot_prompt_len + cot_tokens),
                     ("train_seq_len", train_seq_len)):
         if n > c.block_size:
-            raise SystemExit(f"bench.py: --{name.split()[0]}: {name}={n} exceeds the model's block_size {c.block_size}")
+            raise ConfigError(f"--{name.split()[0]}: {name}={n} exceeds the model's block_size {c.block_size}")
     # torch.compile wraps forward only: compile the pooled entry point and the training forward (generate is eager)
     classify, fast = (torch.compile(model.classify), torch.compile(model)) if compile else (model.classify, model)
     g = torch.Generator(device).manual_seed(seed)
@@ -281,4 +262,8 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ConfigError as e:   # a bad flag: one line, no traceback; exit status 2 (a usage error, as argparse)
+        print(f"bench.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
