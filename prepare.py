@@ -27,6 +27,11 @@ SYNTH = dict(seed=1337, n_train=1000, n_val=500, n_test=500, steps=1, mod=100, o
 SUFFIX_R, SUFFIX_Y = "\nReasoning:\n", "\nFinal Answer:\n"   # paper App. E.2: s = [x, <REASON>, r, <ANS>, y]
 SPLITS = ("train", "val", "test")
 
+# S.idx.npy holds one int64 row of 5 per example (the file format of SPEC §3, read by dhrd.py); its columns:
+# the example is bin[START:START + N], its first X_LEN tokens are x; LABEL = index into meta["labels"], -1 when
+# unknown (test); GROUP = the question (MultiRC) or pair (COPA) it belongs to, else its own index.
+START, X_LEN, N, LABEL, GROUP = range(5)
+
 
 class PrepareError(ValueError):
     """Bad input: the message names the file, line and field, and says how to fix it."""
@@ -505,22 +510,27 @@ def write_splits(out_dir, splits, labels, verbalizers, tok, max_len, max_rationa
     for split, exs in splits.items():
         if not exs:
             fail(f"split '{split}' of task has no examples; check the input file for that split")
-        toks, rows, lines = [], [], []
+        toks, lines = [], []
+        idx = np.zeros((len(exs), 5), dtype=np.int64)
         for i, e in enumerate(exs):
             x, text, short = encode_x(tok, e["parts"], max_len, f"{split} example {i}")
             y = None if e["label"] is None else e.get("y") or verbalizers[e["label"]]
             s, clipped = encode_suffix(tok, e.get("rationale"), y, max_rationale)
             stats["shortened"] += short; stats["rationale_clipped"] += clipped
             group = e.get("group", i)
-            rows.append((len(toks), len(x), len(x) + len(s), -1 if e["label"] is None else labels.index(e["label"]), group))
+            idx[i, START] = len(toks)
+            idx[i, X_LEN] = len(x)
+            idx[i, N] = len(x) + len(s)
+            idx[i, LABEL] = -1 if e["label"] is None else labels.index(e["label"])
+            idx[i, GROUP] = group
             toks += x + s
             lines.append(json.dumps(dict(idx=i, group=group, text=text, label=e["label"], rationale=e.get("rationale")),
                                     ensure_ascii=False))
         np.array(toks, dtype=dtype).tofile(out_dir / f"{split}.bin")
-        np.save(out_dir / f"{split}.idx.npy", idx := np.array(rows, dtype=np.int64).reshape(-1, 5))
+        np.save(out_dir / f"{split}.idx.npy", idx)
         (out_dir / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
         stats["counts"][split] = len(exs)
-        stats["max_len"][split] = dict(x=int(idx[:, 1].max()), n=int(idx[:, 2].max()))
+        stats["max_len"][split] = dict(x=int(idx[:, X_LEN].max()), n=int(idx[:, N].max()))
     return dict(token_dtype=np.dtype(dtype).name, **stats)
 
 

@@ -500,7 +500,9 @@ def test_synth_deterministic_and_layout(tmp_path):
         meta, tok, idx, exs = _prep_decode(tmp_path / "a", split)
         rows = [json.loads(l) for l in (tmp_path / "a" / f"{split}.jsonl").read_text().splitlines()]
         assert idx.dtype == np.int64 and idx.shape == (len(rows), 5)
-        assert (idx[1:, 0] == idx[:-1, 0] + idx[:-1, 2]).all()                   # contiguous, in order
+        assert (prepare.START, prepare.X_LEN, prepare.N, prepare.LABEL, prepare.GROUP) == (0, 1, 2, 3, 4)  # SPEC
+        start, n = prepare.START, prepare.N
+        assert (idx[1:, start] == idx[:-1, start] + idx[:-1, n]).all()           # contiguous, in order
         for (ids, x, suffix, label, group), r in zip(exs, rows):
             assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id
             assert x == r["text"] and meta["labels"][label] == r["label"] and group == r["idx"]
@@ -508,7 +510,7 @@ def test_synth_deterministic_and_layout(tmp_path):
             # the label follows from the last value the rationale computes
             last = int(r["rationale"].rsplit("=", 1)[1])
             assert r["label"] == ("Yes" if last > prepare.SYNTH["mod"] // 2 - 1 else "No")
-        assert abs(np.bincount(idx[:, 3]).tolist()[0] - len(rows) / 2) <= 1        # balanced labels
+        assert abs(np.bincount(idx[:, prepare.LABEL]).tolist()[0] - len(rows) / 2) <= 1        # balanced labels
         texts[split] = {r["text"] for r in rows}
     assert not (texts["train"] & texts["val"]) and not (texts["train"] & texts["test"])
 
@@ -584,7 +586,7 @@ def test_superglue_templates_and_mappings(tmp_path):
     meta, tok, idx, exs = _prep_decode(tmp_path / "cb", "train")
     assert exs[0][2] == "\nFinal Answer:\nYes" and exs[0][1] == r[0]["text"]      # label-only suffix, no rationale
     _, _, tidx, texs = _prep_decode(tmp_path / "cb", "test")
-    assert (tidx[:, 1] == tidx[:, 2]).all() and (tidx[:, 3] == -1).all()          # test: x only, label unknown
+    assert (tidx[:, prepare.X_LEN] == tidx[:, prepare.N]).all() and (tidx[:, prepare.LABEL] == -1).all()          # test: x only, label unknown
     m = prepare.prepare(task="cb", fmt="native", data_dir=sg, out_dir=tmp_path / "cbn", model="char", quiet=True)
     assert m["labels"] == ["entailment", "contradiction", "neutral"] and m["verbalizers"]["neutral"] == "Maybe"
     assert [x["label"] for x in _prep_rows(tmp_path / "cbn", "train")] == ["entailment", "contradiction", "neutral"]
@@ -594,7 +596,7 @@ def test_superglue_templates_and_mappings(tmp_path):
     r = _prep_rows(tmp_path / "copa", "train")
     assert m["metric"] == "copa" and [(x["group"], x["label"]) for x in r] == [(0, "No"), (0, "Yes"), (1, "Yes"), (1, "No")]
     assert "Question: What happened as a result?\nAnswer: Water flowed." in r[1]["text"]
-    assert np.load(tmp_path / "copa" / "train.idx.npy")[:, 4].tolist() == [0, 0, 1, 1]
+    assert np.load(tmp_path / "copa" / "train.idx.npy")[:, prepare.GROUP].tolist() == [0, 0, 1, 1]
     m = prepare.prepare(task="copa", fmt="native", data_dir=sg, out_dir=tmp_path / "copan", model="char", quiet=True)
     assert m["metric"] == "accuracy" and [x["label"] for x in _prep_rows(tmp_path / "copan", "train")] == ["choice2", "choice1"]
     # MultiRC: one example per candidate answer, group = question
@@ -629,7 +631,7 @@ def test_truncation_shortens_passage_keeps_question(tmp_path):
     m = prepare.prepare(task="rte", data_dir=tmp_path, out_dir=tmp_path / "o", model="char", max_len=300, quiet=True)
     assert m["shortened"] == 2 and m["max_len"]["train"]["x"] == 300                   # 1 per split
     meta, tok, idx, exs = _prep_decode(tmp_path / "o", "train")
-    assert idx[0, 1] == 300 and exs[0][1].endswith("Answer: The final hypothesis stays.\nIs the answer correct Yes or No?")
+    assert idx[0, prepare.X_LEN] == 300 and exs[0][1].endswith("Answer: The final hypothesis stays.\nIs the answer correct Yes or No?")
     assert exs[0][1].startswith("Passage: word word") and exs[1][1] == _prep_rows(tmp_path / "o", "train")[1]["text"]
     with pytest.raises(prepare.PrepareError, match="raise --max_len"):
         prepare.prepare(task="rte", data_dir=tmp_path, out_dir=tmp_path / "o2", model="char", max_len=40, quiet=True)
@@ -702,7 +704,7 @@ def test_rationale_import_and_ablations(tmp_path):
                             seed=seed, quiet=True, **files)
             outs.setdefault(abl, []).append(_prep_files(tmp_path / abl))
             _, _, idx, exs = _prep_decode(tmp_path / abl, "train")
-            assert idx[:, 3].tolist() == [1, 0, 1, 0]                                      # class labels stay gold
+            assert idx[:, prepare.LABEL].tolist() == [1, 0, 1, 0]                                      # class labels stay gold
             suffixes = [e[2].split("\nFinal Answer:\n") for e in exs if "Reasoning" in e[2]]
             assert sorted(s[0] for s in suffixes) == sorted("\nReasoning:\n" + r for r in ("first reason", "second reason", "dull"))
             pairs = {("\nReasoning:\nfirst reason", "pos"), ("\nReasoning:\nsecond reason", "neg"), ("\nReasoning:\ndull", "neg")}
@@ -914,8 +916,8 @@ def test_bpe_tokenizers_bos_and_truncation(tmp_path):
         m = prepare.prepare(task="rte", data_dir=sg, out_dir=tmp_path / name, model=str(folder), max_len=128, quiet=True)
         assert m["tokenizer"] == {"type": "bpe", "name": str(folder)} and m["token_dtype"] == "uint16"
         meta, tok, idx, exs = _prep_decode(tmp_path / name, "train")
-        assert (m["bos_id"] is not None) == has_bos and m["shortened"] == 1 and idx[2, 1] == 128
-        for (ids, x, suffix, label, group), r, x_len in zip(exs, _prep_rows(tmp_path / name, "train"), idx[:, 1]):
+        assert (m["bos_id"] is not None) == has_bos and m["shortened"] == 1 and idx[2, prepare.X_LEN] == 128
+        for (ids, x, suffix, label, group), r, x_len in zip(exs, _prep_rows(tmp_path / name, "train"), idx[:, prepare.X_LEN]):
             assert (ids[0] == tok.bos_id) == has_bos and ids[-1] == tok.eos_id
             assert x == r["text"] and suffix == "\nFinal Answer:\n" + r["label"]
             assert ids[:x_len] == ([tok.bos_id] if has_bos else []) + tok.encode(r["text"])
