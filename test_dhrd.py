@@ -488,7 +488,7 @@ def _prep_decode(d, split):
     return meta, tok, idx, out
 
 
-def test_synth_deterministic_and_layout(tmp_path):
+def test_prep_synth_deterministic_and_layout(tmp_path):
     m1 = prepare.prepare(task="synth", out_dir=tmp_path / "a", quiet=True)
     prepare.prepare(task="synth", out_dir=tmp_path / "b", quiet=True)
     assert _prep_files(tmp_path / "a") == _prep_files(tmp_path / "b")          # byte-identical
@@ -510,12 +510,12 @@ def test_synth_deterministic_and_layout(tmp_path):
             # the label follows from the last value the rationale computes
             last = int(r["rationale"].rsplit("=", 1)[1])
             assert r["label"] == ("Yes" if last > prepare.SYNTH["mod"] // 2 - 1 else "No")
-        assert abs(np.bincount(idx[:, prepare.LABEL]).tolist()[0] - len(rows) / 2) <= 1        # balanced labels
+        assert abs(np.bincount(idx[:, prepare.LABEL]).tolist()[0] - len(rows) / 2) <= 1   # balanced labels
         texts[split] = {r["text"] for r in rows}
     assert not (texts["train"] & texts["val"]) and not (texts["train"] & texts["test"])
 
 
-def test_synth_rationale_values_are_correct(tmp_path):
+def test_prep_synth_rationale_values_are_correct(tmp_path):
     prepare.prepare(task="synth", out_dir=tmp_path, quiet=True)
     for line in (tmp_path / "val.jsonl").read_text().splitlines()[:200]:
         r = json.loads(line)
@@ -572,7 +572,7 @@ def _prep_rows(d, split):
     return [json.loads(l) for l in (pathlib.Path(d) / f"{split}.jsonl").read_text().splitlines()]
 
 
-def test_superglue_templates_and_mappings(tmp_path):
+def test_prep_superglue_templates_and_mappings(tmp_path):
     sg = _prep_write_sg(tmp_path / "sg")
     m = prepare.prepare(task="cb", data_dir=sg, out_dir=tmp_path / "cb", model="char", quiet=True)
     assert m["labels"] == ["No", "Yes"] and m["metric"] == "cb" and m["counts"] == dict(train=3, val=3, test=3)
@@ -586,7 +586,8 @@ def test_superglue_templates_and_mappings(tmp_path):
     meta, tok, idx, exs = _prep_decode(tmp_path / "cb", "train")
     assert exs[0][2] == "\nFinal Answer:\nYes" and exs[0][1] == r[0]["text"]      # label-only suffix, no rationale
     _, _, tidx, texs = _prep_decode(tmp_path / "cb", "test")
-    assert (tidx[:, prepare.X_LEN] == tidx[:, prepare.N]).all() and (tidx[:, prepare.LABEL] == -1).all()          # test: x only, label unknown
+    assert (tidx[:, prepare.X_LEN] == tidx[:, prepare.N]).all()                  # test: x only,
+    assert (tidx[:, prepare.LABEL] == -1).all()                                  # label unknown
     m = prepare.prepare(task="cb", fmt="native", data_dir=sg, out_dir=tmp_path / "cbn", model="char", quiet=True)
     assert m["labels"] == ["entailment", "contradiction", "neutral"] and m["verbalizers"]["neutral"] == "Maybe"
     assert [x["label"] for x in _prep_rows(tmp_path / "cbn", "train")] == ["entailment", "contradiction", "neutral"]
@@ -613,7 +614,7 @@ def test_superglue_templates_and_mappings(tmp_path):
         assert r[-1]["label"] == label and frag in r[-1]["text"], (task, r[-1])
 
 
-def test_boolq_without_train_splits_val(tmp_path):
+def test_prep_boolq_without_train_splits_val(tmp_path):
     rows = [dict(question=f"q{i}", passage=f"P -- text {i}", label=i % 3 == 0, idx=i) for i in range(10)]
     (tmp_path / "BoolQ").mkdir()
     (tmp_path / "BoolQ" / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -622,7 +623,7 @@ def test_boolq_without_train_splits_val(tmp_path):
     assert [r["text"].split("\n")[1] for r in _prep_rows(tmp_path / "o", "val")] == ["Question: q0?", "Question: q5?"]
 
 
-def test_truncation_shortens_passage_keeps_question(tmp_path):
+def test_prep_truncation_shortens_passage_keeps_question(tmp_path):
     rows = [dict(premise="word " * 200, hypothesis="The final hypothesis stays.", label="entailment", idx=0),
             dict(premise="short.", hypothesis="Also kept.", label="not_entailment", idx=1)]
     (tmp_path / "RTE").mkdir()
@@ -631,7 +632,8 @@ def test_truncation_shortens_passage_keeps_question(tmp_path):
     m = prepare.prepare(task="rte", data_dir=tmp_path, out_dir=tmp_path / "o", model="char", max_len=300, quiet=True)
     assert m["shortened"] == 2 and m["max_len"]["train"]["x"] == 300                   # 1 per split
     meta, tok, idx, exs = _prep_decode(tmp_path / "o", "train")
-    assert idx[0, prepare.X_LEN] == 300 and exs[0][1].endswith("Answer: The final hypothesis stays.\nIs the answer correct Yes or No?")
+    assert idx[0, prepare.X_LEN] == 300
+    assert exs[0][1].endswith("Answer: The final hypothesis stays.\nIs the answer correct Yes or No?")
     assert exs[0][1].startswith("Passage: word word") and exs[1][1] == _prep_rows(tmp_path / "o", "train")[1]["text"]
     with pytest.raises(prepare.PrepareError, match="raise --max_len"):
         prepare.prepare(task="rte", data_dir=tmp_path, out_dir=tmp_path / "o2", model="char", max_len=40, quiet=True)
@@ -648,7 +650,7 @@ def _prep_custom(tmp_path):
     return dict(train_file=tmp_path / "train.csv", val_file=tmp_path / "val.jsonl", test_file=tmp_path / "test.json")
 
 
-def test_custom_formats_and_labels(tmp_path):
+def test_prep_custom_formats_and_labels(tmp_path):
     m = prepare.prepare(task="custom", out_dir=tmp_path / "o", model="char", quiet=True, **_prep_custom(tmp_path))
     assert m["labels"] == ["neg", "pos"] and m["counts"] == dict(train=4, val=2, test=2)
     assert set(m["sources"]) == {"train.csv", "val.jsonl", "test.json"} and m["rationale_source"] == "file"
@@ -672,7 +674,7 @@ def test_custom_formats_and_labels(tmp_path):
     assert [x["text"] for x in _prep_rows(tmp_path / "ev", "train")] == ["A holds.", "C holds."]
 
 
-def test_rationale_import_and_ablations(tmp_path):
+def test_prep_rationale_import_and_ablations(tmp_path):
     files = _prep_custom(tmp_path)
     lines = [dict(task="custom", split="train", idx=0, rationale="  first reason ", label="pos"),
              dict(task="custom", split="train", idx=1, rationale="second reason", label="neg"),
@@ -704,7 +706,7 @@ def test_rationale_import_and_ablations(tmp_path):
                             seed=seed, quiet=True, **files)
             outs.setdefault(abl, []).append(_prep_files(tmp_path / abl))
             _, _, idx, exs = _prep_decode(tmp_path / abl, "train")
-            assert idx[:, prepare.LABEL].tolist() == [1, 0, 1, 0]                                      # class labels stay gold
+            assert idx[:, prepare.LABEL].tolist() == [1, 0, 1, 0]                        # class labels stay gold
             suffixes = [e[2].split("\nFinal Answer:\n") for e in exs if "Reasoning" in e[2]]
             assert sorted(s[0] for s in suffixes) == sorted("\nReasoning:\n" + r for r in ("first reason", "second reason", "dull"))
             pairs = {("\nReasoning:\nfirst reason", "pos"), ("\nReasoning:\nsecond reason", "neg"), ("\nReasoning:\ndull", "neg")}
@@ -743,7 +745,7 @@ def _prep_server(handler_fn):
     return srv, f"http://127.0.0.1:{srv.server_address[1]}"
 
 
-def test_teacher_api_retries_drops_and_resume(tmp_path, monkeypatch):
+def test_prep_teacher_api_retries_drops_and_resume(tmp_path, monkeypatch):
     monkeypatch.setattr(prepare, "RETRY_BASE", 0.01)
     monkeypatch.setenv("PREP_TEST_KEY", "sk-secret-123")
     rows = [dict(text=f"item {k}", label="pos" if k % 2 == 0 else "neg") for k in range(8)]
@@ -787,7 +789,8 @@ def test_teacher_api_retries_drops_and_resume(tmp_path, monkeypatch):
         # resume after a kill mid-line: the partial line goes, existing ids are skipped, only the rest is asked for
         lines = rf.read_text().splitlines(keepends=True)
         rf.write_text("".join(lines[:4]) + lines[4][:10])
-        broken.clear(); before = dict(calls)
+        broken.clear()
+        before = dict(calls)
         m = prepare.prepare(**kw)
         got = [json.loads(l)["idx"] for l in rf.read_text().splitlines()]
         assert sorted(got) == list(range(8)) and len(got) == 8
@@ -804,7 +807,7 @@ def test_teacher_api_retries_drops_and_resume(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------------------
 # bad input: one clean message naming file, line and field
 
-def test_bad_input_messages(tmp_path):
+def test_prep_bad_input_messages(tmp_path):
     sg = _prep_write_sg(tmp_path / "sg")
     cb = sg / "CB" / "train.jsonl"
     good = cb.read_text()
@@ -904,9 +907,9 @@ def test_prep_flags_parser_rules(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# BPE tokenizers (H2's tiny fixture folders) and the SuperGLUE download on loopback
+# BPE tokenizers (the tiny fixture folders in tests/fixtures) and the SuperGLUE download on loopback
 
-def test_bpe_tokenizers_bos_and_truncation(tmp_path):
+def test_prep_bpe_tokenizers_bos_and_truncation(tmp_path):
     sg = _prep_write_sg(tmp_path / "sg")
     long = dict(premise="The committee discussed the budget at length. " * 60, hypothesis="The budget was discussed.",
                 label="entailment", idx=9)
@@ -917,14 +920,15 @@ def test_bpe_tokenizers_bos_and_truncation(tmp_path):
         assert m["tokenizer"] == {"type": "bpe", "name": str(folder)} and m["token_dtype"] == "uint16"
         meta, tok, idx, exs = _prep_decode(tmp_path / name, "train")
         assert (m["bos_id"] is not None) == has_bos and m["shortened"] == 1 and idx[2, prepare.X_LEN] == 128
-        for (ids, x, suffix, label, group), r, x_len in zip(exs, _prep_rows(tmp_path / name, "train"), idx[:, prepare.X_LEN]):
+        rows = _prep_rows(tmp_path / name, "train")
+        for (ids, x, suffix, label, group), r, x_len in zip(exs, rows, idx[:, prepare.X_LEN]):
             assert (ids[0] == tok.bos_id) == has_bos and ids[-1] == tok.eos_id
             assert x == r["text"] and suffix == "\nFinal Answer:\n" + r["label"]
             assert ids[:x_len] == ([tok.bos_id] if has_bos else []) + tok.encode(r["text"])
         assert exs[2][1].endswith("\nAnswer: The budget was discussed.\nIs the answer correct Yes or No?")
 
 
-def test_superglue_download_from_loopback(tmp_path, monkeypatch):
+def test_prep_superglue_download_from_loopback(tmp_path, monkeypatch):
     import io, zipfile
     src = _prep_write_sg(tmp_path / "src")
     buf = io.BytesIO()
@@ -953,7 +957,7 @@ def test_superglue_download_from_loopback(tmp_path, monkeypatch):
         srv.shutdown()
 
 
-def test_local_teacher_batched_generate_and_resume(tmp_path, monkeypatch):
+def test_prep_local_teacher_batched_generate_and_resume(tmp_path, monkeypatch):
     """--teacher=DIR: gpt.py's batched, left-padded generate; one line per train example; a rerun generates nothing."""
     monkeypatch.setattr(prepare, "TEACHER_PROMPT", "{x} => {y}:")      # short: the tiny model has 64 positions
     rows = [dict(text=t, label=l) for t, l in (("a cat", "pos"), ("the long dog ran", "neg"), ("x", "pos"))]
@@ -1383,7 +1387,8 @@ def test_bench_builtin_shape_is_gpt2_124m():
 def test_bench_bad_flag_cli():
     p = _bench_run("--batch_sise=4", timeout=60)
     assert p.returncode == 2 and len(p.stderr.splitlines()) == 1, p.stderr  # one line, no traceback
-    assert p.stderr.startswith("bench.py: error: --batch_sise: unknown config key 'batch_sise'; did you mean batch_size")
+    assert p.stderr.startswith("bench.py: error: --batch_sise: unknown config key 'batch_sise'; "
+                               "did you mean batch_size")
 
 
 @pytest.mark.parametrize("arg, needle", [
