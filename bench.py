@@ -10,29 +10,53 @@ Speed of DHRD in one run on one backbone (paper Table 5, App. E.6-E.7):
 Weights are random (speed does not depend on their values) unless --init_from is a model folder.
   python bench.py --init_from=gpt2 --device=cpu --out=bench.json
 """
-import copy, json, os, subprocess, sys, time, statistics
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
 from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
+
 from gpt import GPT, GPTConfig, fused_lm_loss, native_dtype
+from prepare import ConfigError, parse_flags
 
 # ----------------------------------------------------------------------------- config (--key=value)
 init_from = "gpt2"        # a model folder (real weights), or a built-in shape below (random weights)
 device = "cpu"            # cpu | cuda | cuda:N
 dtype = "auto"            # auto (gpt.native_dtype) | float32 | bfloat16 | float16 (GPU only)
 compile = False           # torch.compile the model (GPU; slow to start on CPU)
-batch_size, seq_len = 16, 128               # pooled classification
-cot_batch_size, cot_tokens = 8, 64          # CoT decoding: new tokens per sample (paper: up to 500)
-cot_prompt_len = 32       # CoT prompt length; shorter than seq_len, so the speedup errs in CoT's favour
-temperature, top_p = 0.1, 0.7               # paper App. E.6
-train_batch_size, train_seq_len = 4, 256    # one DHRD step; the first half of each row is x
-alpha, beta = 1.0, 1.0    # Eq. 4 weights of the timed step
-mem_vocab, mem_seq_len = 50257, 1024        # LM loss memory at GPT-2's vocabulary and a full context
+# pooled classification
+batch_size = 16
+seq_len = 128
+# CoT decoding
+cot_batch_size = 8
+cot_tokens = 64           # new tokens per sample (paper: up to 500)
+cot_prompt_len = 32       # shorter than seq_len, so the speedup errs in CoT's favour
+temperature = 0.1         # paper App. E.6
+top_p = 0.7               # paper App. E.6
+# one DHRD training step; the first half of each row is x; alpha, beta: the Eq. 4 weights of its loss
+train_batch_size = 4
+train_seq_len = 256
+alpha = 1.0
+beta = 1.0
+# LM loss memory at GPT-2's vocabulary and a full context
+mem_vocab = 50257
+mem_seq_len = 1024
 agree_batches = 8         # pooled batches compared against the float32 path (prediction agreement)
-warmup, repeats = 1, 3    # untimed calls, then the median of `repeats` timed calls
+warmup = 1                # untimed calls before the timed ones
+repeats = 3               # timed calls; their median is reported
 num_labels = 2
 seed = 1337
 out = "bench.json"
+# the flags: every setting above, typed like its default (prepare.parse_flags has the rules)
+FLAGS = {k: v for k, v in globals().items()
+         if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+CHOICES = {"dtype": ("auto", "float32", "bfloat16", "float16")}
 
 # Shapes of the public checkpoints (their config.json), so `--init_from=gpt2` needs no download.
 SHAPES = {
@@ -49,34 +73,15 @@ SHAPES = {
 GPU_PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0}  # bf16 dense; other cards: no MFU
 
 
-def parse_args(argv, cfg):
-    """--key=value over the globals above; the value's type follows the default's."""
-    for arg in argv:
-        key, eq, val = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
-        if not eq or key not in cfg or key.startswith("_"):
-            raise SystemExit(f"bench.py: bad argument {arg!r}: expected --key=value with key one of "
-                             + ", ".join(k for k in cfg if not k.startswith("_")))
-        old = cfg[key]
-        try:
-            if isinstance(old, bool):
-                if val not in ("True", "False", "true", "false", "1", "0"):
-                    raise ValueError("expected True or False")
-                new = val in ("True", "true", "1")
-            else:
-                new = type(old)(val)
-        except ValueError as e:
-            raise SystemExit(f"bench.py: bad value for --{key}: {val!r} ({e}); default is {old!r}")
-        cfg[key] = new
-    return cfg
-
-
 def load_model(init_from):
     if os.path.isdir(init_from):  # its own `score` head if it has one, else a fresh num_labels head
         model = GPT.from_pretrained(init_from)
-        return model if model.score is not None else GPT.from_pretrained(init_from, num_labels=num_labels)
+        if model.score is None:
+            model = GPT.from_pretrained(init_from, num_labels=num_labels)
+        return model
     if init_from not in SHAPES:
-        raise SystemExit(f"bench.py: --init_from={init_from!r} is neither a model folder nor a built-in "
-                         f"shape ({', '.join(SHAPES)})")
+        raise ConfigError(f"--init_from={init_from!r} is neither a model folder nor a built-in shape "
+                          f"({', '.join(SHAPES)})")
     return GPT(GPTConfig(**SHAPES[init_from], num_labels=num_labels))
 
 
@@ -130,22 +135,36 @@ def lm_loss_peak_mb(kind, vocab, rows, n_embd, dev, dtype):
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         base = status_kb("VmRSS:") * 1024
-    with ctx:  # naive: the full [rows, V] logits, as F.cross_entropy needs them
-        loss = fused_lm_loss(h, w, t) if kind == "fused" else F.cross_entropy(h @ w.t(), t, ignore_index=-100)
+    with ctx:
+        if kind == "fused":
+            loss = fused_lm_loss(h, w, t)
+        else:   # naive: the full [rows, V] logits, as F.cross_entropy needs them
+            loss = F.cross_entropy(h @ w.t(), t, ignore_index=-100)
     loss.backward()
     sync()
-    peak = torch.cuda.max_memory_allocated(dev) if dev.startswith("cuda") else status_kb("VmHWM:") * 1024
+    if dev.startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated(dev)
+    else:
+        peak = status_kb("VmHWM:") * 1024
     return (peak - base) / 2**20
 
 
 def lm_loss_memory(n_embd):
     if device.startswith("cuda"):
-        return {k: lm_loss_peak_mb(k, mem_vocab, mem_seq_len, n_embd, device, dtype) for k in ("fused", "naive")}
+        return {kind: lm_loss_peak_mb(kind, mem_vocab, mem_seq_len, n_embd, device, dtype)
+                for kind in ("fused", "naive")}
+    here = os.path.dirname(os.path.abspath(__file__))
     res = {}
     for kind in ("fused", "naive"):  # a fresh interpreter each: the allocator holds no memory from before
-        code = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
-                f"import torch, bench; torch.set_num_threads({torch.get_num_threads()}); "
-                f"print(bench.lm_loss_peak_mb({kind!r}, {mem_vocab}, {mem_seq_len}, {n_embd}, 'cpu', {dtype!r}))")
+        code = "\n".join([
+            "import sys",
+            f"sys.path.insert(0, {here!r})",
+            "import torch",
+            "import bench",
+            f"torch.set_num_threads({torch.get_num_threads()})",
+            f"print(bench.lm_loss_peak_mb({kind!r}, {mem_vocab}, {mem_seq_len}, {n_embd}, 'cpu', "
+            f"{dtype!r}))",
+        ])
         p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
         if p.returncode != 0:
             raise RuntimeError(f"bench.py: LM loss memory child ({kind}) failed:\n{p.stderr[-2000:]}")
@@ -153,20 +172,48 @@ def lm_loss_memory(n_embd):
     return res
 
 
+def print_table(res):
+    p = res["pooled"]
+    ct = res["cot"]
+    tr = res["train"]
+    m = res["lm_loss_memory"]
+    print(f"dhrd bench: {res['model']} on {res['device']} {res['dtype']} ({res['dtype_reason']}), "
+          f"{res['threads']} threads, median of {repeats}")
+    if tr["mfu"] is not None:
+        peak_row = ("train MFU", f"{100 * tr['mfu']:.1f}%")
+    else:   # no vendor peak (a CPU, or an unlisted GPU): the fraction of the matmul peak measured here
+        peak_row = ("matmul peak frac", f"{100 * tr['matmul_peak_fraction']:.1f}%")
+    mem_ratio = m["fused_peak_mb"] / max(m["naive_peak_mb"], 1e-9)
+    rows = [("pooled QPS", f"{p['qps']:.2f}", f"batch {p['batch_size']} x {p['seq_len']} tokens; "
+             f"agrees with fp32 on {100 * p['agreement_fp32']:.1f}% of {p['agreement_n']}"),
+            ("CoT QPS", f"{ct['qps']:.3f}", f"batch {ct['batch_size']}, {ct['prompt_len']}-token prompt "
+             f"+ {ct['new_tokens']} new, T={ct['temperature']} top_p={ct['top_p']}"),
+            ("CoT new tokens/s", f"{ct['tokens_per_s']:.1f}", "KV cache"),
+            ("speedup", f"{res['speedup']:.1f}x",
+             "pooled QPS / CoT QPS (paper Table 5: 96-142x at 500 tokens)"),
+            ("train tokens/s", f"{tr['tokens_per_s']:.1f}", f"DHRD step batch {tr['batch_size']} x "
+             f"{tr['seq_len']}, {tr['tflops']:.3f} TFLOP/s"),
+            (*peak_row, f"measured {res['dtype']} matmul peak {tr['matmul_peak_tflops']:.3f} TFLOP/s"),
+            ("LM loss peak MB", f"{m['fused_peak_mb']:.0f} / {m['naive_peak_mb']:.0f}",
+             f"fused / full logits (x{mem_ratio:.2f}), V={m['vocab']} T={m['seq_len']}, fwd+bwd")]
+    for r in rows:
+        print(f"  {r[0]:<18} {r[1]:>12}   {r[2]}")
+
+
 def main():
-    cfg = parse_args(sys.argv[1:], {k: v for k, v in globals().items()
-                                    if not k.startswith("_") and isinstance(v, (int, float, bool, str))})
-    globals().update(cfg)
+    globals().update(parse_flags(sys.argv[1:], FLAGS, CHOICES))
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("bench.py: --device=cuda but torch.cuda.is_available() is False; use --device=cpu")
-    if dtype not in ("auto", "float32", "bfloat16", "float16") or dtype == "float16" and "cuda" not in device:
-        raise SystemExit(f"bench.py: --dtype={dtype!r}: expected auto, float32 or bfloat16 (float16 on CUDA only: "
-                         "CPUs run float16 matmuls at a few GFLOP/s)")
+        raise ConfigError("--device=cuda but torch.cuda.is_available() is False; use --device=cpu")
+    if dtype == "float16" and "cuda" not in device:
+        raise ConfigError("--dtype=float16: float16 on CUDA only (CPUs run float16 matmuls at a few "
+                          "GFLOP/s); use auto, float32 or bfloat16")
     why = "--dtype"
     if dtype == "auto":
-        globals()["dtype"], why = native_dtype(device)
-    if min(batch_size, seq_len, cot_batch_size, cot_tokens, cot_prompt_len, train_batch_size, train_seq_len) < 1:
-        raise SystemExit("bench.py: batch sizes, lengths and token counts must be >= 1")
+        native, why = native_dtype(device)
+        globals()["dtype"] = native
+    sizes = (batch_size, seq_len, cot_batch_size, cot_tokens, cot_prompt_len, train_batch_size, train_seq_len)
+    if min(sizes) < 1:
+        raise ConfigError("batch sizes, lengths and token counts must be >= 1")
     torch.manual_seed(seed)
     device_type = "cuda" if "cuda" in device else "cpu"
     ptdtype = getattr(torch, dtype)
@@ -174,14 +221,24 @@ def main():
 
     model = load_model(init_from).to(device)
     c = model.config
-    for name, n in (("seq_len", seq_len), ("cot_prompt_len + cot_tokens", cot_prompt_len + cot_tokens),
-                    ("train_seq_len", train_seq_len)):
+    lengths = {"seq_len": seq_len, "cot_prompt_len + cot_tokens": cot_prompt_len + cot_tokens,
+               "train_seq_len": train_seq_len}
+    for name, n in lengths.items():
         if n > c.block_size:
-            raise SystemExit(f"bench.py: --{name.split()[0]}: {name}={n} exceeds the model's block_size {c.block_size}")
-    # torch.compile wraps forward only: compile the pooled entry point and the training forward (generate is eager)
-    classify, fast = (torch.compile(model.classify), torch.compile(model)) if compile else (model.classify, model)
+            raise ConfigError(f"--{name.split()[0]}: {name}={n} exceeds the model's block_size "
+                              f"{c.block_size}")
+    # torch.compile wraps forward only: compile the pooled entry point and the training forward
+    # (generate stays eager)
+    classify = model.classify
+    fast = model
+    if compile:
+        classify = torch.compile(model.classify)
+        fast = torch.compile(model)
     g = torch.Generator(device).manual_seed(seed)
-    rand = lambda *shape: torch.randint(c.vocab_size, shape, generator=g, device=device)
+
+    def rand(*shape):
+        return torch.randint(c.vocab_size, shape, generator=g, device=device)
+
     model.eval()
 
     # --- pooled classification (App. E.7): one forward over x, last-token pooling, no LM head
@@ -241,6 +298,10 @@ def main():
 
     mem = lm_loss_memory(c.n_embd)
 
+    if device_type == "cuda":
+        mem_method = "cuda max_memory_allocated"
+    else:
+        mem_method = "fresh process, VmHWM after clear_refs"
     res = {"device": device, "dtype": dtype, "dtype_reason": why, "model": init_from,
            "pooled": {"batch_size": batch_size, "seq_len": seq_len, "qps": batch_size / t_pooled,
                       "agreement_fp32": agree / total, "agreement_n": total},
@@ -251,34 +312,18 @@ def main():
                      "tflops": achieved, "mfu": mfu, "matmul_peak_tflops": peak_mm,
                      "matmul_peak_fraction": achieved / peak_mm},
            "lm_loss_memory": {"fused_peak_mb": mem["fused"], "naive_peak_mb": mem["naive"],
-                              "vocab": mem_vocab, "seq_len": mem_seq_len,
-                              "method": "cuda max_memory_allocated" if device_type == "cuda"
-                              else "fresh process, VmHWM after clear_refs"}}
+                              "vocab": mem_vocab, "seq_len": mem_seq_len, "method": mem_method}}
     res["speedup"] = res["pooled"]["qps"] / res["cot"]["qps"]
     res["threads"] = torch.get_num_threads()
-
-    p, ct, tr, m = res["pooled"], res["cot"], res["train"], res["lm_loss_memory"]
-    print(f"dhrd bench: {init_from} on {device} {dtype} ({why}), {res['threads']} threads, median of {repeats}")
-    rows = [("pooled QPS", f"{p['qps']:.2f}", f"batch {batch_size} x {seq_len} tokens; "
-             f"agrees with fp32 on {100 * p['agreement_fp32']:.1f}% of {total}"),
-            ("CoT QPS", f"{ct['qps']:.3f}", f"batch {cot_batch_size}, {cot_prompt_len}-token prompt "
-             f"+ {cot_tokens} new, T={temperature} top_p={top_p}"),
-            ("CoT new tokens/s", f"{ct['tokens_per_s']:.1f}", "KV cache"),
-            ("speedup", f"{res['speedup']:.1f}x", "pooled QPS / CoT QPS (paper Table 5: 96-142x at 500 tokens)"),
-            ("train tokens/s", f"{tok_s:.1f}", f"DHRD step batch {train_batch_size} x {train_seq_len}, "
-             f"{achieved:.3f} TFLOP/s"),
-            ("train MFU" if mfu is not None else "matmul peak frac",
-             f"{100 * (mfu if mfu is not None else tr['matmul_peak_fraction']):.1f}%",
-             f"measured {dtype} matmul peak {peak_mm:.3f} TFLOP/s"),
-            ("LM loss peak MB", f"{m['fused_peak_mb']:.0f} / {m['naive_peak_mb']:.0f}",
-             f"fused / full logits (x{m['fused_peak_mb'] / max(m['naive_peak_mb'], 1e-9):.2f}), "
-             f"V={mem_vocab} T={mem_seq_len}, fwd+bwd")]
-    for r in rows:
-        print(f"  {r[0]:<18} {r[1]:>12}   {r[2]}")
+    print_table(res)
     with open(out, "w") as f:
         json.dump(res, f, indent=2)
     print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ConfigError as e:   # a bad flag: one line, no traceback; exit status 2 (usage error, as argparse)
+        print(f"bench.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

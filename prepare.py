@@ -6,26 +6,51 @@ Turn raw data into what dhrd.py trains on (paper arXiv 2509.21487, App. E.2/E.3)
     python prepare.py --task=rte --model=gpt2 --teacher_url=http://localhost:8000/v1 --teacher_model=NAME
     python prepare.py --task=custom --train_file=a.csv --val_file=b.jsonl --model=gpt2
 
-Output in out_dir (default data/<task>): meta.json and per split S: S.bin (flat token ids), S.idx.npy (int64
-[N,5]: start, x_len, n, label, group) and S.jsonl (idx, group, text, label, rationale). Example i is
+Output in out_dir (default data/<task>): meta.json and per split S: S.bin (flat token ids), S.idx.npy
+(int64 [N,5]: start, x_len, n, label, group) and S.jsonl (idx, group, text, label, rationale). Example i is
 bin[start:start+n]; its first x_len tokens are the input x (BOS first where the tokenizer has one); when the
 label is known a suffix "\\nReasoning:\\n{r}\\nFinal Answer:\\n{y}" + EOS follows (paper App. E.2; without a
 rationale just "\\nFinal Answer:\\n{y}" + EOS). Same inputs -> byte-identical outputs.
+
+Also home of the one --key=value parser of every script (parse_flags, ConfigError; bottom of the file).
 """
-import csv, hashlib, json, os, random, sys, time, urllib.error, urllib.request, zipfile
+import csv
+import difflib
+import hashlib
+import inspect
+import json
+import operator
+import os
+import random
+import sys
+import time
+import urllib.error
+import urllib.request
+import zipfile
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
+
 import numpy as np
 import torch
+
 from gpt import GPT, download, load_tokenizer, native_dtype
 
-# synth, the embedded default: modular arithmetic, "a=79,b=a-74;b>49?" -> No, rationale "b=79-74=5". The label needs
-# the intermediate value the rationale spells out, so rationales (alpha>0) can help a pooled head trained on 1000
-# examples. Measured (README): steps >= 2 (mod 10) leave the default model at chance either way. Tune here only.
+# synth, the embedded default: modular arithmetic, "a=79,b=a-74;b>49?" -> No, rationale "b=79-74=5". The
+# label needs the intermediate value the rationale spells out, so rationales (alpha>0) can help a pooled head
+# trained on 1000 examples. Measured (README): steps >= 2 (mod 10) leave the default model at chance either
+# way. Tune here only.
 SYNTH = dict(seed=1337, n_train=1000, n_val=500, n_test=500, steps=1, mod=100, ops="+-", p_const=0.5)
+SYNTH_OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 
-SUFFIX_R, SUFFIX_Y = "\nReasoning:\n", "\nFinal Answer:\n"   # paper App. E.2: s = [x, <REASON>, r, <ANS>, y]
+# paper App. E.2: s = [x, <REASON>, r, <ANS>, y]
+SUFFIX_R = "\nReasoning:\n"
+SUFFIX_Y = "\nFinal Answer:\n"
 SPLITS = ("train", "val", "test")
+
+# S.idx.npy holds one int64 row of 5 per example (the file format of SPEC §3, read by dhrd.py); its columns:
+# the example is bin[START:START + N], its first X_LEN tokens are x; LABEL = index into meta["labels"], -1
+# when unknown (test); GROUP = the question (MultiRC) or pair (COPA) it belongs to, else its own index.
+START, X_LEN, N, LABEL, GROUP = range(5)
 
 
 class PrepareError(ValueError):
@@ -41,9 +66,13 @@ def fail(msg):
 
 class CharTokenizer:
     def __init__(self, chars):
-        self.chars, self.stoi = chars, {c: i for i, c in enumerate(chars)}
-        self.bos_id, self.eos_id, self.pad_id = len(chars), len(chars) + 1, len(chars) + 2
-        self.vocab_size, self.name = len(chars) + 3, "char"
+        self.chars = chars
+        self.stoi = {c: i for i, c in enumerate(chars)}
+        self.bos_id = len(chars)
+        self.eos_id = len(chars) + 1
+        self.pad_id = len(chars) + 2
+        self.vocab_size = len(chars) + 3
+        self.name = "char"
 
     def encode(self, s):
         if bad := sorted(set(s) - set(self.stoi)):
@@ -57,33 +86,52 @@ class CharTokenizer:
 def tokenizer_from_meta(meta):
     """The tokenizer a prepared folder was made with (meta = the parsed meta.json)."""
     t = meta["tokenizer"]
-    return CharTokenizer(t["chars"]) if t["type"] == "char" else load_tokenizer(t["name"])
+    if t["type"] == "char":
+        return CharTokenizer(t["chars"])
+    return load_tokenizer(t["name"])
 
 
 # ----------------------------------------------------------------------------------------------------------
 # synth: seeded generator, train/val/test disjoint, labels balanced by rejection
 
-def synth_data(seed, n_train, n_val, n_test, steps, mod, ops, p_const):
-    rng, seen, out = random.Random(seed), set(), {}
+def synth_example(rng, steps, mod, ops, p_const):
+    """One random program "a=..,b=a-..;b>49?" -> (x, label, rationale). Draws from rng in a fixed order."""
     names = "abcdefghijklmnopqrstuvwxyz"[:steps + 1]
+    vals = {"a": rng.randrange(mod)}
+    stmts = [f"a={vals['a']}"]
+    steps_r = []
+    for j in range(1, steps + 1):
+        prev = names[j - 1]
+        v = names[j]
+        op = rng.choice(ops)
+        if j == 1 or rng.random() < p_const:   # a constant operand (always for the first step)
+            argv = rng.randrange(1, mod)
+            arg = str(argv)
+        else:   # an earlier variable
+            arg = rng.choice(names[:j - 1])
+            argv = vals[arg]
+        vals[v] = SYNTH_OPS[op](vals[prev], argv) % mod
+        stmts.append(f"{v}={prev}{op}{arg}")
+        steps_r.append(f"{v}={vals[prev]}{op}{argv}={vals[v]}")
+    x = ",".join(stmts) + f";{names[steps]}>{mod // 2 - 1}?"
+    label = "Yes" if vals[names[steps]] >= mod // 2 else "No"
+    return x, label, ",".join(steps_r)
+
+
+def synth_data(seed, n_train, n_val, n_test, steps, mod, ops, p_const):
+    rng = random.Random(seed)
+    seen = set()
+    out = {}
     for split, n in zip(SPLITS, (n_train, n_val, n_test)):
-        rows, per_label = [], {"No": 0, "Yes": 0}
+        rows = []
+        per_label = {"No": 0, "Yes": 0}
         while len(rows) < n:
-            vals = {"a": rng.randrange(mod)}; stmts, steps_r = [f"a={vals['a']}"], []
-            for j in range(1, steps + 1):
-                prev, v, op = names[j - 1], names[j], rng.choice(ops)
-                if j == 1 or rng.random() < p_const:
-                    argv = rng.randrange(1, mod); arg = str(argv)
-                else:
-                    arg = rng.choice(names[:j - 1]); argv = vals[arg]
-                vals[v] = (vals[prev] + argv if op == "+" else vals[prev] - argv if op == "-" else vals[prev] * argv) % mod
-                stmts.append(f"{v}={prev}{op}{arg}")
-                steps_r.append(f"{v}={vals[prev]}{op}{argv}={vals[v]}")
-            x, label = ",".join(stmts) + f";{names[steps]}>{mod // 2 - 1}?", "Yes" if vals[names[steps]] >= mod // 2 else "No"
+            x, label, rationale = synth_example(rng, steps, mod, ops, p_const)
             if x in seen or per_label[label] >= (n + 1) // 2:
                 continue
-            seen.add(x); per_label[label] += 1
-            rows.append(dict(parts=("", "", x), label=label, rationale=",".join(steps_r)))
+            seen.add(x)
+            per_label[label] += 1
+            rows.append(dict(parts=("", "", x), label=label, rationale=rationale))
         out[split] = rows
     return out
 
@@ -101,24 +149,26 @@ def read_jsonl(path):
         fail(f"{path}: file not found")
     rows = []
     for ln, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append((ln, json.loads(line)))
-            except json.JSONDecodeError as e:
-                fail(f"{path}:{ln}: malformed JSON ({e.msg} at column {e.colno}); fix or delete this line")
+        if not line.strip():
+            continue
+        try:
+            rows.append((ln, json.loads(line)))
+        except json.JSONDecodeError as e:
+            fail(f"{path}:{ln}: malformed JSON ({e.msg} at column {e.colno}); fix or delete this line")
     return rows
 
 
 def read_table(path):
     """custom data: .csv (header row), .jsonl, or .json (an array, or JSON Lines) -> [(line, dict)]."""
-    if not (path := Path(path)).exists():
+    path = Path(path)
+    if not path.exists():
         fail(f"{path}: file not found")
     if path.suffix == ".csv":
         with open(path, newline="", encoding="utf-8") as f:
             return [(ln, row) for ln, row in enumerate(csv.DictReader(f), 2)]
     if path.suffix == ".json" and path.read_text(encoding="utf-8").lstrip().startswith("["):
-        try:
-            return list(enumerate(json.loads(path.read_text(encoding="utf-8")), 1))   # "line" = array item
+        try:   # "line" = the array item
+            return list(enumerate(json.loads(path.read_text(encoding="utf-8")), 1))
         except json.JSONDecodeError as e:
             fail(f"{path}:{e.lineno}: malformed JSON ({e.msg}); fix the file")
     return read_jsonl(path)
@@ -135,8 +185,8 @@ def field(row, key, where):
 # "Passage: P\nQuestion: Q\nAnswer: A\nIs the answer correct Yes or No?"; only P is ever shortened.
 # Task mappings (paper App. E.2): MultiRC one example per candidate answer (group = question, for F1a/EM);
 # COPA one example per alternative (group = the pair); CB/RTE entailment (the hypothesis is the candidate
-# answer); WiC same meaning; WSC pronoun refers to. --format=native keeps each task's own label space (CB 3-way,
-# COPA choice 1/2) on the same text; binary tasks differ only in their label names.
+# answer); WiC same meaning; WSC pronoun refers to. --format=native keeps each task's own label space (CB
+# 3-way, COPA choice 1/2) on the same text; binary tasks differ only in their label names.
 
 SUPERGLUE_URL = os.environ.get("DHRD_SUPERGLUE_URL", "https://dl.fbaipublicfiles.com/glue/superglue/data/v2")
 SUPERGLUE = {  # task: (folder, metric, native labels, native verbalizers)
@@ -148,12 +198,14 @@ SUPERGLUE = {  # task: (folder, metric, native labels, native verbalizers)
     "wic": ("WiC", "accuracy", ["False", "True"], ["No", "Yes"]),
     "wsc": ("WSC", "accuracy", ["False", "True"], ["No", "Yes"]),
 }
-NLI_Q = "What can be concluded from the passage?"   # CB, RTE, e-SNLI, ANLI: the hypothesis is the candidate answer
+# CB, RTE, e-SNLI, ANLI: the hypothesis is the candidate answer
+NLI_Q = "What can be concluded from the passage?"
 COPA_Q = {"cause": "What was the cause of this?", "effect": "What happened as a result?"}
 
 
 def qa(passage, question, answer, choices="Yes or No"):
-    return ("Passage: ", passage, f"\nQuestion: {question}\nAnswer: {answer}\nIs the answer correct {choices}?")
+    tail = f"\nQuestion: {question}\nAnswer: {answer}\nIs the answer correct {choices}?"
+    return ("Passage: ", passage, tail)
 
 
 def superglue_items(task, r, fmt="paper"):
@@ -162,18 +214,22 @@ def superglue_items(task, r, fmt="paper"):
     if task == "boolq":
         return [(qa(r["passage"], r["question"] + "?", "Yes"), y, 0)]
     if task in ("cb", "rte"):
-        return [(qa(r["premise"], NLI_Q, r["hypothesis"], "Yes, No or Maybe" if fmt == "native" and task == "cb"
-                    else "Yes or No"), y, 0)]
+        choices = "Yes, No or Maybe" if fmt == "native" and task == "cb" else "Yes or No"
+        return [(qa(r["premise"], NLI_Q, r["hypothesis"], choices), y, 0)]
     if task == "wic":
-        return [(qa(f"1. {r['sentence1']} 2. {r['sentence2']}", f"Is the word \"{r['word']}\" used with the same "
-                    "meaning in sentences 1 and 2?", "Yes"), y, 0)]
+        passage = f"1. {r['sentence1']} 2. {r['sentence2']}"
+        question = f"Is the word \"{r['word']}\" used with the same meaning in sentences 1 and 2?"
+        return [(qa(passage, question, "Yes"), y, 0)]
     if task == "wsc":
-        return [(qa(r["text"], f"Who or what does \"{r['target']['span2_text']}\" refer to?", r["target"]["span1_text"]), y, 0)]
+        question = f"Who or what does \"{r['target']['span2_text']}\" refer to?"
+        return [(qa(r["text"], question, r["target"]["span1_text"]), y, 0)]
     if task == "copa":
         q = COPA_Q[r["question"]]
-        if fmt == "native":
-            return [(("Passage: ", r["premise"], f"\nQuestion: {q}\nOption 1: {r['choice1']}\nOption 2: "
-                      f"{r['choice2']}\nWhich option is correct 1 or 2?"), None if y is None else f"choice{y + 1}", 0)]
+        if fmt == "native":   # one example per pair
+            tail = (f"\nQuestion: {q}\nOption 1: {r['choice1']}\nOption 2: {r['choice2']}\n"
+                    "Which option is correct 1 or 2?")
+            label = None if y is None else f"choice{y + 1}"
+            return [(("Passage: ", r["premise"], tail), label, 0)]
         return [(qa(r["premise"], q, r[f"choice{k}"]), None if y is None else y == k - 1, 0) for k in (1, 2)]
     if task == "multirc":
         return [(qa(r["passage"]["text"], q["question"], a["text"]), a.get("label"), j)
@@ -181,14 +237,18 @@ def superglue_items(task, r, fmt="paper"):
 
 
 def format_input(task, row, fmt="paper"):
-    """Raw task row -> [x text] (MultiRC/COPA rows give several). Other tasks: x is the row's "text" (KeyError if none)."""
-    return ["".join(parts) for parts, _, _ in superglue_items(task, row, fmt)] if task in SUPERGLUE else [row["text"]]
+    """Raw task row -> [x text] (MultiRC/COPA rows give several). Other tasks: x is the row's "text"
+    (KeyError if none)."""
+    if task in SUPERGLUE:
+        return ["".join(parts) for parts, _, _ in superglue_items(task, row, fmt)]
+    return [row["text"]]
 
 
 def superglue_file(task, data_dir, split):
     folder = Path(data_dir) / SUPERGLUE[task][0]
-    if not (folder / "val.jsonl").exists():   # not there: fetch the official zip (gpt.py's resumable download)
-        url, zpath = f"{SUPERGLUE_URL}/{folder.name}.zip", Path(data_dir) / f"{folder.name}.zip"
+    if not (folder / "val.jsonl").exists():   # fetch the official zip (gpt.py's resumable download)
+        url = f"{SUPERGLUE_URL}/{folder.name}.zip"
+        zpath = Path(data_dir) / f"{folder.name}.zip"
         try:
             download(url, zpath, desc=zpath.name)
         except Exception as e:
@@ -197,24 +257,34 @@ def superglue_file(task, data_dir, split):
         with zipfile.ZipFile(zpath) as z:
             for m in z.namelist():
                 if m.startswith(folder.name + "/") and m.endswith(".jsonl") and ".." not in m:
-                    folder.mkdir(parents=True, exist_ok=True); (folder / Path(m).name).write_bytes(z.read(m))
+                    folder.mkdir(parents=True, exist_ok=True)
+                    (folder / Path(m).name).write_bytes(z.read(m))
         zpath.unlink()
     return folder / f"{split}.jsonl"
 
 
 def load_superglue(task, data_dir, fmt):
     folder, metric, native, nat_verb = SUPERGLUE[task]
-    if fmt == "native":   # native COPA is one example per pair: plain accuracy
-        labels, verbalizers, metric = native, dict(zip(native, nat_verb)), "accuracy" if task == "copa" else metric
+    if fmt == "native":
+        labels = native
+        verbalizers = dict(zip(native, nat_verb))
+        if task == "copa":   # native COPA is one example per pair: plain accuracy
+            metric = "accuracy"
+        known = labels
     else:
-        labels, verbalizers = ["No", "Yes"], {"No": "No", "Yes": "Yes"}
-    splits, sources, note = {}, {}, None
+        labels = ["No", "Yes"]
+        verbalizers = {"No": "No", "Yes": "Yes"}
+        known = ["False", "True"] if task == "copa" else native   # COPA: is this alternative the answer
+    splits = {}
+    sources = {}
+    note = None
     for split in SPLITS:
         path = superglue_file(task, data_dir, split)
         if not path.exists():
             continue
         sources[f"{folder}/{split}.jsonl"] = sha256(path)
-        exs, groups = [], {}
+        exs = []
+        groups = {}
         for ln, r in read_jsonl(path):
             if task == "copa" and r.get("label") not in (None, 0, 1):
                 fail(f"{path}:{ln}: unknown label {r['label']!r} in field 'label'; known labels: 0, 1")
@@ -223,39 +293,48 @@ def load_superglue(task, data_dir, fmt):
             except (KeyError, TypeError) as e:
                 fail(f"{path}:{ln}: missing field {e}")
             for parts, y, sub in items:
-                y = None if y is None else {True: "True", False: "False"}.get(y, y)   # bools and MultiRC's 0/1
-                known = labels if fmt == "native" else ["False", "True"] if task == "copa" else native
-                if y is not None and y not in known:
-                    fail(f"{path}:{ln}: unknown label {y!r} in field 'label'; known labels: {', '.join(known)}")
-                if y is not None and fmt == "paper":
-                    y = "Yes" if y in ("True", "entailment") else "No"
+                if y is not None:   # None: a test row, label unknown
+                    y = {True: "True", False: "False"}.get(y, y)   # bools and MultiRC's 0/1 as in SUPERGLUE
+                    if y not in known:
+                        fail(f"{path}:{ln}: unknown label {y!r} in field 'label'; known labels: "
+                             f"{', '.join(known)}")
+                    if fmt == "paper":
+                        y = "Yes" if y in ("True", "entailment") else "No"
                 exs.append(dict(parts=parts, label=y, group=groups.setdefault((ln, sub), len(groups))))
-        splits[split] = exs if exs else fail(f"{path}: no examples; an official {folder} file has one JSON object a line")
-    if "train" not in splits and "val" in splits:   # BoolQ's shared copy has no train.jsonl: train on 4/5 of val
+        if not exs:
+            fail(f"{path}: no examples; an official {folder} file has one JSON object a line")
+        splits[split] = exs
+    if "train" not in splits and "val" in splits:   # BoolQ's offline copy has no train.jsonl: 4/5 of val
         v = splits["val"]
-        splits["train"], splits["val"] = [e for e in v if e["group"] % 5], [e for e in v if e["group"] % 5 == 0]
+        splits["train"] = [e for e in v if e["group"] % 5]
+        splits["val"] = [e for e in v if e["group"] % 5 == 0]
         note = "no train.jsonl: train = val rows with row % 5 != 0, val = row % 5 == 0"
     for exs in splits.values():   # renumber groups 0..G-1 after the split
         ids = {g: j for j, g in enumerate(dict.fromkeys(e["group"] for e in exs))}
         for e in exs:
             e["group"] = ids[e["group"]]
-    return dict(splits={s: splits[s] for s in SPLITS if s in splits}, labels=labels, verbalizers=verbalizers, metric=metric, sources=sources, note=note)
+    return dict(splits={s: splits[s] for s in SPLITS if s in splits}, labels=labels, verbalizers=verbalizers,
+                metric=metric, sources=sources, note=note)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Real-rationale sets in the distilling-step-by-step layout (<name>/<name>_<split>.json + llm/<split>_CoT_<k>.json,
-# PaLM-540B few-shot completions). Only e-SNLI/ANLI valid+test and CQA train+test come with rationales, so:
-# train = the first file (esnli/anli1: valid, cqa: train) without every 10th row, val = every 10th row of it,
-# test = the second file (esnli/anli1: test; cqa: test, which is the CommonsenseQA dev set).
+# Real-rationale sets in the distilling-step-by-step layout (<name>/<name>_<split>.json +
+# llm/<split>_CoT_<k>.json, PaLM-540B few-shot completions). Only e-SNLI/ANLI valid+test and CQA train+test
+# come with rationales, so: train = the first file (esnli/anli1: valid, cqa: train) without every 10th row,
+# val = every 10th row of it, test = the second file (esnli/anli1: test; cqa: test, which is the
+# CommonsenseQA dev set).
 DISTILL = {"esnli": ("valid", "test"), "anli1": ("valid", "test"), "cqa": ("train", "test")}
 NLI = (["entailment", "neutral", "contradiction"], ["Yes", "Maybe", "No"])   # data label 0/1/2
 
 
 def parse_palm(task, s):
-    """A raw PaLM completion -> (rationale, teacher label) or None (no answer marker). Rules: PROVENANCE.md."""
+    """A raw PaLM completion -> (rationale, teacher label), or None without an answer marker (rules:
+    PROVENANCE.md)."""
     if task == "esnli":
         r, sep, rest = s.partition("Answer:")
-        return (r.strip(), rest.split("Premise")[0].strip()) if sep else None
+        if not sep:
+            return None
+        return r.strip(), rest.split("Premise")[0].strip()
     r, sep, y = s.split("Q:" if task == "cqa" else "Premise:")[0].partition("So the answer is")
     if not sep:
         return None
@@ -265,120 +344,186 @@ def parse_palm(task, s):
     return r.strip(), y
 
 
+def palm_drop_reason(got, gold):
+    """Why a parsed PaLM completion is dropped, or None to keep it (paper Table 2: label-consistent only)."""
+    if got is None:
+        return "no_answer"
+    if not got[0]:
+        return "empty"
+    if got[1].lower() != gold.lower():
+        return "disagree"
+    return None
+
+
+def distill_example(task, r, where):
+    """One distilling-step-by-step row -> (parts, label, gold answer text the PaLM answer must match)."""
+    if task == "cqa":
+        ch = field(r, "choices", where)
+        options = "\n".join(f"({'abcde'[i]}) {c}" for i, c in enumerate(ch))
+        q = f"Question: {field(r, 'question', where)}\nAnswer Choices:\n{options}\nWhich choice is correct?"
+        if field(r, "answer", where) not in ch:
+            fail(f"{where}: answer {r['answer']!r} is not one of the choices {ch}")
+        return ("", "", q), "abcde"[ch.index(r["answer"])], r["answer"]
+    if field(r, "label", where) not in (0, 1, 2):
+        fail(f"{where}: unknown label {r['label']!r} in field 'label'; known labels: 0, 1, 2")
+    parts = qa(field(r, "premise", where), NLI_Q, field(r, "hypothesis", where), "Yes, No or Maybe")
+    y = NLI[0][r["label"]]
+    return parts, y, y
+
+
 def load_distill(task, data_dir):
-    base, splits, sources, dropped = Path(data_dir) / task, {}, {}, {}
+    base = Path(data_dir) / task
+    splits = {}
+    sources = {}
+    dropped = {}
     for fsplit in DISTILL[task]:
         path = base / f"{task}_{fsplit}.json"
         if not path.exists():
             fail(f"{path}: file not found; unpack the distilling-step-by-step datasets into {data_dir}")
-        cot, k = [], 0
-        while (base / "llm" / f"{fsplit}_CoT_{k}.json").exists():   # numeric order, not lexicographic
-            cot += json.loads((base / "llm" / f"{fsplit}_CoT_{k}.json").read_text(encoding="utf-8")); k += 1
-        if len(cot) != len(rows := read_jsonl(path)):
+        cot_files = []
+        while (base / "llm" / f"{fsplit}_CoT_{len(cot_files)}.json").exists():   # numeric order, not by name
+            cot_files.append(base / "llm" / f"{fsplit}_CoT_{len(cot_files)}.json")
+        cot = []
+        for f in cot_files:
+            cot += json.loads(f.read_text(encoding="utf-8"))
+        rows = read_jsonl(path)
+        if len(cot) != len(rows):
             fail(f"{base}/llm/{fsplit}_CoT_*.json: {len(cot)} completions for {len(rows)} rows of {path}")
-        for f in [path] + [base / "llm" / f"{fsplit}_CoT_{j}.json" for j in range(k)]:
+        for f in [path] + cot_files:
             sources[str(f.relative_to(data_dir))] = sha256(f)
         exs = []
         for (ln, r), c in zip(rows, cot):
-            where = f"{path}:{ln}"
-            if task == "cqa":
-                ch = field(r, "choices", where)
-                q = f"Question: {field(r, 'question', where)}\nAnswer Choices:\n" + "\n".join(
-                    f"({'abcde'[i]}) {c_}" for i, c_ in enumerate(ch)) + "\nWhich choice is correct?"
-                if field(r, "answer", where) not in ch:
-                    fail(f"{where}: answer {r['answer']!r} is not one of the choices {ch}")
-                parts, y, gold = ("", "", q), "abcde"[ch.index(r["answer"])], r["answer"]
-            else:
-                if field(r, "label", where) not in (0, 1, 2):
-                    fail(f"{where}: unknown label {r['label']!r} in field 'label'; known labels: 0, 1, 2")
-                parts = qa(field(r, "premise", where), NLI_Q, field(r, "hypothesis", where), "Yes, No or Maybe")
-                y = gold = NLI[0][r["label"]]
+            parts, y, gold = distill_example(task, r, f"{path}:{ln}")
             got = parse_palm(task, c)
-            reason = "no_answer" if got is None else "empty" if not got[0] else \
-                "disagree" if got[1].lower() != gold.lower() else None   # paper Table 2: keep label-consistent only
+            reason = palm_drop_reason(got, gold)
             if reason:
                 dropped[f"{fsplit}/{reason}"] = dropped.get(f"{fsplit}/{reason}", 0) + 1
             exs.append(dict(parts=parts, label=y, rationale=None if reason else got[0]))
-        splits.update(dict(train=[e for i, e in enumerate(exs) if i % 10], val=exs[::10]) if fsplit == DISTILL[task][0]
-                      else dict(test=exs))
-    labels, verb = (list("abcde"), [f"({c})" for c in "abcde"]) if task == "cqa" else NLI
+        if fsplit == DISTILL[task][0]:
+            splits["train"] = [e for i, e in enumerate(exs) if i % 10]
+            splits["val"] = exs[::10]
+        else:
+            splits["test"] = exs
+    if task == "cqa":
+        labels = list("abcde")
+        verb = [f"({c})" for c in "abcde"]
+    else:
+        labels, verb = NLI
     return dict(splits={s: splits[s] for s in SPLITS}, labels=labels, verbalizers=dict(zip(labels, verb)),
-                metric="accuracy", sources=sources, dropped=dropped, rationale_source="palm-540b (distilling-step-by-step)")
+                metric="accuracy", sources=sources, dropped=dropped,
+                rationale_source="palm-540b (distilling-step-by-step)")
 
 
 # ----------------------------------------------------------------------------------------------------------
 # custom: --train_file/--val_file[/--test_file], CSV/JSON/JSONL with text, label, optional rationale.
-# --text_field picks another text column; --filter=COLUMN=VALUE keeps only matching rows (evidence-binding CSV:
-# --text_field=sentence --filter=status=verified; README). The label set is inferred from train and stored.
+# --text_field picks another text column; --filter=COLUMN=VALUE keeps only matching rows (evidence-binding
+# CSV: --text_field=sentence --filter=status=verified; README). The label set is inferred from train, stored.
+
+def label_order(v):
+    """Sort key of custom label names: integers numerically first, then the other names."""
+    if v.lstrip("-").isdigit():
+        return (0, int(v), "")
+    return (1, 0, v)
+
 
 def load_custom(files, text_field="text", filter=None):
     col, _, val = (filter or "").partition("=")
-    splits, sources, dropped, raw = {}, {}, {}, {}
-    for split, path in ((s, p) for s, p in files.items() if p is not None):
+    splits = {}
+    sources = {}
+    dropped = {}
+    raw = {}
+    for split, path in files.items():
+        if path is None:
+            continue
         rows = read_table(path)
         sources[Path(path).name] = sha256(path)
-        if col and len(kept := [(ln, r) for ln, r in rows if str(r.get(col)) == val]) < len(rows):
-            dropped[f"{split}/filtered"], rows = len(rows) - len(kept), kept
+        if col:
+            kept = [(ln, r) for ln, r in rows if str(r.get(col)) == val]
+            if len(kept) < len(rows):
+                dropped[f"{split}/filtered"] = len(rows) - len(kept)
+                rows = kept
         raw[split] = [(f"{path}:{ln}", r) for ln, r in rows]
         if not rows:
-            fail(f"{path}: split '{split}' is empty" + (f" after --filter={filter}" if col else ""))
+            after = f" after --filter={filter}" if col else ""
+            fail(f"{path}: split '{split}' is empty{after}")
     if "train" not in raw:
         fail("task custom needs --train_file=FILE (CSV, JSON or JSONL with text,label[,rationale])")
-    names = sorted({str(field(r, "label", w)) for w, r in raw["train"]},
-                   key=lambda v: (0, int(v), "") if v.lstrip("-").isdigit() else (1, 0, v))
+    names = sorted({str(field(r, "label", w)) for w, r in raw["train"]}, key=label_order)
     for split, rows in raw.items():
         exs = []
         for w, r in rows:
             y = r.get("label")
-            if split != "test" or y not in (None, ""):
+            if split != "test" or y not in (None, ""):   # test rows may come without a label
                 y = str(field(r, "label", w))
                 if y not in names:
-                    fail(f"{w}: unknown label {y!r} in field 'label'; known labels (from train): {', '.join(names)}")
+                    fail(f"{w}: unknown label {y!r} in field 'label'; known labels (from train): "
+                         f"{', '.join(names)}")
+            rationale = str(r.get("rationale") or "").strip()
             exs.append(dict(parts=("", str(field(r, text_field, w)), ""), label=y or None,
-                            rationale=str(r.get("rationale") or "").strip() or None))
+                            rationale=rationale or None))
         splits[split] = exs
-    return dict(splits=splits, labels=names, verbalizers={n: n for n in names}, metric="accuracy", sources=sources,
-                dropped=dropped, rationale_source="file" if any(e["rationale"] for e in splits["train"]) else None)
+    has_rationales = any(e["rationale"] for e in splits["train"])
+    return dict(splits=splits, labels=names, verbalizers={n: n for n in names}, metric="accuracy",
+                sources=sources, dropped=dropped, rationale_source="file" if has_rationales else None)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Rationales. File format (SPEC §3), one JSON object per line: {"task", "split", "idx", "rationale", "label"},
-# idx = position of the example in the prepared split (S.jsonl "idx"). Teachers append to such a file.
+# Rationales. File format (SPEC §3), one JSON object per line: {"task", "split", "idx", "rationale",
+# "label"}, idx = position of the example in the prepared split (S.jsonl "idx"). Teachers append to such a
+# file.
 
 # Paper App. E.3 (our wording of its rules): label-conditioned, 2-5 sentences, no answer words inside the
 # reasoning, then the "[END OF REASONING]" marker and the answer.
 TEACHER_PROMPT = ("Here is a task and its correct answer. Explain step by step, in 2 to 5 sentences, why the "
-                  "correct answer is right, using only the information given. Do not use the words Yes, No, True "
-                  "or False in your reasoning. After the reasoning write [END OF REASONING] on its own line, then "
-                  "\"Answer: \" followed by the correct answer.\n\n{x}\n\nCorrect answer: {y}\n")
+                  "correct answer is right, using only the information given. Do not use the words Yes, No, "
+                  "True or False in your reasoning. After the reasoning write [END OF REASONING] on its own "
+                  "line, then \"Answer: \" followed by the correct answer.\n\n{x}\n\nCorrect answer: {y}\n")
 RETRY_BASE = 1.0   # seconds; backoff RETRY_BASE * 2**attempt on 429/5xx/timeouts (tests lower it)
 
 
 def parse_teacher(text):
     """Teacher output -> (rationale, answer); answer None when the marker or the answer line is missing."""
     r, sep, rest = text.partition("[END OF REASONING]")
-    ans = rest.partition("Answer:")[2].strip().split("\n")[0].strip().strip(".").strip() if sep else ""
+    ans = ""
+    if sep:
+        ans = rest.partition("Answer:")[2].strip().split("\n")[0].strip().strip(".").strip()
     return r.strip(), ans or None
 
 
+def agrees(ans, gold):
+    """A teacher's answer (lower case) names the gold label: "yes." and "(e) sincere" agree with yes / (e)."""
+    return any(ans == g or (ans.startswith(g) and not ans[len(g)].isalnum()) for g in gold)
+
+
 def attach_rationales(splits, task, path, verbalizers):
-    """Import a rationale file; rationales that are empty, answer-less or disagree with gold are dropped+counted."""
-    dropped, seen = {}, set()
+    """Import a rationale file; rationales that are empty, answer-less or disagree with gold are dropped and
+    counted."""
+    dropped = {}
+    seen = set()
     for ln, r in read_jsonl(path):
         where = f"{path}:{ln}"
         if r.get("task", task) != task:
             continue
-        split, i = field(r, "split", where), field(r, "idx", where)
+        split = field(r, "split", where)
+        i = field(r, "idx", where)
         if split not in splits or not isinstance(i, int) or not 0 <= i < len(splits[split]):
-            fail(f"{where}: no example split={split!r} idx={i!r} (splits: "
-                 + ", ".join(f"{s} 0..{len(e) - 1}" for s, e in splits.items()) + ")")
+            ranges = ", ".join(f"{s} 0..{len(e) - 1}" for s, e in splits.items())
+            fail(f"{where}: no example split={split!r} idx={i!r} (splits: {ranges})")
         if (split, i) in seen:
             continue   # a teacher rerun never writes twice; a hand-made duplicate: the first line wins
         seen.add((split, i))
-        e, rat, ans = splits[split][i], (r.get("rationale") or "").strip(), str(r.get("label") or "").strip().lower()
-        gold = {str(g).lower() for g in (e["label"], verbalizers.get(e["label"])) if g}   # "Yes." and "(e) sincere" agree
-        reason = "empty" if not rat else "no_answer" if not ans else None if any(
-            ans == g or ans.startswith(g) and not ans[len(g)].isalnum() for g in gold) else "disagree"
+        e = splits[split][i]
+        rat = (r.get("rationale") or "").strip()
+        ans = str(r.get("label") or "").strip().lower()
+        gold = {str(g).lower() for g in (e["label"], verbalizers.get(e["label"])) if g}
+        if not rat:
+            reason = "empty"
+        elif not ans:
+            reason = "no_answer"
+        elif not agrees(ans, gold):
+            reason = "disagree"
+        else:
+            reason = None
         if reason:
             dropped[reason] = dropped.get(reason, 0) + 1
         else:
@@ -387,22 +532,77 @@ def attach_rationales(splits, task, path, verbalizers):
 
 
 def chat(url, model, prompt, key, max_tokens, timeout, tries=6):
-    """One OpenAI-compatible /chat/completions call with retries on 429/5xx/network errors (never logs the key)."""
-    body = json.dumps(dict(model=model, messages=[dict(role="user", content=prompt)], temperature=0,
-                           max_tokens=max_tokens)).encode()
-    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    """One OpenAI-compatible /chat/completions call with retries on 429/5xx/network errors (never logs the
+    key)."""
+    messages = [dict(role="user", content=prompt)]
+    body = json.dumps(dict(model=model, messages=messages, temperature=0, max_tokens=max_tokens)).encode()
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
     for attempt in range(tries):
         try:
             with urllib.request.urlopen(urllib.request.Request(url, body, headers), timeout=timeout) as f:
                 return json.loads(f.read())["choices"][0]["message"]["content"] or ""
         except urllib.error.HTTPError as e:
             if e.code != 429 and e.code < 500:
-                raise PrepareError(f"{url}: HTTP {e.code} {e.reason}; check --teacher_url/--teacher_model/--api_key_env")
+                raise PrepareError(f"{url}: HTTP {e.code} {e.reason}; check --teacher_url/--teacher_model/"
+                                   "--api_key_env")
             err = f"HTTP {e.code}"
         except (urllib.error.URLError, TimeoutError, ConnectionError, KeyError, IndexError, ValueError) as e:
             err = f"{type(e).__name__}: {e}"
-        time.sleep(RETRY_BASE * 2 ** attempt if attempt + 1 < tries else 0)
+        if attempt + 1 < tries:
+            time.sleep(RETRY_BASE * 2 ** attempt)
     raise PrepareError(f"{url}: gave up after {tries} tries ({err})")
+
+
+def teacher_api(todo, prompts, emit, teacher_url, teacher_model, api_key_env, workers, max_new_tokens,
+                timeout):
+    """Rationales from an OpenAI-compatible server, `workers` requests at a time, written as they finish."""
+    key = os.environ.get(api_key_env) if api_key_env else None
+    url = teacher_url.rstrip("/")
+    if not url.endswith("/chat/completions"):
+        url += "/chat/completions"
+    failed = []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futs = {pool.submit(chat, url, teacher_model, p, key, max_new_tokens, timeout): i
+                for (i, _), p in zip(todo, prompts)}
+        for fut in as_completed(futs):
+            try:
+                emit(futs[fut], fut.result())
+            except PrepareError as e:
+                failed.append(str(e))
+    if failed:   # not written, so a rerun retries exactly these
+        print(f"prepare.py: {len(failed)} teacher requests failed (last: {failed[-1]}); rerun to retry them",
+              file=sys.stderr)
+        if len(failed) == len(todo):
+            fail(failed[-1])
+
+
+def teacher_local(todo, prompts, emit, teacher, batch, max_new_tokens, teacher_dtype):
+    """Rationales from a local checkpoint through gpt.py's batched KV-cache generate (greedy, left-padded)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = native_dtype(device)[0] if teacher_dtype == "auto" else teacher_dtype
+    tok = load_tokenizer(teacher)
+    # decoding in the weights' own dtype: a step is a few small matmuls, autocast's casts cost more
+    model = GPT.from_pretrained(teacher).to(device, getattr(torch, dtype)).eval()
+    pad = tok.pad_id if tok.pad_id is not None else tok.eos_id
+    bos = [] if tok.bos_id is None else [tok.bos_id]
+    block = model.config.block_size
+    for b in range(0, len(todo), batch):
+        ids = [bos + tok.encode(p) for p in prompts[b:b + batch]]
+        T = max(map(len, ids))
+        if T + max_new_tokens > block:
+            fail(f"{teacher}: a prompt (train examples from idx {todo[b][0]}) needs {T} + {max_new_tokens} "
+                 f"tokens, more than its {block} positions; lower --teacher_max_new_tokens")
+        idx = torch.tensor([[pad] * (T - len(x)) + x for x in ids], device=device)
+        mask = torch.tensor([[0] * (T - len(x)) + [1] * len(x) for x in ids], device=device)
+        with torch.no_grad():
+            out = model.generate(idx, max_new_tokens, temperature=0.0, eos_token_id=tok.eos_id,
+                                 attention_mask=mask)
+        for (i, _), row in zip(todo[b:b + batch], out[:, T:].tolist()):
+            if tok.eos_id in row:
+                row = row[:row.index(tok.eos_id)]
+            emit(i, tok.decode(row))
 
 
 def run_teacher(splits, task, out_path, verbalizers, teacher=None, teacher_url=None, teacher_model=None,
@@ -410,63 +610,44 @@ def run_teacher(splits, task, out_path, verbalizers, teacher=None, teacher_url=N
                 teacher_dtype="auto"):
     """Generate rationales for train: append line by line to out_path, skipping (split, idx) already there.
     Kill it at any point and rerun: nothing lost, nothing generated twice."""
-    out_path, done = Path(out_path), set()
+    out_path = Path(out_path)
+    done = set()
     if out_path.exists():
-        if (raw := out_path.read_bytes()) and not raw.endswith(b"\n"):   # killed mid-line: drop the partial line
+        raw = out_path.read_bytes()
+        if raw and not raw.endswith(b"\n"):   # killed mid-line: drop the partial line
             out_path.write_bytes(raw[:raw.rfind(b"\n") + 1])
         done = {(r.get("split"), r.get("idx")) for _, r in read_jsonl(out_path) if r.get("task") == task}
-    todo = [(i, e) for i, e in enumerate(splits["train"]) if ("train", i) not in done and e["label"] is not None]
+    todo = [(i, e) for i, e in enumerate(splits["train"])
+            if ("train", i) not in done and e["label"] is not None]
     prompts = [TEACHER_PROMPT.format(x="".join(e["parts"]), y=verbalizers[e["label"]]) for _, e in todo]
-    f = open(out_path, "a", encoding="utf-8")
+    with open(out_path, "a", encoding="utf-8") as f:
 
-    def emit(i, text):   # one complete line per rationale, flushed at once
-        rat, ans = parse_teacher(text)
-        f.write(json.dumps(dict(task=task, split="train", idx=i, rationale=rat, label=ans), ensure_ascii=False) + "\n")
-        f.flush()
+        def emit(i, text):   # one complete line per rationale, flushed at once
+            rat, ans = parse_teacher(text)
+            line = dict(task=task, split="train", idx=i, rationale=rat, label=ans)
+            f.write(json.dumps(line, ensure_ascii=False) + "\n")
+            f.flush()
 
-    with f:
         if teacher_url:
-            url, key, failed = teacher_url.rstrip("/"), os.environ.get(api_key_env) if api_key_env else None, []
-            url = url if url.endswith("/chat/completions") else url + "/chat/completions"
-            with ThreadPoolExecutor(max_workers=workers) as pool:   # bounded concurrency; written as they finish
-                futs = {pool.submit(chat, url, teacher_model, p, key, max_new_tokens, timeout): i
-                        for (i, _), p in zip(todo, prompts)}
-                for fut in as_completed(futs):
-                    try:
-                        emit(futs[fut], fut.result())
-                    except PrepareError as e:
-                        failed.append(str(e))
-            if failed:   # not written, so a rerun retries exactly these
-                print(f"prepare.py: {len(failed)} teacher requests failed (last: {failed[-1]}); rerun to retry them",
-                      file=sys.stderr)
-                if len(failed) == len(todo):
-                    fail(failed[-1])
-        else:   # a local checkpoint through gpt.py's batched KV-cache generate (greedy, left-padded prompts)
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-            dtype = native_dtype(device)[0] if teacher_dtype == "auto" else teacher_dtype
-            tok = load_tokenizer(teacher)
-            # decoding in the weights' own dtype: a step is a few small matmuls, autocast's casts cost more
-            model = GPT.from_pretrained(teacher).to(device, getattr(torch, dtype)).eval()
-            pad, bos = tok.pad_id if tok.pad_id is not None else tok.eos_id, [] if tok.bos_id is None else [tok.bos_id]
-            for b in range(0, len(todo), batch):
-                ids = [bos + tok.encode(p) for p in prompts[b:b + batch]]
-                if (T := max(map(len, ids))) + max_new_tokens > model.config.block_size:
-                    fail(f"{teacher}: a prompt (train examples from idx {todo[b][0]}) needs {T} + {max_new_tokens} "
-                         f"tokens, more than its {model.config.block_size} positions; lower --teacher_max_new_tokens")
-                idx = torch.tensor([[pad] * (T - len(x)) + x for x in ids], device=device)
-                mask = torch.tensor([[0] * (T - len(x)) + [1] * len(x) for x in ids], device=device)
-                with torch.no_grad():
-                    out = model.generate(idx, max_new_tokens, temperature=0.0, eos_token_id=tok.eos_id, attention_mask=mask)
-                for (i, _), row in zip(todo[b:b + batch], out[:, T:].tolist()):
-                    emit(i, tok.decode(row[:row.index(tok.eos_id)] if tok.eos_id in row else row))
+            teacher_api(todo, prompts, emit, teacher_url, teacher_model, api_key_env, workers, max_new_tokens,
+                        timeout)
+        else:
+            teacher_local(todo, prompts, emit, teacher, batch, max_new_tokens, teacher_dtype)
 
 
 def ablate(exs, ablation, seed, verbalizers):
-    """Paper Table 2, train split only: drop the rationales, or shuffle them (alone, or with their answers)."""
+    """Paper Table 2, train split only: drop the rationales, or shuffle them (alone, or with their
+    answers)."""
+    if ablation == "none":
+        return
     has = [e for e in exs if e.get("rationale")]
-    moved = [(has[j]["rationale"], verbalizers[has[j]["label"]]) for j in random.Random(seed).sample(range(len(has)), len(has))]
+    order = random.Random(seed).sample(range(len(has)), len(has))
+    moved = [(has[j]["rationale"], verbalizers[has[j]["label"]]) for j in order]
     for e, (r, y) in zip(has, moved):
-        e["rationale"] = None if ablation == "only_label" else r if ablation.startswith("shuffle") else e["rationale"]
+        if ablation == "only_label":
+            e["rationale"] = None
+        elif ablation.startswith("shuffle"):
+            e["rationale"] = r
         if ablation == "shuffle_reasoning_label":
             e["y"] = y   # the LM target's answer moves with its rationale; the class label stays gold
 
@@ -476,132 +657,265 @@ def ablate(exs, ablation, seed, verbalizers):
 
 def encode_x(tok, parts, max_len, where):
     """BOS + x. Too long: cut the passage (parts[1]) token-wise until it fits. -> ids, text, shortened?"""
-    (head, passage, tail), bos, k, text = parts, [] if tok.bos_id is None else [tok.bos_id], None, "".join(parts)
+    head, passage, tail = parts
+    bos = [] if tok.bos_id is None else [tok.bos_id]
+    text = "".join(parts)
+    p = None   # the passage's tokens, once x is too long
+    k = None   # how many of them are kept
     while len(ids := bos + tok.encode(text)) > max_len:
-        p = tok.encode(passage) if k is None else p
-        k = (len(p) if k is None else k) - (len(ids) - max_len)
+        if p is None:
+            p = tok.encode(passage)
+            k = len(p)
+        k -= len(ids) - max_len
         if k <= 0:
-            fail(f"{where}: the input without its passage is longer than --max_len={max_len} tokens; raise --max_len")
+            fail(f"{where}: the input without its passage is longer than --max_len={max_len} tokens; "
+                 "raise --max_len")
         text = head + tok.decode(p[:k]) + tail
     return ids, text, k is not None
 
 
 def encode_suffix(tok, rationale, y, max_rationale):
-    """The suffix + EOS; the rationale is cut to max_rationale tokens, the answer always kept. -> ids, clipped?"""
+    """The suffix + EOS; the rationale is cut to max_rationale tokens, the answer always kept.
+    -> ids, clipped?"""
     if y is None:
         return [], False
-    if clipped := len(r := [] if rationale is None else tok.encode(rationale)) > max_rationale:
+    r = [] if rationale is None else tok.encode(rationale)
+    clipped = len(r) > max_rationale
+    if clipped:
         rationale = tok.decode(r[:max_rationale])
-    text = SUFFIX_Y + y if rationale is None else SUFFIX_R + rationale + SUFFIX_Y + y
-    return tok.encode(text) + ([] if tok.eos_id is None else [tok.eos_id]), clipped
+    if rationale is None:
+        text = SUFFIX_Y + y
+    else:
+        text = SUFFIX_R + rationale + SUFFIX_Y + y
+    eos = [] if tok.eos_id is None else [tok.eos_id]
+    return tok.encode(text) + eos, clipped
 
 
 def write_splits(out_dir, splits, labels, verbalizers, tok, max_len, max_rationale):
     out_dir.mkdir(parents=True, exist_ok=True)
     dtype = np.uint16 if tok.vocab_size < 65536 else np.uint32
     stats = dict(counts={}, max_len={}, shortened=0, rationale_clipped=0)
-    for f in (out_dir / f"{s}.{ext}" for s in SPLITS if s not in splits for ext in ("bin", "idx.npy", "jsonl")):
-        f.unlink(missing_ok=True)   # a split an earlier run wrote must not outlive this one
+    for s in SPLITS:
+        if s in splits:
+            continue
+        for ext in ("bin", "idx.npy", "jsonl"):   # a split an earlier run wrote must not outlive this one
+            (out_dir / f"{s}.{ext}").unlink(missing_ok=True)
     for split, exs in splits.items():
         if not exs:
             fail(f"split '{split}' of task has no examples; check the input file for that split")
-        toks, rows, lines = [], [], []
+        toks = []
+        lines = []
+        idx = np.zeros((len(exs), 5), dtype=np.int64)
         for i, e in enumerate(exs):
             x, text, short = encode_x(tok, e["parts"], max_len, f"{split} example {i}")
-            y = None if e["label"] is None else e.get("y") or verbalizers[e["label"]]
+            y = None
+            if e["label"] is not None:   # the LM target's answer: an ablation's, else the verbalised label
+                y = e.get("y") or verbalizers[e["label"]]
             s, clipped = encode_suffix(tok, e.get("rationale"), y, max_rationale)
-            stats["shortened"] += short; stats["rationale_clipped"] += clipped
+            stats["shortened"] += short
+            stats["rationale_clipped"] += clipped
             group = e.get("group", i)
-            rows.append((len(toks), len(x), len(x) + len(s), -1 if e["label"] is None else labels.index(e["label"]), group))
+            idx[i, START] = len(toks)
+            idx[i, X_LEN] = len(x)
+            idx[i, N] = len(x) + len(s)
+            idx[i, LABEL] = -1 if e["label"] is None else labels.index(e["label"])
+            idx[i, GROUP] = group
             toks += x + s
-            lines.append(json.dumps(dict(idx=i, group=group, text=text, label=e["label"], rationale=e.get("rationale")),
-                                    ensure_ascii=False))
+            row = dict(idx=i, group=group, text=text, label=e["label"], rationale=e.get("rationale"))
+            lines.append(json.dumps(row, ensure_ascii=False))
         np.array(toks, dtype=dtype).tofile(out_dir / f"{split}.bin")
-        np.save(out_dir / f"{split}.idx.npy", idx := np.array(rows, dtype=np.int64).reshape(-1, 5))
+        np.save(out_dir / f"{split}.idx.npy", idx)
         (out_dir / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
         stats["counts"][split] = len(exs)
-        stats["max_len"][split] = dict(x=int(idx[:, 1].max()), n=int(idx[:, 2].max()))
+        stats["max_len"][split] = dict(x=int(idx[:, X_LEN].max()), n=int(idx[:, N].max()))
     return dict(token_dtype=np.dtype(dtype).name, **stats)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # prepare(): load -> teacher/rationales -> ablation -> tokenize -> write
 
-def prepare(task="synth", out_dir=None, model=None, data_dir=None, fmt="paper", max_len=512, max_rationale=256,
-            rationales=None, ablation="none", teacher=None, teacher_url=None, teacher_model=None,
-            api_key_env="OPENAI_API_KEY", teacher_batch=8, teacher_workers=4, teacher_max_new_tokens=160,
-            teacher_timeout=60.0, teacher_dtype="auto", train_file=None, val_file=None, test_file=None, text_field="text", filter=None,
-            seed=1337, quiet=False):
-    """Python entry point (dhrd.py calls prepare(task="synth", out_dir=...)). Returns the meta dict."""
-    out_dir, model = Path(out_dir or f"data/{task}"), model or ("char" if task == "synth" else "gpt2")
-    if teacher_dtype not in ("auto", "float32", "bfloat16", "float16"):
-        fail(f"unknown --teacher_dtype={teacher_dtype}; use auto (gpt.native_dtype), float32, bfloat16 or float16")
-    if fmt not in ("paper", "native"):
-        fail(f"unknown --format={fmt}; use paper (the paper's Yes/No template) or native (each task's labels)")
-    if ablation not in ("none", "only_label", "shuffle_reasoning", "shuffle_reasoning_label"):
-        fail(f"unknown --ablation={ablation}; use none, only_label, shuffle_reasoning or shuffle_reasoning_label")
+TEACHER_DTYPES = ("auto", "float32", "bfloat16", "float16")
+FORMATS = ("paper", "native")
+ABLATIONS = ("none", "only_label", "shuffle_reasoning", "shuffle_reasoning_label")
+
+
+def load_task(task, data_dir, fmt, files, text_field, filter):
+    """The task's examples and facts: dict(splits, labels, verbalizers, metric, sources, ...)."""
     if task == "synth":
-        D = dict(splits=synth_data(**SYNTH), labels=["No", "Yes"], verbalizers={"No": "No", "Yes": "Yes"},
-                 metric="accuracy", sources={}, rationale_source="synth", synth=SYNTH)
-    elif task in SUPERGLUE:
-        D = load_superglue(task, data_dir or "data/superglue", fmt)
-    elif task in DISTILL:
-        D = load_distill(task, data_dir or "data/distill_step_by_step")
-    elif task == "custom":
-        D = load_custom(dict(train=train_file, val=val_file, test=test_file), text_field, filter)
-    else:
-        fail(f"unknown --task={task}; use synth, custom, {', '.join(SUPERGLUE)}, {', '.join(DISTILL)}")
-    splits, verb, dropped = D["splits"], D["verbalizers"], D.get("dropped", {})
+        return dict(splits=synth_data(**SYNTH), labels=["No", "Yes"], verbalizers={"No": "No", "Yes": "Yes"},
+                    metric="accuracy", sources={}, rationale_source="synth", synth=SYNTH)
+    if task in SUPERGLUE:
+        return load_superglue(task, data_dir or "data/superglue", fmt)
+    if task in DISTILL:
+        return load_distill(task, data_dir or "data/distill_step_by_step")
+    if task == "custom":
+        return load_custom(files, text_field, filter)
+    fail(f"unknown --task={task}; use synth, custom, {', '.join(SUPERGLUE)}, {', '.join(DISTILL)}")
+
+
+def char_vocabulary(splits, verbalizers):
+    """Every character of the inputs, rationales, suffixes and answers, sorted."""
+    texts = ["".join(e["parts"]) + (e.get("rationale") or "") for exs in splits.values() for e in exs]
+    return "".join(sorted(set("".join(texts) + SUFFIX_R + SUFFIX_Y + "".join(verbalizers.values()))))
+
+
+def prepare(task="synth", out_dir=None, model=None, data_dir=None, fmt="paper", max_len=512,
+            max_rationale=256, rationales=None, ablation="none", teacher=None, teacher_url=None,
+            teacher_model=None, api_key_env="OPENAI_API_KEY", teacher_batch=8, teacher_workers=4,
+            teacher_max_new_tokens=160, teacher_timeout=60.0, teacher_dtype="auto", train_file=None,
+            val_file=None, test_file=None, text_field="text", filter=None, seed=1337, quiet=False):
+    """Python entry point (dhrd.py calls prepare(task="synth", out_dir=...)). Returns the meta dict."""
+    out_dir = Path(out_dir or f"data/{task}")
+    if not model:
+        model = "char" if task == "synth" else "gpt2"
+    if teacher_dtype not in TEACHER_DTYPES:
+        fail(f"unknown --teacher_dtype={teacher_dtype}; use auto (gpt.native_dtype), float32, bfloat16 or "
+             "float16")
+    if fmt not in FORMATS:
+        fail(f"unknown --format={fmt}; use paper (the paper's Yes/No template) or native (each task's "
+             "labels)")
+    if ablation not in ABLATIONS:
+        fail(f"unknown --ablation={ablation}; use none, only_label, shuffle_reasoning or "
+             "shuffle_reasoning_label")
+    files = dict(train=train_file, val=val_file, test=test_file)
+    D = load_task(task, data_dir, fmt, files, text_field, filter)
+    splits = D["splits"]
+    verb = D["verbalizers"]
+    dropped = D.get("dropped", {})
     if teacher or teacher_url:
         if teacher_url and not teacher_model:
             fail("--teacher_url needs --teacher_model=NAME (the model name the server serves)")
         out_dir.mkdir(parents=True, exist_ok=True)
         rationales = rationales or out_dir / "rationales.jsonl"
         run_teacher(splits, task, rationales, verb, teacher, teacher_url, teacher_model, api_key_env,
-                    teacher_batch, teacher_workers, teacher_max_new_tokens, float(teacher_timeout), teacher_dtype)
+                    teacher_batch, teacher_workers, teacher_max_new_tokens, float(teacher_timeout),
+                    teacher_dtype)
         D["rationale_source"] = f"teacher:{teacher_model or teacher}"
     if rationales:
         for k, n in attach_rationales(splits, task, rationales, verb).items():
             dropped[f"rationales/{k}"] = n
         D["sources"][Path(rationales).name] = sha256(rationales)
-        D["rationale_source"] = D.get("rationale_source") if teacher or teacher_url else f"file:{Path(rationales).name}"
+        if not (teacher or teacher_url):
+            D["rationale_source"] = f"file:{Path(rationales).name}"
     ablate(splits.get("train", []), ablation, seed, verb)
     if model == "char":   # a char tokenizer made from the data (synth; or any task for a from-scratch model)
-        chars = "".join(sorted(set("".join("".join(e["parts"]) + (e.get("rationale") or "") for x in splits.values()
-                                           for e in x) + SUFFIX_R + SUFFIX_Y + "".join(verb.values()))))
-        tok, tok_meta = CharTokenizer(chars), dict(type="char", chars=chars)
+        chars = char_vocabulary(splits, verb)
+        tok = CharTokenizer(chars)
+        tok_meta = dict(type="char", chars=chars)
     else:
-        tok, tok_meta = load_tokenizer(model), dict(type="bpe", name=str(model))
+        tok = load_tokenizer(model)
+        tok_meta = dict(type="bpe", name=str(model))
     stats = write_splits(out_dir, splits, D["labels"], verb, tok, int(max_len), int(max_rationale))
-    meta = dict(task=task, format=fmt, labels=D["labels"], verbalizers=verb, metric=D["metric"], tokenizer=tok_meta,
-                vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id, **stats,
-                sources=D["sources"], ablation=ablation, rationale_source=D.get("rationale_source"), dropped=dropped,
-                split_note=D.get("note"), synth=D.get("synth"))
-    (out_dir / "meta.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    meta = dict(task=task, format=fmt, labels=D["labels"], verbalizers=verb, metric=D["metric"],
+                tokenizer=tok_meta, vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id,
+                pad_id=tok.pad_id, **stats, sources=D["sources"], ablation=ablation,
+                rationale_source=D.get("rationale_source"), dropped=dropped, split_note=D.get("note"),
+                synth=D.get("synth"))
+    text = json.dumps(meta, indent=1, ensure_ascii=False) + "\n"
+    (out_dir / "meta.json").write_text(text, encoding="utf-8")
     if not quiet:
-        print(f"prepare.py: {task} -> {out_dir}: {stats['counts']}, shortened {stats['shortened']}, dropped {dropped}")
+        print(f"prepare.py: {task} -> {out_dir}: {stats['counts']}, shortened {stats['shortened']}, "
+              f"dropped {dropped}")
     return meta
 
 
-def main(argv):
-    """--key=value for every keyword of prepare() (--format is fmt), typed like its default."""
-    names = prepare.__code__.co_varnames[:prepare.__code__.co_argcount]
-    defaults, kw = dict(zip(names, prepare.__defaults__)), {}
-    for a in argv:
-        k, eq, v = a.removeprefix("--").partition("=")
-        k = "fmt" if k == "format" else k
-        if not a.startswith("--") or not eq or k not in defaults:
-            sys.exit(f"prepare.py: bad option '{a}'; use --key=value with a key from --" + ", --".join(names))
-        d = defaults[k]
+# ----------------------------------------------------------------------------------------------------------
+# --key=value flags: the one parser of every script (prepare.py here; bench.py and dhrd.py import it)
+
+class ConfigError(ValueError):
+    """A bad flag, value or config file; the message names the flag or file and says how to fix it."""
+
+
+BOOLS = {"true": True, "1": True, "false": False, "0": False}   # any case; anything else is an error
+
+
+def flag_value(key, value, defaults, choices, where):
+    """One value for `key`, checked against its default: text (from the command line) becomes the default's
+    type; a JSON int is a fine float; a None default takes a string. choices[key]: for a str key the only
+    values allowed; for a bool/int/float key extra strings allowed besides its type (alpha: a float, or
+    "auto"). `where` names the flag or file in the message."""
+    if key not in defaults:
+        close = difflib.get_close_matches(key, defaults, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(f"{where}: unknown config key '{key}'{hint} (keys: {', '.join(defaults)})")
+    default = defaults[key]
+    kind = str if default is None else type(default)
+    allowed = tuple((choices or {}).get(key, ()))
+    if kind is not str and isinstance(value, str) and value in allowed:
+        return value
+    v = value
+    if isinstance(value, str) and kind is bool:
+        v = BOOLS.get(value.lower())
+    elif isinstance(value, str) and kind in (int, float):
         try:
-            kw[k] = v.lower() in ("1", "true") if isinstance(d, bool) else type(d)(v) if isinstance(d, (int, float)) else v
+            v = kind(value)
         except ValueError:
-            sys.exit(f"prepare.py: {a}: expected a {type(d).__name__}")
+            pass
+    if kind is float and type(v) is int:
+        v = float(v)
+    if type(v) is not kind and not (default is None and v is None):
+        if kind is bool:
+            extra = "; use true, false, 1 or 0 (any case)"
+        elif allowed:
+            extra = f"; or use {' or '.join(allowed)}"
+        else:
+            extra = ""
+        raise ConfigError(f"{where}: expected {kind.__name__} for {key} (like {default!r}), "
+                          f"got {value!r}{extra}")
+    if kind is str and allowed and v not in allowed:
+        raise ConfigError(f"{where}: {key}={v!r} is not one of {', '.join(allowed)}")
+    return v
+
+
+def read_config_file(path):
+    """A JSON config file: one object {"key": value}."""
+    if not Path(path).is_file():
+        raise ConfigError(f"argument '{path}': use --key=value, or give the path of a JSON config file "
+                          f"(there is no file '{path}')")
     try:
-        prepare(**kw)
-    except PrepareError as e:
-        sys.exit(f"prepare.py: {e}")
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: cannot read the config file ({e})") from None
+    if not isinstance(obj, dict):
+        raise ConfigError(f"{path}: a config file is one JSON object {{\"key\": value}}")
+    return obj
+
+
+def parse_flags(argv, defaults, choices=None):
+    """--key=value flags and JSON config files (positional), applied in order, later wins.
+    defaults: {key: default value}, whose types the values follow (flag_value has the rules).
+    -> {key: value} of the keys that were set; the caller lays them over its defaults.
+    Raises ConfigError naming the flag or file."""
+    values = {}
+    for a in argv:
+        if not a.startswith("--"):
+            for key, value in read_config_file(a).items():
+                values[key] = flag_value(key, value, defaults, choices, a)
+            continue
+        key, eq, value = a[2:].partition("=")
+        if not eq:
+            raise ConfigError(f"argument '{a}': use --key=value")
+        values[key] = flag_value(key, value, defaults, choices, f"--{key}")
+    return values
+
+
+def main(argv):
+    """Every keyword of prepare() is a flag (--format is fmt), typed like its default; JSON config files
+    may be given as positional arguments."""
+    params = inspect.signature(prepare).parameters
+    defaults = {("format" if name == "fmt" else name): p.default for name, p in params.items()}
+    kwargs = parse_flags(argv, defaults)
+    if "format" in kwargs:
+        kwargs["fmt"] = kwargs.pop("format")
+    prepare(**kwargs)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except ConfigError as e:   # a bad flag: one line, no traceback; exit status 2 (usage error, as argparse)
+        print(f"prepare.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except PrepareError as e:   # bad input data (file, line, field): one line, exit status 1
+        print(f"prepare.py: error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -488,7 +488,7 @@ def _prep_decode(d, split):
     return meta, tok, idx, out
 
 
-def test_synth_deterministic_and_layout(tmp_path):
+def test_prep_synth_deterministic_and_layout(tmp_path):
     m1 = prepare.prepare(task="synth", out_dir=tmp_path / "a", quiet=True)
     prepare.prepare(task="synth", out_dir=tmp_path / "b", quiet=True)
     assert _prep_files(tmp_path / "a") == _prep_files(tmp_path / "b")          # byte-identical
@@ -500,7 +500,9 @@ def test_synth_deterministic_and_layout(tmp_path):
         meta, tok, idx, exs = _prep_decode(tmp_path / "a", split)
         rows = [json.loads(l) for l in (tmp_path / "a" / f"{split}.jsonl").read_text().splitlines()]
         assert idx.dtype == np.int64 and idx.shape == (len(rows), 5)
-        assert (idx[1:, 0] == idx[:-1, 0] + idx[:-1, 2]).all()                   # contiguous, in order
+        assert (prepare.START, prepare.X_LEN, prepare.N, prepare.LABEL, prepare.GROUP) == (0, 1, 2, 3, 4)  # SPEC
+        start, n = prepare.START, prepare.N
+        assert (idx[1:, start] == idx[:-1, start] + idx[:-1, n]).all()           # contiguous, in order
         for (ids, x, suffix, label, group), r in zip(exs, rows):
             assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id
             assert x == r["text"] and meta["labels"][label] == r["label"] and group == r["idx"]
@@ -508,12 +510,12 @@ def test_synth_deterministic_and_layout(tmp_path):
             # the label follows from the last value the rationale computes
             last = int(r["rationale"].rsplit("=", 1)[1])
             assert r["label"] == ("Yes" if last > prepare.SYNTH["mod"] // 2 - 1 else "No")
-        assert abs(np.bincount(idx[:, 3]).tolist()[0] - len(rows) / 2) <= 1        # balanced labels
+        assert abs(np.bincount(idx[:, prepare.LABEL]).tolist()[0] - len(rows) / 2) <= 1   # balanced labels
         texts[split] = {r["text"] for r in rows}
     assert not (texts["train"] & texts["val"]) and not (texts["train"] & texts["test"])
 
 
-def test_synth_rationale_values_are_correct(tmp_path):
+def test_prep_synth_rationale_values_are_correct(tmp_path):
     prepare.prepare(task="synth", out_dir=tmp_path, quiet=True)
     for line in (tmp_path / "val.jsonl").read_text().splitlines()[:200]:
         r = json.loads(line)
@@ -570,7 +572,7 @@ def _prep_rows(d, split):
     return [json.loads(l) for l in (pathlib.Path(d) / f"{split}.jsonl").read_text().splitlines()]
 
 
-def test_superglue_templates_and_mappings(tmp_path):
+def test_prep_superglue_templates_and_mappings(tmp_path):
     sg = _prep_write_sg(tmp_path / "sg")
     m = prepare.prepare(task="cb", data_dir=sg, out_dir=tmp_path / "cb", model="char", quiet=True)
     assert m["labels"] == ["No", "Yes"] and m["metric"] == "cb" and m["counts"] == dict(train=3, val=3, test=3)
@@ -584,7 +586,8 @@ def test_superglue_templates_and_mappings(tmp_path):
     meta, tok, idx, exs = _prep_decode(tmp_path / "cb", "train")
     assert exs[0][2] == "\nFinal Answer:\nYes" and exs[0][1] == r[0]["text"]      # label-only suffix, no rationale
     _, _, tidx, texs = _prep_decode(tmp_path / "cb", "test")
-    assert (tidx[:, 1] == tidx[:, 2]).all() and (tidx[:, 3] == -1).all()          # test: x only, label unknown
+    assert (tidx[:, prepare.X_LEN] == tidx[:, prepare.N]).all()                  # test: x only,
+    assert (tidx[:, prepare.LABEL] == -1).all()                                  # label unknown
     m = prepare.prepare(task="cb", fmt="native", data_dir=sg, out_dir=tmp_path / "cbn", model="char", quiet=True)
     assert m["labels"] == ["entailment", "contradiction", "neutral"] and m["verbalizers"]["neutral"] == "Maybe"
     assert [x["label"] for x in _prep_rows(tmp_path / "cbn", "train")] == ["entailment", "contradiction", "neutral"]
@@ -594,7 +597,7 @@ def test_superglue_templates_and_mappings(tmp_path):
     r = _prep_rows(tmp_path / "copa", "train")
     assert m["metric"] == "copa" and [(x["group"], x["label"]) for x in r] == [(0, "No"), (0, "Yes"), (1, "Yes"), (1, "No")]
     assert "Question: What happened as a result?\nAnswer: Water flowed." in r[1]["text"]
-    assert np.load(tmp_path / "copa" / "train.idx.npy")[:, 4].tolist() == [0, 0, 1, 1]
+    assert np.load(tmp_path / "copa" / "train.idx.npy")[:, prepare.GROUP].tolist() == [0, 0, 1, 1]
     m = prepare.prepare(task="copa", fmt="native", data_dir=sg, out_dir=tmp_path / "copan", model="char", quiet=True)
     assert m["metric"] == "accuracy" and [x["label"] for x in _prep_rows(tmp_path / "copan", "train")] == ["choice2", "choice1"]
     # MultiRC: one example per candidate answer, group = question
@@ -611,7 +614,7 @@ def test_superglue_templates_and_mappings(tmp_path):
         assert r[-1]["label"] == label and frag in r[-1]["text"], (task, r[-1])
 
 
-def test_boolq_without_train_splits_val(tmp_path):
+def test_prep_boolq_without_train_splits_val(tmp_path):
     rows = [dict(question=f"q{i}", passage=f"P -- text {i}", label=i % 3 == 0, idx=i) for i in range(10)]
     (tmp_path / "BoolQ").mkdir()
     (tmp_path / "BoolQ" / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -620,7 +623,7 @@ def test_boolq_without_train_splits_val(tmp_path):
     assert [r["text"].split("\n")[1] for r in _prep_rows(tmp_path / "o", "val")] == ["Question: q0?", "Question: q5?"]
 
 
-def test_truncation_shortens_passage_keeps_question(tmp_path):
+def test_prep_truncation_shortens_passage_keeps_question(tmp_path):
     rows = [dict(premise="word " * 200, hypothesis="The final hypothesis stays.", label="entailment", idx=0),
             dict(premise="short.", hypothesis="Also kept.", label="not_entailment", idx=1)]
     (tmp_path / "RTE").mkdir()
@@ -629,7 +632,8 @@ def test_truncation_shortens_passage_keeps_question(tmp_path):
     m = prepare.prepare(task="rte", data_dir=tmp_path, out_dir=tmp_path / "o", model="char", max_len=300, quiet=True)
     assert m["shortened"] == 2 and m["max_len"]["train"]["x"] == 300                   # 1 per split
     meta, tok, idx, exs = _prep_decode(tmp_path / "o", "train")
-    assert idx[0, 1] == 300 and exs[0][1].endswith("Answer: The final hypothesis stays.\nIs the answer correct Yes or No?")
+    assert idx[0, prepare.X_LEN] == 300
+    assert exs[0][1].endswith("Answer: The final hypothesis stays.\nIs the answer correct Yes or No?")
     assert exs[0][1].startswith("Passage: word word") and exs[1][1] == _prep_rows(tmp_path / "o", "train")[1]["text"]
     with pytest.raises(prepare.PrepareError, match="raise --max_len"):
         prepare.prepare(task="rte", data_dir=tmp_path, out_dir=tmp_path / "o2", model="char", max_len=40, quiet=True)
@@ -646,7 +650,7 @@ def _prep_custom(tmp_path):
     return dict(train_file=tmp_path / "train.csv", val_file=tmp_path / "val.jsonl", test_file=tmp_path / "test.json")
 
 
-def test_custom_formats_and_labels(tmp_path):
+def test_prep_custom_formats_and_labels(tmp_path):
     m = prepare.prepare(task="custom", out_dir=tmp_path / "o", model="char", quiet=True, **_prep_custom(tmp_path))
     assert m["labels"] == ["neg", "pos"] and m["counts"] == dict(train=4, val=2, test=2)
     assert set(m["sources"]) == {"train.csv", "val.jsonl", "test.json"} and m["rationale_source"] == "file"
@@ -670,7 +674,7 @@ def test_custom_formats_and_labels(tmp_path):
     assert [x["text"] for x in _prep_rows(tmp_path / "ev", "train")] == ["A holds.", "C holds."]
 
 
-def test_rationale_import_and_ablations(tmp_path):
+def test_prep_rationale_import_and_ablations(tmp_path):
     files = _prep_custom(tmp_path)
     lines = [dict(task="custom", split="train", idx=0, rationale="  first reason ", label="pos"),
              dict(task="custom", split="train", idx=1, rationale="second reason", label="neg"),
@@ -702,7 +706,7 @@ def test_rationale_import_and_ablations(tmp_path):
                             seed=seed, quiet=True, **files)
             outs.setdefault(abl, []).append(_prep_files(tmp_path / abl))
             _, _, idx, exs = _prep_decode(tmp_path / abl, "train")
-            assert idx[:, 3].tolist() == [1, 0, 1, 0]                                      # class labels stay gold
+            assert idx[:, prepare.LABEL].tolist() == [1, 0, 1, 0]                        # class labels stay gold
             suffixes = [e[2].split("\nFinal Answer:\n") for e in exs if "Reasoning" in e[2]]
             assert sorted(s[0] for s in suffixes) == sorted("\nReasoning:\n" + r for r in ("first reason", "second reason", "dull"))
             pairs = {("\nReasoning:\nfirst reason", "pos"), ("\nReasoning:\nsecond reason", "neg"), ("\nReasoning:\ndull", "neg")}
@@ -741,7 +745,7 @@ def _prep_server(handler_fn):
     return srv, f"http://127.0.0.1:{srv.server_address[1]}"
 
 
-def test_teacher_api_retries_drops_and_resume(tmp_path, monkeypatch):
+def test_prep_teacher_api_retries_drops_and_resume(tmp_path, monkeypatch):
     monkeypatch.setattr(prepare, "RETRY_BASE", 0.01)
     monkeypatch.setenv("PREP_TEST_KEY", "sk-secret-123")
     rows = [dict(text=f"item {k}", label="pos" if k % 2 == 0 else "neg") for k in range(8)]
@@ -785,7 +789,8 @@ def test_teacher_api_retries_drops_and_resume(tmp_path, monkeypatch):
         # resume after a kill mid-line: the partial line goes, existing ids are skipped, only the rest is asked for
         lines = rf.read_text().splitlines(keepends=True)
         rf.write_text("".join(lines[:4]) + lines[4][:10])
-        broken.clear(); before = dict(calls)
+        broken.clear()
+        before = dict(calls)
         m = prepare.prepare(**kw)
         got = [json.loads(l)["idx"] for l in rf.read_text().splitlines()]
         assert sorted(got) == list(range(8)) and len(got) == 8
@@ -802,7 +807,7 @@ def test_teacher_api_retries_drops_and_resume(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------------------
 # bad input: one clean message naming file, line and field
 
-def test_bad_input_messages(tmp_path):
+def test_prep_bad_input_messages(tmp_path):
     sg = _prep_write_sg(tmp_path / "sg")
     cb = sg / "CB" / "train.jsonl"
     good = cb.read_text()
@@ -837,19 +842,74 @@ def test_bad_input_messages(tmp_path):
     (tmp_path / "r.jsonl").write_text('{"task": "custom", "split": "train", "idx": 99, "rationale": "b", "label": "pos"}\n')
     with pytest.raises(prepare.PrepareError, match=r"r.jsonl:1: no example split='train' idx=99"):
         prepare.prepare(task="custom", out_dir=tmp_path / "c", model="char", rationales=tmp_path / "r.jsonl", **files)
-    # the CLI turns every one of these into one line on stderr and exit status 1, never a traceback
-    for argv, msg in [(["--task=nope"], "unknown --task=nope"), (["--bogus=1"], "bad option '--bogus=1'"),
-                      (["cb"], "bad option 'cb'"), (["--task=synth", "--max_len=big"], "--max_len=big"),
-                      ([f"--task=cb", f"--data_dir={sg}", "--model=char", "--format=weird"], "unknown --format=weird")]:
-        with pytest.raises(SystemExit) as e:
+    # the CLI: a bad flag raises ConfigError, bad input PrepareError (prepare.py's __main__: one line, exit 2 / 1)
+    bad_cb = [f"--task=cb", f"--data_dir={sg}", "--model=char", "--format=weird"]
+    for argv, err, msg in [(["--task=nope"], prepare.PrepareError, "unknown --task=nope"),
+                           (["--bogus=1"], prepare.ConfigError, "--bogus: unknown config key 'bogus'"),
+                           (["cb"], prepare.ConfigError, "argument 'cb': use --key=value"),
+                           (["--task=synth", "--max_len=big"], prepare.ConfigError,
+                            "--max_len: expected int for max_len (like 512), got 'big'"),
+                           (bad_cb, prepare.PrepareError, "unknown --format=weird")]:
+        with pytest.raises(err, match=re.escape(msg)):
             prepare.main(argv)
-        assert isinstance(e.value.code, str) and e.value.code.startswith("prepare.py: ") and msg in e.value.code, e.value.code
+
+
+def test_prep_flags_parser_rules(tmp_path):
+    """prepare.parse_flags, the one --key=value parser of every script: types follow the defaults."""
+    defaults = dict(quiet=False, n=3, lr=1e-3, alpha=1.0, name="a", dtype="auto", out=None)
+    choices = dict(dtype=("auto", "float32"), alpha=("auto",))   # alpha: a float, or the string auto
+
+    def parse(*argv):
+        return prepare.parse_flags(list(argv), defaults, choices)
+
+    assert parse() == {}
+    got = parse("--quiet=TRUE", "--n=7", "--lr=2", "--name=b=c", "--out=x", "--dtype=float32")
+    assert got == dict(quiet=True, n=7, lr=2.0, name="b=c", out="x", dtype="float32")
+    assert type(got["lr"]) is float
+    for text, want in (("true", True), ("False", False), ("1", True), ("0", False)):
+        assert parse(f"--quiet={text}") == {"quiet": want}
+    assert parse("--alpha=auto") == {"alpha": "auto"} and parse("--alpha=0.5") == {"alpha": 0.5}
+    for arg, msg in [("--quiet=yes", "--quiet: expected bool for quiet (like False), got 'yes'; use true, false"),
+                     ("--quiet=", "--quiet: expected bool for quiet (like False), got ''"),
+                     ("--n=3.5", "--n: expected int for n (like 3), got '3.5'"),
+                     ("--lr=fast", "--lr: expected float for lr (like 0.001), got 'fast'"),
+                     ("--alpha=half", "--alpha: expected float for alpha (like 1.0), got 'half'; or use auto"),
+                     ("--dtype=fp8", "--dtype: dtype='fp8' is not one of auto, float32"),
+                     ("--nmae=b", "--nmae: unknown config key 'nmae'; did you mean name? (keys: quiet, n, lr,"),
+                     ("--quiet", "argument '--quiet': use --key=value"),
+                     ("quiet=1", "argument 'quiet=1': use --key=value, or give the path of a JSON config file")]:
+        with pytest.raises(prepare.ConfigError, match=re.escape(msg)):
+            parse(arg)
+    # JSON config files (positional) and flags apply in order, later wins; JSON values keep their JSON type
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(dict(n=5, lr=1, quiet=True, alpha="auto")))
+    b.write_text(json.dumps(dict(n=6, out=None)))
+    assert parse(str(a), "--n=9", str(b)) == dict(n=6, lr=1.0, quiet=True, alpha="auto", out=None)
+    assert parse(str(a), "--n=9")["n"] == 9
+    for obj, msg in [({"quiet": "yes"}, "a.json: expected bool for quiet (like False), got 'yes'"),
+                     ({"quiet": 1}, "a.json: expected bool for quiet (like False), got 1"),
+                     ({"n": 2.0}, "a.json: expected int for n (like 3), got 2.0"),
+                     ({"nn": 1}, "a.json: unknown config key 'nn'; did you mean n"),
+                     ([1], "a.json: a config file is one JSON object")]:
+        a.write_text(json.dumps(obj))
+        with pytest.raises(prepare.ConfigError, match=re.escape(msg)):
+            parse(str(a))
+    a.write_text("{broken")
+    with pytest.raises(prepare.ConfigError, match=re.escape("a.json: cannot read the config file")):
+        parse(str(a))
+    # the command line: one line on stderr, exit status 2 for a bad flag and 1 for bad input, no traceback
+    for arg, code, line in [("--quiet=yes", 2, "prepare.py: error: --quiet: expected bool for quiet (like False)"),
+                            ("--task=nope", 1, "prepare.py: error: unknown --task=nope; use synth")]:
+        p = subprocess.run([sys.executable, str(ROOT / "prepare.py"), arg], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=120)
+        assert p.returncode == code and len(p.stderr.splitlines()) == 1, p.stderr
+        assert p.stderr.startswith(line), p.stderr
 
 
 # ---------------------------------------------------------------------------------------------------------
-# BPE tokenizers (H2's tiny fixture folders) and the SuperGLUE download on loopback
+# BPE tokenizers (the tiny fixture folders in tests/fixtures) and the SuperGLUE download on loopback
 
-def test_bpe_tokenizers_bos_and_truncation(tmp_path):
+def test_prep_bpe_tokenizers_bos_and_truncation(tmp_path):
     sg = _prep_write_sg(tmp_path / "sg")
     long = dict(premise="The committee discussed the budget at length. " * 60, hypothesis="The budget was discussed.",
                 label="entailment", idx=9)
@@ -859,15 +919,16 @@ def test_bpe_tokenizers_bos_and_truncation(tmp_path):
         m = prepare.prepare(task="rte", data_dir=sg, out_dir=tmp_path / name, model=str(folder), max_len=128, quiet=True)
         assert m["tokenizer"] == {"type": "bpe", "name": str(folder)} and m["token_dtype"] == "uint16"
         meta, tok, idx, exs = _prep_decode(tmp_path / name, "train")
-        assert (m["bos_id"] is not None) == has_bos and m["shortened"] == 1 and idx[2, 1] == 128
-        for (ids, x, suffix, label, group), r, x_len in zip(exs, _prep_rows(tmp_path / name, "train"), idx[:, 1]):
+        assert (m["bos_id"] is not None) == has_bos and m["shortened"] == 1 and idx[2, prepare.X_LEN] == 128
+        rows = _prep_rows(tmp_path / name, "train")
+        for (ids, x, suffix, label, group), r, x_len in zip(exs, rows, idx[:, prepare.X_LEN]):
             assert (ids[0] == tok.bos_id) == has_bos and ids[-1] == tok.eos_id
             assert x == r["text"] and suffix == "\nFinal Answer:\n" + r["label"]
             assert ids[:x_len] == ([tok.bos_id] if has_bos else []) + tok.encode(r["text"])
         assert exs[2][1].endswith("\nAnswer: The budget was discussed.\nIs the answer correct Yes or No?")
 
 
-def test_superglue_download_from_loopback(tmp_path, monkeypatch):
+def test_prep_superglue_download_from_loopback(tmp_path, monkeypatch):
     import io, zipfile
     src = _prep_write_sg(tmp_path / "src")
     buf = io.BytesIO()
@@ -896,7 +957,7 @@ def test_superglue_download_from_loopback(tmp_path, monkeypatch):
         srv.shutdown()
 
 
-def test_local_teacher_batched_generate_and_resume(tmp_path, monkeypatch):
+def test_prep_local_teacher_batched_generate_and_resume(tmp_path, monkeypatch):
     """--teacher=DIR: gpt.py's batched, left-padded generate; one line per train example; a rerun generates nothing."""
     monkeypatch.setattr(prepare, "TEACHER_PROMPT", "{x} => {y}:")      # short: the tiny model has 64 positions
     rows = [dict(text=t, label=l) for t, l in (("a cat", "pos"), ("the long dog ran", "neg"), ("x", "pos"))]
@@ -1375,14 +1436,16 @@ def test_bench_builtin_shape_is_gpt2_124m():
 
 def test_bench_bad_flag_cli():
     p = _bench_run("--batch_sise=4", timeout=60)
-    assert p.returncode != 0 and "bad argument '--batch_sise=4'" in p.stderr and "batch_size" in p.stderr
-    assert "Traceback" not in p.stderr
+    assert p.returncode == 2 and len(p.stderr.splitlines()) == 1, p.stderr  # one line, no traceback
+    assert p.stderr.startswith("bench.py: error: --batch_sise: unknown config key 'batch_sise'; "
+                               "did you mean batch_size")
 
 
 @pytest.mark.parametrize("arg, needle", [
-    ("--batch_size=four", "bad value for --batch_size"),
-    ("--compile=maybe", "bad value for --compile"),
-    ("seq_len=4", "bad argument 'seq_len=4'"),
+    ("--batch_size=four", "--batch_size: expected int for batch_size (like 16), got 'four'"),
+    ("--compile=maybe", "--compile: expected bool for compile (like False), got 'maybe'"),
+    ("seq_len=4", "argument 'seq_len=4': use --key=value"),
+    ("--dtype=fp8", "--dtype: dtype='fp8' is not one of auto, float32, bfloat16, float16"),
     ("--init_from=no-such-model", "neither a model folder nor a built-in shape"),
     ("--dtype=float16", "float16 on CUDA only"),
     ("--seq_len=65", "exceeds the model's block_size 64"),
@@ -1392,7 +1455,7 @@ def test_bench_bad_flags(arg, needle, tmp_path, monkeypatch):
     saved = dict(vars(bench))  # main() writes the flags into the module globals (nanoGPT style)
     monkeypatch.setattr(sys, "argv", ["bench.py", f"--init_from={model_dir}", arg])
     try:
-        with pytest.raises(SystemExit) as e:
+        with pytest.raises(bench.ConfigError) as e:  # prepare.ConfigError; __main__ prints it as one line
             bench.main()
     finally:
         vars(bench).update(saved)
