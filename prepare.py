@@ -198,14 +198,30 @@ SUPERGLUE = {  # task: (folder, metric, native labels, native verbalizers)
     "wic": ("WiC", "accuracy", ["False", "True"], ["No", "Yes"]),
     "wsc": ("WSC", "accuracy", ["False", "True"], ["No", "Yes"]),
 }
-# CB, RTE, e-SNLI, ANLI: the hypothesis is the candidate answer
-NLI_Q = "What can be concluded from the passage?"
+# Task mapping of paper App. E.2: CB/RTE ask whether the hypothesis (the candidate answer) is entailed by the
+# premise (the passage); WiC marks the target word in both sentences; WSC asks whether the pronoun refers to
+# the candidate. COPA's questions are ours (the paper gives the candidate alternative as the answer only).
+ENTAIL_Q = "Is the hypothesis entailed by the premise?"
 COPA_Q = {"cause": "What was the cause of this?", "effect": "What happened as a result?"}
+# e-SNLI / ANLI (not in the paper): the template their README experiments ran on, kept so that they reproduce
+NLI_Q = "What can be concluded from the passage?"
 
 
 def qa(passage, question, answer, choices="Yes or No"):
-    tail = f"\nQuestion: {question}\nAnswer: {answer}\nIs the answer correct {choices}?"
-    return ("Passage: ", passage, tail)
+    """The paper's single UnifiedQA-style template (App. E.2): each field name on its own line, then its text."""
+    tail = f"\nQuestion:\n{question}\nAnswer:\n{answer}\nIs the answer correct {choices}?"
+    return ("Passage:\n", passage, tail)
+
+
+def nli_qa(premise, hypothesis):
+    """e-SNLI / ANLI x: Passage/Question/Answer on one line each (their README experiments' format)."""
+    tail = f"\nQuestion: {NLI_Q}\nAnswer: {hypothesis}\nIs the answer correct Yes, No or Maybe?"
+    return ("Passage: ", premise, tail)
+
+
+def mark(sentence, start, end):
+    """WiC: the target word in *asterisks* (App. E.2: 'with the target word marked'), by its character span."""
+    return f"{sentence[:start]}*{sentence[start:end]}*{sentence[end:]}"
 
 
 def superglue_items(task, r, fmt="paper"):
@@ -215,21 +231,23 @@ def superglue_items(task, r, fmt="paper"):
         return [(qa(r["passage"], r["question"] + "?", "Yes"), y, 0)]
     if task in ("cb", "rte"):
         choices = "Yes, No or Maybe" if fmt == "native" and task == "cb" else "Yes or No"
-        return [(qa(r["premise"], NLI_Q, r["hypothesis"], choices), y, 0)]
+        return [(qa(r["premise"], ENTAIL_Q, r["hypothesis"], choices), y, 0)]
     if task == "wic":
-        passage = f"1. {r['sentence1']} 2. {r['sentence2']}"
-        question = f"Is the word \"{r['word']}\" used with the same meaning in sentences 1 and 2?"
-        return [(qa(passage, question, "Yes"), y, 0)]
+        first = mark(r["sentence1"], r["start1"], r["end1"])
+        second = mark(r["sentence2"], r["start2"], r["end2"])
+        question = f"Does the word \"{r['word']}\" have the same meaning in sentences 1 and 2?"
+        return [(qa(f"1. {first} 2. {second}", question, "Yes"), y, 0)]
     if task == "wsc":
-        question = f"Who or what does \"{r['target']['span2_text']}\" refer to?"
-        return [(qa(r["text"], question, r["target"]["span1_text"]), y, 0)]
+        t = r["target"]
+        question = f"Does the pronoun \"{t['span2_text']}\" refer to \"{t['span1_text']}\"?"
+        return [(qa(r["text"], question, "Yes"), y, 0)]
     if task == "copa":
         q = COPA_Q[r["question"]]
         if fmt == "native":   # one example per pair
-            tail = (f"\nQuestion: {q}\nOption 1: {r['choice1']}\nOption 2: {r['choice2']}\n"
+            tail = (f"\nQuestion:\n{q}\nOption 1:\n{r['choice1']}\nOption 2:\n{r['choice2']}\n"
                     "Which option is correct 1 or 2?")
             label = None if y is None else f"choice{y + 1}"
-            return [(("Passage: ", r["premise"], tail), label, 0)]
+            return [(("Passage:\n", r["premise"], tail), label, 0)]
         return [(qa(r["premise"], q, r[f"choice{k}"]), None if y is None else y == k - 1, 0) for k in (1, 2)]
     if task == "multirc":
         return [(qa(r["passage"]["text"], q["question"], a["text"]), a.get("label"), j)
@@ -366,7 +384,7 @@ def distill_example(task, r, where):
         return ("", "", q), "abcde"[ch.index(r["answer"])], r["answer"]
     if field(r, "label", where) not in (0, 1, 2):
         fail(f"{where}: unknown label {r['label']!r} in field 'label'; known labels: 0, 1, 2")
-    parts = qa(field(r, "premise", where), NLI_Q, field(r, "hypothesis", where), "Yes, No or Maybe")
+    parts = nli_qa(field(r, "premise", where), field(r, "hypothesis", where))
     y = NLI[0][r["label"]]
     return parts, y, y
 

@@ -577,10 +577,10 @@ def test_prep_superglue_templates_and_mappings(tmp_path):
     m = prepare.prepare(task="cb", data_dir=sg, out_dir=tmp_path / "cb", model="char", quiet=True)
     assert m["labels"] == ["No", "Yes"] and m["metric"] == "cb" and m["counts"] == dict(train=3, val=3, test=3)
     r = _prep_rows(tmp_path / "cb", "train")
-    assert r[0]["text"] == ("Passage: It rained all day.\nQuestion: " + prepare.NLI_Q +
-                            "\nAnswer: The ground is wet.\nIs the answer correct Yes or No?")
+    assert r[0]["text"] == ("Passage:\nIt rained all day.\nQuestion:\nIs the hypothesis entailed by the premise?"
+                            "\nAnswer:\nThe ground is wet.\nIs the answer correct Yes or No?")  # App. E.2
     assert prepare.format_input("cb", _PREP_SG["CB"][0]) == [r[0]["text"]]                # dhrd.py --predict
-    assert prepare.format_input("multirc", _PREP_SG["MultiRC"][0])[3].endswith("Answer: fish\nIs the answer correct Yes or No?")
+    assert prepare.format_input("multirc", _PREP_SG["MultiRC"][0])[3].endswith("Answer:\nfish\nIs the answer correct Yes or No?")
     assert prepare.format_input("custom", {"text": "as is"}) == ["as is"]
     assert [x["label"] for x in r] == ["Yes", "No", "No"] and [x["label"] for x in _prep_rows(tmp_path / "cb", "test")] == [None] * 3
     meta, tok, idx, exs = _prep_decode(tmp_path / "cb", "train")
@@ -596,7 +596,7 @@ def test_prep_superglue_templates_and_mappings(tmp_path):
     m = prepare.prepare(task="copa", data_dir=sg, out_dir=tmp_path / "copa", model="char", quiet=True)
     r = _prep_rows(tmp_path / "copa", "train")
     assert m["metric"] == "copa" and [(x["group"], x["label"]) for x in r] == [(0, "No"), (0, "Yes"), (1, "Yes"), (1, "No")]
-    assert "Question: What happened as a result?\nAnswer: Water flowed." in r[1]["text"]
+    assert "Question:\nWhat happened as a result?\nAnswer:\nWater flowed." in r[1]["text"]
     assert np.load(tmp_path / "copa" / "train.idx.npy")[:, prepare.GROUP].tolist() == [0, 0, 1, 1]
     m = prepare.prepare(task="copa", fmt="native", data_dir=sg, out_dir=tmp_path / "copan", model="char", quiet=True)
     assert m["metric"] == "accuracy" and [x["label"] for x in _prep_rows(tmp_path / "copan", "train")] == ["choice2", "choice1"]
@@ -604,11 +604,12 @@ def test_prep_superglue_templates_and_mappings(tmp_path):
     prepare.prepare(task="multirc", data_dir=sg, out_dir=tmp_path / "mrc", model="char", quiet=True)
     r = _prep_rows(tmp_path / "mrc", "train")
     assert [(x["group"], x["label"]) for x in r] == [(0, "Yes"), (0, "No"), (0, "Yes"), (1, "Yes"), (1, "No")]
-    assert r[3]["text"].endswith("Question: What do they eat?\nAnswer: fish\nIs the answer correct Yes or No?")
+    assert r[3]["text"].endswith("Question:\nWhat do they eat?\nAnswer:\nfish\nIs the answer correct Yes or No?")
     assert [x["label"] for x in _prep_rows(tmp_path / "mrc", "test")] == [None] * 5
-    for task, label, frag in [("rte", "No", "Answer: Dogs meow."), ("boolq", "No", "Question: is grass red?"),
-                              ("wsc", "Yes", 'Who or what does "he" refer to?\nAnswer: Mark'),
-                              ("wic", "No", 'Is the word "bank" used with the same meaning')]:
+    for task, label, frag in [("rte", "No", "Answer:\nDogs meow."), ("boolq", "No", "Question:\nis grass red?"),
+                              ("wsc", "Yes", 'Question:\nDoes the pronoun "he" refer to "Mark"?\nAnswer:\nYes'),
+                              ("wic", "No", '1. He sat on the *bank*. 2. The *bank* raised rates.\nQuestion:\n'
+                                            'Does the word "bank" have the same meaning')]:
         prepare.prepare(task=task, data_dir=sg, out_dir=tmp_path / task, model="char", quiet=True)
         r = _prep_rows(tmp_path / task, "val")
         assert r[-1]["label"] == label and frag in r[-1]["text"], (task, r[-1])
@@ -620,7 +621,7 @@ def test_prep_boolq_without_train_splits_val(tmp_path):
     (tmp_path / "BoolQ" / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     m = prepare.prepare(task="boolq", data_dir=tmp_path, out_dir=tmp_path / "o", model="char", quiet=True)
     assert m["counts"] == dict(train=8, val=2) and "train" in m["split_note"]
-    assert [r["text"].split("\n")[1] for r in _prep_rows(tmp_path / "o", "val")] == ["Question: q0?", "Question: q5?"]
+    assert [r["text"].split("\n")[3] for r in _prep_rows(tmp_path / "o", "val")] == ["q0?", "q5?"]  # Question:
 
 
 def test_prep_truncation_shortens_passage_keeps_question(tmp_path):
@@ -633,8 +634,8 @@ def test_prep_truncation_shortens_passage_keeps_question(tmp_path):
     assert m["shortened"] == 2 and m["max_len"]["train"]["x"] == 300                   # 1 per split
     meta, tok, idx, exs = _prep_decode(tmp_path / "o", "train")
     assert idx[0, prepare.X_LEN] == 300
-    assert exs[0][1].endswith("Answer: The final hypothesis stays.\nIs the answer correct Yes or No?")
-    assert exs[0][1].startswith("Passage: word word") and exs[1][1] == _prep_rows(tmp_path / "o", "train")[1]["text"]
+    assert exs[0][1].endswith("Answer:\nThe final hypothesis stays.\nIs the answer correct Yes or No?")
+    assert exs[0][1].startswith("Passage:\nword word") and exs[1][1] == _prep_rows(tmp_path / "o", "train")[1]["text"]
     with pytest.raises(prepare.PrepareError, match="raise --max_len"):
         prepare.prepare(task="rte", data_dir=tmp_path, out_dir=tmp_path / "o2", model="char", max_len=40, quiet=True)
 
@@ -925,7 +926,7 @@ def test_prep_bpe_tokenizers_bos_and_truncation(tmp_path):
             assert (ids[0] == tok.bos_id) == has_bos and ids[-1] == tok.eos_id
             assert x == r["text"] and suffix == "\nFinal Answer:\n" + r["label"]
             assert ids[:x_len] == ([tok.bos_id] if has_bos else []) + tok.encode(r["text"])
-        assert exs[2][1].endswith("\nAnswer: The budget was discussed.\nIs the answer correct Yes or No?")
+        assert exs[2][1].endswith("\nAnswer:\nThe budget was discussed.\nIs the answer correct Yes or No?")
 
 
 def test_prep_superglue_download_from_loopback(tmp_path, monkeypatch):
