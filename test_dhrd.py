@@ -1,5 +1,17 @@
 """The dhrd test suite: `python -m pytest -q test_dhrd.py` (CPU, no network; loopback servers only).
-Reference outputs come from tests/fixtures/ (made with transformers by tests/fixtures/make_fixtures.py)."""
+Reference outputs come from tests/fixtures/ (made with transformers by tests/fixtures/make_fixtures.py).
+
+The sections, in this order. A section's tests share a name prefix: `pytest -k test_train test_dhrd.py`
+selects exactly one section; the short `-k train` also takes the few other names that contain the word.
+  -k gpt    gpt.py: parity with transformers, the fused LM loss, the one-pass property, sampling and the
+            KV cache, native dtypes, checkpoints and safetensors, tokenizers, downloads (loopback hub)
+  -k prep   prepare.py: synth, SuperGLUE templates, custom data, rationale import, teachers (a loopback
+            API, a local model), the flag parser every script uses, bad input
+  -k train  dhrd.py: metrics, config errors, DDP == one process, exact resume after a kill, gradient
+            statistics and alpha=auto, eval_only / predict, a non-finite loss, compile, CoT decoding,
+            LoRA training; at its end the tests of gpt.py's LoRA modules (`-k test_lora`)
+  -k bench  bench.py: the JSON contract on a tiny model, flag errors
+"""
 import hashlib
 import http.server
 import json
@@ -988,25 +1000,25 @@ def test_prep_local_teacher_batched_generate_and_resume(tmp_path, monkeypatch):
     assert len((tmp_path / "bf16" / "rationales.jsonl").read_text().splitlines()) == 3
 
 
-# ==============================================================================================================
-# dhrd.py: DDP == single process, exact resume, metrics, config errors, compile, eval/predict
-# ==============================================================================================================
+# ============================================================================================================
+# dhrd.py: metrics, config errors, DDP == single process, exact resume, grad stats, eval/predict, compile
+# ============================================================================================================
 
-TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--batch_size=8", "--dtype=float32", "--eval_batch_size=256",
-        "--warmup_iters=2", "--learning_rate=3e-3"]
+TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--batch_size=8", "--dtype=float32",
+        "--eval_batch_size=256", "--warmup_iters=2", "--learning_rate=3e-3"]
 
 
 def _train_run(*args, cwd, timeout=600, check=True):
-    r = subprocess.run([sys.executable, str(ROOT / "dhrd.py"), *args], cwd=cwd, capture_output=True, text=True,
-                       timeout=timeout)
+    r = subprocess.run([sys.executable, str(ROOT / "dhrd.py"), *args], cwd=cwd, capture_output=True,
+                       text=True, timeout=timeout)
     if check:
         assert r.returncode == 0, r.stdout + r.stderr
     return r
 
 
 def _train_log(out_dir, key="loss"):
-    return [json.loads(l) for l in (pathlib.Path(out_dir) / "log.jsonl").read_text().splitlines()
-            if key in json.loads(l)]
+    lines = (pathlib.Path(out_dir) / "log.jsonl").read_text().splitlines()
+    return [json.loads(l) for l in lines if key in json.loads(l)]
 
 
 @pytest.fixture(scope="module")
@@ -1029,30 +1041,34 @@ def test_train_metrics_handmade():
     groups = np.array([7, 7, 7, 3, 3, 5])
     m = dhrd.metrics("multirc", np.eye(2)[pred], gold, groups, pos=1)
     assert m == pytest.approx({"f1a": 2 * 2 / (3 + 3), "em": 1 / 3})
-    # COPA: per pair the alternative with the higher P(Yes) is chosen; correct if its gold is Yes (pos=1)
+    # COPA: per pair the alternative with the higher P(Yes) is chosen; correct if its gold is Yes (pos=1).
+    # pair 0: option 0 (right); pair 1: option 2 (wrong); pair 2: option 4 (right)
     gold = np.array([1, 0, 0, 1, 1, 0])
-    p_yes = np.array([0.4, 0.3, 0.9, 0.8, 0.2, 0.1])  # pair 0: option 0 (right); pair 1: option 2 (wrong); pair 2: 4
+    p_yes = np.array([0.4, 0.3, 0.9, 0.8, 0.2, 0.1])
     probs = np.stack([1 - p_yes, p_yes], 1)
-    assert dhrd.metrics("copa", probs, gold, np.array([0, 0, 1, 1, 2, 2]), pos=1) == {"accuracy": pytest.approx(2 / 3)}
+    pairs = np.array([0, 0, 1, 1, 2, 2])
+    assert dhrd.metrics("copa", probs, gold, pairs, pos=1) == {"accuracy": pytest.approx(2 / 3)}
     # an unparsed CoT answer (zero row) is wrong, never class 0
-    assert dhrd.metrics("accuracy", np.array([[0.0, 0.0], [0.0, 1.0]]), np.array([0, 1]), np.arange(2)) == {"accuracy": 0.5}
+    probs = np.array([[0.0, 0.0], [0.0, 1.0]])
+    assert dhrd.metrics("accuracy", probs, np.array([0, 1]), np.arange(2)) == {"accuracy": 0.5}
 
 
 def test_train_config_errors(tmp_path):
-    r = _train_run("--learning_rat=1e-3", cwd=tmp_path, check=False)  # the CLI: a message, no traceback
-    assert r.returncode != 0 and "unknown config key 'learning_rat'" in r.stderr and "learning_rate" in r.stderr
-    assert "Traceback" not in r.stderr
-    for args, msg in [(["--max_iters=ten"], "--max_iters: expected int for max_iters (like 600), got 'ten'"),
-                      (["--compile=maybe"], "expected bool for compile"), (["--alpha=x"], "expected float for alpha"),
-                      (["--lr_decay=step"], "lr_decay='step' is not one of cosine, linear"),
-                      (["--batch_size"], "use --key=value"), (["--batch_size=0"], "must be >= 1")]:
+    """dhrd.py's keys and choices through the shared parser (its rules: test_prep_flags_parser_rules), the
+    checks of parse_config, and the command line's one-line error."""
+    r = _train_run("--learning_rat=1e-3", cwd=tmp_path, check=False)
+    assert r.returncode == 1 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert r.stderr.startswith("dhrd.py: error: --learning_rat: unknown config key 'learning_rat'"), r.stderr
+    assert "did you mean learning_rate" in r.stderr
+    for arg, msg in [("--max_iters=ten", "--max_iters: expected int for max_iters (like 600), got 'ten'"),
+                     ("--alpha=x", "--alpha: expected float for alpha (like 1.0), got 'x'; or use auto"),
+                     ("--lr_decay=step", "--lr_decay: lr_decay='step' is not one of cosine, linear"),
+                     ("--batch_size=0", "must be >= 1")]:
         with pytest.raises(dhrd.ConfigError, match=re.escape(msg)):
-            dhrd.parse_config(args)
-    (tmp_path / "c.json").write_text(json.dumps({"batch_size": 4, "alhpa": 1}))
-    with pytest.raises(dhrd.ConfigError, match=r"c.json: unknown config key 'alhpa'; did you mean alpha[,?]"):
-        dhrd.parse_config([str(tmp_path / "c.json")])
+            dhrd.parse_config([arg])
+    assert dhrd.parse_config(["--alpha=auto"]).alpha == "auto"
     (tmp_path / "d.json").write_text(json.dumps({"batch_size": 4, "alpha": 0}))
-    cfg = dhrd.parse_config([str(tmp_path / "d.json"), "--batch_size=7"])  # later wins; an int is a fine float
+    cfg = dhrd.parse_config([str(tmp_path / "d.json"), "--batch_size=7"])  # later wins; an int is a float
     assert (cfg.batch_size, cfg.alpha, cfg.out_dir, cfg.data_dir) == (7, 0.0, "out-synth", "data/synth")
     with pytest.raises(dhrd.ConfigError, match="nowhere/meta.json: not found.*prepare.py --task=cb"):
         dhrd.main(["--task=cb", "--data_dir=nowhere"])
@@ -1064,11 +1080,12 @@ def test_train_ddp_two_processes_match_one(train_data, tmp_path):
              "--log_interval=1", "--eval_interval=4", "--dropout=0.0"]
     _train_run(*flags, f"--out_dir={tmp_path / 'one'}", cwd=tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(ROOT / "dhrd.py"), *flags, f"--out_dir={tmp_path / 'two'}"], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=600, env=env)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    r = subprocess.run([*torchrun, str(ROOT / "dhrd.py"), *flags, f"--out_dir={tmp_path / 'two'}"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
-    one, two = _train_log(tmp_path / "one"), _train_log(tmp_path / "two")
+    one = _train_log(tmp_path / "one")
+    two = _train_log(tmp_path / "two")
     assert [l["iter"] for l in one] == [l["iter"] for l in two] == [1, 2, 3, 4]
     for a, b in zip(one, two):
         for k in ("loss", "loss_cls", "loss_lm"):
@@ -1082,7 +1099,8 @@ def _train_weights(out_dir):
 
 @pytest.fixture(scope="module")
 def trained_run(train_data, tmp_path_factory):
-    """An uninterrupted run (dropout on, so RNG restore matters) that resume, eval_only and predict compare to."""
+    """An uninterrupted run (dropout on, so RNG restore matters): what resume, eval_only and predict
+    compare to."""
     d = tmp_path_factory.mktemp("run")
     flags = [*TINY, f"--data_dir={train_data}", "--max_iters=40", "--eval_interval=5", "--log_interval=1",
              "--dropout=0.1"]
@@ -1106,10 +1124,13 @@ def test_train_resume_after_kill_is_exact(trained_run):
     d, flags = trained_run
     out = d / "killed"
     _train_kill_after_first_ckpt(flags, out, d)
-    killed_at = torch.load(out / "ckpt.pt", weights_only=True)["iter"]
-    assert killed_at < 40
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["iter"] < 40
+    assert set(ckpt) == {"model", "model_config", "optimizer", "scaler", "iter", "data_pos", "best", "rng",
+                         "alpha"}  # what resume reads (+ kl_ref with --kl_coef and full fine-tuning)
     _train_run("--init_from=resume", f"--out_dir={out}", cwd=d)
-    full, resumed = _train_weights(d / "full"), _train_weights(out)
+    full = _train_weights(d / "full")
+    resumed = _train_weights(out)
     assert full.keys() == resumed.keys()
     for k in full:
         assert torch.equal(full[k], resumed[k]), k
@@ -1119,8 +1140,9 @@ def test_train_resume_after_kill_is_exact(trained_run):
 
 
 def test_train_grad_stats_match_naive():
-    # --grad_stats: the block-parameter gradients of L_cls and L_lm, separately, against one plain backward each
-    model = GPT(GPTConfig(vocab_size=61, block_size=32, n_layer=2, n_head=2, n_embd=16, num_labels=3, dropout=0.1))
+    # --grad_stats: the block-parameter gradients of L_cls and L_lm, separately, against a plain backward each
+    model = GPT(GPTConfig(vocab_size=61, block_size=32, n_layer=2, n_head=2, n_embd=16, num_labels=3,
+                          dropout=0.1))
     torch.manual_seed(1)
     idx = torch.randint(0, 61, (4, 12))
     x_len = torch.tensor([5, 7, 12, 3])
@@ -1135,8 +1157,9 @@ def test_train_grad_stats_match_naive():
     for which in (0, 1):
         model.zero_grad()
         torch.set_rng_state(rng)  # the same dropout masks as above
-        cls_logits, loss_lm = model(*batch[:3], lm_targets=targets)
-        (F.cross_entropy(cls_logits, y) if which == 0 else loss_lm).backward()
+        out = model(*batch[:3], lm_targets=targets)
+        loss = F.cross_entropy(out[0], y) if which == 0 else out[1]
+        loss.backward()
         naive.append(torch.cat([p.grad.flatten() for p in model.h.parameters()]))
     assert stats["grad_cls"] == pytest.approx(2.0 * naive[0].norm().item(), rel=1e-5)
     assert stats["grad_lm"] == pytest.approx(0.5 * naive[1].norm().item(), rel=1e-5)
@@ -1148,7 +1171,8 @@ def test_train_grad_stats_match_naive():
 def test_train_grad_stats_leave_the_run_unchanged(trained_run):
     d, flags = trained_run
     _train_run(*flags, "--grad_stats=True", f"--out_dir={d / 'stats'}", cwd=d)
-    full, stats = _train_weights(d / "full"), _train_weights(d / "stats")
+    full = _train_weights(d / "full")
+    stats = _train_weights(d / "stats")
     assert all(torch.equal(full[k], stats[k]) for k in full)  # dropout 0.1: the RNG was forked
     lines = _train_log(d / "stats")
     assert [l["loss"] for l in lines] == [l["loss"] for l in _train_log(d / "full")]
@@ -1170,13 +1194,15 @@ def test_train_alpha_auto_fixed_and_resumed(train_data, tmp_path):
 
 def test_train_eval_only_and_predict(trained_run):
     d, _ = trained_run
-    run, res = d / "full", json.loads((d / "full" / "results.json").read_text())
+    run = d / "full"
+    res = json.loads((run / "results.json").read_text())
     r = _train_run(f"--init_from={run}", "--eval_only=True", cwd=d)
     assert json.loads(r.stdout.strip().splitlines()[-1])["val"] == res["val"]  # the exported best model
-    rows = [json.loads(l) for l in (pathlib.Path(json.loads((run / "config.json").read_text())["data_dir"]) /
-                                    "val.jsonl").read_text().splitlines()]
+    data_dir = pathlib.Path(json.loads((run / "config.json").read_text())["data_dir"])
+    rows = [json.loads(l) for l in (data_dir / "val.jsonl").read_text().splitlines()]
     (d / "in.jsonl").write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in rows))
-    _train_run(f"--init_from={run / 'model'}", f"--predict={d / 'in.jsonl'}", f"--predictions={d / 'p.jsonl'}", cwd=d)
+    predict = [f"--predict={d / 'in.jsonl'}", f"--predictions={d / 'p.jsonl'}"]
+    _train_run(f"--init_from={run / 'model'}", *predict, cwd=d)
     preds = [json.loads(l) for l in (d / "p.jsonl").read_text().splitlines()]
     assert len(preds) == len(rows) and all(abs(sum(p["probs"].values()) - 1) < 1e-5 for p in preds)
     acc = np.mean([p["label"] == r["label"] for p, r in zip(preds, rows)])
@@ -1188,8 +1214,9 @@ def test_train_eval_only_and_predict(trained_run):
 
 def test_train_nonfinite_loss_stops_clearly(train_data, tmp_path):
     out = tmp_path / "nan"
-    r = _train_run(*TINY, f"--data_dir={train_data}", f"--out_dir={out}", "--learning_rate=1e30", "--warmup_iters=0",
-                   "--grad_clip=0", "--max_iters=6", "--eval_interval=1", cwd=tmp_path, check=False)
+    r = _train_run(*TINY, f"--data_dir={train_data}", f"--out_dir={out}", "--learning_rate=1e30",
+                   "--warmup_iters=0", "--grad_clip=0", "--max_iters=6", "--eval_interval=1", cwd=tmp_path,
+                   check=False)
     assert r.returncode != 0 and "non-finite loss at iter 2" in r.stderr, r.stdout + r.stderr
     assert "ckpt.pt (iter 1)" in r.stderr and "Traceback" not in r.stderr
     assert torch.load(out / "ckpt.pt", weights_only=True)["iter"] == 1  # the last good checkpoint is intact
@@ -1197,11 +1224,11 @@ def test_train_nonfinite_loss_stops_clearly(train_data, tmp_path):
 
 def test_train_compile_alpha0_and_cot(train_data, tmp_path):
     """--compile=True trains; alpha=0 (pooled baseline) logs no LM loss; beta=0 evaluates by decoding."""
-    r = _train_run(*TINY, f"--data_dir={train_data}", f"--out_dir={tmp_path / 'c'}", "--compile=True", "--max_iters=2",
-                   "--alpha=0", cwd=tmp_path, timeout=300)
+    r = _train_run(*TINY, f"--data_dir={train_data}", f"--out_dir={tmp_path / 'c'}", "--compile=True",
+                   "--max_iters=2", "--alpha=0", cwd=tmp_path, timeout=300)
     assert "val accuracy" in r.stdout and _train_log(tmp_path / "c")[-1]["loss_lm"] is None
-    _train_run(*TINY, f"--data_dir={train_data}", f"--out_dir={tmp_path / 'cot'}", "--beta=0", "--max_iters=2",
-               "--cot_tokens=8", cwd=tmp_path)
+    _train_run(*TINY, f"--data_dir={train_data}", f"--out_dir={tmp_path / 'cot'}", "--beta=0",
+               "--max_iters=2", "--cot_tokens=8", cwd=tmp_path)
     val = _train_log(tmp_path / "cot", "val")[-1]["val"]
     assert val == {"accuracy": 0.0}  # 8 tokens never reach "Final Answer:": unparsed answers count as wrong
 
@@ -1211,7 +1238,8 @@ class _TrainFakeLM:
     config = type("C", (), {"block_size": 64})
 
     def __init__(self, tok, answers):
-        self.tok, self.answers = tok, answers
+        self.tok = tok
+        self.answers = answers
 
     def eval(self):
         pass
@@ -1224,7 +1252,8 @@ class _TrainFakeLM:
 
 
 def test_train_cot_answer_parsing():
-    """beta=0 evaluation: the verbalised label after the last "Final Answer:" line; anything else = no prediction."""
+    """beta=0 evaluation: the verbalised label after the last "Final Answer:" line; anything else = no
+    prediction."""
     meta = dict(labels=["No", "Yes"], verbalizers={"No": "No", "Yes": "Yes"}, pad_id=40, eos_id=39)
     tok = prepare.CharTokenizer("\n +,-0123456789:;=>?AFNRYabcdegilnorsw")
     answers = ["\nReasoning:\nb=1+2=3\nFinal Answer:\nYes", "\nReasoning:\nb=9\nFinal Answer:\nNo",
@@ -1346,9 +1375,10 @@ def lora_data(tmp_path_factory):
     m.score, m.config.num_labels = None, 0
     m.save_pretrained(d / "base")
     prepare.prepare(task="synth", out_dir=d / "data", model=str(d / "base"), quiet=True)
-    return d, ["--init_from=" + str(d / "base"), f"--data_dir={d / 'data'}", "--batch_size=4", "--dtype=float32",
-               "--learning_rate=3e-3", "--warmup_iters=2", "--lora_rank=4", "--lora_dropout=0.1", "--kl_coef=0.1",
-               "--max_iters=8", "--eval_interval=4", "--log_interval=1", "--eval_batch_size=500"]
+    return d, [f"--init_from={d / 'base'}", f"--data_dir={d / 'data'}", "--batch_size=4", "--dtype=float32",
+               "--learning_rate=3e-3", "--warmup_iters=2", "--lora_rank=4", "--lora_dropout=0.1",
+               "--kl_coef=0.1", "--max_iters=8", "--eval_interval=4", "--log_interval=1",
+               "--eval_batch_size=500"]
 
 
 def test_train_lora_end_to_end_and_resume(lora_data):
@@ -1356,7 +1386,8 @@ def test_train_lora_end_to_end_and_resume(lora_data):
     logits; eval_only reads the merged export; a killed run resumes to the same adapters, log and results."""
     d, flags = lora_data
     _train_run(*flags, f"--out_dir={d / 'full'}", cwd=d)
-    ck, base = _train_weights(d / "full"), read_safetensors(d / "base" / "model.safetensors")
+    ck = _train_weights(d / "full")
+    base = read_safetensors(d / "base" / "model.safetensors")
     assert torch.equal(ck["h.1.mlp.gate_proj.base.weight"], base["model.layers.1.mlp.gate_proj.weight"])
     assert ck["h.1.mlp.gate_proj.lora_B"].abs().sum() > 0
     log = _train_log(d / "full")
@@ -1370,7 +1401,8 @@ def test_train_lora_end_to_end_and_resume(lora_data):
     ids = torch.randint(0, 897, (4, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():  # model/ and adapter/ are the same best model; the checkpoint holds the last one
         c = adapted.classify(ids)
-        assert (merged.classify(ids) - c).abs().max() < 1e-5 and (merged.lm_logits(ids) - adapted.lm_logits(ids)).abs().max() < 1e-5
+        assert (merged.classify(ids) - c).abs().max() < 1e-5
+        assert (merged.lm_logits(ids) - adapted.lm_logits(ids)).abs().max() < 1e-5
         assert torch.equal(raw.eval().classify(ids), c) == (res["best_iter"] == 8), res
     r = _train_run(f"--init_from={d / 'full'}", "--eval_only=True", cwd=d)
     assert json.loads(r.stdout.strip().splitlines()[-1])["val"] == res["val"]
