@@ -167,6 +167,7 @@ class GPT(nn.Module):
         # the pooled head (paper §3, Eq. 2): HF's bias-free `score`, or the paper's 2-layer MLP
         self.score = (None if not cfg.num_labels else nn.Linear(D, cfg.num_labels, bias=False) if cfg.head == "linear"
                       else nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.Linear(D, cfg.num_labels)))
+        self.lm_loss = fused_lm_loss  # Eq. 3; reference_lm_loss computes the same, plainly
         self.apply(self._init_weights)
         for name, p in self.h.named_parameters():  # GPT-2 paper §2.3: residual projections scaled by 1/sqrt(2 L)
             if name.endswith(("o_proj.weight", "down_proj.weight")):
@@ -236,7 +237,7 @@ class GPT(nn.Module):
                 x_len = (torch.ones_like(idx) if attention_mask is None else attention_mask).long().sum(1)
             cls_logits = self.score(self.pool(h, x_len))
         if lm_targets is not None:
-            loss_lm = fused_lm_loss(h, self.lm_head.weight, lm_targets)
+            loss_lm = self.lm_loss(h, self.lm_head.weight, lm_targets)
         if kl_ref is not None:  # dhrd's --kl_coef: (the frozen reference's hidden states at the valid targets, its LM head)
             return cls_logits, loss_lm, kl_to_ref(h[lm_targets != -100], self.lm_head.weight, *kl_ref)
         return cls_logits, loss_lm
@@ -375,55 +376,90 @@ def _sample(logits, temperature, top_p, generator):
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 class _FusedLMLoss(torch.autograd.Function):
-    """Head + CE without the [N, V] logits, in [rows, chunk] pieces. Pass 1: each row's logsumexp; pass 2 (training)
-    recomputes a slice's logits and writes its gradients, a weight-gradient slice in one matmul per block (no [V, D]
-    temporaries). bench.py, V=50257, 1024 rows, bf16, fwd+bwd: peak 724 MB (one-pass row chunks) -> 183 MB (naive
-    full logits: 673 MB); the 4th head matmul costs nothing measurable here (1144 -> 1106 ms, 2-core EPYC VM)."""
+    """Head + CE without the [N, V] logits, in [rows, chunk] pieces. Pass 1: each row's logsumexp; pass 2
+    (training) recomputes a slice's logits and writes its gradients, a weight-gradient slice in one matmul per
+    block (no [V, D] temporaries). bench.py, V=50257, 1024 rows, bf16, fwd+bwd: peak 724 MB (one-pass row
+    chunks) -> 183 MB (naive full logits: 673 MB); the 4th head matmul costs nothing measurable here
+    (1144 -> 1106 ms, 2-core EPYC VM). Only the gradients autograd needs are made: with a frozen head (LoRA)
+    neither the [V, D] fp32 weight-gradient buffer nor its matmul exists. h [256, 576], V=49152 (SmolLM2's
+    head), head frozen, fwd+bwd, the two versions alternated in one process, 2-core Xeon, torch 2.13: fp32
+    1249 -> 869 ms, bf16 1043 -> 844 ms (min of 12); peak memory beyond the inputs 128 -> 17 MB."""
 
     @staticmethod
-    def forward(ctx, h, w, t, chunk, rows, need_grad):
-        N, (V, C), dev = t.numel(), w.shape, h.device
+    def forward(ctx, h, w, t, chunk, rows, need_h, need_w):
+        N = t.numel()
+        V, C = w.shape
+        dev = h.device
         cdt = (h[:1] @ w[:1].t()).dtype  # the matmul dtype: bf16 under bf16 autocast
-        gh = torch.empty(N, C, dtype=h.dtype, device=dev) if need_grad else None
-        gw = torch.zeros(V, C, dtype=torch.float32, device=dev) if need_grad else None
+        gh = torch.empty(N, C, dtype=h.dtype, device=dev) if need_h else None
+        gw = torch.zeros(V, C, dtype=torch.float32, device=dev) if need_w else None
         loss = torch.zeros((), dtype=torch.float32, device=dev)
         for r0 in range(0, N, rows):
-            hb, tb = h[r0:r0 + rows].to(cdt), t[r0:r0 + rows]
-            ar, lse, zt = torch.arange(len(tb), device=dev), None, torch.empty(len(tb), dtype=torch.float32, device=dev)
-            for v0 in range(0, V, chunk):  # pass 1: logsumexp over the vocabulary (softmax statistics in fp32)
-                z, hit = (hb @ w[v0:v0 + chunk].to(cdt).t()).float(), (tb >= v0) & (tb < v0 + chunk)
-                zt[hit] = z[ar[hit], tb[hit] - v0]  # the target's logit
+            hb = h[r0:r0 + rows].to(cdt)
+            tb = t[r0:r0 + rows]
+            ar = torch.arange(len(tb), device=dev)
+            lse = None
+            zt = torch.empty(len(tb), dtype=torch.float32, device=dev)  # the target's logit
+            for v0 in range(0, V, chunk):  # pass 1: logsumexp over the vocabulary (statistics in fp32)
+                z = (hb @ w[v0:v0 + chunk].to(cdt).t()).float()
+                hit = (tb >= v0) & (tb < v0 + chunk)
+                zt[hit] = z[ar[hit], tb[hit] - v0]
                 m = z.amax(-1)  # logsumexp in place: torch.logsumexp would allocate another [rows, chunk]
                 s = z.sub_(m[:, None]).exp_().sum(-1).log_().add_(m)
                 lse = s if lse is None else torch.logaddexp(lse, s)
             loss += (lse - zt).sum()
-            if not need_grad:
+            if not (need_h or need_w):
                 continue
-            ghb = torch.zeros(len(tb), C, dtype=torch.float32, device=dev)
+            ghb = torch.zeros(len(tb), C, dtype=torch.float32, device=dev) if need_h else None
             for v0 in range(0, V, chunk):  # pass 2: d(mean CE)/d logits = (softmax - onehot) / N
-                wc, hit = w[v0:v0 + chunk].to(cdt), (tb >= v0) & (tb < v0 + chunk)
+                wc = w[v0:v0 + chunk].to(cdt)
+                hit = (tb >= v0) & (tb < v0 + chunk)
                 g = (hb @ wc.t()).float().sub_(lse[:, None]).exp_()
                 g[ar[hit], tb[hit] - v0] -= 1.0
                 g = g.div_(N).to(cdt)
-                ghb += g @ wc
-                gw[v0:v0 + chunk] += g.t() @ hb
-            gh[r0:r0 + rows] = ghb
-        ctx.grads, ctx.w_dtype = (gh, gw), w.dtype
+                if need_h:
+                    ghb += g @ wc
+                if need_w:
+                    gw[v0:v0 + chunk] += g.t() @ hb
+            if need_h:
+                gh[r0:r0 + rows] = ghb
+        ctx.grads = (gh, gw)
+        ctx.w_dtype = w.dtype
         return loss / N
 
     @staticmethod
     def backward(ctx, go):
-        (gh, gw), ctx.grads = ctx.grads, None  # hand the buffers over: scaled in place, adopted without a copy
-        return gh.mul_(go.to(gh.dtype)), gw.mul_(go).to(ctx.w_dtype), None, None, None, None
+        gh, gw = ctx.grads
+        ctx.grads = None  # hand the buffers over: scaled in place, adopted without a copy
+        if gh is not None:
+            gh = gh.mul_(go.to(gh.dtype))
+        if gw is not None:
+            gw = gw.mul_(go).to(ctx.w_dtype)
+        return gh, gw, None, None, None, None, None
+
 
 def fused_lm_loss(h, weight, targets, ignore_index=-100, chunk=1024, rows=2048):
-    """Eq. 3: mean CE of the reasoning head over the valid targets. h [B,T,D], weight [V,D] (the tied LM head), targets
-    [B,T] (ignore_index = none). Only valid rows reach the head, in [rows, chunk] pieces of the logits (see above)."""
+    """Eq. 3: mean CE of the reasoning head over the valid targets. h [B,T,D], weight [V,D] (the tied LM
+    head), targets [B,T] (ignore_index = none). Only valid rows reach the head, in [rows, chunk] pieces."""
     valid = targets != ignore_index
-    hv, tv = h[valid], targets[valid]
+    hv = h[valid]
+    tv = targets[valid]
     if tv.numel() == 0:
         return h.sum() * 0.0 + weight.sum() * 0.0  # a zero that still has a graph (DDP-safe)
-    return _FusedLMLoss.apply(hv, weight, tv, chunk, rows, torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad))
+    need_h = torch.is_grad_enabled() and h.requires_grad
+    need_w = torch.is_grad_enabled() and weight.requires_grad  # False for LoRA's frozen head
+    return _FusedLMLoss.apply(hv, weight, tv, chunk, rows, need_h, need_w)
+
+
+def reference_lm_loss(h, weight, targets, ignore_index=-100):
+    """Eq. 3 the plain way: gather the valid rows, their [N, V] logits, cross-entropy in fp32. The same
+    arguments and result as fused_lm_loss, at N x V memory."""
+    valid = targets != ignore_index
+    t_valid = targets[valid]
+    if t_valid.numel() == 0:
+        return h.sum() * 0.0 + weight.sum() * 0.0  # a zero that still has a graph (DDP-safe)
+    logits = h[valid] @ weight.t()
+    return F.cross_entropy(logits.float(), t_valid)
 
 # ---------------------------------------------------------------------------------------------------------------
 # LoRA (Hu et al. 2021), as the paper trains its backbones (App. E.4: r=16, alpha=32, dropout 0.1 on q/k/v/o/gate/up/down;

@@ -26,7 +26,7 @@ import dhrd  # noqa: E402
 import gpt  # noqa: E402
 import prepare  # noqa: E402
 from gpt import (GPT2_PAT, CheckpointError, DownloadError, GPT, GPTConfig, download, fused_lm_loss,  # noqa: E402
-                 load_tokenizer, read_safetensors, resolve_model_dir, write_safetensors)
+                 load_tokenizer, read_safetensors, reference_lm_loss, resolve_model_dir, write_safetensors)
 
 # ==============================================================================================================
 # gpt.py: parity with transformers, fused loss, one-pass property, checkpoints, tokenizer, downloads
@@ -77,24 +77,74 @@ def test_gpt_hub_layout_has_buffers_and_bare_keys():
     assert (FIX / "opt350_hub" / "model.safetensors.index.json").exists()
 
 
-def test_gpt_fused_lm_loss_equals_naive():
+def test_gpt_fused_lm_loss_equals_reference():
+    """fused_lm_loss == reference_lm_loss (the plain gathered-logits path): value and gradients for several row
+    blocks and vocabulary slices (targets on slice edges), a non-unit upstream gradient, [B,T] inputs with
+    ignored positions, no valid target, no_grad, and within tolerance under bf16 autocast."""
     torch.manual_seed(0)
-    h = torch.randn(3, 11, 16, dtype=torch.float64).float().requires_grad_()
-    w = torch.randn(50, 16).requires_grad_()
-    t = torch.randint(0, 50, (3, 11))
-    t[0, :4] = -100
-    t[2, 7:] = -100
-    for chunk in (1, 5, 1024):
-        loss = fused_lm_loss(h, w, t, chunk=chunk)
-        gh, gw = torch.autograd.grad(loss, [h, w])
-        ref = F.cross_entropy((h @ w.t()).view(-1, 50), t.view(-1), ignore_index=-100)
-        rh, rw = torch.autograd.grad(ref, [h, w])
+    h = torch.randn(37, 24, requires_grad=True)
+    w = torch.randn(61, 24, requires_grad=True)
+    t = torch.randint(0, 61, (37,))
+    t[:6] = torch.tensor([0, 60, 15, 16, -100, 31])
+    ref = reference_lm_loss(h, w, t)
+    rh, rw = torch.autograd.grad(ref, [h, w])
+    naive = F.cross_entropy(h @ w.t(), t, ignore_index=-100)  # the reference is the textbook loss
+    assert abs(ref.item() - naive.item()) < 1e-6
+    for chunk, rows in ((16, 8), (7, 5), (61, 37), (1, 1024), (1024, 2048)):
+        loss = fused_lm_loss(h, w, t, chunk=chunk, rows=rows)
+        gh, gw = torch.autograd.grad(3 * loss, [h, w])  # a non-unit upstream gradient
         assert abs(loss.item() - ref.item()) < 1e-5
-        assert (gh - rh).abs().max() < 1e-5 and (gw - rw).abs().max() < 1e-5
-    zero = fused_lm_loss(h, w, torch.full_like(t, -100))
-    assert zero.item() == 0.0 and zero.requires_grad
+        assert (gh - 3 * rh).abs().max() < 1e-5 and (gw - 3 * rw).abs().max() < 1e-5
+    h3 = torch.randn(3, 11, 16, dtype=torch.float64).float().requires_grad_()  # [B,T,D] with ignored spans
+    w3 = torch.randn(50, 16).requires_grad_()
+    t3 = torch.randint(0, 50, (3, 11))
+    t3[0, :4] = -100
+    t3[2, 7:] = -100
+    ref3 = reference_lm_loss(h3, w3, t3)
+    ref3_grads = torch.autograd.grad(ref3, [h3, w3])
+    for chunk in (1, 5, 1024):
+        loss3 = fused_lm_loss(h3, w3, t3, chunk=chunk)
+        assert abs(loss3.item() - ref3.item()) < 1e-5
+        for g, r in zip(torch.autograd.grad(loss3, [h3, w3]), ref3_grads):
+            assert (g - r).abs().max() < 1e-5
+    for loss_fn in (fused_lm_loss, reference_lm_loss):  # no valid target: a zero that keeps its graph (DDP)
+        zero = loss_fn(h3, w3, torch.full_like(t3, -100))
+        assert zero.item() == 0.0 and zero.requires_grad
     with torch.no_grad():
-        assert abs(fused_lm_loss(h, w, t).item() - ref.item()) < 1e-5
+        assert abs(fused_lm_loss(h3, w3, t3).item() - ref3.item()) < 1e-5
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fused_lm_loss(h, w, t, chunk=16, rows=8)
+        ref_bf16 = reference_lm_loss(h, w, t)
+    gh, gw = torch.autograd.grad(loss, [h, w])
+    bh, bw = torch.autograd.grad(ref_bf16, [h, w])
+    assert gw.dtype == torch.float32 and abs(loss.item() - ref.item()) < 0.05 * ref.item()
+    assert abs(loss.item() - ref_bf16.item()) < 0.05 * ref.item()
+    assert (gw - rw).abs().max() < 0.05 * rw.abs().max() and (gh - rh).abs().max() < 0.05 * rh.abs().max()
+    assert (gw - bw).abs().max() < 0.05 * rw.abs().max() and (gh - bh).abs().max() < 0.05 * rh.abs().max()
+
+
+def test_gpt_fused_lm_loss_frozen_head_makes_no_weight_grad():
+    """LoRA freezes the LM head: then the fused loss holds no [V, C] weight-gradient buffer at all (nor does its
+    matmul), and the gradient of h still equals the reference's."""
+    torch.manual_seed(0)
+    h = torch.randn(2, 19, 24, requires_grad=True)
+    w = torch.randn(61, 24)  # requires_grad False
+    t = torch.randint(0, 61, (2, 19))
+    t[1, 12:] = -100
+    (rh,) = torch.autograd.grad(reference_lm_loss(h, w, t), [h])
+    for chunk, rows in ((16, 8), (1024, 2048)):
+        loss = fused_lm_loss(h, w, t, chunk=chunk, rows=rows)
+        gh, gw = loss.grad_fn.grads  # the autograd node is the Function's ctx: the gradients made in forward
+        assert gw is None and gh.shape == (int((t != -100).sum()), 24)
+        loss.backward()
+        assert w.grad is None and (h.grad - rh).abs().max() < 1e-5
+        h.grad = None
+    wt = w.clone().requires_grad_()  # and the converse: a trainable head under a frozen input
+    loss = fused_lm_loss(h.detach(), wt, t)
+    assert loss.grad_fn.grads[0] is None
+    (gw,) = torch.autograd.grad(loss, [wt])
+    (rw,) = torch.autograd.grad(reference_lm_loss(h.detach(), wt, t), [wt])
+    assert (gw - rw).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "opt", "llama", "qwen3"])
@@ -1347,25 +1397,3 @@ def test_bench_bad_flags(arg, needle, tmp_path, monkeypatch):
     finally:
         vars(bench).update(saved)
     assert needle in str(e.value)
-
-
-def test_bench_fused_lm_loss_blocks_and_bf16_match_naive():
-    # bench.py's memory figure relies on gpt.fused_lm_loss working in [rows, chunk] pieces: several row blocks
-    # and vocabulary slices (targets on slice edges) must give the naive loss and gradients, also under autocast
-    torch.manual_seed(0)
-    h = torch.randn(37, 24, requires_grad=True)
-    w = torch.randn(61, 24, requires_grad=True)
-    t = torch.randint(0, 61, (37,))
-    t[:6] = torch.tensor([0, 60, 15, 16, -100, 31])
-    ref = F.cross_entropy(h @ w.t(), t, ignore_index=-100)
-    rh, rw = torch.autograd.grad(ref, [h, w])
-    for chunk, rows in ((16, 8), (7, 5), (61, 37)):
-        loss = fused_lm_loss(h, w, t, chunk=chunk, rows=rows)
-        gh, gw = torch.autograd.grad(3 * loss, [h, w])  # a non-unit upstream gradient
-        assert abs(loss.item() - ref.item()) < 1e-5
-        assert (gh - 3 * rh).abs().max() < 1e-5 and (gw - 3 * rw).abs().max() < 1e-5
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = fused_lm_loss(h, w, t, chunk=16, rows=8)
-    gh, gw = torch.autograd.grad(loss, [h, w])
-    assert gw.dtype == torch.float32 and abs(loss.item() - ref.item()) < 0.05 * ref.item()
-    assert (gw - rw).abs().max() < 0.05 * rw.abs().max() and (gh - rh).abs().max() < 0.05 * rh.abs().max()
