@@ -41,10 +41,11 @@ SHAPES = {
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
     "facebook/opt-125m": dict(model_type="opt", vocab_size=50272, block_size=2048, n_layer=12, n_head=12,
-                              n_embd=768, activation="relu", bos_token_id=2, eos_token_id=2, pad_token_id=1),
+                              n_embd=768, activation="relu", bos_token_id=2, eos_token_id=2, pad_token_id=1,
+                              pos_offset=2),
     "facebook/opt-350m": dict(model_type="opt", vocab_size=50272, block_size=2048, n_layer=24, n_head=16,
                               n_embd=1024, activation="relu", bos_token_id=2, eos_token_id=2, pad_token_id=1,
-                              word_embed_proj_dim=512, pre_ln=False),
+                              word_embed_proj_dim=512, pre_ln=False, pos_offset=2),
 }
 GPU_PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0}  # bf16 dense; other cards: no MFU
 

@@ -25,11 +25,14 @@ import bench  # noqa: E402
 import dhrd  # noqa: E402
 import gpt  # noqa: E402
 import prepare  # noqa: E402
-from gpt import (GPT2_PAT, CheckpointError, DownloadError, GPT, GPTConfig, download, fused_lm_loss,  # noqa: E402
-                 load_tokenizer, read_safetensors, reference_lm_loss, resolve_model_dir, write_safetensors)
+import hf  # noqa: E402
+from gpt import (CheckpointError, DownloadError, GPT, GPTConfig, download, fused_lm_loss,  # noqa: E402
+                 load_tokenizer, reference_lm_loss)
+from hf import GPT2_PAT, read_safetensors, resolve_model_dir, write_safetensors  # noqa: E402
 
 # ==============================================================================================================
-# gpt.py: parity with transformers, fused loss, one-pass property, checkpoints, tokenizer, downloads
+# gpt.py + hf.py: parity with transformers, fused loss, one-pass property, LoRA, checkpoints and family
+# records, tokenizer, downloads
 # ==============================================================================================================
 
 FIX = ROOT / "tests" / "fixtures"
@@ -45,7 +48,8 @@ def _gpt_tiny(model_type="gpt2", **kw):
     torch.manual_seed(0)
     opt = model_type == "opt"
     cfg = dict(model_type=model_type, vocab_size=61, block_size=48, n_layer=2, n_head=2, n_embd=16,
-               activation="relu" if opt else "gelu_new", word_embed_proj_dim=8 if opt else 0, pre_ln=not opt)
+               activation="relu" if opt else "gelu_new", word_embed_proj_dim=8 if opt else 0, pre_ln=not opt,
+               pos_offset=2 if opt else 0)
     if model_type in ("llama", "qwen3"):  # GQA 2/1, RMSNorm, SwiGLU, RoPE (+ q/k norm)
         cfg.update(n_kv_head=1, norm="rmsnorm", glu=True, activation="silu", rope_theta=1e4, bias=False,
                    qkv_bias=False, qk_norm=model_type == "qwen3", pre_ln=True)
@@ -165,6 +169,8 @@ def test_gpt_forward_one_pass_property(model_type):
         naive = F.cross_entropy(m.lm_logits(idx, am).view(-1, 61), tg.view(-1), ignore_index=-100)
         assert abs(loss.item() - naive.item()) < 1e-5
         loss.backward()
+        m.lm_loss = reference_lm_loss  # the plain path, swapped in: the same loss
+        assert abs(m(idx, am, x_len=x_len, lm_targets=tg)[1].item() - naive.item()) < 1e-5
 
 
 def test_gpt_sampling_and_cache_match_recompute():
@@ -217,11 +223,19 @@ def test_gpt_optimizer_groups_and_flops():
     assert m.flops_per_token(32) > 6 * sum(p.numel() for p in m.parameters()) - 6 * m.wpe.weight.numel()
 
 
-@pytest.mark.parametrize("folder", ["gpt2", "opt350", "opt350_hub", "llama_hub", "qwen2", "qwen3"])
+@pytest.mark.parametrize("folder", ["gpt2", "gpt2_hub", "opt", "opt350", "opt350_hub", "llama", "llama_hub",
+                                    "qwen2", "qwen3"])
 def test_gpt_save_pretrained_round_trip(folder, tmp_path):
+    """Every family record (hf.FAMILIES), loading and saving alike: from_pretrained -> save_pretrained ->
+    from_pretrained gives the same tensors, config and outputs, in the family's own HF layout."""
     m = GPT.from_pretrained(FIX / folder).eval()
+    assert m.config.pos_offset == (2 if m.config.model_type == "opt" else 0)  # the OPT record sets it
     m.save_pretrained(tmp_path / "m", labels=["a", "b", "c"] if m.score is not None else None)
     m2 = GPT.from_pretrained(tmp_path / "m").eval()
+    sd, sd2 = m.state_dict(), m2.state_dict()
+    assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) and sd[k].dtype == sd2[k].dtype for k in sd)
+    resolved = lambda c: {**vars(c), "head_dim": c.head_dim or c.n_embd // c.n_head}  # saved spelled out
+    assert resolved(m2.config) == resolved(m.config)
     idx = torch.randint(0, m.config.vocab_size, (2, 9))
     with torch.no_grad():
         assert torch.equal(m.lm_logits(idx), m2.lm_logits(idx))
@@ -229,9 +243,12 @@ def test_gpt_save_pretrained_round_trip(folder, tmp_path):
             assert torch.equal(m.classify(idx), m2.classify(idx))
     assert (tmp_path / "m" / "vocab.json").read_bytes() == (FIX / folder / "vocab.json").read_bytes()
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    fam = hf.FAMILIES[m.config.model_type]
     assert cfg["model_type"] == m.config.model_type and (m.score is None or cfg["id2label"]["2"] == "c")
+    assert cfg["architectures"] == [fam.seq_cls if m.score is not None else fam.causal_lm]
     keys = set(read_safetensors(tmp_path / "m" / "model.safetensors"))
-    assert any(k.startswith(("transformer.h.0.", "model.decoder.layers.0.", "model.layers.0.")) for k in keys)
+    assert all(k.startswith((fam.prefix, "score.", "lm_head.")) for k in keys)
+    assert any(k.startswith(fam.prefix + fam.block.format(0)) for k in keys)
     assert ("lm_head.weight" in keys) == (not m.config.tie_word_embeddings)
 
 
@@ -323,6 +340,109 @@ def test_gpt_bad_tokenizer_files(tmp_path):
     (d / "vocab.json").unlink()
     with pytest.raises(CheckpointError, match="vocab.json: missing"):
         load_tokenizer(d)
+
+# -- LoRA: adapters on a frozen base (paper App. E.4), merged export, adapter-only files, KL to the base
+
+
+def _gpt_lora_perturb(m, seed=1):  # non-zero B (a fresh adapter is exactly the base), so merges and round trips show
+    g = torch.Generator().manual_seed(seed)
+    for n, p in m.named_parameters():
+        if ".lora_B" in n:
+            p.data = torch.randn(p.shape, generator=g) * 0.1
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_gpt_lora_fresh_is_base_and_trains_only_adapters(model_type):
+    m = _gpt_tiny(model_type, num_labels=3)
+    idx = torch.randint(0, 61, (3, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits, cls = m.lm_logits(idx), m.classify(idx)
+    base = {k: v.clone() for k, v in gpt.merged_state_dict(m).items()}
+    gpt.add_lora(m, rank=4, alpha=8, dropout=0.0)
+    with torch.no_grad():  # B = 0: bit-identical to the base model
+        assert torch.equal(m.lm_logits(idx), logits) and torch.equal(m.classify(idx), cls)
+    trained = [n for n, p in m.named_parameters() if p.requires_grad]
+    assert all(".lora_" in n or n.startswith("score") for n in trained) and "score.weight" in trained
+    assert any("gate_proj.lora_A" in n for n in trained) == (model_type == "llama")  # GPT-2 has no gate_proj: skipped
+    assert sum(".lora_A" in n for n in trained) == 2 * (7 if model_type == "llama" else 6)
+    opt = m.configure_optimizers(0.1, 1e-2, (0.9, 0.95), "cpu")
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == sum(p.numel() for p in m.parameters() if p.requires_grad)
+    m.train()
+    y, losses = torch.tensor([0, 1, 2]), []
+    for _ in range(8):
+        cls_logits, loss_lm = m(idx, lm_targets=torch.roll(idx, -1, 1))
+        loss = F.cross_entropy(cls_logits, y) + loss_lm
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1, losses
+    after = dict(m.state_dict())
+    for k, v in base.items():  # the frozen weights did not move by a bit; the adapters and the head did
+        if not k.startswith("score"):
+            assert torch.equal(after[k.replace("_proj.", "_proj.base.")], v), k
+    assert not torch.equal(after["score.weight"], base["score.weight"])
+    assert all(after[n].abs().sum() > 0 for n in trained if ".lora_B" in n)
+    with pytest.raises(ValueError, match="unknown LoRA target.*'qkv'.*valid: q_proj,k_proj,v_proj,o_proj,gate_proj"):
+        gpt.add_lora(_gpt_tiny(model_type), targets="q_proj,qkv")
+    with pytest.raises(ValueError, match="none exists"):
+        gpt.add_lora(_gpt_tiny("gpt2"), targets=["gate_proj"])
+
+
+def test_gpt_lora_merged_export_and_adapter_round_trip(tmp_path):
+    m = gpt.add_lora(GPT.from_pretrained(FIX / "llama").eval(), rank=4, alpha=32, dropout=0.1)
+    _gpt_lora_perturb(m)
+    r = _gpt_ref("llama")
+    ids, am = r["input_ids"], r["attention_mask"]
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with torch.no_grad():
+        logits, cls = m.lm_logits(ids, am), m.classify(ids, am)
+    assert (logits - r["logits"]).abs().max() > 1e-3  # the adapters change the model
+    m.save_pretrained(tmp_path / "merged")
+    assert m.state_dict().keys() == before.keys() and all(torch.equal(m.state_dict()[k], v) for k, v in before.items())
+    merged = GPT.from_pretrained(tmp_path / "merged").eval()  # a plain HF folder: no lora tensors in it
+    assert not any("lora" in k or ".base." in k for k in read_safetensors(tmp_path / "merged" / "model.safetensors"))
+    with torch.no_grad():
+        assert (merged.lm_logits(ids, am) - logits).abs().max() < 1e-5
+        assert (merged.classify(ids, am) - cls).abs().max() < 1e-5
+    gpt.save_lora(m, tmp_path / "ad")
+    saved = read_safetensors(tmp_path / "ad" / "adapter.safetensors")
+    assert set(saved) == {k for k in before if ".lora_" in k or k.startswith("score")}
+    assert json.loads((tmp_path / "ad" / "adapter.json").read_text())["rank"] == 4
+    m2 = gpt.load_lora(GPT.from_pretrained(FIX / "llama").eval(), tmp_path / "ad")
+    assert all(torch.equal(m2.state_dict()[k], v) for k, v in before.items())
+    with torch.no_grad():
+        assert torch.equal(m2.lm_logits(ids, am), logits) and torch.equal(m2.classify(ids, am), cls)
+    with pytest.raises(CheckpointError, match=r"adapter.safetensors: tensor h.0.attn.\w+.lora_A has shape \[4, 32\], "
+                       r"this model's is \[4, 16\].*load that base"):
+        gpt.load_lora(_gpt_tiny("llama", num_labels=3), tmp_path / "ad")
+    with pytest.raises(CheckpointError, match="unexpected.*score.weight"):  # a base loaded without num_labels
+        gpt.load_lora(_gpt_tiny("llama", n_embd=32, vocab_size=897, n_head=4, head_dim=8, n_kv_head=2, n_inner=64), tmp_path / "ad")
+
+
+def test_gpt_lora_kl_to_base(monkeypatch):
+    m = gpt.add_lora(_gpt_tiny("llama", num_labels=2, vocab_size=61), rank=4, alpha=8, dropout=0.0)
+    idx = torch.randint(0, 61, (3, 12), generator=torch.Generator().manual_seed(0))
+    tg = torch.roll(idx, -1, 1)
+    tg[0, 5:] = tg[2, :3] = -100  # only the valid targets count
+
+    def kl(rows=256):
+        with torch.no_grad(), gpt.lora_disabled(m):
+            ref = (m.hidden_states(idx)[tg != -100], m.lm_head.weight)
+        h = m.hidden_states(idx)[tg != -100]
+        return gpt.kl_to_ref(h, m.lm_head.weight, *ref, rows=rows), m(idx, lm_targets=tg, kl_ref=ref)[2]
+
+    assert max(abs(v.item()) for v in kl()) < 1e-6  # adapters at zero: the model is the base
+    _gpt_lora_perturb(m)
+    a, b = kl(rows=5)  # row chunks of 5 == one chunk == the naive full-logits KL
+    with torch.no_grad(), gpt.lora_disabled(m):
+        q = F.log_softmax(m.lm_logits(idx)[tg != -100], -1)
+    p = F.log_softmax(m.lm_logits(idx)[tg != -100], -1)
+    naive = (p.exp() * (p - q)).sum(-1).mean()
+    assert a.item() > 1e-3 and abs(a.item() - naive.item()) < 1e-5 and abs(b.item() - naive.item()) < 1e-5
+    b.backward()
+    for n, prm in m.named_parameters():  # the gradient reaches the adapters only (the head is not in the KL)
+        assert (prm.grad is not None and prm.grad.abs().sum() > 0) == (".lora_" in n), n
 
 # -- bad input --------------------------------------------------------------------------------
 
@@ -1172,108 +1292,6 @@ def test_train_cot_answer_parsing():
     model = _TrainFakeLM(tok, [answers[j] for j in order])
     probs = dhrd.class_probs(model, seqs, meta, True, "cpu", torch.no_grad(), 8, 60, tok)
     assert probs.tolist() == [[0, 1], [1, 0], [0, 0], [0, 0]]
-
-
-# ---- lora: adapters on a frozen base (paper App. E.4), merged export, adapter-only files, KL to the base
-
-
-def _lora_perturb(m, seed=1):  # non-zero B (a fresh adapter is exactly the base), so merges and round trips show
-    g = torch.Generator().manual_seed(seed)
-    for n, p in m.named_parameters():
-        if ".lora_B" in n:
-            p.data = torch.randn(p.shape, generator=g) * 0.1
-
-
-@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
-def test_lora_fresh_is_base_and_trains_only_adapters(model_type):
-    m = _gpt_tiny(model_type, num_labels=3)
-    idx = torch.randint(0, 61, (3, 12), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        logits, cls = m.lm_logits(idx), m.classify(idx)
-    base = {k: v.clone() for k, v in gpt.merged_state_dict(m).items()}
-    gpt.add_lora(m, rank=4, alpha=8, dropout=0.0)
-    with torch.no_grad():  # B = 0: bit-identical to the base model
-        assert torch.equal(m.lm_logits(idx), logits) and torch.equal(m.classify(idx), cls)
-    trained = [n for n, p in m.named_parameters() if p.requires_grad]
-    assert all(".lora_" in n or n.startswith("score") for n in trained) and "score.weight" in trained
-    assert any("gate_proj.lora_A" in n for n in trained) == (model_type == "llama")  # GPT-2 has no gate_proj: skipped
-    assert sum(".lora_A" in n for n in trained) == 2 * (7 if model_type == "llama" else 6)
-    opt = m.configure_optimizers(0.1, 1e-2, (0.9, 0.95), "cpu")
-    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == sum(p.numel() for p in m.parameters() if p.requires_grad)
-    m.train()
-    y, losses = torch.tensor([0, 1, 2]), []
-    for _ in range(8):
-        cls_logits, loss_lm = m(idx, lm_targets=torch.roll(idx, -1, 1))
-        loss = F.cross_entropy(cls_logits, y) + loss_lm
-        loss.backward(), opt.step(), opt.zero_grad()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0] - 0.1, losses
-    after = dict(m.state_dict())
-    for k, v in base.items():  # the frozen weights did not move by a bit; the adapters and the head did
-        if not k.startswith("score"):
-            assert torch.equal(after[k.replace("_proj.", "_proj.base.")], v), k
-    assert not torch.equal(after["score.weight"], base["score.weight"])
-    assert all(after[n].abs().sum() > 0 for n in trained if ".lora_B" in n)
-    with pytest.raises(ValueError, match="unknown LoRA target.*'qkv'.*valid: q_proj,k_proj,v_proj,o_proj,gate_proj"):
-        gpt.add_lora(_gpt_tiny(model_type), targets="q_proj,qkv")
-    with pytest.raises(ValueError, match="none exists"):
-        gpt.add_lora(_gpt_tiny("gpt2"), targets=["gate_proj"])
-
-
-def test_lora_merged_export_and_adapter_round_trip(tmp_path):
-    m = gpt.add_lora(GPT.from_pretrained(FIX / "llama").eval(), rank=4, alpha=32, dropout=0.1)
-    _lora_perturb(m)
-    r = _gpt_ref("llama")
-    ids, am = r["input_ids"], r["attention_mask"]
-    before = {k: v.clone() for k, v in m.state_dict().items()}
-    with torch.no_grad():
-        logits, cls = m.lm_logits(ids, am), m.classify(ids, am)
-    assert (logits - r["logits"]).abs().max() > 1e-3  # the adapters change the model
-    m.save_pretrained(tmp_path / "merged")
-    assert m.state_dict().keys() == before.keys() and all(torch.equal(m.state_dict()[k], v) for k, v in before.items())
-    merged = GPT.from_pretrained(tmp_path / "merged").eval()  # a plain HF folder: no lora tensors in it
-    assert not any("lora" in k or ".base." in k for k in read_safetensors(tmp_path / "merged" / "model.safetensors"))
-    with torch.no_grad():
-        assert (merged.lm_logits(ids, am) - logits).abs().max() < 1e-5
-        assert (merged.classify(ids, am) - cls).abs().max() < 1e-5
-    gpt.save_lora(m, tmp_path / "ad")
-    saved = read_safetensors(tmp_path / "ad" / "adapter.safetensors")
-    assert set(saved) == {k for k in before if ".lora_" in k or k.startswith("score")}
-    assert json.loads((tmp_path / "ad" / "adapter.json").read_text())["rank"] == 4
-    m2 = gpt.load_lora(GPT.from_pretrained(FIX / "llama").eval(), tmp_path / "ad")
-    assert all(torch.equal(m2.state_dict()[k], v) for k, v in before.items())
-    with torch.no_grad():
-        assert torch.equal(m2.lm_logits(ids, am), logits) and torch.equal(m2.classify(ids, am), cls)
-    with pytest.raises(CheckpointError, match=r"adapter.safetensors: tensor h.0.attn.\w+.lora_A has shape \[4, 32\], "
-                       r"this model's is \[4, 16\].*load that base"):
-        gpt.load_lora(_gpt_tiny("llama", num_labels=3), tmp_path / "ad")
-    with pytest.raises(CheckpointError, match="unexpected.*score.weight"):  # a base loaded without num_labels
-        gpt.load_lora(_gpt_tiny("llama", n_embd=32, vocab_size=897, n_head=4, head_dim=8, n_kv_head=2, n_inner=64), tmp_path / "ad")
-
-
-def test_lora_kl_to_base(monkeypatch):
-    m = gpt.add_lora(_gpt_tiny("llama", num_labels=2, vocab_size=61), rank=4, alpha=8, dropout=0.0)
-    idx = torch.randint(0, 61, (3, 12), generator=torch.Generator().manual_seed(0))
-    tg = torch.roll(idx, -1, 1)
-    tg[0, 5:] = tg[2, :3] = -100  # only the valid targets count
-
-    def kl(rows=256):
-        with torch.no_grad(), gpt.lora_disabled(m):
-            ref = (m.hidden_states(idx)[tg != -100], m.lm_head.weight)
-        h = m.hidden_states(idx)[tg != -100]
-        return gpt.kl_to_ref(h, m.lm_head.weight, *ref, rows=rows), m(idx, lm_targets=tg, kl_ref=ref)[2]
-
-    assert max(abs(v.item()) for v in kl()) < 1e-6  # adapters at zero: the model is the base
-    _lora_perturb(m)
-    a, b = kl(rows=5)  # row chunks of 5 == one chunk == the naive full-logits KL
-    with torch.no_grad(), gpt.lora_disabled(m):
-        q = F.log_softmax(m.lm_logits(idx)[tg != -100], -1)
-    p = F.log_softmax(m.lm_logits(idx)[tg != -100], -1)
-    naive = (p.exp() * (p - q)).sum(-1).mean()
-    assert a.item() > 1e-3 and abs(a.item() - naive.item()) < 1e-5 and abs(b.item() - naive.item()) < 1e-5
-    b.backward()
-    for n, prm in m.named_parameters():  # the gradient reaches the adapters only (the head is not in the KL)
-        assert (prm.grad is not None and prm.grad.abs().sum() > 0) == (".lora_" in n), n
 
 
 @pytest.fixture(scope="module")
