@@ -14,7 +14,7 @@ import copy, json, os, subprocess, sys, time, statistics
 from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
-from gpt import GPT, GPTConfig, fused_lm_loss, native_dtype
+from gpt import GPT, GPTConfig, dual_loss, fused_lm_loss, native_dtype
 
 # ----------------------------------------------------------------------------- config (--key=value)
 init_from = "gpt2"        # a model folder (real weights), or a built-in shape below (random weights)
@@ -224,8 +224,7 @@ def main():
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
     def step():
         with ctx:
-            cls_logits, loss_lm = fast(s, x_len=x_len, lm_targets=targets)
-            loss = beta * F.cross_entropy(cls_logits.float(), y) + alpha * loss_lm  # Eq. 4
+            loss, _ = dual_loss(fast(s, x_len=x_len, lm_targets=targets), y, alpha, beta)  # Eq. 4
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()

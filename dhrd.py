@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import prepare
-from gpt import GPT, GPTConfig, CheckpointError, add_lora, lora_disabled, native_dtype, save_lora
+from gpt import GPT, GPTConfig, CheckpointError, add_lora, dual_loss, lora_disabled, native_dtype, save_lora
 
 @dataclass
 class Config:
@@ -415,11 +415,11 @@ def main(argv):
                 raw.train()
             with ctx:
                 # ONE forward over s = [x, rationale, answer]: pooled logits at x_len, reasoning-head loss on s
-                cls_logits, loss_lm, *kl = model(idx, mask, x_len, lm_targets, kl_ref)
-                loss_cls = F.cross_entropy(cls_logits.float(), y)
-                loss_kl = kl[0] if kl else loss_cls.new_zeros(())
+                out = model(idx, mask, x_len, lm_targets, kl_ref)
                 # paper Eq. 4: beta L_cls + alpha L_lm; plus kl_coef * KL(p_model || p_base) when --kl_coef > 0
-                loss = cfg.beta * loss_cls + (alpha * loss_lm if use_lm else 0.0) + cfg.kl_coef * loss_kl
+                loss, loss_cls = dual_loss(out, y, alpha, cfg.beta, cfg.kl_coef)
+                loss_lm = out.loss_lm
+                loss_kl = out.loss_kl if out.loss_kl is not None else loss_cls.new_zeros(())
             scaler.scale(loss / micro).backward()
             sums += torch.stack([loss, loss_cls, loss_lm if use_lm else loss.new_zeros(()), loss_kl]).detach().float()
         pos += B * G

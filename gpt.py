@@ -5,9 +5,10 @@ trained from ONE forward pass (paper Eq. 4); at inference the pooled head alone.
 Reading and writing Hugging Face folders (safetensors, config.json, tokenizers, hub downloads) is hf.py's.
 
 - GPTConfig: every size and switch of the five families (hf.FAMILIES sets them from config.json)
-- RMSNorm, rope, CausalSelfAttention, MLP, Block: one module per idea, switches instead of copies
+- RMSNorm, rope, KVCache, CausalSelfAttention, MLP, Block: one module per idea, switches instead of copies
 - fused_lm_loss (the fused masked LM loss, Eq. 3) and reference_lm_loss (the same, plain, to edit)
 - kl_to_ref: KL to a frozen reference at the LM targets (dhrd's --kl_coef)
+- DualOutput (what forward returns, always) and dual_loss (Eq. 4, the one place it is written)
 - _sample: greedy, temperature and nucleus sampling for generate
 - LoRA (paper App. E.4): add_lora, lora_disabled, merged export, save_lora / load_lora
 - GPT: embeddings, blocks, both heads, pooling, generate with a KV cache, from_pretrained / save_pretrained,
@@ -20,6 +21,7 @@ import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -128,6 +130,29 @@ def _rotate(x, cos, sin):  # x [B,H,T,hd]; rotate_half as in HF: (x1, x2) -> (-x
     return x * cos[:, None].to(x.dtype) + torch.cat((-x2, x1), dim=-1) * sin[:, None].to(x.dtype)
 
 
+class KVCache:
+    """One attention layer's keys and values during generate (gpt-fast's KVCache): [B, n_kv, max_len, hd]
+    buffers written in place, never re-concatenated. They are allocated by the first update (the prompt), in
+    the dtype k has there, so the cache never casts what it stores: under autocast that is the matmul dtype,
+    but fp32 after Qwen3's q/k RMSNorm. v shares k's buffer dtype, since attention takes one dtype."""
+
+    def __init__(self, max_len):
+        self.max_len = max_len
+        self.k = None
+        self.v = None
+
+    def update(self, start, k, v):
+        """Write k, v [B, n_kv, T, hd] at start..start+T-1 -> the keys and values of 0..start+T-1."""
+        if self.k is None:
+            B, n_kv, _, hd = k.shape
+            self.k = k.new_empty(B, n_kv, self.max_len, hd)
+            self.v = k.new_empty(B, n_kv, self.max_len, hd)
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
 class CausalSelfAttention(nn.Module):
     """Grouped-query attention: n_kv_head K/V heads, each shared by n_head // n_kv_head query heads."""
 
@@ -162,14 +187,8 @@ class CausalSelfAttention(nn.Module):
         if rot is not None:  # Llama/Qwen: rotary positions, applied before k enters the cache
             q = _rotate(q, *rot)
             k = _rotate(k, *rot)
-        if cache is not None:  # preallocated [B, n_kv, T_max, hd] buffers, written in place
-            if cache[0] is None:
-                cache[0] = k.new_empty(B, self.n_kv, cache[2], self.hd)
-                cache[1] = k.new_empty(B, self.n_kv, cache[2], self.hd)
-            cache[0][:, :, start:start + T] = k
-            cache[1][:, :, start:start + T] = v
-            k = cache[0][:, :, :start + T]
-            v = cache[1][:, :, :start + T]
+        if cache is not None:
+            k, v = cache.update(start, k, v)
         if self.n_kv != self.n_head:  # each K/V head serves n_head // n_kv query heads (HF repeat_kv)
             k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
@@ -319,6 +338,27 @@ def kl_to_ref(h, w, h_ref, w_ref, rows=256):
     return sum(chunks) / len(h)
 
 # ----------------------------------------------------------------------------------------------------------
+# The dual objective: forward returns both heads' terms from one pass; dual_loss combines them (Eq. 4).
+
+class DualOutput(NamedTuple):
+    cls_logits: torch.Tensor | None  # [B, K] the pooled head at the last token of x (Eq. 2); None: no head
+    loss_lm: torch.Tensor | None     # L_lm, the reasoning head's loss (Eq. 3); None: no lm_targets given
+    loss_kl: torch.Tensor | None     # KL(p_model || p_ref) at the LM targets; None: no kl_ref given
+
+
+def dual_loss(out, y, alpha, beta, kl_coef=0.0):
+    """Paper Eq. 4: L = beta * L_cls + alpha * L_lm, from one forward's DualOutput and the labels y; plus
+    kl_coef * KL when out carries it (dhrd's --kl_coef). -> (loss, loss_cls). A pooled baseline (alpha=0)
+    passes no LM targets, so loss_lm is None and no LM work was done at all."""
+    loss_cls = F.cross_entropy(out.cls_logits.float(), y)
+    loss = beta * loss_cls
+    if out.loss_lm is not None:
+        loss = loss + alpha * out.loss_lm
+    if out.loss_kl is not None:
+        loss = loss + kl_coef * out.loss_kl
+    return loss, loss_cls
+
+# ----------------------------------------------------------------------------------------------------------
 # Sampling the next token in generate: greedy, temperature, nucleus (paper App. E.6: 0.1 and 0.7 for CoT).
 
 def _sample(logits, temperature, top_p, generator):
@@ -374,7 +414,7 @@ def add_lora(model, rank=16, alpha=32.0, dropout=0.1, targets=LORA_TARGETS):
     bad = [t for t in targets if t not in LORA_TARGETS]
     if bad:
         raise ValueError(f"unknown LoRA target(s) {bad}; valid: {','.join(LORA_TARGETS)}")
-    if rank < 1 or getattr(model, "lora", None):
+    if rank < 1 or model.lora is not None:
         raise ValueError(f"LoRA rank must be >= 1 (got {rank}), and adapters are added once per model")
     model.requires_grad_(False)
     pairs = [(m, t) for b in model.h for m in (b.attn, b.mlp) for t in targets
@@ -422,11 +462,11 @@ def save_lora(model, path):
     """Adapter-only checkpoint: path/adapter.safetensors (every lora_A [r,in] / lora_B [out,r] and the `score`
     head, by our module names) + path/adapter.json (rank, alpha, dropout, targets, base_model). load_lora is
     its exact inverse."""
-    check(getattr(model, "lora", None), "save_lora", "the model has no LoRA adapters; call add_lora first")
+    check(model.lora is not None, "save_lora", "the model has no LoRA adapters; call add_lora first")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     write_safetensors(path / "adapter.safetensors", _adapter_state(model))
-    src = str(Path(model.source_dir).resolve()) if hasattr(model, "source_dir") else ""  # none on a resume
+    src = "" if model.source_dir is None else str(Path(model.source_dir).resolve())  # none on a dhrd resume
     info = {**model.lora, "base_model": src, "num_labels": model.config.num_labels, "head": model.config.head}
     atomic_write(path / "adapter.json", lambda tmp: tmp.write_text(json.dumps(info, indent=1)))
 
@@ -490,6 +530,8 @@ class GPT(nn.Module):
         else:
             self.score = nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.Linear(D, cfg.num_labels))
         self.lm_loss = fused_lm_loss  # Eq. 3; reference_lm_loss computes the same, plainly
+        self.source_dir = None  # the folder from_pretrained read; save_pretrained copies its tokenizer files
+        self.lora = None  # add_lora's settings (rank, alpha, dropout, targets) once it has added adapters
         self.apply(self._init_weights)
         for name, p in self.h.named_parameters():  # GPT-2 paper §2.3: residual projections by 1/sqrt(2 L)
             if name.endswith(("o_proj.weight", "down_proj.weight")):
@@ -558,16 +600,17 @@ class GPT(nn.Module):
         if self.score is None:
             raise ValueError("this model has no classification head: pass num_labels=K to "
                              "from_pretrained/GPTConfig")
-        return self.forward(idx, attention_mask)[0]
+        return self.forward(idx, attention_mask).cls_logits
 
     def forward(self, idx, attention_mask=None, x_len=None, lm_targets=None, kl_ref=None):
         """THE training forward: one pass over s = [x, rationale, answer] feeds both losses of Eq. 4 (and
         keeps DDP's hooks simple). Causal attention makes h at x's last token independent of what follows:
         pooling there = x alone (§3). kl_ref = (the frozen reference's hidden states at the valid targets,
-        its LM head). -> (cls_logits, loss_lm), and loss_kl third when kl_ref is given."""
+        its LM head). -> DualOutput, None for each term not asked for."""
         h = self.hidden_states(idx, attention_mask)
         cls_logits = None
         loss_lm = None
+        loss_kl = None
         if self.score is not None:
             if x_len is None:  # x alone: the real length of each right-padded row
                 real = torch.ones_like(idx) if attention_mask is None else attention_mask
@@ -576,8 +619,8 @@ class GPT(nn.Module):
         if lm_targets is not None:
             loss_lm = self.lm_loss(h, self.lm_head.weight, lm_targets)
         if kl_ref is not None:
-            return cls_logits, loss_lm, kl_to_ref(h[lm_targets != -100], self.lm_head.weight, *kl_ref)
-        return cls_logits, loss_lm
+            loss_kl = kl_to_ref(h[lm_targets != -100], self.lm_head.weight, *kl_ref)
+        return DualOutput(cls_logits, loss_lm, loss_kl)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=0.0, top_p=1.0, eos_token_id=None,
@@ -595,7 +638,7 @@ class GPT(nn.Module):
         if attention_mask is not None:
             keys = F.pad(attention_mask.to(idx.device).bool(), (0, max_new_tokens), value=True)
         out = F.pad(idx, (0, max_new_tokens))
-        caches = [[None, None, T + max_new_tokens] for _ in self.h]  # per block: k, v buffers and length
+        caches = [KVCache(T + max_new_tokens) for _ in self.h]
         pad = self.config.pad_token_id if self.config.pad_token_id is not None else eos_token_id
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         x = idx
@@ -644,7 +687,7 @@ class GPT(nn.Module):
             model.lm_head.weight = model.wte.weight
         if model.score is not None and not any(k.startswith("score") for k in sd):  # a fresh head
             model.score.to_empty(device="cpu").apply(model._init_weights)
-        model.source_dir = folder  # save_pretrained copies the tokenizer files from here
+        model.source_dir = folder
         return model
 
     def save_pretrained(self, path, labels=None):
@@ -656,7 +699,7 @@ class GPT(nn.Module):
         write_safetensors(path / "model.safetensors", state_dict_to_hf(sd, self.config))
         text = json.dumps(config_to_hf(self.config, labels, self.wte.weight.dtype), indent=2)
         atomic_write(path / "config.json", lambda tmp: tmp.write_text(text))
-        if hasattr(self, "source_dir"):
+        if self.source_dir is not None:
             copy_tokenizer_files(self.source_dir, path)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):

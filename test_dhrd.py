@@ -26,13 +26,13 @@ import dhrd  # noqa: E402
 import gpt  # noqa: E402
 import prepare  # noqa: E402
 import hf  # noqa: E402
-from gpt import (CheckpointError, DownloadError, GPT, GPTConfig, download, fused_lm_loss,  # noqa: E402
-                 load_tokenizer, reference_lm_loss)
+from gpt import (CheckpointError, DownloadError, DualOutput, GPT, GPTConfig, KVCache, download,  # noqa: E402
+                 dual_loss, fused_lm_loss, load_tokenizer, reference_lm_loss)
 from hf import GPT2_PAT, read_safetensors, resolve_model_dir, write_safetensors  # noqa: E402
 
 # ==============================================================================================================
-# gpt.py + hf.py: parity with transformers, fused loss, one-pass property, LoRA, checkpoints and family
-# records, tokenizer, downloads
+# gpt.py + hf.py: parity with transformers, fused loss, one-pass property, DualOutput / dual_loss, KV cache, LoRA,
+# checkpoints and family records, tokenizer, downloads
 # ==============================================================================================================
 
 FIX = ROOT / "tests" / "fixtures"
@@ -163,14 +163,54 @@ def test_gpt_forward_one_pass_property(model_type):
         am[1, 14:] = 0
         x_len = torch.tensor([9, 6])
         tg = torch.cat([idx[:, 1:], torch.full((2, 1), -100)], 1).masked_fill(am == 0, -100)
-        cls, loss = m(idx, am, x_len=x_len, lm_targets=tg)
+        out = m(idx, am, x_len=x_len, lm_targets=tg)
         alone = torch.cat([m.classify(idx[b:b + 1, :x_len[b]]) for b in range(2)])
-        assert (cls - alone).abs().max() < 1e-5
+        assert (out.cls_logits - alone).abs().max() < 1e-5
         naive = F.cross_entropy(m.lm_logits(idx, am).view(-1, 61), tg.view(-1), ignore_index=-100)
-        assert abs(loss.item() - naive.item()) < 1e-5
-        loss.backward()
+        assert abs(out.loss_lm.item() - naive.item()) < 1e-5
+        out.loss_lm.backward()
         m.lm_loss = reference_lm_loss  # the plain path, swapped in: the same loss
-        assert abs(m(idx, am, x_len=x_len, lm_targets=tg)[1].item() - naive.item()) < 1e-5
+        assert abs(m(idx, am, x_len=x_len, lm_targets=tg).loss_lm.item() - naive.item()) < 1e-5
+
+
+def test_gpt_dual_output_and_dual_loss():
+    """forward always returns DualOutput(cls_logits, loss_lm, loss_kl), None for what was not asked; dual_loss is
+    Eq. 4: beta * CE(cls_logits, y) + alpha * loss_lm (+ kl_coef * loss_kl), each term only when present."""
+    m = _gpt_tiny("llama", num_labels=3)
+    idx = torch.randint(0, 61, (2, 10), generator=torch.Generator().manual_seed(0))
+    tg = torch.roll(idx, -1, 1)
+    y = torch.tensor([2, 0])
+    ref = (m.hidden_states(idx).detach()[tg != -100], m.lm_head.weight.detach())
+    outs = [m(idx), m(idx, lm_targets=tg), m(idx, lm_targets=tg, kl_ref=ref), _gpt_tiny("llama")(idx, lm_targets=tg)]
+    for out in outs:
+        assert type(out) is DualOutput and len(out) == 3 and out._fields == ("cls_logits", "loss_lm", "loss_kl")
+    assert [[f is None for f in o] for o in outs] == [[False, True, True], [False, False, True],
+                                                     [False, False, False], [True, False, True]]
+    assert outs[0].cls_logits.shape == (2, 3) and abs(outs[2].loss_kl.item()) < 1e-6  # KL to itself
+    ce = F.cross_entropy(outs[1].cls_logits, y)
+    loss, loss_cls = dual_loss(outs[0], y, alpha=0.7, beta=2.0)  # a pooled baseline: no LM term at all
+    assert torch.equal(loss_cls, ce) and torch.equal(loss, 2.0 * ce)
+    loss, _ = dual_loss(outs[1], y, alpha=0.7, beta=2.0, kl_coef=5.0)  # no KL in out: kl_coef has nothing to scale
+    assert torch.allclose(loss, 2.0 * ce + 0.7 * outs[1].loss_lm)
+    out = outs[2]._replace(loss_kl=torch.tensor(0.25))
+    loss, _ = dual_loss(out, y, alpha=0.7, beta=0.0, kl_coef=2.0)  # beta=0: a CoT-only model
+    assert torch.allclose(loss, 0.7 * out.loss_lm + 0.5)
+
+
+def test_gpt_kv_cache_update_in_place():
+    cache = KVCache(max_len=6)
+    k, v = torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)  # [B, n_kv, T, hd]: a 4-token prompt
+    ks, vs = cache.update(0, k, v)
+    assert cache.k.shape == (2, 3, 6, 5) and torch.equal(ks, k) and torch.equal(vs, v)
+    buf = cache.k.data_ptr()
+    k1, v1 = torch.randn(2, 3, 1, 5), torch.randn(2, 3, 1, 5)  # one decoded token at position 4
+    ks, vs = cache.update(4, k1, v1)
+    assert cache.k.data_ptr() == buf and ks.data_ptr() == buf  # written in place, the prefix is a view
+    assert ks.shape == (2, 3, 5, 5) and torch.equal(ks, torch.cat([k, k1], 2)) and torch.equal(vs, torch.cat([v, v1], 2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # buffers take the dtype of the first keys
+        c = KVCache(3)
+        c.update(0, k[:, :, :2].bfloat16(), v[:, :, :2].bfloat16())
+    assert c.k.dtype == c.v.dtype == torch.bfloat16
 
 
 def test_gpt_sampling_and_cache_match_recompute():
@@ -190,7 +230,7 @@ def test_gpt_bf16_autocast_cpu():
     m = _gpt_tiny("gpt2", num_labels=2)
     idx = torch.randint(0, 61, (2, 12))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        cls, loss = m(idx, lm_targets=idx)
+        cls, loss, _ = m(idx, lm_targets=idx)
         loss.backward()
         out = m.generate(idx[:, :4], 3)
     assert torch.isfinite(loss) and cls.shape == (2, 2) and out.shape == (2, 7)
@@ -370,8 +410,7 @@ def test_gpt_lora_fresh_is_base_and_trains_only_adapters(model_type):
     m.train()
     y, losses = torch.tensor([0, 1, 2]), []
     for _ in range(8):
-        cls_logits, loss_lm = m(idx, lm_targets=torch.roll(idx, -1, 1))
-        loss = F.cross_entropy(cls_logits, y) + loss_lm
+        loss, _ = dual_loss(m(idx, lm_targets=torch.roll(idx, -1, 1)), y, alpha=1.0, beta=1.0)
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -430,7 +469,7 @@ def test_gpt_lora_kl_to_base(monkeypatch):
         with torch.no_grad(), gpt.lora_disabled(m):
             ref = (m.hidden_states(idx)[tg != -100], m.lm_head.weight)
         h = m.hidden_states(idx)[tg != -100]
-        return gpt.kl_to_ref(h, m.lm_head.weight, *ref, rows=rows), m(idx, lm_targets=tg, kl_ref=ref)[2]
+        return gpt.kl_to_ref(h, m.lm_head.weight, *ref, rows=rows), m(idx, lm_targets=tg, kl_ref=ref).loss_kl
 
     assert max(abs(v.item()) for v in kl()) < 1e-6  # adapters at zero: the model is the base
     _gpt_lora_perturb(m)
