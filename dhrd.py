@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import prepare
-from gpt import GPT, GPTConfig, CheckpointError, add_lora, lora_disabled, native_dtype, save_lora
+from gpt import GPT, GPTConfig, CheckpointError, add_lora, dual_loss, lora_disabled, native_dtype, save_lora
+from hf import atomic_write
 
 
 @dataclass
@@ -302,18 +303,6 @@ def evaluate(model, split, meta, cot, device, ctx, cfg, tok):
 # are loaded with weights_only=True, so RNG states are stored as tensors / plain lists. The best model is
 # exported in HF layout (+ dhrd's meta.json).
 
-def _tmp(path):
-    return path.with_name(path.name + ".tmp")
-
-
-def atomic_write(path, write):
-    """write(tmp) fills tmp, the sibling path.name + ".tmp"; then os.replace puts it at path in one rename."""
-    path = Path(path)
-    write(_tmp(path))
-    os.replace(_tmp(path), path)
-    return path
-
-
 def write_text(path, text):
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
@@ -346,12 +335,13 @@ def save_checkpoint(path, raw, optimizer, scaler, it, pos, best, alpha, ref):
 def export(model, path, meta, cfg):
     """The model (LoRA merged in: a plain HF folder) + meta.json, written to the folder path.name + ".tmp",
     then swapped in by renames (a folder cannot replace a full one in one os.replace)."""
-    tmp = _tmp(path)
+    tmp = path.with_name(path.name + ".tmp")
     old = path.with_name(path.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, labels=meta["labels"])
     info = {**meta, "eval": "cot" if cfg.beta == 0 else "pooled", "pooling": cfg.pooling}  # for --predict
     write_text(tmp / "meta.json", json.dumps(info, indent=1, ensure_ascii=False) + "\n")
+    shutil.rmtree(old, ignore_errors=True)  # left by a run killed between the two renames below
     if path.exists():
         os.replace(path, old)
     os.replace(tmp, path)
@@ -378,11 +368,12 @@ def backbone_grads(model, batch, ctx, device):
     with torch.random.fork_rng(devices=devices):
         with ctx:
             out = model(idx, mask, x_len, lm_targets)
-        loss_cls = F.cross_entropy(out[0].float(), y)
-        g_cls = torch.autograd.grad(loss_cls, params, retain_graph=out[1] is not None, allow_unused=True)
+        loss_cls = F.cross_entropy(out.cls_logits.float(), y)
+        has_lm = out.loss_lm is not None
+        g_cls = torch.autograd.grad(loss_cls, params, retain_graph=has_lm, allow_unused=True)
         g_lm = None
-        if out[1] is not None:
-            g_lm = torch.autograd.grad(out[1], params, allow_unused=True)
+        if has_lm:
+            g_lm = torch.autograd.grad(out.loss_lm, params, allow_unused=True)
     if g_lm is None:
         return _dense(g_cls, params), None
     return _dense(g_cls, params), _dense(g_lm, params)
@@ -836,11 +827,11 @@ def train(cfg, rt):
                 raw.train()
             with ctx:
                 # ONE forward over s = [x, rationale, answer]: pooled logits at x_len, reasoning-head loss on s
-                cls_logits, loss_lm, *kl = model(idx, mask, x_len, lm_targets, kl_ref)
-                loss_cls = F.cross_entropy(cls_logits.float(), y)
-                loss_kl = kl[0] if kl else loss_cls.new_zeros(())
+                out = model(idx, mask, x_len, lm_targets, kl_ref)
                 # paper Eq. 4: beta L_cls + alpha L_lm; plus kl_coef * KL(p_model || p_base) when --kl_coef > 0
-                loss = cfg.beta * loss_cls + (alpha * loss_lm if use_lm else 0.0) + cfg.kl_coef * loss_kl
+                loss, loss_cls = dual_loss(out, y, alpha, cfg.beta, cfg.kl_coef)
+                loss_lm = out.loss_lm
+                loss_kl = out.loss_kl if out.loss_kl is not None else loss_cls.new_zeros(())
             scaler.scale(loss / micro).backward()
             lm_term = loss_lm if use_lm else loss.new_zeros(())
             sums += torch.stack([loss, loss_cls, lm_term, loss_kl]).detach().float()
