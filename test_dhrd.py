@@ -1404,10 +1404,12 @@ def _bench_tiny_model(path):
     return path
 
 
-def test_bench_end_to_end_json(tmp_path):
+@pytest.mark.parametrize("lora_rank", [0, 2])
+def test_bench_end_to_end_json(lora_rank, tmp_path):
     model_dir = _bench_tiny_model(tmp_path / "tiny")
     out = tmp_path / "bench.json"
-    p = _bench_run(f"--init_from={model_dir}", f"--out={out}", *BENCH_TINY)  # default dtype: auto
+    p = _bench_run(f"--init_from={model_dir}", f"--out={out}", f"--train_lora_rank={lora_rank}",
+                   *BENCH_TINY)  # default dtype: auto
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads(out.read_text())
     # every key of SPEC §5, with the shapes that were asked for
@@ -1417,6 +1419,9 @@ def test_bench_end_to_end_json(tmp_path):
     assert {k: r["cot"][k] for k in ("batch_size", "new_tokens")} == {"batch_size": 2, "new_tokens": 5}
     assert {k: r["train"][k] for k in ("batch_size", "seq_len")} == {"batch_size": 2, "seq_len": 12}
     assert r["train"]["mfu"] is None  # no MFU on a CPU: there is no vendor peak to divide by
+    assert r["train"]["peak_tflops"] is None and r["gpu"] is None
+    assert r["train"]["lora_rank"] == lora_rank
+    assert (r["train"]["trained_params"] < r["params"]) == (lora_rank > 0)  # LoRA: adapters + pooled head
     for v in (r["pooled"]["qps"], r["cot"]["qps"], r["cot"]["tokens_per_s"], r["train"]["tokens_per_s"]):
         assert isinstance(v, float) and v > 0
     assert r["speedup"] == r["pooled"]["qps"] / r["cot"]["qps"]
@@ -1435,6 +1440,36 @@ def test_bench_builtin_shape_is_gpt2_124m():
     assert sum(p.numel() for p in model.parameters()) == 124_439_808 + 768 * bench.num_labels
 
 
+@pytest.mark.parametrize("name, hf_params", [("llama-3.1-8b", 8_030_261_248), ("llama-3.2-3b", 3_212_749_824),
+                                             ("qwen3-4b", 4_022_468_096), ("qwen3-8b", 8_190_735_360)])
+def test_bench_paper_shapes_have_the_public_parameter_counts(name, hf_params):
+    # the paper's backbones, built on the meta device (no memory, no time): the public counts (HF's, a tied
+    # LM head counted once) plus the bias-free pooled head, num_labels x hidden; the Llama/Qwen3 fields
+    model = bench.load_model(name, "meta")
+    c = model.config
+    assert next(model.parameters()).is_meta
+    assert sum(p.numel() for p in model.parameters()) == hf_params + c.n_embd * bench.num_labels
+    family = (c.norm, c.glu, c.activation, c.bias, c.qkv_bias, c.pre_ln)
+    assert family == ("rmsnorm", True, "silu", False, False, True)
+    assert c.qk_norm == name.startswith("qwen3")
+    assert (model.lm_head.weight is model.wte.weight) == c.tie_word_embeddings
+    assert (c.rope_scaling or {}).get("rope_type") == ("llama3" if name.startswith("llama") else None)
+
+
+def test_bench_builds_in_dtype_and_counts_lora_flops():
+    # a built-in shape is constructed in the benchmark dtype directly (CUDA: on the GPU, no fp32 host copy)
+    model = bench.load_model("llama-tiny", "cpu", torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert torch.get_default_dtype() == torch.float32  # restored
+    assert bench.train_flops_per_token(model, 32) == model.flops_per_token(32)  # full fine-tuning: 6N + attn
+    gpt.add_lora(model, 4)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    attn = model.flops_per_token(32) - 6 * (trained + frozen)
+    # LoRA: a frozen weight has a forward and an input gradient, no weight gradient
+    assert bench.train_flops_per_token(model, 32) == 6 * trained + 4 * frozen + attn
+
+
 def test_bench_bad_flag_cli():
     p = _bench_run("--batch_sise=4", timeout=60)
     assert p.returncode == 2 and len(p.stderr.splitlines()) == 1, p.stderr  # one line, no traceback
@@ -1450,6 +1485,7 @@ def test_bench_bad_flag_cli():
     ("--init_from=no-such-model", "neither a model folder nor a built-in shape"),
     ("--dtype=float16", "float16 on CUDA only"),
     ("--seq_len=65", "exceeds the model's block_size 64"),
+    ("--train_lora_rank=-1", "0 (full fine-tuning) or a LoRA rank >= 1"),
 ])
 def test_bench_bad_flags(arg, needle, tmp_path, monkeypatch):
     model_dir = _bench_tiny_model(tmp_path / "tiny")
