@@ -101,7 +101,7 @@ SHAPES = {
                      bos_token_id=151643, eos_token_id=151645),
 }
 # tiny members of three families: CPU dry runs of experiments/gpu/run.sh (their timings mean nothing)
-_TINY = dict(vocab_size=512, n_layer=2, n_head=4, n_embd=64)
+_TINY = dict(vocab_size=512, n_layer=2, n_head=4, n_embd=64, bos_token_id=1, eos_token_id=2)
 SHAPES["gpt2-tiny"] = dict(**_TINY, block_size=256)
 SHAPES["llama-tiny"] = {**SHAPES["llama-3.2-3b"], **_TINY, "n_kv_head": 2, "head_dim": 16, "n_inner": 128}
 SHAPES["qwen3-tiny"] = {**SHAPES["qwen3-4b"], **_TINY, "n_kv_head": 2, "head_dim": 32, "n_inner": 128}
