@@ -116,7 +116,8 @@ def hf_config(init_from):
         cfg = config_class(vocab_size=s["vocab_size"], max_position_embeddings=s["block_size"],
                            num_hidden_layers=s["n_layer"], num_attention_heads=s["n_head"],
                            num_key_value_heads=s["n_kv_head"], head_dim=s["head_dim"],
-                           hidden_size=s["n_embd"], intermediate_size=s["n_inner"], hidden_act=s["activation"],
+                           hidden_size=s["n_embd"], intermediate_size=s["n_inner"],
+                           hidden_act=s["activation"],
                            rms_norm_eps=s["layer_norm_eps"], tie_word_embeddings=s["tie_word_embeddings"],
                            attention_bias=False, bos_token_id=s["bos_token_id"],
                            eos_token_id=s["eos_token_id"], num_labels=num_labels, **rope)
