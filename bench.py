@@ -26,7 +26,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from gpt import GPT, GPTConfig, add_lora, fused_lm_loss, native_dtype
+from gpt import GPT, GPTConfig, add_lora, dual_loss, fused_lm_loss, native_dtype
 from prepare import ConfigError, parse_flags
 
 # ----------------------------------------------------------------------------- config (--key=value)
@@ -76,10 +76,11 @@ SHAPES = {
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
     "facebook/opt-125m": dict(model_type="opt", vocab_size=50272, block_size=2048, n_layer=12, n_head=12,
-                              n_embd=768, activation="relu", bos_token_id=2, eos_token_id=2, pad_token_id=1),
+                              n_embd=768, activation="relu", bos_token_id=2, eos_token_id=2, pad_token_id=1,
+                              pos_offset=2),
     "facebook/opt-350m": dict(model_type="opt", vocab_size=50272, block_size=2048, n_layer=24, n_head=16,
                               n_embd=1024, activation="relu", bos_token_id=2, eos_token_id=2, pad_token_id=1,
-                              word_embed_proj_dim=512, pre_ln=False),
+                              word_embed_proj_dim=512, pre_ln=False, pos_offset=2),
     # the paper's backbones (Table 1, Table 5), from their config.json
     "llama-3.1-8b": dict(model_type="llama", **_LLAMA_QWEN, vocab_size=128256, block_size=131072,
                          n_layer=32, n_head=32, n_kv_head=8, head_dim=128, n_embd=4096, n_inner=14336,
@@ -385,8 +386,7 @@ def main():
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
     def step():
         with ctx:
-            cls_logits, loss_lm = fast(s, x_len=x_len, lm_targets=targets)
-            loss = beta * F.cross_entropy(cls_logits.float(), y) + alpha * loss_lm  # Eq. 4
+            loss, _ = dual_loss(fast(s, x_len=x_len, lm_targets=targets), y, alpha, beta)  # Eq. 4
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()

@@ -11,9 +11,16 @@ At test time only the pooled head runs: one forward pass over x, no decoding.
     python dhrd.py --init_from=out-cb --predict=inputs.jsonl --predictions=preds.jsonl
 Config: the defaults below <- JSON config files (positional) <- --key=value. Data: prepare.py.
 """
-import copy, difflib, json, math, os, random, shutil, sys, time
+import copy
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +30,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import prepare
-from gpt import GPT, GPTConfig, CheckpointError, add_lora, lora_disabled, native_dtype, save_lora
+from gpt import GPT, GPTConfig, CheckpointError, add_lora, dual_loss, lora_disabled, native_dtype, save_lora
+from hf import atomic_write
+
 
 @dataclass
 class Config:
@@ -31,28 +40,32 @@ class Config:
     task: str = "synth"             # a task prepared by prepare.py (synth is prepared on the fly)
     data_dir: str = ""              # default: data/<task>
     out_dir: str = ""               # default: out-<task>
-    init_from: str = "scratch"      # 'scratch' (small GPT) | 'resume' | hub name | HF folder | a dhrd out_dir
+    init_from: str = "scratch"      # 'scratch' (small GPT) | 'resume' | hub name | HF folder | dhrd out_dir
     eval_only: bool = False         # evaluate init_from on eval_split, print the metrics, exit
     eval_split: str = "val"
     predict: str = ""               # in.jsonl: rows with "text" (a formatted x) or raw task rows
     predictions: str = ""           # out.jsonl (default: <predict>.pred.jsonl): label + probabilities per x
     mlflow: bool = False            # log params/metrics to MLflow when the package is importable
     # the method (paper Eq. 4): L = beta * L_cls + alpha * L_lm
-    alpha: float = 1.0              # reasoning head weight; 0 = pooled baseline (no rationales needed); 'auto':
-                                    # matched to the gradients at the start (see alpha_from_gradients)
+    alpha: float = 1.0              # reasoning head weight; 0 = pooled baseline (no rationales needed);
+                                    # 'auto': matched to the gradients at the start (alpha_from_gradients)
     beta: float = 1.0               # pooled head weight; 0 = CoT-only model, evaluated by decoding the answer
-    alpha_schedule: str = "constant"  # 'constant' | 'linear' (anneal alpha to 0 by max_iters; paper §6 future work)
-    lm_targets: str = "all"         # 'all' next-token targets of s = [x, r, y] (paper Eq. 3) | 'rationale' (r, y only)
+    alpha_schedule: str = "constant"  # 'constant' | 'linear' (alpha annealed to 0; paper §6 future work)
+    lm_targets: str = "all"         # 'all' next tokens of s = [x, r, y] (paper Eq. 3) | 'rationale' (r, y)
     head: str = "linear"            # 'linear' (bias-free, HF `score`) | 'mlp' (paper's 2-layer MLP)
     pooling: str = "last"           # 'last' real token of x (paper) | 'mean' over x
     cot_tokens: int = 128           # beta=0: max new tokens when decoding reasoning + answer at eval
-    grad_stats: bool = False        # log the backbone gradient norms of beta L_cls, alpha L_lm and their cosine
-    kl_coef: float = 0.0            # + kl_coef * KL(p_model || p_base), LM head at the L_lm targets (README: recipe)
+    grad_stats: bool = False        # log the backbone gradient norms of beta L_cls, alpha L_lm, their cosine
+    kl_coef: float = 0.0            # + kl_coef * KL(p_model || p_base), LM head at the L_lm targets
     # LoRA (paper App. E.4: r=16, alpha=32, dropout 0.1, all projections; only adapters + pooled head train)
-    lora_rank: int = 0; lora_alpha: float = 32.0; lora_dropout: float = 0.1  # noqa: E702  (rank 0 = full fine-tuning)
-    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # gate_proj: skipped where absent
+    lora_rank: int = 0              # 0 = full fine-tuning
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.1
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # gate_proj: where present
     # the scratch model (sized for synth)
-    n_layer: int = 2; n_head: int = 4; n_embd: int = 256  # noqa: E702  (n_embd 128: too small for the LM + pooled head)
+    n_layer: int = 2
+    n_head: int = 4
+    n_embd: int = 256               # 128: too small for the LM + pooled head
     dropout: float = 0.0
     # optimisation
     batch_size: int = 32            # per-process micro-batch
@@ -74,34 +87,22 @@ class Config:
     compile: bool = False
 
 
-CHOICES = dict(alpha_schedule=("constant", "linear"), lm_targets=("all", "rationale"), head=("linear", "mlp"), pooling=(
-    "last", "mean"), lr_decay=("cosine", "linear"), dtype=("auto", "float32", "bfloat16", "float16"), eval_split=prepare.SPLITS)
+ConfigError = prepare.ConfigError  # the shared flag parser's error; callers catch dhrd.ConfigError
 
-class ConfigError(ValueError):
-    """A bad key/value, file or run state; the message says which and how to fix it."""
+# the values a str key may take; alpha, a float, may also be 'auto' (prepare.flag_value has the rules)
+CHOICES = dict(
+    alpha=("auto",),
+    alpha_schedule=("constant", "linear"),
+    lm_targets=("all", "rationale"),
+    head=("linear", "mlp"),
+    pooling=("last", "mean"),
+    lr_decay=("cosine", "linear"),
+    dtype=("auto", "float32", "bfloat16", "float16"),
+    eval_split=prepare.SPLITS,
+)
+# what one command does, not what the run is: never taken from a run directory's config.json
+COMMAND_KEYS = ("init_from", "eval_only", "predict", "predictions", "eval_split")
 
-def _set(d, key, value, where):
-    """Type-checked assignment of one config value; `where` names the flag or file for the message."""
-    types = {f.name: type(f.default) for f in fields(Config)}
-    if key not in types:
-        close = difflib.get_close_matches(key, types, n=3, cutoff=0.5)
-        raise ConfigError(f"{where}: unknown config key '{key}'" + (f"; did you mean {', '.join(close)}?" if close else "")
-                          + f" (keys: {', '.join(types)})")
-    t, v = types[key], value
-    if key == "alpha" and value == "auto":  # a float, or 'auto' (set from the first batches' gradients)
-        d[key] = value
-        return
-    if isinstance(value, str) and t is not str:  # text from the command line
-        try:
-            v = {"true": True, "1": True, "false": False, "0": False}.get(value.lower()) if t is bool else t(value)
-        except ValueError:
-            pass
-    v = float(v) if t is float and type(v) is int else v
-    if type(v) is not t:
-        raise ConfigError(f"{where}: expected {t.__name__} for {key} (like {getattr(Config, key)!r}), got {value!r}")
-    if key in CHOICES and v not in CHOICES[key]:
-        raise ConfigError(f"{where}: {key}={v!r} is not one of {', '.join(CHOICES[key])}")
-    d[key] = v
 
 def _read_json(path, what):
     try:
@@ -109,179 +110,252 @@ def _read_json(path, what):
     except (OSError, ValueError) as e:
         raise ConfigError(f"{path}: cannot read the {what} ({e})") from None
 
+
 def parse_config(argv):
-    """defaults <- (resume / eval of an out_dir: its config.json) <- JSON file <- --key=value."""
-    d, layers = asdict(Config()), {}
-    for a in argv:  # applied in order, later wins: JSON config files and --key=value
-        flag, (k, eq, v) = a.startswith("--"), a[2:].partition("=")
-        if flag and not eq:
-            raise ConfigError(f"argument '{a}': use --key=value")
-        obj = {k: v} if flag else _read_json(a, "config file")
-        if not isinstance(obj, dict):
-            raise ConfigError(f"{a}: a config file is one JSON object {{\"key\": value}}")
-        for k, v in obj.items():
-            _set(layers, k, v, f"--{k}" if flag else a)
-    d.update(layers)
+    """defaults <- (resume / eval of an out_dir: its config.json) <- JSON files <- --key=value."""
+    d = asdict(Config())
+    flags = prepare.parse_flags(argv, d, CHOICES)  # the keys that were set, applied in order, later wins
+    d.update(flags)
     # a run directory remembers its config: resume / eval / predict need only --out_dir or --init_from
-    run = d["out_dir"] or f"out-{d['task']}" if d["init_from"] == "resume" else d["init_from"]
-    if Path(run, "config.json").exists() and (d["init_from"] == "resume" or Path(run, "model").is_dir()):
-        base = {k: v for k, v in _read_json(Path(run, "config.json"), "run config").items()
-                if k not in ("init_from", "eval_only", "predict", "predictions", "eval_split")}
-        d = {**d, **{k: v for k, v in base.items() if k in d}, **layers}
-        d["out_dir"] = d["out_dir"] if "out_dir" in layers or d["init_from"] == "resume" else run
+    resume = d["init_from"] == "resume"
+    if resume:
+        run = d["out_dir"] or f"out-{d['task']}"
+    else:
+        run = d["init_from"]
+    if Path(run, "config.json").exists() and (resume or Path(run, "model").is_dir()):
+        saved = _read_json(Path(run, "config.json"), "run config")
+        base = {k: v for k, v in saved.items() if k in d and k not in COMMAND_KEYS}
+        d = {**d, **base, **flags}
+        if "out_dir" not in flags and not resume:
+            d["out_dir"] = run
     d["data_dir"] = d["data_dir"] or f"data/{d['task']}"
     d["out_dir"] = d["out_dir"] or f"out-{d['task']}"
     if min(d["gradient_accumulation_steps"], d["batch_size"], d["eval_interval"], d["log_interval"]) < 1:
-        raise ConfigError("batch_size, gradient_accumulation_steps, eval_interval and log_interval must be >= 1")
+        raise ConfigError("batch_size, gradient_accumulation_steps, eval_interval and log_interval "
+                          "must be >= 1")
     return Config(**d)
 
 # ------------------------------------------------------------------------------------------------------------
 # official metrics (SuperGLUE): accuracy; CB macro-F1 + accuracy; MultiRC F1 over all answers (F1a) + exact
-# match per question; COPA: per pair, the alternative with the higher P(Yes). An unparsed CoT answer = -1 (wrong).
+# match per question; COPA: per pair, the alternative with the higher P(Yes). An unparsed CoT answer = -1
+# (wrong).
 
-def _f1(t, p):  # binary F1 of boolean arrays
-    return 2 * int((t & p).sum()) / (int(t.sum()) + int(p.sum())) if t.any() or p.any() else 0.0
+def _f1(t, p):
+    """Binary F1 of boolean arrays; 0 when neither has a positive."""
+    if not (t.any() or p.any()):
+        return 0.0
+    return 2 * int((t & p).sum()) / (int(t.sum()) + int(p.sum()))
+
 
 def metrics(kind, probs, gold, groups, pos=1):
-    """probs [N,K] (a zero row = no prediction), gold [N] label ids, groups [N], pos = the 'Yes'/'True' label id."""
+    """probs [N,K] (a zero row = no prediction), gold [N] label ids, groups [N], pos = the 'Yes' label id."""
     pred = np.where(probs.max(1) > 0, probs.argmax(1), -1)
     acc = float((pred == gold).mean())
     if kind == "cb":  # macro-F1 over the classes seen in gold or predictions (sklearn's 'macro', SuperGLUE)
         cls = sorted((set(gold.tolist()) | set(pred.tolist())) - {-1})
         return {"f1": float(np.mean([_f1(gold == c, pred == c) for c in cls])), "accuracy": acc}
-    by = {g: np.flatnonzero(groups == g) for g in np.unique(groups)}  # MultiRC: question, COPA: pair
+    by = [np.flatnonzero(groups == g) for g in np.unique(groups)]  # MultiRC: a question, COPA: a pair
     if kind == "multirc":
-        return {"f1a": _f1(gold == pos, pred == pos), "em": float(np.mean([(pred[ix] == gold[ix]).all() for ix in by.values()]))}
+        em = float(np.mean([(pred[ix] == gold[ix]).all() for ix in by]))
+        return {"f1a": _f1(gold == pos, pred == pos), "em": em}
     if kind == "copa":
-        return {"accuracy": float(np.mean([gold[ix[int(np.argmax(probs[ix, pos]))]] == pos for ix in by.values()]))}
+        chosen = [ix[int(np.argmax(probs[ix, pos]))] for ix in by]
+        return {"accuracy": float(np.mean([gold[j] == pos for j in chosen]))}
     return {"accuracy": acc}
 
 # ------------------------------------------------------------------------------------------------------------
-# data: prepare.py's memory-mapped splits. The training order is an endless stream of seeded epoch permutations,
-# cut into micro-batches; micro-batch j of step s is the same whatever the number of ranks (rank r runs j = r*M..).
+# data: prepare.py's memory-mapped splits, one index row [START, X_LEN, N, LABEL, GROUP] per example. The
+# training order is an endless stream of seeded epoch permutations, cut into micro-batches; micro-batch j of
+# step s is the same whatever the number of ranks (rank r runs j = r*M..).
 
 def load_split(data_dir, split, meta):
+    """(the split's tokens, memory-mapped; its index rows [N, 5])."""
     idx = Path(data_dir, f"{split}.idx.npy")
     if not idx.exists():
         raise ConfigError(f"{idx}: missing; {data_dir} has splits {', '.join(meta['counts'])}")
     return np.memmap(Path(data_dir, f"{split}.bin"), dtype=meta["token_dtype"], mode="r"), np.load(idx)
 
+
 def stream(n, seed, start, count):
-    """Example ids at positions [start, start + count) of an endless stream of seeded epoch permutations of n."""
+    """Example ids [start, start + count) of an endless stream of seeded epoch permutations of n."""
     first = start // n
-    perms = [np.random.default_rng([seed, e]).permutation(n) for e in range(first, (start + count - 1) // n + 1)]
+    last = (start + count - 1) // n
+    perms = [np.random.default_rng([seed, e]).permutation(n) for e in range(first, last + 1)]
     return np.concatenate(perms)[start - first * n:start - first * n + count]
 
+
+def pad_id(meta):
+    """The token that fills padding: the tokenizer's pad, else its EOS (as gpt.generate), else 0. Padding is
+    masked out of attention, pooling and the LM targets, so the id never changes a result."""
+    for key in ("pad_id", "eos_id"):
+        if meta.get(key) is not None:
+            return meta[key]
+    return 0
+
+
+def _tensor(a, device):
+    return torch.from_numpy(np.ascontiguousarray(a)).to(device, non_blocking=True)
+
+
 def make_batch(toks, rows, pad, lm, span, device):
-    """rows [B,5] -> right-padded idx, attention mask, x_len, y, lm_targets ([x, r, y] when lm, else x only).
-    lm_targets[b,t] = idx[b,t+1] for the targets of Eq. 3: every next token of s ('all') or of r, y ('rationale')."""
-    ends = rows[:, 2] if lm else rows[:, 1]
+    """rows [B,5] -> right-padded idx, attention mask, x_len, y, lm_targets ([x, r, y] when lm, else x only;
+    None when not lm). lm_targets[b,t] = idx[b,t+1] for the targets of Eq. 3: every next token of s ('all')
+    or of r, y ('rationale'); -100 elsewhere."""
+    x_len = rows[:, prepare.X_LEN]
+    ends = rows[:, prepare.N] if lm else x_len
     ids = np.full((len(rows), int(ends.max())), pad, dtype=np.int64)
-    for b, (s, e) in enumerate(zip(rows[:, 0], ends)):
+    for b, (s, e) in enumerate(zip(rows[:, prepare.START], ends)):
         ids[b, :e] = toks[s:s + e]
-    t, tgt = np.arange(ids.shape[1])[None], None
+    t = np.arange(ids.shape[1])[None]
+    mask = (t < ends[:, None]).astype(np.int64)
+    tgt = None
     if lm:
-        first = 0 if span == "all" else rows[:, 1:2] - 1  # the last x token predicts the first rationale token
+        # 'rationale': from the last x token on, which predicts the first rationale token
+        first = 0 if span == "all" else x_len[:, None] - 1
         tgt = np.full_like(ids, -100)
         tgt[:, :-1] = np.where((t[:, 1:] < ends[:, None]) & (t[:, :-1] >= first), ids[:, 1:], -100)
-    dev = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device, non_blocking=True)
-    return (dev(ids), dev((t < ends[:, None]).astype(np.int64)), dev(rows[:, 1].copy()), dev(rows[:, 3].copy()),
-            None if tgt is None else dev(tgt))
+    y = rows[:, prepare.LABEL]
+    return (_tensor(ids, device), _tensor(mask, device), _tensor(x_len.copy(), device),
+            _tensor(y.copy(), device), None if tgt is None else _tensor(tgt, device))
+
+
+def micro_batch(split, start, cfg, pad, lm, device):
+    """The batch_size examples at position start of the training stream, as make_batch's tensors."""
+    toks, rows = split
+    ids = stream(len(rows), cfg.seed, start, cfg.batch_size)
+    return make_batch(toks, rows[ids], pad, lm, cfg.lm_targets, device)
 
 # ------------------------------------------------------------------------------------------------------------
-# inference: the pooled head (one forward over x, paper §3), or for a CoT-only model (beta=0) greedy decoding
-# of "Reasoning: ... Final Answer: y" and parsing the verbalised label. Length-sorted batches: minimal padding.
+# inference: the pooled head (one forward over x, paper §3), or for a CoT-only model (beta=0) greedy
+# decoding of "Reasoning: ... Final Answer: y" and parsing the verbalised label. Length-sorted batches:
+# minimal padding.
+
+def _padded(seqs, pad, left):
+    """Token lists -> (ids, mask) [B, longest]: right-padded for the pooled head, left-padded for generate."""
+    L = max(len(s) for s in seqs)
+    ids = np.full((len(seqs), L), pad, dtype=np.int64)
+    mask = np.zeros((len(seqs), L), dtype=np.int64)
+    for b, s in enumerate(seqs):
+        where = slice(L - len(s), L) if left else slice(0, len(s))
+        ids[b, where] = s
+        mask[b, where] = 1
+    return ids, mask
+
+
+def _answer(tokens, eos, tok):
+    """The label word after the last "\\nFinal Answer:\\n" of a decoded continuation (paper App. E.2),
+    or None."""
+    if eos in tokens:
+        tokens = tokens[:tokens.index(eos)]
+    text = tok.decode(tokens)
+    if prepare.SUFFIX_Y not in text:
+        return None
+    return text.rsplit(prepare.SUFFIX_Y, 1)[1].strip()
+
 
 @torch.no_grad()
 def class_probs(model, seqs, meta, cot, device, ctx, bs, cot_tokens, tok=None):
+    """[N, K] per token list x: the pooled head's probabilities, or (cot) a one-hot of the decoded label,
+    a zero row when the decoded text names none."""
     model.eval()
-    pad, out = meta["pad_id"] if meta["pad_id"] is not None else 0, np.zeros((len(seqs), len(meta["labels"])))
-    verbal = {v: i for i, v in enumerate(meta["verbalizers"][l] for l in meta["labels"])}
+    out = np.zeros((len(seqs), len(meta["labels"])))
+    verbal = {meta["verbalizers"][l]: i for i, l in enumerate(meta["labels"])}
+    pad = pad_id(meta)
     order = np.argsort([len(s) for s in seqs], kind="stable")
     for i in range(0, len(seqs), bs):
         chunk = order[i:i + bs]
-        L = max(len(seqs[j]) for j in chunk)
-        ids, mask = np.full((len(chunk), L), pad, dtype=np.int64), np.zeros((len(chunk), L), dtype=np.int64)
-        for b, j in enumerate(chunk):
-            s = slice(L - len(seqs[j]), L) if cot else slice(0, len(seqs[j]))  # generate wants left padding
-            ids[b, s], mask[b, s] = seqs[j], 1
-        ids, mask = torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
+        ids, mask = _padded([seqs[j] for j in chunk], pad, left=cot)
+        L = ids.shape[1]
+        ids = torch.from_numpy(ids).to(device)
+        mask = torch.from_numpy(mask).to(device)
         with ctx:
             if not cot:
                 out[chunk] = F.softmax(model.classify(ids, mask).float(), -1).cpu().numpy()
                 continue
             new = min(cot_tokens, model.config.block_size - L)
             gen = model.generate(ids, new, eos_token_id=meta["eos_id"], attention_mask=mask)[:, L:].tolist()
-        for b, j in enumerate(chunk):  # the label word after the last "\nFinal Answer:\n" (paper App. E.2)
-            text = tok.decode(gen[b][:gen[b].index(meta["eos_id"])] if meta["eos_id"] in gen[b] else gen[b])
-            y = text.rsplit(prepare.SUFFIX_Y, 1)[1].strip() if prepare.SUFFIX_Y in text else None
+        for b, j in enumerate(chunk):
+            y = _answer(gen[b], meta["eos_id"], tok)
             if y in verbal:
                 out[j, verbal[y]] = 1.0
     model.train()
     return out
 
+
+def yes_id(meta):
+    """The id of the label verbalised 'Yes' (MultiRC's and COPA's positive class), else the last label."""
+    for i, label in enumerate(meta["labels"]):
+        if meta["verbalizers"][label] == "Yes":
+            return i
+    return len(meta["labels"]) - 1
+
+
 def evaluate(model, split, meta, cot, device, ctx, cfg, tok):
+    """The task's official metrics of model on a split (tokens, index rows)."""
     toks, rows = split
-    probs = class_probs(model, [toks[s:s + x] for s, x in rows[:, :2]], meta, cot, device, ctx,
-                        cfg.eval_batch_size, cfg.cot_tokens, tok)
-    pos = next((i for i, l in enumerate(meta["labels"]) if meta["verbalizers"][l] == "Yes"), len(meta["labels"]) - 1)
-    return metrics(meta["metric"], probs, rows[:, 3], rows[:, 4], pos)
+    xs = [toks[s:s + x] for s, x in zip(rows[:, prepare.START], rows[:, prepare.X_LEN])]
+    probs = class_probs(model, xs, meta, cot, device, ctx, cfg.eval_batch_size, cfg.cot_tokens, tok)
+    return metrics(meta["metric"], probs, rows[:, prepare.LABEL], rows[:, prepare.GROUP], yes_id(meta))
 
 # ------------------------------------------------------------------------------------------------------------
-# checkpoints: torch.save to a temporary name + os.replace (atomic), loaded with weights_only=True, so RNG
-# states are stored as tensors / plain lists. The best model is exported in HF layout (+ dhrd's meta.json).
+# files: each is written to a temporary sibling and renamed into place, so a kill at any point leaves the
+# previous version whole (the resume test kills a run as soon as its first checkpoint exists). Checkpoints
+# are loaded with weights_only=True, so RNG states are stored as tensors / plain lists. The best model is
+# exported in HF layout (+ dhrd's meta.json).
+
+def write_text(path, text):
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
 
 def rng_state():
     n = np.random.get_state()
-    return dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                numpy=[n[0], torch.from_numpy(n[1].astype(np.int64)), *n[2:]], python=list(random.getstate()))
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    numpy = [n[0], torch.from_numpy(n[1].astype(np.int64)), *n[2:]]
+    return dict(torch=torch.get_rng_state(), cuda=cuda, numpy=numpy, python=list(random.getstate()))
+
 
 def set_rng_state(s):
     torch.set_rng_state(s["torch"])
-    torch.cuda.set_rng_state_all(s["cuda"]) if s["cuda"] and torch.cuda.is_available() else None
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
     np.random.set_state((s["numpy"][0], s["numpy"][1].numpy().astype(np.uint32), *s["numpy"][2:]))
     random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
 
-def save_atomic(obj, path):  # a kill mid-write leaves the previous checkpoint intact
-    torch.save(obj, path.with_name(path.name + ".tmp")), os.replace(path.with_name(path.name + ".tmp"), path)
 
-def export(model, path, meta, cfg):  # written aside, then swapped in by renames
-    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+def save_checkpoint(path, raw, optimizer, scaler, it, pos, best, alpha, ref):
+    """ckpt.pt: what resume reads (weights, optimizer, scaler, step, data position, best, RNG, the alpha that
+    --alpha=auto chose) + model_config to rebuild the network, + kl_ref: full fine-tuning's frozen KL base."""
+    state = dict(model=raw.state_dict(), model_config=asdict(raw.config), optimizer=optimizer.state_dict(),
+                 scaler=scaler.state_dict(), iter=it, data_pos=pos, best=best, rng=rng_state(), alpha=alpha)
+    if ref is not None and ref is not raw:
+        state["kl_ref"] = ref.state_dict()
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def export(model, path, meta, cfg):
+    """The model (LoRA merged in: a plain HF folder) + meta.json, written to the folder path.name + ".tmp",
+    then swapped in by renames (a folder cannot replace a full one in one os.replace)."""
+    tmp = path.with_name(path.name + ".tmp")
+    old = path.with_name(path.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, labels=meta["labels"])
-    info = {**meta, "eval": "cot" if cfg.beta == 0 else "pooled", "pooling": cfg.pooling}  # what predict needs
-    (tmp / "meta.json").write_text(json.dumps(info, indent=1, ensure_ascii=False) + "\n")
-    os.replace(path, old) if path.exists() else None
-    os.replace(tmp, path), shutil.rmtree(old, ignore_errors=True)
-
-def predict(model, meta, cot, tok, device, ctx, cfg):
-    """Rows with "text" (a formatted x) or raw task rows (formatted like prepare.py) -> {"line", "text", "label", "probs"}."""
-    texts, lines, bos = [], [], [] if meta["bos_id"] is None else [meta["bos_id"]]
-    for ln, row in prepare.read_jsonl(cfg.predict):
-        try:
-            xs = [row["text"]] if "text" in row else prepare.format_input(meta["task"], row, meta.get("format", "paper"))
-        except (KeyError, TypeError) as e:
-            raise ConfigError(f"{cfg.predict}:{ln}: not a formatted row (field 'text') nor a raw {meta['task']} row "
-                              f"(missing field {e})") from None
-        texts, lines = texts + xs, lines + [ln] * len(xs)
-    seqs = [bos + tok.encode(t) for t in texts]
-    too_long = next((ln for ln, s in zip(lines, seqs) if len(s) > model.config.block_size), None)
-    if too_long:
-        raise ConfigError(f"{cfg.predict}:{too_long}: longer than the model's {model.config.block_size} tokens")
-    probs = class_probs(model, seqs, meta, cot, device, ctx, cfg.eval_batch_size, cfg.cot_tokens, tok)
-    out = Path(cfg.predictions or Path(cfg.predict).with_suffix(".pred.jsonl"))
-    with open(out, "w") as f:
-        for ln, t, p in zip(lines, texts, probs):
-            f.write(json.dumps({"line": ln, "text": t, "label": meta["labels"][int(p.argmax())] if p.max() > 0 else None,
-                                "probs": dict(zip(meta["labels"], map(float, p)))}, ensure_ascii=False) + "\n")
-    print(f"dhrd.py: {len(texts)} predictions -> {out}")
-    return out
+    info = {**meta, "eval": "cot" if cfg.beta == 0 else "pooled", "pooling": cfg.pooling}  # for --predict
+    write_text(tmp / "meta.json", json.dumps(info, indent=1, ensure_ascii=False) + "\n")
+    shutil.rmtree(old, ignore_errors=True)  # left by a run killed between the two renames below
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
 
 # ------------------------------------------------------------------------------------------------------------
 # gradient statistics: how the two losses of Eq. 4 pull on the shared backbone (the transformer blocks; the
 # embeddings, the pooled head and the LM head are each touched by one loss only, or tied to the input side)
 
 ALPHA_AUTO_BATCHES = 8  # micro-batches averaged by --alpha=auto before the first step
+
+
+def _dense(grads, params):  # a parameter that one loss does not reach has a zero gradient for it
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
 
 
 def backbone_grads(model, batch, ctx, device):
@@ -294,13 +368,15 @@ def backbone_grads(model, batch, ctx, device):
     with torch.random.fork_rng(devices=devices):
         with ctx:
             out = model(idx, mask, x_len, lm_targets)
-        loss_cls = F.cross_entropy(out[0].float(), y)
-        g_cls = torch.autograd.grad(loss_cls, params, retain_graph=out[1] is not None, allow_unused=True)
+        loss_cls = F.cross_entropy(out.cls_logits.float(), y)
+        has_lm = out.loss_lm is not None
+        g_cls = torch.autograd.grad(loss_cls, params, retain_graph=has_lm, allow_unused=True)
         g_lm = None
-        if out[1] is not None:
-            g_lm = torch.autograd.grad(out[1], params, allow_unused=True)
-    zero = lambda gs: [torch.zeros_like(p) if g is None else g for p, g in zip(params, gs)]
-    return zero(g_cls), None if g_lm is None else zero(g_lm)
+        if has_lm:
+            g_lm = torch.autograd.grad(out.loss_lm, params, allow_unused=True)
+    if g_lm is None:
+        return _dense(g_cls, params), None
+    return _dense(g_cls, params), _dense(g_lm, params)
 
 
 def _norm(gs):
@@ -320,174 +396,430 @@ def grad_stats(g_cls, g_lm, alpha, beta):
 
 
 def alpha_from_gradients(norms_cls, norms_lm, beta):
-    """--alpha=auto, the rule: alpha = beta * mean ||grad L_cls|| / mean ||grad L_lm|| over the backbone at the
-    initial weights, on the first ALPHA_AUTO_BATCHES training micro-batches, so that the two terms of Eq. 4
-    start with gradients of equal size. Fixed for the whole run (and across a resume). The paper picks alpha on
-    validation per backbone and names the sensitivity to alpha as a limitation (App. A, F)."""
+    """--alpha=auto, the rule: alpha = beta * mean ||grad L_cls|| / mean ||grad L_lm|| over the backbone at
+    the initial weights, on the first ALPHA_AUTO_BATCHES training micro-batches, so that the two terms of
+    Eq. 4 start with gradients of equal size. Fixed for the whole run (and across a resume). The paper picks
+    alpha on validation per backbone and names the sensitivity to alpha as a limitation (App. A, F)."""
     return beta * (sum(norms_cls) / len(norms_cls)) / max(sum(norms_lm) / len(norms_lm), 1e-30)
 
 
+def alpha_auto(cfg, raw, split, pad, rt, log):
+    """--alpha=auto at the initial weights: the same first micro-batches of the stream on every rank, their
+    norms summed over the ranks, so every rank gets the same alpha whatever its rounding."""
+    norms = torch.zeros(2, device=rt.device)
+    for j in range(ALPHA_AUTO_BATCHES):
+        batch = micro_batch(split, j * cfg.batch_size, cfg, pad, True, rt.device)
+        g_cls, g_lm = backbone_grads(raw, batch, rt.ctx, rt.device)
+        norms += torch.tensor([_norm(g_cls), _norm(g_lm)], device=rt.device)
+    if rt.ddp:
+        dist.all_reduce(norms)
+    alpha = alpha_from_gradients([norms[0].item()], [norms[1].item()], cfg.beta)
+    if rt.master:
+        n_cls, n_lm = (norms / (ALPHA_AUTO_BATCHES * rt.world)).tolist()
+        print(f"alpha=auto: {alpha:.4f} = beta {cfg.beta} x |grad L_cls| {n_cls:.4g} / |grad L_lm| {n_lm:.4g}"
+              f" (backbone, initial weights, {ALPHA_AUTO_BATCHES} micro-batches)", flush=True)
+        log.write(dict(iter=0, alpha_auto=alpha, grad_norm_cls=n_cls, grad_norm_lm=n_lm))
+    return alpha
+
 # ------------------------------------------------------------------------------------------------------------
-def main(argv):
-    cfg = parse_config(argv)
-    # --- DDP (torchrun sets RANK): NCCL on CUDA, Gloo on CPU; rank 0 logs, evaluates and checkpoints
+# the process: DDP rank, device, dtype; shared by training, evaluation and prediction
+
+@dataclass
+class Runtime:
+    ddp: bool           # launched by torchrun (it sets RANK)
+    rank: int
+    local_rank: int
+    world: int
+    master: bool        # rank 0: logs, evaluates and checkpoints
+    device: str
+    dev_type: str       # 'cuda' | 'cpu'
+    dtype: str
+    dtype_why: str      # why dtype=auto chose it (gpt.native_dtype), or '--dtype'
+    ctx: object         # autocast to dtype, or nullcontext for float32
+    micro: int          # micro-batches per optimizer step on this rank
+
+
+def setup(cfg):
+    """DDP under torchrun (NCCL on CUDA, Gloo on CPU), the device and dtype, the seeds per rank (dropout; DDP
+    broadcasts rank 0's initial weights)."""
     ddp = "RANK" in os.environ
-    rank, local, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
-    device = cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-    dev_type = "cuda" if device.startswith("cuda") else "cpu"
+    rank, local, world = 0, 0, 1
     if ddp:
-        device = f"cuda:{local}" if dev_type == "cuda" else device
-        torch.cuda.set_device(device) if dev_type == "cuda" else None
+        rank, local, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev_type = "cuda" if device.startswith("cuda") else "cpu"
+    if ddp and dev_type == "cuda":
+        device = f"cuda:{local}"
+        torch.cuda.set_device(device)
+    if ddp:
         dist.init_process_group("nccl" if dev_type == "cuda" else "gloo")
     if cfg.gradient_accumulation_steps % world:
-        raise ConfigError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} (whole job) must be a multiple of {world}")
-    master, micro = rank == 0, cfg.gradient_accumulation_steps // world
-    dtype, why = (cfg.dtype, "--dtype") if cfg.dtype != "auto" else native_dtype(device)
+        raise ConfigError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} (whole job) "
+                          f"must be a multiple of {world}")
+    dtype, why = cfg.dtype, "--dtype"
+    if cfg.dtype == "auto":
+        dtype, why = native_dtype(device)
     ctx = nullcontext() if dtype == "float32" else torch.autocast(dev_type, dtype=getattr(torch, dtype))
-    for seed_fn in (torch.manual_seed, np.random.seed, random.seed):  # per rank (dropout); DDP broadcasts rank 0's init
+    for seed_fn in (torch.manual_seed, np.random.seed, random.seed):
         seed_fn(cfg.seed + rank)
-    out_dir = Path(cfg.out_dir)
+    return Runtime(ddp=ddp, rank=rank, local_rank=local, world=world, master=rank == 0, device=device,
+                   dev_type=dev_type, dtype=dtype, dtype_why=why, ctx=ctx,
+                   micro=cfg.gradient_accumulation_steps // world)
 
-    # --- model for eval_only / predict: a dhrd out_dir or an exported/HF folder; then the data it was made for
-    if cfg.eval_only or cfg.predict:
-        folder = Path(cfg.init_from, "model") if Path(cfg.init_from, "model", "config.json").exists() else Path(cfg.init_from)
-        meta = _read_json(folder / "meta.json" if (folder / "meta.json").exists() else Path(cfg.data_dir, "meta.json"), "meta")
-        model = GPT.from_pretrained(folder, pooling=meta.get("pooling", cfg.pooling)).to(device)
-        cot, tok = meta.get("eval") == "cot" or cfg.beta == 0, prepare.tokenizer_from_meta(meta)
-        print(f"dhrd.py: {'predict' if cfg.predict else 'eval'} {folder} | {device} {dtype} ({why})", file=sys.stderr)
-        if cfg.predict:
-            return predict(model, meta, cot, tok, device, ctx, cfg)
-        val = evaluate(model, load_split(cfg.data_dir, cfg.eval_split, meta), meta, cot, device, ctx, cfg, tok)
-        print(json.dumps({"task": meta["task"], "split": cfg.eval_split, "model": str(cfg.init_from), cfg.eval_split: val}))
-        return val
+# ------------------------------------------------------------------------------------------------------------
+# --eval_only and --predict: the exported best model (out_dir/model/) or any HF folder; only the pooled
+# head runs (a CoT-only model, beta=0: decoding)
 
-    # --- data (synth is prepared on the fly: the embedded default)
+def load_exported(cfg, rt):
+    """-> (model, meta, cot, tok) of a dhrd out_dir (its model/) or an exported / HF folder, with the
+    meta.json it was exported with (else the prepared data's)."""
+    folder = Path(cfg.init_from)
+    if Path(cfg.init_from, "model", "config.json").exists():
+        folder = Path(cfg.init_from, "model")
+    meta_path = folder / "meta.json"
+    if not meta_path.exists():
+        meta_path = Path(cfg.data_dir, "meta.json")
+    meta = _read_json(meta_path, "meta")
+    model = GPT.from_pretrained(folder, pooling=meta.get("pooling", cfg.pooling)).to(rt.device)
+    cot = meta.get("eval") == "cot" or cfg.beta == 0
+    tok = prepare.tokenizer_from_meta(meta)
+    what = "predict" if cfg.predict else "eval"
+    print(f"dhrd.py: {what} {folder} | {rt.device} {rt.dtype} ({rt.dtype_why})", file=sys.stderr)
+    return model, meta, cot, tok
+
+
+def eval_only(cfg, rt):
+    """Print the official metrics of the model on eval_split as one JSON line."""
+    model, meta, cot, tok = load_exported(cfg, rt)
+    split = load_split(cfg.data_dir, cfg.eval_split, meta)
+    val = evaluate(model, split, meta, cot, rt.device, rt.ctx, cfg, tok)
+    print(json.dumps({"task": meta["task"], "split": cfg.eval_split, "model": str(cfg.init_from),
+                      cfg.eval_split: val}))
+    return val
+
+
+def read_inputs(path, meta):
+    """-> (line numbers, texts): each row's "text" (a formatted x), or the x's prepare.py formats from a raw
+    task row (MultiRC / COPA: one per answer / alternative)."""
+    lines, texts = [], []
+    for ln, row in prepare.read_jsonl(path):
+        try:
+            if "text" in row:
+                xs = [row["text"]]
+            else:
+                xs = prepare.format_input(meta["task"], row, meta.get("format", "paper"))
+        except (KeyError, TypeError) as e:
+            raise ConfigError(f"{path}:{ln}: not a formatted row (field 'text') nor a raw {meta['task']} row "
+                              f"(missing field {e})") from None
+        lines += [ln] * len(xs)
+        texts += xs
+    return lines, texts
+
+
+def predict(cfg, rt):
+    """--predict rows -> one JSON line per x in --predictions: {"line", "text", "label", "probs"}."""
+    model, meta, cot, tok = load_exported(cfg, rt)
+    lines, texts = read_inputs(cfg.predict, meta)
+    bos = [] if meta["bos_id"] is None else [meta["bos_id"]]
+    seqs = [bos + tok.encode(t) for t in texts]
+    for ln, s in zip(lines, seqs):
+        if len(s) > model.config.block_size:
+            raise ConfigError(f"{cfg.predict}:{ln}: longer than the model's {model.config.block_size} tokens")
+    probs = class_probs(model, seqs, meta, cot, rt.device, rt.ctx, cfg.eval_batch_size, cfg.cot_tokens, tok)
+    out = Path(cfg.predictions or Path(cfg.predict).with_suffix(".pred.jsonl"))
+    text = ""
+    for ln, t, p in zip(lines, texts, probs):
+        label = meta["labels"][int(p.argmax())] if p.max() > 0 else None
+        row = {"line": ln, "text": t, "label": label, "probs": dict(zip(meta["labels"], map(float, p)))}
+        text += json.dumps(row, ensure_ascii=False) + "\n"
+    write_text(out, text)
+    print(f"dhrd.py: {len(texts)} predictions -> {out}")
+    return out
+
+# ------------------------------------------------------------------------------------------------------------
+# training, step by step: data, model, optimizer (restored on resume), logs, alpha, the loop, the results
+
+def load_data(cfg, rt, use_lm):
+    """-> (meta, train split, val split) of data_dir; synth is prepared on the fly (the embedded default)."""
     if not Path(cfg.data_dir, "meta.json").exists():
         if cfg.task != "synth":
-            raise ConfigError(f"{cfg.data_dir}/meta.json: not found; run `python prepare.py --task={cfg.task} "
-                              f"--model=<the model you train> --out_dir={cfg.data_dir}` first")
-        if master:
-            prepare.prepare(task="synth", out_dir=cfg.data_dir,
-                            model="char" if cfg.init_from in ("scratch", "resume") else cfg.init_from)
-        dist.barrier() if ddp else None
+            raise ConfigError(f"{cfg.data_dir}/meta.json: not found; run `python prepare.py "
+                              f"--task={cfg.task} --model=<the model you train> "
+                              f"--out_dir={cfg.data_dir}` first")
+        if rt.master:
+            tokenizer = "char" if cfg.init_from in ("scratch", "resume") else cfg.init_from
+            prepare.prepare(task="synth", out_dir=cfg.data_dir, model=tokenizer)
+        if rt.ddp:
+            dist.barrier()
     meta = _read_json(Path(cfg.data_dir, "meta.json"), "prepared data's meta")
-    train, val_split = load_split(cfg.data_dir, "train", meta), load_split(cfg.data_dir, "val", meta)
-    if (train[1][:, 3] < 0).any():
-        raise ConfigError(f"{cfg.data_dir}/train.jsonl: line {int(np.argmax(train[1][:, 3] < 0)) + 1} has no label")
-    use_lm = cfg.alpha == "auto" or cfg.alpha > 0  # alpha=0: the pooled baseline needs no rationale, so x alone is fed (no LM work)
-    if use_lm and cfg.lm_targets == "rationale" and (train[1][:, 2] == train[1][:, 1]).all():
+    train = load_split(cfg.data_dir, "train", meta)
+    val = load_split(cfg.data_dir, "val", meta)
+    rows = train[1]
+    if (rows[:, prepare.LABEL] < 0).any():
+        line = int(np.argmax(rows[:, prepare.LABEL] < 0)) + 1
+        raise ConfigError(f"{cfg.data_dir}/train.jsonl: line {line} has no label")
+    if use_lm and cfg.lm_targets == "rationale" and (rows[:, prepare.N] == rows[:, prepare.X_LEN]).all():
         raise ConfigError(f"{cfg.data_dir}: no training example has a rationale/answer suffix; use --alpha=0")
-    tok, pad, cot = prepare.tokenizer_from_meta(meta), meta["pad_id"] if meta["pad_id"] is not None else 0, cfg.beta == 0
+    return meta, train, val
 
-    # --- model: scratch | resume | pretrained
-    ckpt = None
-    if cfg.init_from == "resume":
-        if not (out_dir / "ckpt.pt").exists():
-            raise ConfigError(f"{out_dir}/ckpt.pt: no checkpoint to resume from; pass the run's --out_dir")
-        ckpt = torch.load(out_dir / "ckpt.pt", map_location="cpu", weights_only=True)
-        model = GPT(GPTConfig(**ckpt["model_config"]))  # its weights are loaded below, once the adapters exist
+
+def read_checkpoint(out_dir):
+    path = out_dir / "ckpt.pt"
+    if not path.exists():
+        raise ConfigError(f"{out_dir}/ckpt.pt: no checkpoint to resume from; pass the run's --out_dir")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def scratch_config(cfg, meta):
+    """The small GPT for synth; its context the longest prepared example, rounded up to a multiple of 64."""
+    longest = max(v["n"] for v in meta["max_len"].values())
+    return GPTConfig(vocab_size=meta["vocab_size"], block_size=-(-longest // 64) * 64,
+                     n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout,
+                     num_labels=len(meta["labels"]), head=cfg.head, pooling=cfg.pooling,
+                     bos_token_id=meta["bos_id"], eos_token_id=meta["eos_id"], pad_token_id=meta["pad_id"])
+
+
+def build_model(cfg, meta, use_lm, ckpt):
+    """scratch | pretrained (hub name or folder) | resumed from ckpt, with its LoRA adapters; on the CPU."""
+    if ckpt is not None:
+        model = GPT(GPTConfig(**ckpt["model_config"]))  # weights loaded below, once the adapters exist
     elif cfg.init_from == "scratch":
-        block = max(v["n"] for v in meta["max_len"].values())
-        model = GPT(GPTConfig(vocab_size=meta["vocab_size"], block_size=-(-block // 64) * 64, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                              n_embd=cfg.n_embd, dropout=cfg.dropout, num_labels=len(meta["labels"]), head=cfg.head,
-                              pooling=cfg.pooling, bos_token_id=meta["bos_id"], eos_token_id=meta["eos_id"], pad_token_id=meta["pad_id"]))
+        model = GPT(scratch_config(cfg, meta))
     else:
-        model = GPT.from_pretrained(cfg.init_from, num_labels=len(meta["labels"]), head=cfg.head, pooling=cfg.pooling,
-                                    dropout=cfg.dropout)
+        model = GPT.from_pretrained(cfg.init_from, num_labels=len(meta["labels"]), head=cfg.head,
+                                    pooling=cfg.pooling, dropout=cfg.dropout)
     if meta["vocab_size"] > model.config.vocab_size:
-        raise ConfigError(f"{cfg.data_dir}: tokenized with {meta['tokenizer']} ({meta['vocab_size']} ids), more than the "
-                          f"model's vocab_size {model.config.vocab_size}; prepare the data with --model={cfg.init_from}")
+        raise ConfigError(f"{cfg.data_dir}: tokenized with {meta['tokenizer']} ({meta['vocab_size']} ids), "
+                          f"more than the model's vocab_size {model.config.vocab_size}; prepare the data "
+                          f"with --model={cfg.init_from}")
     if not use_lm and not model.config.tie_word_embeddings:
         model.lm_head.weight.requires_grad_(False)  # unused: DDP would wait for its gradient forever
-    if cfg.lora_rank:  # frozen base: every trainable tensor (adapters, score) gets a gradient each step, so plain DDP
+    # LoRA's frozen base: every trainable tensor (adapters, score) gets a gradient each step, so plain DDP
+    if cfg.lora_rank:
         add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
     if cfg.kl_coef and not use_lm:
         raise ConfigError("--kl_coef acts at the LM targets, which --alpha=0 does not build; use alpha > 0")
-    model.load_state_dict(ckpt["model"]) if ckpt else None
-    model.to(device)
-    # the KL reference: with LoRA the same network with its adapters off; else a frozen copy of the initial weights
-    ref = None if not cfg.kl_coef else model if cfg.lora_rank else copy.deepcopy(model).requires_grad_(False).eval()
-    ref.load_state_dict(ckpt["kl_ref"]) if ckpt and ref is not None and ref is not model else None
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (0.9, 0.95), dev_type)
-    scaler = torch.amp.GradScaler(dev_type, enabled=dtype == "float16")
-    it, pos, best = 0, 0, {"score": -math.inf, "iter": None, "val": None}
-    if ckpt:  # the lr schedule is a function of `it`; the data order of `pos`; rank 0's RNG streams are restored
-        optimizer.load_state_dict(ckpt["optimizer"]), scaler.load_state_dict(ckpt["scaler"]), set_rng_state(ckpt["rng"])
-        it, pos, best = ckpt["iter"], ckpt["data_pos"], ckpt["best"]
-        torch.manual_seed(cfg.seed + rank + 1000 * it) if rank else None  # other ranks: reseeded deterministically
-    raw = model  # evaluation, checkpoints and export use the plain module
-    model = torch.compile(model) if cfg.compile else model
-    model = DDP(model, device_ids=[local] if dev_type == "cuda" else None) if ddp else model
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+    return model
 
-    # --- logs: out_dir/config.json (resolved), log.jsonl (a resumed run drops the lines after its checkpoint)
-    log_path, mlf = out_dir / "log.jsonl", None
-    if master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1) + "\n")
-        keep = [l for l in log_path.read_text().splitlines() if json.loads(l)["iter"] <= it] if ckpt and log_path.exists() else []
-        log_path.write_text("".join(l + "\n" for l in keep))
-        print(f"dhrd.py: {cfg.task} {meta['counts']} | {cfg.init_from} {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M "
-              f"params ({sum(p.numel() for p in raw.parameters() if p.requires_grad) / 1e6:.2f}M trained) | {device} {dtype} ({why}) | "
-              f"{world} x {micro} x {cfg.batch_size} | alpha {cfg.alpha} beta {cfg.beta}", flush=True)
-        if cfg.mlflow:  # optional: never a hard dependency
-            try:
-                import mlflow as mlf
-                mlf.start_run(), mlf.log_params(asdict(cfg))
-            except ImportError:
-                print("dhrd.py: --mlflow=True but the mlflow package is not installed; logging to log.jsonl only")
 
-    def log(d):
-        with open(log_path, "a") as f:
+def kl_reference(cfg, model, ckpt):
+    """The base of --kl_coef's KL(p_model || p_base): with LoRA the same network with its adapters off
+    (no second copy); with full fine-tuning a frozen copy of the initial weights (kept in ckpt.pt); None
+    without --kl_coef."""
+    if not cfg.kl_coef:
+        return None
+    if cfg.lora_rank:
+        return model
+    ref = copy.deepcopy(model).requires_grad_(False).eval()
+    if ckpt is not None:
+        ref.load_state_dict(ckpt["kl_ref"])
+    return ref
+
+
+def resume(ckpt, optimizer, scaler, cfg, rank):
+    """-> (iter, data position, best) of ckpt, with the optimizer, the scaler and the RNG restored. The lr
+    schedule is a function of iter, the data order of the position; rank 0's RNG streams are restored, the
+    other ranks reseeded deterministically."""
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"])
+    if rank:
+        torch.manual_seed(cfg.seed + rank + 1000 * ckpt["iter"])
+    return ckpt["iter"], ckpt["data_pos"], ckpt["best"]
+
+
+def wrap(model, cfg, rt):
+    """What the loop runs: compiled (--compile=True), and in DDP under torchrun. Evaluation, checkpoints
+    and the export use the plain module."""
+    if cfg.compile:
+        model = torch.compile(model)
+    if rt.ddp:
+        model = DDP(model, device_ids=[rt.local_rank] if rt.dev_type == "cuda" else None)
+    return model
+
+
+def start_run_files(cfg, out_dir, it, resumed):
+    """out_dir/config.json (the resolved config) and log.jsonl: a resumed run keeps the lines up to its
+    checkpoint (the lines after it are written again, identically); a new run starts it empty."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text(out_dir / "config.json", json.dumps(asdict(cfg), indent=1) + "\n")
+    log_path = out_dir / "log.jsonl"
+    keep = []
+    if resumed and log_path.exists():
+        keep = [l for l in log_path.read_text().splitlines() if json.loads(l)["iter"] <= it]
+    write_text(log_path, "".join(l + "\n" for l in keep))
+
+
+def start_mlflow(cfg):
+    """The mlflow module with a run started and the config logged as its params, or None (optional: never a
+    hard dependency)."""
+    if not cfg.mlflow:
+        return None
+    try:
+        import mlflow
+    except ImportError:
+        print("dhrd.py: --mlflow=True but the mlflow package is not installed; logging to log.jsonl only")
+        return None
+    mlflow.start_run()
+    mlflow.log_params(asdict(cfg))
+    return mlflow
+
+
+class Log:
+    """out_dir/log.jsonl, one JSON object a line (training lines: iter, loss..; evaluation lines: iter, val),
+    and the same numbers to MLflow when it runs."""
+
+    def __init__(self, path, mlflow):
+        self.path = path
+        self.mlflow = mlflow
+
+    def write(self, d):
+        with open(self.path, "a") as f:
             f.write(json.dumps(d) + "\n")
-        if mlf:
-            mlf.log_metrics({k: float(v) for k, v in {**d, **d.get("val", {})}.items() if k not in ("iter", "val")
-                             and v is not None}, step=d["iter"])
+        if self.mlflow is None:
+            return
+        flat = {**d, **d.get("val", {})}
+        values = {k: float(v) for k, v in flat.items() if k not in ("iter", "val") and v is not None}
+        self.mlflow.log_metrics(values, step=d["iter"])
 
-    def lr_at(i):  # linear warmup, then cosine or linear decay to learning_rate * min_lr_frac
-        if i < cfg.warmup_iters:
-            return cfg.learning_rate * (i + 1) / (cfg.warmup_iters + 1)
-        frac = min(1.0, (i - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters))
-        decay = 0.5 * (1 + math.cos(math.pi * frac)) if cfg.lr_decay == "cosine" else 1 - frac
-        return cfg.learning_rate * (cfg.min_lr_frac + decay * (1 - cfg.min_lr_frac))
+    def close(self):
+        if self.mlflow is not None:
+            self.mlflow.end_run()
 
-    # --- alpha=auto: from the gradients at the initial weights (a resumed run keeps the value it chose)
+
+def startup_line(cfg, meta, model, rt):
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
+    return (f"dhrd.py: {cfg.task} {meta['counts']} | {cfg.init_from} {params:.2f}M params "
+            f"({trained:.2f}M trained) | {rt.device} {rt.dtype} ({rt.dtype_why}) | "
+            f"{rt.world} x {rt.micro} x {cfg.batch_size} | alpha {cfg.alpha} beta {cfg.beta}")
+
+
+def lr_at(it, cfg):
+    """Linear warmup, then cosine or linear decay to learning_rate * min_lr_frac."""
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    frac = min(1.0, (it - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters))
+    if cfg.lr_decay == "cosine":
+        decay = 0.5 * (1 + math.cos(math.pi * frac))
+    else:
+        decay = 1 - frac
+    return cfg.learning_rate * (cfg.min_lr_frac + decay * (1 - cfg.min_lr_frac))
+
+
+def alpha_at(it, cfg, alpha):
+    """--alpha_schedule=linear anneals alpha to 0 by max_iters (paper §6, future work)."""
+    if cfg.alpha_schedule == "linear":
+        return alpha * (1 - it / cfg.max_iters)
+    return alpha
+
+
+def logged(step, cfg):
+    """Whether optimizer step `step` (1-based) writes a training log line."""
+    return step % cfg.log_interval == 0 or step == 1
+
+
+def check_finite(losses, it, lr, out_dir, saved):
+    """A non-finite loss stops the run before the optimizer step: nothing is saved, the last checkpoint
+    stays good."""
+    loss_v, cls_v, lm_v, _ = losses
+    if math.isfinite(loss_v):
+        return
+    last = "none written by this run yet"
+    if saved is not None:
+        last = f"{out_dir}/ckpt.pt (iter {saved})"
+    raise FloatingPointError(f"non-finite loss at iter {it + 1}: loss {loss_v}, loss_cls {cls_v}, "
+                             f"loss_lm {lm_v} (lr {lr:.3g}); stopped without saving. Last good checkpoint: "
+                             f"{last}. Lower --learning_rate or use float32")
+
+
+def optimizer_step(model, optimizer, scaler, grad_clip):
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)  # clip the true gradients, not fp16's scaled ones
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def validate(raw, it, best, split, meta, tok, cfg, rt, log):
+    """Evaluate on val and log it; a better mean of the task's metrics (SuperGLUE's score) is exported to
+    out_dir/model/ (and the adapters alone to out_dir/adapter/). -> the best so far."""
+    out_dir = Path(cfg.out_dir)
+    val = evaluate(raw, split, meta, cfg.beta == 0, rt.device, rt.ctx, cfg, tok)
+    print(f"iter {it}: val " + " ".join(f"{k} {v:.4f}" for k, v in val.items()), flush=True)
+    log.write(dict(iter=it, val=val))
+    score = float(np.mean(list(val.values())))
+    if score <= best["score"]:
+        return best
+    export(raw, out_dir / "model", meta, cfg)  # LoRA merged in: a plain HF folder
+    if cfg.lora_rank:
+        save_lora(raw, out_dir / "adapter")  # + the adapters alone (megabytes)
+    return {"score": score, "iter": it, "val": val}
+
+
+def write_results(cfg, meta, best, seconds):
+    out_dir = Path(cfg.out_dir)
+    res = {"task": cfg.task, "metric": meta["metric"], "val": best["val"], "best_iter": best["iter"]}
+    write_text(out_dir / "results.json", json.dumps(res, indent=1) + "\n")
+    vals = " ".join(f"{k} {v:.4f}" for k, v in best["val"].items())
+    print(f"dhrd.py: {cfg.task} val {vals} (best at iter {best['iter']}) in {seconds:.0f}s "
+          f"-> {out_dir}/results.json")
+
+
+def train(cfg, rt):
+    """Train, evaluate every eval_interval steps, export the best model; -> its val metrics."""
+    out_dir = Path(cfg.out_dir)
+    use_lm = cfg.alpha == "auto" or cfg.alpha > 0  # alpha=0: the pooled baseline feeds x alone (no LM work)
+    # --- data, model, optimizer (a resumed run: restored from ckpt.pt)
+    meta, train_split, val_split = load_data(cfg, rt, use_lm)
+    tok = prepare.tokenizer_from_meta(meta)
+    pad = pad_id(meta)
+    ckpt = read_checkpoint(out_dir) if cfg.init_from == "resume" else None
+    raw = build_model(cfg, meta, use_lm, ckpt).to(rt.device)  # the plain module: eval, checkpoints, export
+    ref = kl_reference(cfg, raw, ckpt)
+    optimizer = raw.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (0.9, 0.95), rt.dev_type)
+    scaler = torch.amp.GradScaler(rt.dev_type, enabled=rt.dtype == "float16")
+    it, pos, best = 0, 0, {"score": -math.inf, "iter": None, "val": None}
+    if ckpt is not None:
+        it, pos, best = resume(ckpt, optimizer, scaler, cfg, rt.rank)
+    model = wrap(raw, cfg, rt)
+    # --- logs, and alpha=auto from the gradients at the initial weights
+    mlf = None
+    if rt.master:
+        start_run_files(cfg, out_dir, it, resumed=ckpt is not None)
+        print(startup_line(cfg, meta, raw, rt), flush=True)
+        mlf = start_mlflow(cfg)
+    log = Log(out_dir / "log.jsonl", mlf)
     alpha_base = cfg.alpha
-    if cfg.alpha == "auto" and ckpt:
-        alpha_base = ckpt["alpha"]
+    if cfg.alpha == "auto" and ckpt is not None:
+        alpha_base = ckpt["alpha"]  # a resumed run keeps the alpha it chose
     elif cfg.alpha == "auto":
-        norms = torch.zeros(2, device=device)
-        for j in range(ALPHA_AUTO_BATCHES):  # the same first micro-batches of the stream on every rank
-            rows = train[1][stream(len(train[1]), cfg.seed, j * cfg.batch_size, cfg.batch_size)]
-            batch = make_batch(train[0], rows, pad, use_lm, cfg.lm_targets, device)
-            g_cls, g_lm = backbone_grads(raw, batch, ctx, device)
-            norms += torch.tensor([_norm(g_cls), _norm(g_lm)], device=device)
-        if ddp:
-            dist.all_reduce(norms)  # the same alpha on every rank, whatever their rounding
-        alpha_base = alpha_from_gradients([norms[0].item()], [norms[1].item()], cfg.beta)
-        if master:
-            n_cls, n_lm = (norms / (ALPHA_AUTO_BATCHES * world)).tolist()
-            print(f"alpha=auto: {alpha_base:.4f} = beta {cfg.beta} x |grad L_cls| {n_cls:.4g} / |grad L_lm| {n_lm:.4g}"
-                  f" (backbone, initial weights, {ALPHA_AUTO_BATCHES} micro-batches)", flush=True)
-            log(dict(iter=0, alpha_auto=alpha_base, grad_norm_cls=n_cls, grad_norm_lm=n_lm))
+        alpha_base = alpha_auto(cfg, raw, train_split, pad, rt, log)
 
     # --- the loop: one optimizer step = gradient_accumulation_steps micro-batches over all ranks
+    ctx, micro = rt.ctx, rt.micro
     t0 = t_last = time.time()
-    saved = it if ckpt else None  # iter of the last checkpoint this run wrote or resumed from
-    G, B = cfg.gradient_accumulation_steps, cfg.batch_size
+    saved = it if ckpt is not None else None  # iter of the last checkpoint this run wrote or resumed from
     while it < cfg.max_iters:
+        lr = lr_at(it, cfg)
         for g in optimizer.param_groups:
-            g["lr"] = lr = lr_at(it)
-        alpha = alpha_base * (1 - it / cfg.max_iters) if cfg.alpha_schedule == "linear" else alpha_base
+            g["lr"] = lr
+        alpha = alpha_at(it, cfg, alpha_base)
         stats = {}
-        sums = torch.zeros(4, device=device)
+        sums = torch.zeros(4, device=rt.device)
         for m in range(micro):
-            rows = train[1][stream(len(train[1]), cfg.seed, pos + (rank * micro + m) * B, B)]
-            idx, mask, x_len, y, lm_targets = make_batch(train[0], rows, pad, use_lm, cfg.lm_targets, device)
-            if cfg.grad_stats and m == 0 and master and ((it + 1) % cfg.log_interval == 0 or it == 0):
-                g_cls, g_lm = backbone_grads(raw, (idx, mask, x_len, y, lm_targets), ctx, device)
+            start = pos + (rt.rank * micro + m) * cfg.batch_size
+            idx, mask, x_len, y, lm_targets = micro_batch(train_split, start, cfg, pad, use_lm, rt.device)
+            if cfg.grad_stats and m == 0 and rt.master and logged(it + 1, cfg):
+                g_cls, g_lm = backbone_grads(raw, (idx, mask, x_len, y, lm_targets), ctx, rt.device)
                 stats = grad_stats(g_cls, g_lm, alpha, cfg.beta)
                 del g_cls, g_lm
-            model.require_backward_grad_sync = m == micro - 1  # DDP: all-reduce gradients on the last micro-step only
+            model.require_backward_grad_sync = m == micro - 1  # DDP: all-reduce on the last micro-step only
             kl_ref = None
             if ref is not None:  # the base model's hidden states at the valid LM targets: no grad, no dropout
                 with torch.no_grad(), ctx, lora_disabled(ref):
@@ -495,59 +827,58 @@ def main(argv):
                 raw.train()
             with ctx:
                 # ONE forward over s = [x, rationale, answer]: pooled logits at x_len, reasoning-head loss on s
-                cls_logits, loss_lm, *kl = model(idx, mask, x_len, lm_targets, kl_ref)
-                loss_cls = F.cross_entropy(cls_logits.float(), y)
-                loss_kl = kl[0] if kl else loss_cls.new_zeros(())
+                out = model(idx, mask, x_len, lm_targets, kl_ref)
                 # paper Eq. 4: beta L_cls + alpha L_lm; plus kl_coef * KL(p_model || p_base) when --kl_coef > 0
-                loss = cfg.beta * loss_cls + (alpha * loss_lm if use_lm else 0.0) + cfg.kl_coef * loss_kl
+                loss, loss_cls = dual_loss(out, y, alpha, cfg.beta, cfg.kl_coef)
+                loss_lm = out.loss_lm
+                loss_kl = out.loss_kl if out.loss_kl is not None else loss_cls.new_zeros(())
             scaler.scale(loss / micro).backward()
-            sums += torch.stack([loss, loss_cls, loss_lm if use_lm else loss.new_zeros(()), loss_kl]).detach().float()
-        pos += B * G
-        if ddp:
-            dist.all_reduce(sums)  # the job's mean over all G micro-batches: identical on every rank
-        loss_v, cls_v, lm_v, kl_v = (sums / G).tolist()
-        if not math.isfinite(loss_v):
-            last = f"{out_dir}/ckpt.pt (iter {saved})" if saved is not None else "none written by this run yet"
-            raise FloatingPointError(f"non-finite loss at iter {it + 1}: loss {loss_v}, loss_cls {cls_v}, loss_lm {lm_v} (lr {lr:.3g})"
-                                     f"; stopped without saving. Last good checkpoint: {last}. Lower --learning_rate or use float32")
-        if cfg.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        scaler.step(optimizer), scaler.update(), optimizer.zero_grad(set_to_none=True)
+            lm_term = loss_lm if use_lm else loss.new_zeros(())
+            sums += torch.stack([loss, loss_cls, lm_term, loss_kl]).detach().float()
+        pos += cfg.batch_size * cfg.gradient_accumulation_steps
+        if rt.ddp:
+            dist.all_reduce(sums)  # the job's mean over all its micro-batches: identical on every rank
+        loss_v, cls_v, lm_v, kl_v = (sums / cfg.gradient_accumulation_steps).tolist()
+        check_finite((loss_v, cls_v, lm_v, kl_v), it, lr, out_dir, saved)
+        optimizer_step(model, optimizer, scaler, cfg.grad_clip)
         it += 1
-        if master and (it % cfg.log_interval == 0 or it == 1):
-            dt, t_last = (time.time() - t_last) / (1 if it == 1 else cfg.log_interval), time.time()
-            print(f"iter {it}: loss {loss_v:.4f} (cls {cls_v:.4f}, lm {lm_v:.4f}) lr {lr:.2e} {dt * 1000:.0f}ms/it", flush=True)
-            log(dict(iter=it, loss=loss_v, loss_cls=cls_v, loss_lm=lm_v if use_lm else None, lr=lr, alpha=alpha,
-                     **({"loss_kl": kl_v} if ref is not None else {}), **stats))
+        if rt.master and logged(it, cfg):
+            dt = (time.time() - t_last) / (1 if it == 1 else cfg.log_interval)
+            t_last = time.time()
+            print(f"iter {it}: loss {loss_v:.4f} (cls {cls_v:.4f}, lm {lm_v:.4f}) lr {lr:.2e} "
+                  f"{dt * 1000:.0f}ms/it", flush=True)
+            kl_line = {"loss_kl": kl_v} if ref is not None else {}
+            log.write(dict(iter=it, loss=loss_v, loss_cls=cls_v, loss_lm=lm_v if use_lm else None, lr=lr,
+                           alpha=alpha, **kl_line, **stats))
         if it % cfg.eval_interval == 0 or it == cfg.max_iters:
-            if master:
-                val = evaluate(raw, val_split, meta, cot, device, ctx, cfg, tok)
-                print(f"iter {it}: val " + " ".join(f"{k} {v:.4f}" for k, v in val.items()), flush=True)
-                log(dict(iter=it, val=val))
-                if (sc := float(np.mean(list(val.values())))) > best["score"]:  # the mean of the task's metrics (SuperGLUE)
-                    best = {"score": sc, "iter": it, "val": val}
-                    export(raw, out_dir / "model", meta, cfg)  # LoRA merged in: a plain HF folder
-                    save_lora(raw, out_dir / "adapter") if cfg.lora_rank else None  # + the adapters alone (megabytes)
-                save_atomic(dict(model=raw.state_dict(), model_config=asdict(raw.config), optimizer=optimizer.state_dict(),
-                                 scaler=scaler.state_dict(), scheduler={"iter": it, "lr": lr}, iter=it, data_pos=pos,
-                                 best=best, rng=rng_state(), config=asdict(cfg), alpha=alpha_base, **({} if ref in (None, raw) else
-                                 {"kl_ref": ref.state_dict()})), out_dir / "ckpt.pt")  # full fine-tuning's KL base
+            if rt.master:
+                best = validate(raw, it, best, val_split, meta, tok, cfg, rt, log)
+                save_checkpoint(out_dir / "ckpt.pt", raw, optimizer, scaler, it, pos, best, alpha_base, ref)
             saved = it
-            dist.barrier() if ddp else None  # the other ranks wait for rank 0's evaluation and checkpoint
+            if rt.ddp:
+                dist.barrier()  # the other ranks wait for rank 0's evaluation and checkpoint
 
-    if master:
-        res = {"task": cfg.task, "metric": meta["metric"], "val": best["val"], "best_iter": best["iter"]}
-        (out_dir / "results.json").write_text(json.dumps(res, indent=1) + "\n")
-        vals = " ".join(f"{k} {v:.4f}" for k, v in best["val"].items())
-        print(f"dhrd.py: {cfg.task} val {vals} (best at iter {best['iter']}) in {time.time() - t0:.0f}s -> {out_dir}/results.json")
-        mlf.end_run() if mlf else None
+    # --- the end: results.json holds the best evaluation
+    if rt.master:
+        write_results(cfg, meta, best, time.time() - t0)
+        log.close()
     return best["val"]
+
+
+def main(argv):
+    cfg = parse_config(argv)
+    rt = setup(cfg)
+    if cfg.predict:
+        return predict(cfg, rt)
+    if cfg.eval_only:
+        return eval_only(cfg, rt)
+    return train(cfg, rt)
+
 
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except (ValueError, FloatingPointError) as e:  # ConfigError, CheckpointError, PrepareError, non-finite loss
+    except (ValueError, FloatingPointError) as e:  # ConfigError, CheckpointError, PrepareError, NaN/inf loss
         sys.exit(f"dhrd.py: error: {e}")
     finally:
         if dist.is_initialized():

@@ -1,0 +1,902 @@
+"""Hugging Face formats, beneath gpt.py, importing no project file.
+
+- errors: CheckpointError (a file that cannot be used) and DownloadError, raised through `check`
+- atomic_write: every file written here or in gpt.py goes to a temporary sibling, then one rename
+- safetensors: the project's own reader/writer (no pickle), single files and sharded checkpoints
+- FAMILIES: one record per model family (gpt2, opt, llama, qwen2, qwen3) with everything loading AND saving
+  need: config.json keys and transformers' defaults, architectures, tensor names, fixed flags
+- config.json <-> plain dicts of GPTConfig field values; tensor names ours <-> HF's
+- the tokenizer: GPT-2 byte-level BPE as a tiktoken Encoding (tokenizer.json or vocab.json + merges.txt)
+- hub names: resolve_model_dir (a cache folder, downloading what is missing), download (resumable, checked)
+Deps: torch, numpy, tiktoken, stdlib.
+"""
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+import unicodedata
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import tiktoken
+import torch
+
+
+class CheckpointError(ValueError):
+    """A model or tokenizer file that cannot be used; the message names the file and the problem."""
+
+
+class DownloadError(OSError):
+    """Offline, an HTTP error, a size or checksum mismatch; the message names the URL."""
+
+
+def check(ok, where, msg):
+    """How bad input is reported: a CheckpointError naming the file (or object) and what is wrong with it."""
+    if not ok:
+        raise CheckpointError(f"{where}: {msg}")
+
+
+def atomic_write(path, write, suffix=".tmp"):
+    """write(tmp) fills tmp, a sibling named path + suffix; then tmp replaces path in one rename, so a reader
+    sees the old file or the whole new one, never a part. If write raises, path is untouched and tmp stays
+    (download resumes from its .part; the next write simply overwrites a stale .tmp)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + suffix)
+    write(tmp)
+    os.replace(tmp, path)
+    return path
+
+# ----------------------------------------------------------------------------------------------------------
+# safetensors, read and written here (no pickle): 8-byte little-endian header length, a JSON header
+# {name: {dtype, shape, data_offsets: [begin, end]}} (offsets into the data after the header), then the raw
+# little-endian bytes.
+
+ST_DTYPES = {  # safetensors name -> (numpy dtype the bytes are read as, torch dtype); bf16 is read as int16
+    "F64": (np.float64, torch.float64),
+    "F32": (np.float32, torch.float32),
+    "F16": (np.float16, torch.float16),
+    "BF16": (np.int16, torch.bfloat16),
+    "I64": (np.int64, torch.int64),
+    "I32": (np.int32, torch.int32),
+    "I16": (np.int16, torch.int16),
+    "I8": (np.int8, torch.int8),
+    "U8": (np.uint8, torch.uint8),
+    "BOOL": (np.bool_, torch.bool),
+}
+ST_NAMES = {t: n for n, (_, t) in ST_DTYPES.items()}
+INDEX = "model.safetensors.index.json"  # a sharded checkpoint: {"weight_map": {tensor: shard file}}
+
+
+def _read_header(path, size):
+    """-> (header length n, {name: entry}) of a safetensors file of `size` bytes."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        check(n <= min(size - 8, 100_000_000), path,
+              f"header length {n} runs past the end of the file ({size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+            assert isinstance(header, dict)
+        except (ValueError, AssertionError) as e:
+            raise CheckpointError(f"{path}: the safetensors header is not a JSON object ({e})") from None
+    header.pop("__metadata__", None)
+    return n, header
+
+
+def read_safetensors(path):
+    """-> {name: tensor} (owned copies). Every header field is checked against the file size before anything
+    is read or allocated, so a truncated or hostile file raises CheckpointError, never a crash or a huge
+    allocation."""
+    path = Path(path)
+    size = path.stat().st_size
+    check(size >= 8, path, f"{size} bytes is too short for a safetensors file (truncated download?)")
+    n, header = _read_header(path, size)
+    spans = []
+    for name, info in header.items():
+        try:
+            dtype = info["dtype"]
+            shape = [int(d) for d in info["shape"]]
+            b, e = info["data_offsets"]
+            assert min(shape, default=0) >= 0 and isinstance(b, int) and isinstance(e, int)
+        except (TypeError, KeyError, ValueError, AssertionError):
+            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {info!r}") from None
+        check(dtype in ST_DTYPES, path, f"tensor {name!r} has unsupported dtype {dtype!r} "
+              f"(supported: {', '.join(ST_DTYPES)})")
+        check(0 <= b <= e <= size - 8 - n, path,
+              f"tensor {name!r} data_offsets [{b}, {e}] fall outside the data (truncated?)")
+        check(math.prod(shape) * np.dtype(ST_DTYPES[dtype][0]).itemsize == e - b, path,
+              f"tensor {name!r} of shape {shape} and dtype {dtype} does not fit its {e - b} bytes")
+        spans.append((b, e, name, dtype, shape))
+    end = 0
+    for b, e, name, *_ in sorted(spans):
+        check(b >= end or b == e, path, f"tensor {name!r} overlaps an earlier tensor (byte {b})")
+        end = max(end, e)
+    tensors = {}
+    for b, e, name, dtype, shape in spans:
+        np_dtype, torch_dtype = ST_DTYPES[dtype]
+        # np.fromfile reads straight into an owned array: one copy in memory, no mmap to pin the file
+        a = np.fromfile(path, dtype=np_dtype, count=math.prod(shape), offset=8 + n + b).reshape(shape)
+        tensors[name] = torch.from_numpy(a).view(torch_dtype)
+    return tensors
+
+
+def write_safetensors(path, tensors):
+    """{name: tensor} -> path, atomically; header padded to 8 bytes like the reference implementation."""
+    ts = {k: tensors[k].detach().cpu().contiguous() for k in sorted(tensors)}
+    header = {}
+    offset = 0
+    for name, t in ts.items():
+        span = [offset, offset + t.nbytes]
+        header[name] = {"dtype": ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": span}
+        offset += t.nbytes
+    h = json.dumps({**header, "__metadata__": {"format": "pt"}}, separators=(",", ":")).encode()
+    h += b" " * (-len(h) % 8)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(len(h).to_bytes(8, "little") + h)
+            for t in ts.values():
+                f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+    atomic_write(path, write)
+
+
+def shards(index):
+    """model.safetensors.index.json -> (weight_map, sorted shard file names); shards are plain file names."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+        assert all(isinstance(s, str) and Path(s).name == s for s in files)
+        return weight_map, files
+    except (ValueError, KeyError, TypeError, AttributeError, AssertionError) as e:
+        raise CheckpointError(f"{index}: not a valid safetensors index (needs a weight_map of plain file "
+                              f"names): {e!r}") from None
+
+
+def read_checkpoint(folder):
+    """model.safetensors, or the index + its shards -> ({name: tensor}, the file name for errors)."""
+    single = folder / "model.safetensors"
+    index = folder / INDEX
+    if single.is_file():
+        return read_safetensors(single), str(single)
+    if not index.is_file():
+        pickles = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+        check(False, folder, f"no model.safetensors or {INDEX} (found {pickles or 'neither'}; "
+              "pickle is never loaded)")
+    weight_map, files = shards(index)
+    tensors = {}
+    for s in files:
+        check((folder / s).is_file(), index, f"shard {s} is missing from {folder}")
+        tensors.update(read_safetensors(folder / s))
+    check(set(weight_map) <= set(tensors), index, f"tensors in weight_map but in no shard: "
+          f"{sorted(set(weight_map) - set(tensors))[:5]}")
+    return tensors, str(index)
+
+# ----------------------------------------------------------------------------------------------------------
+# One record per model family. Loading (config_from_hf, state_dict_from_hf) and saving (config_to_hf,
+# state_dict_to_hf) read the same record, so a family's knowledge lives in one place. Our tensor names are HF
+# Llama's module names (q_proj ... down_proj) under h.{i}.; GPT-2 and OPT tensors are renamed.
+
+
+@dataclass(frozen=True)
+class Family:
+    causal_lm: str       # config.json "architectures" of a plain checkpoint (AutoModelForCausalLM)
+    seq_cls: str         # ... of one with a linear `score` head (AutoModelForSequenceClassification)
+    keys: dict           # our GPTConfig field -> (its config.json key, transformers' default)
+    fixed: dict          # GPTConfig fields the family implies (no config.json key)
+    prefix: str          # before every backbone tensor name; hub files may lack it
+    top: dict            # HF name -> our name, outside the blocks
+    block: str           # HF name prefix of block i ("{}" = i); ours is h.{i}.
+    per_block: dict      # HF name -> our name, inside a block
+    fused: dict          # HF name -> several of our names: the tensor is split in equal parts along dim 0
+    transposed: tuple    # per-block HF weights stored as [in, out] (GPT-2's Conv1D)
+    rope: bool           # rotary positions: rope_theta, rope_scaling (or rope_parameters) from config.json
+    unsupported: tuple   # config.json switches dhrd does not implement: they must be false or absent
+    dropout_keys: tuple  # config.json keys save_pretrained writes dropout to (never read: dhrd has a flag)
+    written: dict        # constant config.json entries save_pretrained adds
+    null_if_derived: tuple  # our sizes where 0 means derived and transformers writes null (GPT-2's n_inner)
+
+
+GPT2 = Family(
+    causal_lm="GPT2LMHeadModel",
+    seq_cls="GPT2ForSequenceClassification",
+    keys=dict(
+        vocab_size=("vocab_size", 50257),
+        block_size=("n_positions", 1024),
+        n_layer=("n_layer", 12),
+        n_head=("n_head", 12),
+        n_embd=("n_embd", 768),
+        n_inner=("n_inner", None),
+        activation=("activation_function", "gelu_new"),
+        layer_norm_eps=("layer_norm_epsilon", 1e-5),
+        tie_word_embeddings=("tie_word_embeddings", True),
+        bos_token_id=("bos_token_id", 50256),
+        eos_token_id=("eos_token_id", 50256),
+        pad_token_id=("pad_token_id", None),
+    ),
+    fixed=dict(norm="layernorm", glu=False, bias=True, qkv_bias=True, qk_norm=False, pos_offset=0),
+    prefix="transformer.",
+    top={"wte": "wte", "wpe": "wpe", "ln_f": "ln_f"},
+    block="h.{}.",
+    per_block={
+        "ln_1": "ln_1",
+        "ln_2": "ln_2",
+        "attn.c_proj": "attn.o_proj",
+        "mlp.c_fc": "mlp.up_proj",
+        "mlp.c_proj": "mlp.down_proj",
+    },
+    fused={"attn.c_attn": ("attn.q_proj", "attn.k_proj", "attn.v_proj")},
+    transposed=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
+    rope=False,
+    unsupported=(),
+    dropout_keys=("resid_pdrop", "embd_pdrop", "attn_pdrop"),
+    written={},
+    null_if_derived=("n_inner",),
+)
+
+OPT = Family(
+    causal_lm="OPTForCausalLM",
+    seq_cls="OPTForSequenceClassification",
+    keys=dict(
+        vocab_size=("vocab_size", 50272),
+        block_size=("max_position_embeddings", 2048),
+        n_layer=("num_hidden_layers", 12),
+        n_head=("num_attention_heads", 12),
+        n_embd=("hidden_size", 768),
+        n_inner=("ffn_dim", 3072),
+        word_embed_proj_dim=("word_embed_proj_dim", None),  # opt-350m: 512, with project_in/out
+        pre_ln=("do_layer_norm_before", True),  # False for opt-350m
+        activation=("activation_function", "relu"),
+        bias=("enable_bias", True),
+        tie_word_embeddings=("tie_word_embeddings", True),
+        bos_token_id=("bos_token_id", 2),
+        eos_token_id=("eos_token_id", 2),
+        pad_token_id=("pad_token_id", 1),
+    ),
+    # pos_offset: OPT's position table starts at row 2 (fairseq's padding_idx + 1)
+    fixed=dict(norm="layernorm", glu=False, qkv_bias=True, qk_norm=False, pos_offset=2),
+    prefix="model.",
+    top={
+        "decoder.embed_tokens": "wte",
+        "decoder.embed_positions": "wpe",
+        "decoder.project_in": "project_in",
+        "decoder.project_out": "project_out",
+        "decoder.final_layer_norm": "ln_f",
+    },
+    block="decoder.layers.{}.",
+    per_block={
+        "self_attn.q_proj": "attn.q_proj",
+        "self_attn.k_proj": "attn.k_proj",
+        "self_attn.v_proj": "attn.v_proj",
+        "self_attn.out_proj": "attn.o_proj",
+        "self_attn_layer_norm": "ln_1",
+        "fc1": "mlp.up_proj",
+        "fc2": "mlp.down_proj",
+        "final_layer_norm": "ln_2",
+    },
+    fused={},
+    transposed=(),
+    rope=False,
+    unsupported=(),
+    dropout_keys=("dropout", "attention_dropout"),
+    written={},
+    null_if_derived=(),
+)
+
+LLAMA = Family(  # Llama 2/3.x, SmolLM2: RMSNorm, rotary positions, SwiGLU, grouped-query attention
+    causal_lm="LlamaForCausalLM",
+    seq_cls="LlamaForSequenceClassification",
+    keys=dict(
+        vocab_size=("vocab_size", 32000),
+        block_size=("max_position_embeddings", 2048),
+        n_layer=("num_hidden_layers", 32),
+        n_head=("num_attention_heads", 32),
+        n_kv_head=("num_key_value_heads", None),
+        n_embd=("hidden_size", 4096),
+        head_dim=("head_dim", None),
+        n_inner=("intermediate_size", 11008),
+        activation=("hidden_act", "silu"),
+        layer_norm_eps=("rms_norm_eps", 1e-6),
+        tie_word_embeddings=("tie_word_embeddings", False),
+        bos_token_id=("bos_token_id", 1),
+        eos_token_id=("eos_token_id", 2),
+        pad_token_id=("pad_token_id", None),
+    ),
+    fixed=dict(norm="rmsnorm", glu=True, bias=False, qkv_bias=False, qk_norm=False, pos_offset=0),
+    prefix="model.",
+    top={"embed_tokens": "wte", "norm": "ln_f"},
+    block="layers.{}.",
+    per_block={
+        "input_layernorm": "ln_1",
+        "post_attention_layernorm": "ln_2",
+        "self_attn.q_proj": "attn.q_proj",
+        "self_attn.k_proj": "attn.k_proj",
+        "self_attn.v_proj": "attn.v_proj",
+        "self_attn.o_proj": "attn.o_proj",
+        "self_attn.q_norm": "attn.q_norm",  # Qwen3 only; absent modules are left out of the map
+        "self_attn.k_norm": "attn.k_norm",
+        "mlp.gate_proj": "mlp.gate_proj",
+        "mlp.up_proj": "mlp.up_proj",
+        "mlp.down_proj": "mlp.down_proj",
+    },
+    fused={},
+    transposed=(),
+    rope=True,
+    unsupported=("attention_bias", "mlp_bias", "use_sliding_window"),  # no released Llama/Qwen sets them
+    dropout_keys=("attention_dropout",),
+    written={"attention_bias": False},
+    null_if_derived=(),
+)
+
+_QWEN_KEYS = {
+    **LLAMA.keys,
+    "vocab_size": ("vocab_size", 151936),
+    "block_size": ("max_position_embeddings", 32768),
+    "n_inner": ("intermediate_size", 22016),
+    "bos_token_id": ("bos_token_id", None),
+    "eos_token_id": ("eos_token_id", None),
+}
+QWEN2 = replace(  # Llama with biases on q/k/v
+    LLAMA,
+    causal_lm="Qwen2ForCausalLM",
+    seq_cls="Qwen2ForSequenceClassification",
+    keys=_QWEN_KEYS,
+    fixed={**LLAMA.fixed, "qkv_bias": True},
+    written={},  # Qwen2Config has no attention_bias
+)
+QWEN3 = replace(  # Llama with an RMSNorm over each head of q and k, and an explicit head_dim
+    LLAMA,
+    causal_lm="Qwen3ForCausalLM",
+    seq_cls="Qwen3ForSequenceClassification",
+    keys={**_QWEN_KEYS, "head_dim": ("head_dim", 128)},
+    fixed={**LLAMA.fixed, "qk_norm": True},
+)
+FAMILIES = {"gpt2": GPT2, "opt": OPT, "llama": LLAMA, "qwen2": QWEN2, "qwen3": QWEN3}  # by model_type
+
+# ----------------------------------------------------------------------------------------------------------
+# config.json <-> {GPTConfig field: value}
+
+POSITIVE_SIZES = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")  # must be >= 1
+DERIVED_SIZES = ("n_inner", "word_embed_proj_dim", "n_kv_head", "head_dim")  # >= 0; 0 = derived
+
+
+def _read_config(file):
+    try:
+        d = json.loads(Path(file).read_text())
+        assert isinstance(d, dict) and isinstance(d.get("dhrd", {}), dict)
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: missing; a model folder needs config.json (HF layout)") from None
+    except (ValueError, AssertionError) as e:
+        raise CheckpointError(f"{file}: not a JSON object ({e})") from None
+    return d
+
+
+def _rope_fields(d, file):
+    """rope_theta / rope_scaling: transformers >= 5 writes them in rope_parameters, older files at the top."""
+    params = d.get("rope_parameters") or {}
+    scaling = d.get("rope_scaling") or None
+    if scaling is None and params.get("rope_type", "default") != "default":
+        scaling = params
+    check(not scaling or scaling.get("rope_type", scaling.get("type")) in ("default", "llama3"), file,
+          f"rope_scaling {scaling} is not supported (only 'default' and Llama-3.1's 'llama3')")
+    theta = float(d.get("rope_theta") or params.get("rope_theta") or 10000.0)
+    return {"rope_theta": theta, "rope_scaling": dict(scaling) if scaling else None}
+
+
+def config_from_hf(file):
+    """config.json -> {GPTConfig field: value}: its keys (transformers' default where absent), the family's
+    fixed flags, and dhrd's head settings (HF has no field for them). Sizes are checked; errors name the
+    file."""
+    d = _read_config(file)
+    model_type = d.get("model_type")
+    check(model_type in FAMILIES, file, f"model_type {model_type!r} is not supported "
+          f"(supported: {', '.join(FAMILIES)})")
+    fam = FAMILIES[model_type]
+    ours = d.get("dhrd", {})
+    c = {"model_type": model_type}
+    for field, (key, default) in fam.keys.items():
+        c[field] = d.get(key, default)
+    c.update(fam.fixed)
+    c["head"] = ours.get("head", "linear")
+    c["pooling"] = ours.get("pooling", "last")
+    for field in ("n_inner", "n_kv_head", "head_dim"):  # null or absent: 4 n_embd, n_head, n_embd / n_head
+        c[field] = c.get(field) or 0
+    if c.get("word_embed_proj_dim") in (None, c["n_embd"]):
+        c["word_embed_proj_dim"] = 0  # no project_in / project_out
+    if isinstance(c["eos_token_id"], list):  # Llama-3 lists several end tokens; the first: <|end_of_text|>
+        c["eos_token_id"] = c["eos_token_id"][0]
+    if fam.rope:
+        c.update(_rope_fields(d, file))
+    set_switches = [k for k in fam.unsupported if d.get(k)]
+    check(not set_switches, file, f"{', '.join(fam.unsupported)} must be false or absent (set: "
+          f"{set_switches}; dhrd does not implement them, and no released {model_type} checkpoint sets them)")
+    bad = [k for k in POSITIVE_SIZES if not isinstance(c[k], int) or c[k] < 1]
+    bad += [k for k in DERIVED_SIZES if not isinstance(c[k], int) or c[k] < 0]
+    bad = [fam.keys.get(k, (k,))[0] for k in bad]  # by their config.json names
+    heads_ok = not bad and (c["head_dim"] or c["n_embd"] % c["n_head"] == 0)
+    heads_ok = heads_ok and c["n_head"] % (c["n_kv_head"] or c["n_head"]) == 0
+    check(heads_ok, file, f"invalid field(s) {bad or 'heads'}: sizes must be positive ints, hidden size "
+          "divisible by heads, heads by key_value heads")
+    return c
+
+
+def config_to_hf(c, labels, dtype):
+    """A config object (GPTConfig's attributes) -> the config.json dict transformers reads: the family's keys,
+    derived sizes spelled out, architectures, labels, and dhrd's head settings."""
+    fam = FAMILIES[c.model_type]
+    resolved = {
+        "n_inner": c.n_inner or 4 * c.n_embd,
+        "n_kv_head": c.n_kv_head or c.n_head,
+        "head_dim": c.head_dim or c.n_embd // c.n_head,
+        "word_embed_proj_dim": c.word_embed_proj_dim or c.n_embd,
+    }
+    d = {}
+    for field, (key, _) in fam.keys.items():
+        value = getattr(c, field)
+        if field in fam.null_if_derived:
+            value = value or None
+        elif field in resolved:
+            value = resolved[field]
+        d[key] = value
+    if fam.rope:
+        d["rope_theta"] = c.rope_theta
+        d["rope_scaling"] = c.rope_scaling
+    for key in fam.dropout_keys:
+        d[key] = c.dropout
+    d.update(fam.written)
+    seq_cls = bool(c.num_labels) and c.head == "linear"  # transformers has no class for our MLP head
+    d["model_type"] = c.model_type
+    d["architectures"] = [fam.seq_cls if seq_cls else fam.causal_lm]
+    d["dhrd"] = {"head": c.head, "pooling": c.pooling}
+    if c.num_labels:
+        names = list(labels) if labels else [f"LABEL_{i}" for i in range(c.num_labels)]
+        d["num_labels"] = c.num_labels
+        d["id2label"] = dict(enumerate(names))
+        d["label2id"] = {n: i for i, n in enumerate(names)}
+    d["torch_dtype"] = str(dtype).removeprefix("torch.")
+    return d
+
+# ----------------------------------------------------------------------------------------------------------
+# Tensor names, ours <-> HF's, from the family record.
+
+# GPT-2's causal-mask buffers (with the dot: c_attn.bias is a weight) and old Llama files' RoPE buffer:
+# the model computes these itself
+IGNORED = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
+
+
+def weight_map(c, ours):
+    """HF tensor name (without the family prefix) -> (our names, transpose), for config c and the collection
+    of our parameter names `ours`. Entries naming a tensor this config lacks (OPT's project_in, biases) are
+    left out."""
+    fam = FAMILIES[c.model_type]
+    m = {}
+    for name in ours:  # the heads carry HF's names: score, and lm_head when it is not the tied embedding
+        if name.startswith("score") or (name == "lm_head.weight" and not c.tie_word_embeddings):
+            m[name] = ((name,), False)
+    for w in ("weight", "bias"):
+        for hf, our in fam.top.items():
+            m[f"{hf}.{w}"] = ((f"{our}.{w}",), False)
+        for i in range(c.n_layer):
+            hf_block = fam.block.format(i)
+            for hf, our in fam.per_block.items():
+                m[f"{hf_block}{hf}.{w}"] = ((f"h.{i}.{our}.{w}",), w == "weight" and hf in fam.transposed)
+            for hf, parts in fam.fused.items():
+                names = tuple(f"h.{i}.{p}.{w}" for p in parts)
+                m[f"{hf_block}{hf}.{w}"] = (names, w == "weight" and hf in fam.transposed)
+    return {k: v for k, v in m.items() if all(n in ours for n in v[0])}
+
+
+def state_dict_from_hf(tensors, c, shapes, file):
+    """HF tensors -> {our name: float32 tensor}, checked name by name and shape by shape against shapes
+    ({our parameter name: shape}; a tied lm_head is the embedding and not listed). A missing `score` is fine:
+    the model gets a fresh head."""
+    fam = FAMILIES[c.model_type]
+    wmap = weight_map(c, shapes)
+    sd = {}
+    unexpected = []
+    for key, t in tensors.items():
+        k = key.removeprefix(fam.prefix)  # hub gpt2 / OPT files may lack the prefix
+        if k.endswith(IGNORED) or (k == "lm_head.weight" and c.tie_word_embeddings):
+            continue
+        if k not in wmap:
+            unexpected.append(key)
+            continue
+        names, transpose = wmap[k]
+        t = t.float()
+        if transpose and t.dim() == 2:  # a malformed file's 3-D tensor is left for the shape check to report
+            t = t.t()
+        for name, part in zip(names, t.chunk(len(names))):  # GPT-2's fused c_attn -> our q, k, v
+            parts = f" for each of its {len(names)} parts" if len(names) > 1 else ""
+            check(part.shape == shapes[name], file, f"tensor {key} has shape {list(t.shape)}, config.json "
+                  f"implies {list(shapes[name])}{parts}")
+            sd[name] = part
+    missing = [n for n in shapes if n not in sd and not n.startswith("score")]
+    check(not (unexpected or missing), file, f"tensors do not match a {c.model_type} model with this "
+          f"config.json: missing {missing[:5]} ({len(missing)} in all), unexpected {unexpected[:5]} "
+          f"({len(unexpected)} in all)")
+    return sd
+
+
+def state_dict_to_hf(sd, c):
+    """Our state dict (plain names: LoRA merged in) -> {HF tensor name: tensor} in the family's layout."""
+    fam = FAMILIES[c.model_type]
+    out = {}
+    for hf, (names, transpose) in weight_map(c, sd).items():
+        t = torch.cat([sd[n] for n in names])
+        if transpose:
+            t = t.t()
+        name = hf if hf.startswith(("lm_head", "score")) else fam.prefix + hf
+        out[name] = t.contiguous()
+    return out
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenizer: GPT-2's byte-level BPE (Radford et al. 2019) as a tiktoken Encoding built from tokenizer.json
+# (HF's format: Llama-3, Qwen2/3, SmolLM2) or else vocab.json + merges.txt (GPT-2, OPT). tiktoken merges the
+# adjacent pair whose concatenation has the lowest rank, HF the pair listed first in merges: giving merge i
+# the rank 256 + i makes the two agree. Ranks then map to vocab ids: the identity for GPT-2, a permutation
+# for OPT (fairseq's dictionary order, with <s> <pad> </s> <unk> at 0..3). tiktoken takes one regex, so
+# _pretokenizer folds HF's pre-tokenizer steps into one.
+
+TOKENIZER_FILES = (
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+)
+GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def bytes_to_unicode():
+    """GPT-2's reversible byte -> printable character map (openai/gpt-2 encoder.py)."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    rest = [b for b in range(256) if b not in bs]
+    chars = bs + [256 + i for i in range(len(rest))]
+    return dict(zip(bs + rest, map(chr, chars)))
+
+
+def _pretokenizer(pre, where):
+    """tokenizer.json's pre_tokenizer -> one regex; only the byte-level forms it reproduces exactly."""
+    pre = pre or {}
+    if pre.get("type") == "Sequence":
+        steps = pre.get("pretokenizers") or []
+    else:
+        steps = [pre]
+    kinds = [s.get("type") for s in steps]
+    last = steps[-1] if steps else {}
+    regex = last.get("use_regex", True)
+    check(kinds[-1:] == ["ByteLevel"] and not last.get("add_prefix_space"), where,
+          f"pre_tokenizer {kinds} is not supported: it must end with ByteLevel(add_prefix_space=false)")
+    if kinds == ["ByteLevel"] and regex:
+        return GPT2_PAT
+    if kinds == ["Split", "ByteLevel"] and not regex:  # Llama-3, Qwen2: one regex; unmatched text is a piece
+        split = steps[0]
+        ok = split.get("behavior") == "Isolated" and not split.get("invert")
+        r = split["pattern"].get("Regex")
+        check(ok and r, where, f"pre_tokenizer Split {split['pattern']} {split.get('behavior')} "
+              f"invert={split.get('invert')} is not supported")
+        return f"{r}|(?:(?!(?:{r}))[\\s\\S])+"
+    # SmolLM2: Digits makes every \p{N} (Rust's char::is_numeric) its own piece BEFORE the GPT-2 regex runs,
+    # so whitespace before a digit ends a piece: "a  1" -> "a", "  ", "1" (GPT2_PAT: "a", " ", " ", "1").
+    check(kinds == ["Digits", "ByteLevel"] and regex, where, f"pre_tokenizer {kinds} is not supported")
+    digits = r"\p{N}|" if steps[0].get("individual_digits") else r"\p{N}+|"
+    rest = GPT2_PAT.replace(r"| ?\p{N}+", "").replace(r"\s+(?!\S)", r"\s+(?:(?!\S)|(?=\p{N}))")
+    return digits + rest
+
+
+class _BPEFiles(NamedTuple):  # what the tokenizer files say, before the tiktoken tables are built
+    vocab: dict          # byte-level token string -> id
+    merges: list         # "a b" lines in priority order
+    added: dict          # added token string -> id (split out of the text, as HF does)
+    pattern: str         # the pre-tokenizer regex
+    nfc: bool            # NFC-normalize the text between added tokens (Qwen2)
+    bos: str | None      # the token a TemplateProcessing post-processor prepends (Llama-3)
+    vocab_file: str      # where the vocabulary and the merges were read, for error messages
+    merges_file: str
+
+
+def _read_tokenizer_json(file):
+    t = json.loads(file.read_text(encoding="utf-8"))
+    m = t.get("model") or {}
+    unsupported = ("byte_fallback", "dropout", "continuing_subword_prefix", "end_of_word_suffix")
+    bad = {k: m.get(k) for k in unsupported}
+    check(m.get("type") == "BPE" and not any(bad.values()), file,
+          f"model {m.get('type')} {bad}: only byte-level BPE is supported")
+    check(t.get("normalizer") in (None, {"type": "NFC"}), file, f"normalizer {t.get('normalizer')} is not "
+          "supported (only NFC, Qwen2's)")
+    pattern = _pretokenizer(t.get("pre_tokenizer"), file)
+    merges = [x if isinstance(x, str) else " ".join(x) for x in m.get("merges", [])]  # "a b" or [a, b]
+    added_tokens = t.get("added_tokens", [])
+    added = {a["content"]: a["id"] for a in added_tokens}
+    check(not any(a.get(k) for a in added_tokens for k in ("lstrip", "rstrip", "single_word")), file,
+          "added_tokens with lstrip/rstrip/single_word are not supported")
+    post = t.get("post_processor") or {}
+    templates = [p for p in post.get("processors", [post]) if p.get("type") == "TemplateProcessing"]
+    bos = None
+    if templates:  # Llama-3: "single" = bos + $A; HF prepends it with add_special_tokens=True
+        single = templates[0].get("single") or [{}]
+        bos = single[0].get("SpecialToken", {}).get("id")
+    return _BPEFiles(m.get("vocab", {}), merges, added, pattern, bool(t.get("normalizer")), bos,
+                     f"{file} model.vocab", f"{file} model.merges")
+
+
+def _read_vocab_merges(folder):
+    vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+    merges = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+    return _BPEFiles(vocab, merges, {}, GPT2_PAT, False, None, folder / "vocab.json", folder / "merges.txt")
+
+
+def _tokenizer_meta(folder):
+    """special_tokens_map.json, tokenizer_config.json, config.json merged; earlier files win."""
+    meta = {}
+    for f in ("special_tokens_map.json", "tokenizer_config.json", "config.json"):
+        if (folder / f).is_file():
+            meta = {**json.loads((folder / f).read_text(encoding="utf-8")), **meta}
+    return meta
+
+
+def _content(v):  # an added-token entry is a string or {"content": string, ...}
+    return v.get("content") if isinstance(v, dict) else v
+
+
+def _special_id(meta, full, key, default):
+    """The id of the token tokenizer_config names as `key` (bos_token, ...), else `<key>_id`, else default."""
+    if meta.get(key):
+        return full.get(_content(meta[key]))
+    return meta.get(key + "_id", default)
+
+
+class Tokenizer:
+    """.encode(str) -> ids, equal to HF's tokenizer with add_special_tokens=False; .decode(ids) -> str;
+    .bos_id (the id HF prepends: </s> for OPT, <|begin_of_text|> for Llama-3, None for GPT-2/Qwen/SmolLM2),
+    .eos_id, .pad_id, .vocab_size, .name."""
+
+    def __init__(self, folder, name=None):
+        folder = Path(folder)
+        self.name = str(name or folder)
+        tj = folder / "tokenizer.json"  # wins: only it has the pre-tokenizer (SmolLM2: Digits) and normalizer
+        try:
+            meta = _tokenizer_meta(folder)
+            if tj.is_file():
+                bpe = _read_tokenizer_json(tj)
+                meta["add_bos_token"] = bool(bpe.bos)
+                if bpe.bos:
+                    meta["bos_token"] = bpe.bos
+            else:
+                bpe = _read_vocab_merges(folder)
+        except FileNotFoundError as e:
+            raise CheckpointError(f"{e.filename}: missing; a tokenizer folder needs tokenizer.json or "
+                                  "vocab.json + merges.txt") from None
+        except CheckpointError:  # a ValueError too: reported as it is, not as invalid JSON
+            raise
+        except ValueError as e:
+            raise CheckpointError(f"{folder}: a tokenizer file is not valid JSON ({e})") from None
+        vocab = bpe.vocab
+        byte_of = {c: b for b, c in bytes_to_unicode().items()}
+        order = [s for _, s in sorted((i, s) for s, i in vocab.items() if len(s) == 1 and s in byte_of)]
+        check(all(chr(c) in vocab for c in range(33, 127)) and "Ġ" in vocab, bpe.vocab_file,
+              f"has {len(order)} of the 256 byte tokens and not all of the printable ASCII ones; "
+              "not GPT-2 byte-level BPE")
+        for ln, line in enumerate(bpe.merges, 1):
+            if not line.strip() or line.startswith("#version"):
+                continue
+            merged = line.replace(" ", "")
+            if len(line.split(" ")) != 2 or merged not in vocab or any(c not in byte_of for c in merged):
+                raise CheckpointError(f"{bpe.merges_file}:{ln}: expected two byte-level tokens whose "
+                                      f"merge is in vocab, got {line!r}")
+            order.append(merged)
+        ranks = {}  # token bytes -> rank = merge priority (the first occurrence wins)
+        rank2id = []
+        for s in order:
+            b = bytes(byte_of[c] for c in s)
+            if b not in ranks:
+                ranks[b] = len(rank2id)
+                rank2id.append(vocab[s])
+        for b in range(256):  # tiktoken needs all 256 bytes; HF drops a byte its vocab lacks: id -1, dropped
+            if bytes([b]) not in ranks:
+                ranks[bytes([b])] = len(rank2id)
+                rank2id.append(-1)
+        added = dict(bpe.added)
+        for k, v in meta.get("added_tokens_decoder", {}).items():
+            added[_content(v)] = int(k)
+        full = {**vocab, **added}
+        opt_like = "</s>" in vocab and "<s>" in vocab
+        roles = ("bos_token", "eos_token", "unk_token", "pad_token")
+        named = [_content(meta[k]) for k in roles if meta.get(k)]
+        if not named:  # HF's defaults without a config
+            named = ["</s>", "<pad>"] if opt_like else ["<|endoftext|>"]
+        # split out of the text, as HF does; a special that is also a plain BPE token stays BPE
+        specials = {s: full[s] for s in list(added) + named if s in full and s.encode() not in ranks}
+        special_ranks = {s: len(rank2id) + j for j, s in enumerate(specials)}
+        self.enc = tiktoken.Encoding(self.name, pat_str=bpe.pattern, mergeable_ranks=ranks,
+                                     special_tokens=special_ranks)
+        r2i = np.array(rank2id + list(specials.values()), dtype=np.int64)
+        self._r2i = None if np.array_equal(r2i, np.arange(len(r2i))) else r2i  # GPT-2: the ranks are the ids
+        self._split_added = None
+        if bpe.nfc:  # Qwen2: NFC on the text between added tokens (HF splits those out before normalizing)
+            alternatives = "|".join(map(re.escape, sorted(specials, key=len, reverse=True)))
+            self._split_added = re.compile("(" + alternatives + ")").split
+        self.vocab_size = max(full.values()) + 1
+        self._bytes = [b""] * self.vocab_size  # id -> bytes, for decode
+        for s, i in full.items():
+            if s not in specials and all(c in byte_of for c in s):
+                self._bytes[i] = bytes(byte_of[c] for c in s)
+            else:
+                self._bytes[i] = s.encode()
+        self.eos_id = _special_id(meta, full, "eos_token", full.get("</s>", full.get("<|endoftext|>")))
+        self.pad_id = _special_id(meta, full, "pad_token", full.get("<pad>"))
+        add_bos = meta.get("add_bos_token", meta.get("model_type") == "opt" or opt_like)  # OPT prepends </s>
+        self.bos_id = _special_id(meta, full, "bos_token", full.get("</s>")) if add_bos else None
+
+    def _nfc(self, text):  # odd pieces of the split are the added tokens themselves: left as they are
+        pieces = self._split_added(text)
+        return "".join(p if i % 2 else unicodedata.normalize("NFC", p) for i, p in enumerate(pieces))
+
+    def encode(self, text):
+        if self._split_added is not None:
+            text = self._nfc(text)
+        ranks = self.enc.encode(text, allowed_special="all")
+        if self._r2i is None:
+            return ranks
+        return [i for i in self._r2i[np.asarray(ranks, dtype=np.int64)].tolist() if i >= 0]
+
+    def decode(self, ids):
+        return b"".join(self._bytes[i] for i in ids).decode("utf-8", errors="replace")
+
+
+def copy_tokenizer_files(src, dst):
+    """The tokenizer files of folder src into folder dst (save_pretrained: an export loads on its own)."""
+    src = Path(src)
+    dst = Path(dst)
+    if src.resolve() == dst.resolve():
+        return
+    for f in TOKENIZER_FILES:
+        if (src / f).is_file():
+            shutil.copyfile(src / f, dst / f)
+
+# ----------------------------------------------------------------------------------------------------------
+# Hub names -> a cache folder. Files come from {DHRD_HUB_URL}/{name}/resolve/main/{file}; sizes and sha256
+# (the LFS oid) from {DHRD_HUB_URL}/api/models/{name}/tree/main when the server offers that listing.
+
+HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def _has(folder, *names):
+    return all((folder / n).is_file() for n in names)
+
+
+def _cached(cache, weights):
+    """Whether the cache folder holds the model (weights=False: the tokenizer) already: then no network."""
+    tokenizer = _has(cache, "tokenizer.json") or _has(cache, "vocab.json", "merges.txt")
+    if not (_has(cache, "config.json") and tokenizer):
+        return False
+    if not weights or _has(cache, "model.safetensors"):
+        return True
+    return _has(cache, INDEX) and _has(cache, *shards(cache / INDEX)[1])
+
+
+def _hub_listing(base, name):
+    """{file: (size, sha256 of LFS files or None)} from the tree API; None when offline or not offered."""
+    try:
+        with urllib.request.urlopen(f"{base}/api/models/{name}/tree/main", timeout=30) as r:
+            items = json.loads(r.read())
+        listing = {}
+        for it in items:
+            if it.get("type") == "file":
+                lfs = it.get("lfs") or {}
+                listing[it["path"]] = (lfs.get("size", it.get("size")), lfs.get("oid"))
+        return listing
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+
+
+def _receive(url, part, have, label):
+    """GET url into part, appending from byte `have` with an HTTP Range request; progress on stderr."""
+    headers = {"Range": f"bytes={have}-"} if have else {}
+    last = 0.0
+    try:
+        req = urllib.request.Request(url, headers=headers)
+        with urllib.request.urlopen(req, timeout=60) as r, open(part, "ab" if have else "wb") as f:
+            if have and r.status != 206:  # the server ignored Range: start over
+                have = f.truncate(0)
+            total = (have + int(r.headers.get("Content-Length") or 0)) / 1e6
+            while chunk := r.read(1 << 20):
+                have += f.write(chunk)
+                if time.time() - last > 0.5:
+                    last = time.time()
+                    print(f"\r{label}: {have / 1e6:.1f}/{total:.1f} MB", end="", file=sys.stderr, flush=True)
+        print(f"\r{label}: {have / 1e6:.1f} MB done", file=sys.stderr)
+    except urllib.error.HTTPError as e:
+        if not (e.code == 416 and have):  # 416 on a resume: the .part is already complete
+            raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from None
+    except OSError as e:  # URLError, timeouts, resets
+        raise DownloadError(f"could not download {url} ({getattr(e, 'reason', e)}). Offline? Put the files "
+                            f"in a local folder and pass its path instead (the partial {part} resumes next "
+                            "time)") from None
+
+
+def _fetch_verified(url, part, expected_size, sha256, label):
+    """Complete part (resuming what an earlier try left), check size and sha256; a bad file is removed."""
+    have = part.stat().st_size if part.exists() else 0
+    if expected_size is not None and have > expected_size:
+        have = 0  # a stale .part: start over
+    if expected_size is None or have < expected_size:
+        _receive(url, part, have, label)
+    size = part.stat().st_size
+    if expected_size is not None and size != expected_size:
+        if size > expected_size:
+            part.unlink()
+            raise DownloadError(f"{url}: got {size} bytes, expected {expected_size}; the file was removed")
+        raise DownloadError(f"{url}: got {size} bytes, expected {expected_size} "
+                            "(interrupted: run again to resume)")
+    if sha256:
+        with open(part, "rb") as f:
+            got = hashlib.file_digest(f, "sha256").hexdigest()
+        if got != sha256.lower():
+            part.unlink()
+            raise DownloadError(f"{url}: sha256 {got} is not the expected {sha256}; the file was removed")
+
+
+def download(url, dest, expected_size=None, sha256=None, desc=None):
+    """urllib download to dest via dest.part, renamed only once complete and verified; resumes a partial .part
+    with an HTTP Range request; progress on stderr. Raises DownloadError naming the URL."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(dest, lambda part: _fetch_verified(url, part, expected_size, sha256, desc or url),
+                        suffix=".part")
+
+
+def resolve_model_dir(path_or_name, weights=True):
+    """A local folder as is; a hub name -> DHRD_CACHE/<owner--name>, downloading whatever is missing."""
+    if Path(path_or_name).expanduser().is_dir():
+        return Path(path_or_name).expanduser()
+    name = str(path_or_name)
+    check(HUB_NAME.match(name) and ".." not in name, name, "no such folder, and not a hub name like 'gpt2'")
+    cache = Path(os.environ.get("DHRD_CACHE", "~/.cache/dhrd")).expanduser() / name.replace("/", "--")
+    base = os.environ.get("DHRD_HUB_URL", "https://huggingface.co").rstrip("/")
+    if _cached(cache, weights):
+        return cache
+    listing = _hub_listing(base, name)
+    files = listing or {}
+
+    def fetch(f):  # into the cache unless it is there; size and checksum from the listing when it has them
+        if not (cache / f).is_file():
+            size, sha256 = files.get(f, (None, None))
+            download(f"{base}/{name}/resolve/main/{f}", cache / f, size, sha256)
+
+    tokenizer = ("vocab.json", "merges.txt")
+    if "tokenizer.json" in files:  # Llama-3 ships no vocab.json
+        tokenizer = ("tokenizer.json",)
+    try:
+        for f in ("config.json",) + tokenizer + tuple(f for f in TOKENIZER_FILES if f in files):
+            fetch(f)
+    except DownloadError as e:  # most often a mistyped local path
+        raise CheckpointError(f"{name}: no such local folder, and no such model on the hub ({e})") from None
+    if not weights or _has(cache, "model.safetensors"):
+        return cache
+    check(listing is None or {"model.safetensors", INDEX} & set(listing), f"{base}/{name}",
+          f"the repository has no model.safetensors (files: {sorted(files)[:12]}); only safetensors is "
+          "loaded (never pickle): convert it")
+    if listing is None or "model.safetensors" in listing:
+        try:
+            fetch("model.safetensors")
+            return cache
+        except DownloadError:
+            if listing is not None:
+                raise  # without a listing, a 404 here may just mean that the checkpoint is sharded
+    fetch(INDEX)
+    for s in shards(cache / INDEX)[1]:
+        fetch(s)
+    return cache
+
+
+def load_tokenizer(path_or_name):
+    """A tokenizer folder or hub name -> Tokenizer (a hub name downloads only the tokenizer files)."""
+    return Tokenizer(resolve_model_dir(path_or_name, weights=False), name=path_or_name)
