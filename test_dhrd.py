@@ -10,7 +10,11 @@ selects exactly one section; the short `-k train` also takes the few other names
   -k train  dhrd.py: metrics, config errors, DDP == one process, exact resume after a kill, gradient
             statistics and alpha=auto, eval_only / predict, a non-finite loss, compile, CoT decoding,
             LoRA training; at its end the tests of gpt.py's LoRA modules (`-k test_lora`)
-  -k bench  bench.py: the JSON contract on a tiny model, flag errors
+  -k bench  bench.py: the JSON contract on a tiny model, flag errors, the named shapes' parameter counts,
+            the LoRA step's FLOPs
+  -k cuda   the checks a GPU can break (parity, bf16, decoding, the fused loss, torchrun + compile,
+            recompilations, bench.py on the device): skipped without a GPU; DHRD_TEST_DEVICE=cpu runs
+            them on the CPU
 """
 import hashlib
 import http.server
@@ -1543,10 +1547,12 @@ def _bench_tiny_model(path):
     return path
 
 
-def test_bench_end_to_end_json(tmp_path):
+@pytest.mark.parametrize("lora_rank", [0, 2])
+def test_bench_end_to_end_json(lora_rank, tmp_path):
     model_dir = _bench_tiny_model(tmp_path / "tiny")
     out = tmp_path / "bench.json"
-    p = _bench_run(f"--init_from={model_dir}", f"--out={out}", *BENCH_TINY)  # default dtype: auto
+    p = _bench_run(f"--init_from={model_dir}", f"--out={out}", f"--train_lora_rank={lora_rank}",
+                   *BENCH_TINY)  # default dtype: auto
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads(out.read_text())
     # every key of SPEC §5, with the shapes that were asked for
@@ -1556,6 +1562,9 @@ def test_bench_end_to_end_json(tmp_path):
     assert {k: r["cot"][k] for k in ("batch_size", "new_tokens")} == {"batch_size": 2, "new_tokens": 5}
     assert {k: r["train"][k] for k in ("batch_size", "seq_len")} == {"batch_size": 2, "seq_len": 12}
     assert r["train"]["mfu"] is None  # no MFU on a CPU: there is no vendor peak to divide by
+    assert r["train"]["peak_tflops"] is None and r["gpu"] is None
+    assert r["train"]["lora_rank"] == lora_rank
+    assert (r["train"]["trained_params"] < r["params"]) == (lora_rank > 0)  # LoRA: adapters + pooled head
     for v in (r["pooled"]["qps"], r["cot"]["qps"], r["cot"]["tokens_per_s"], r["train"]["tokens_per_s"]):
         assert isinstance(v, float) and v > 0
     assert r["speedup"] == r["pooled"]["qps"] / r["cot"]["qps"]
@@ -1574,6 +1583,36 @@ def test_bench_builtin_shape_is_gpt2_124m():
     assert sum(p.numel() for p in model.parameters()) == 124_439_808 + 768 * bench.num_labels
 
 
+@pytest.mark.parametrize("name, hf_params", [("llama-3.1-8b", 8_030_261_248), ("llama-3.2-3b", 3_212_749_824),
+                                             ("qwen3-4b", 4_022_468_096), ("qwen3-8b", 8_190_735_360)])
+def test_bench_paper_shapes_have_the_public_parameter_counts(name, hf_params):
+    # the paper's backbones, built on the meta device (no memory, no time): the public counts (HF's, a tied
+    # LM head counted once) plus the bias-free pooled head, num_labels x hidden; the Llama/Qwen3 fields
+    model = bench.load_model(name, "meta")
+    c = model.config
+    assert next(model.parameters()).is_meta
+    assert sum(p.numel() for p in model.parameters()) == hf_params + c.n_embd * bench.num_labels
+    family = (c.norm, c.glu, c.activation, c.bias, c.qkv_bias, c.pre_ln)
+    assert family == ("rmsnorm", True, "silu", False, False, True)
+    assert c.qk_norm == name.startswith("qwen3")
+    assert (model.lm_head.weight is model.wte.weight) == c.tie_word_embeddings
+    assert (c.rope_scaling or {}).get("rope_type") == ("llama3" if name.startswith("llama") else None)
+
+
+def test_bench_builds_in_dtype_and_counts_lora_flops():
+    # a built-in shape is constructed in the benchmark dtype directly (CUDA: on the GPU, no fp32 host copy)
+    model = bench.load_model("llama-tiny", "cpu", torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert torch.get_default_dtype() == torch.float32  # restored
+    assert bench.train_flops_per_token(model, 32) == model.flops_per_token(32)  # full fine-tuning: 6N + attn
+    gpt.add_lora(model, 4)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    attn = model.flops_per_token(32) - 6 * (trained + frozen)
+    # LoRA: a frozen weight has a forward and an input gradient, no weight gradient
+    assert bench.train_flops_per_token(model, 32) == 6 * trained + 4 * frozen + attn
+
+
 def test_bench_bad_flag_cli():
     p = _bench_run("--batch_sise=4", timeout=60)
     assert p.returncode == 2 and len(p.stderr.splitlines()) == 1, p.stderr  # one line, no traceback
@@ -1589,6 +1628,7 @@ def test_bench_bad_flag_cli():
     ("--init_from=no-such-model", "neither a model folder nor a built-in shape"),
     ("--dtype=float16", "float16 on CUDA only"),
     ("--seq_len=65", "exceeds the model's block_size 64"),
+    ("--train_lora_rank=-1", "0 (full fine-tuning) or a LoRA rank >= 1"),
 ])
 def test_bench_bad_flags(arg, needle, tmp_path, monkeypatch):
     model_dir = _bench_tiny_model(tmp_path / "tiny")
@@ -1600,3 +1640,254 @@ def test_bench_bad_flags(arg, needle, tmp_path, monkeypatch):
     finally:
         vars(bench).update(saved)
     assert needle in str(e.value)
+
+
+# ==============================================================================================================
+# cuda: skipped without a GPU (`pytest -k cuda`). The checks a GPU can break: parity in fp32, bf16 predictions,
+# greedy decoding, the fused LM loss, a torchrun (NCCL) compiled bf16 run, recompilations over varying lengths.
+# DHRD_TEST_DEVICE=cpu runs the same bodies on the CPU (Gloo for the torchrun run) to debug them.
+# ==============================================================================================================
+
+DEV = os.environ.get("DHRD_TEST_DEVICE", "cuda")
+cuda = pytest.mark.skipif(DEV.startswith("cuda") and not torch.cuda.is_available(),
+                          reason="needs CUDA (DHRD_TEST_DEVICE=cpu runs these tests on the CPU)")
+
+
+@pytest.fixture
+def _cuda_exact_fp32(monkeypatch):
+    # float32 matmuls in float32, not TF32 (10-bit mantissa), whatever the environment set
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+
+def _cuda_ref(name):
+    return {k: v.to(DEV) for k, v in _gpt_ref(name).items()}
+
+
+@cuda
+@pytest.mark.parametrize("folder,ref", PARITY)
+def test_cuda_parity_with_transformers_fp32(folder, ref, _cuda_exact_fp32):
+    r = _cuda_ref(ref)
+    m = GPT.from_pretrained(FIX / folder).eval().to(DEV)
+    ids, am = r["input_ids"], r["attention_mask"]
+    real = am.bool()
+    with torch.no_grad():
+        d_logits = (m.lm_logits(ids, am) - r["logits"])[real].abs().max().item()
+        d_hidden = (m.hidden_states(ids, am) - r["last_hidden_state"])[real].abs().max().item()
+        assert d_logits <= 1e-4 and d_hidden <= 1e-4, (d_logits, d_hidden)
+        if m.score is not None:  # seq-cls checkpoints: HF `score` pooled at the last non-pad token
+            d_cls = (m.classify(ids, am) - r["cls_logits"]).abs().max().item()
+            assert d_cls <= 1e-4, d_cls
+
+
+def _cuda_classifier(folder):
+    # the fixture's own head, or a fresh seeded one (the same on every device: initialised on the host)
+    torch.manual_seed(0)
+    m = GPT.from_pretrained(FIX / folder)
+    if m.score is None:
+        torch.manual_seed(0)
+        m = GPT.from_pretrained(FIX / folder, num_labels=3)
+    return m.eval().to(DEV)
+
+
+@cuda
+def test_cuda_bf16_class_argmax_agrees_with_fp32(_cuda_exact_fp32):
+    """bf16 weights (bench.py's CUDA setting) against the same model in fp32, 3 rows of every fixture. A row
+    may flip only where the fp32 margin between the top two classes is within twice bf16's error on that
+    row's logits; in all, >= 90% must agree. DHRD_TEST_DEVICE=cpu: 30 of 30 agree (smallest fp32 margin 0.015,
+    largest bf16 logit error 0.048, on rows with margins >= 0.12)."""
+    agree = 0
+    total = 0
+    for folder, ref in PARITY:
+        r = _cuda_ref(ref)
+        ids, am = r["input_ids"], r["attention_mask"]
+        with torch.no_grad():
+            c32 = _cuda_classifier(folder).classify(ids, am)
+            c16 = _cuda_classifier(folder).to(torch.bfloat16).classify(ids, am).float()
+        top2 = c32.topk(2, -1).values
+        margin = top2[:, 0] - top2[:, 1]
+        error = (c32 - c16).abs().max(-1).values
+        same = c32.argmax(-1) == c16.argmax(-1)
+        assert (same | (margin <= 2 * error)).all(), (folder, margin.tolist(), error.tolist())
+        agree += int(same.sum())
+        total += len(same)
+    assert agree >= 0.9 * total, (agree, total)
+
+
+@cuda
+@pytest.mark.parametrize("folder,ref", PARITY)
+def test_cuda_greedy_generate_matches_transformers(folder, ref, _cuda_exact_fp32):
+    r = _cuda_ref(ref)
+    m = GPT.from_pretrained(FIX / folder).eval().to(DEV)
+    assert torch.equal(m.generate(r["gen1_input_ids"], 12), r["gen1_output"])
+    genb = m.generate(r["genb_input_ids"], 12, attention_mask=r["genb_attention_mask"])  # left-padded batch
+    assert torch.equal(genb, r["genb_output"])
+    m.config.pad_token_id = int(r["genb_input_ids"][2, 0])  # the pad the reference used
+    eos = m.generate(r["genb_input_ids"], 12, attention_mask=r["genb_attention_mask"],
+                     eos_token_id=int(r["gen_eos_id"]))
+    assert torch.equal(eos, r["gen_eos_output"][:, :eos.shape[1]])  # HF pads finished rows
+
+
+def _cuda_close(a, b, rel=1e-4):
+    return (a - b).abs().max().item() <= rel * b.abs().max().item() + 1e-7
+
+
+@cuda
+def test_cuda_fused_lm_loss_equals_cross_entropy(_cuda_exact_fp32):
+    """gpt.fused_lm_loss against the plain path (full logits, F.cross_entropy): value and both gradients for
+    several [rows, chunk] piece sizes, targets on the slice edges and ignored ones; a frozen head (LoRA) gets
+    the gradient of h alone; under bf16 autocast within 5%."""
+    def naive(h, w, t):
+        return F.cross_entropy(h @ w.t(), t, ignore_index=-100)
+    g = torch.Generator().manual_seed(0)
+    cases = [(37, 61, 24, [(16, 8), (7, 5), (61, 37)]),
+             (700, 5003, 64, [(1024, 256), (2048, 2048), (999, 700)])]
+    for n, vocab, dim, pieces in cases:
+        h = torch.randn(n, dim, generator=g).to(DEV).requires_grad_()
+        w = (0.5 * torch.randn(vocab, dim, generator=g)).to(DEV).requires_grad_()
+        t = torch.randint(0, vocab, (n,), generator=g)
+        edges = [e for e in (0, vocab - 1, 15, 16, 1023, 1024, 2047, 2048) if e < vocab]
+        t[:len(edges) + 1] = torch.tensor(edges + [-100])
+        t = t.to(DEV)
+        ref = naive(h, w, t)
+        rh, rw = torch.autograd.grad(ref, [h, w])
+        for chunk, rows in pieces:
+            loss = fused_lm_loss(h, w, t, chunk=chunk, rows=rows)
+            gh, gw = torch.autograd.grad(3 * loss, [h, w])  # a non-unit upstream gradient
+            assert abs(loss.item() - ref.item()) <= 1e-5 * ref.item(), (chunk, rows)
+            assert _cuda_close(gh, 3 * rh) and _cuda_close(gw, 3 * rw), (chunk, rows)
+        (gh,) = torch.autograd.grad(fused_lm_loss(h, w.detach(), t), [h])
+        assert _cuda_close(gh, rh)
+        with torch.autocast(DEV.split(":")[0], dtype=torch.bfloat16):
+            loss = fused_lm_loss(h, w, t, chunk=pieces[0][0], rows=pieces[0][1])
+        gh, gw = torch.autograd.grad(loss, [h, w])
+        assert gw.dtype == torch.float32 and abs(loss.item() - ref.item()) < 0.05 * ref.item()
+        assert _cuda_close(gh, rh, 0.05) and _cuda_close(gw, rw, 0.05)
+
+
+def _cuda_aot_eager_launcher(path):
+    """On the CPU, dhrd.py with torch.compile's backend set to aot_eager: inductor's C++ build of the graphs
+    takes ~45 s on 2 cores; dynamo, AOT autograd and the process group are the same."""
+    path.write_text("\n".join([
+        "import runpy",
+        "import sys",
+        "import torch",
+        f"sys.path.insert(0, {str(ROOT)!r})",
+        "compile_ = torch.compile",
+        "torch.compile = lambda model, **kw: compile_(model, backend='aot_eager', **kw)",
+        f"runpy.run_path({str(ROOT / 'dhrd.py')!r}, run_name='__main__')",
+    ]) + "\n")
+    return path
+
+
+@cuda
+def test_cuda_torchrun_compiled_bf16_run_loss_falls(train_data, tmp_path):
+    """torchrun --standalone --nproc_per_node=1 (NCCL on CUDA, Gloo on the CPU), --compile=True, bf16: 30
+    steps of the tiny scratch model on synth finish and the logged loss falls."""
+    script = ROOT / "dhrd.py"
+    if not DEV.startswith("cuda"):
+        script = _cuda_aot_eager_launcher(tmp_path / "dhrd_aot_eager.py")
+    flags = [f for f in TINY if not f.startswith("--dtype=")]
+    flags += [f"--data_dir={train_data}", f"--out_dir={tmp_path / 'run'}", f"--device={DEV}",
+              "--compile=True", "--dtype=bfloat16", "--max_iters=30", "--log_interval=1",
+              "--eval_interval=30"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+                        str(script), *flags], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                       env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    losses = [l["loss"] for l in _train_log(tmp_path / "run")]
+    assert len(losses) == 30 and np.isfinite(losses).all()
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.2, losses  # CPU: 4.22 -> 3.16
+
+
+class _CudaCountGraphs:
+    """Stands in for torch.compile's result in dhrd.main: after each training forward, records the batch's
+    length and the number of graphs dynamo has compiled so far."""
+
+    def __init__(self, compiled):
+        self.compiled = compiled
+        self.seen = []
+
+    def __call__(self, idx, *args):
+        from torch._dynamo.utils import counters
+        out = self.compiled(idx, *args)
+        self.seen.append((idx.shape[1], counters["stats"]["unique_graphs"]))
+        return out
+
+    def parameters(self):
+        return self.compiled.parameters()
+
+
+def _cuda_varied_lengths(folder, n=160):
+    """A custom task whose examples have x of 3-60 characters and rationales of 0-40: batches of many lengths
+    (synth's are all 58 or 59 tokens long)."""
+    rng = np.random.default_rng(0)
+    words = ["ab", "cde", "fg", "hij", "k"]
+
+    def text(lo, hi):
+        return " ".join(rng.choice(words, int(rng.integers(lo, hi))))
+    rows = [{"text": text(1, 20), "label": ["neg", "pos"][i % 2], "rationale": text(0, 14)} for i in range(n)]
+    folder.mkdir()
+    for split in ("train", "val"):
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prepare.prepare(task="custom", train_file=folder / "train.jsonl", val_file=folder / "val.jsonl",
+                    out_dir=folder / "data", model="char", quiet=True)
+    return folder / "data"
+
+
+@cuda
+def test_cuda_compile_graphs_stay_bounded_over_varying_lengths(tmp_path, monkeypatch):
+    """dhrd.py --compile=True on batches of many lengths (each batch is padded to its longest row): after a
+    few batches dynamo has a graph with a dynamic length for every piece of the forward and compiles nothing
+    more, however many new lengths follow. The pieces: graph breaks (the padding check in GPT._mask, the
+    boolean gather of the LM targets, the fused loss's loop) split the forward, and each piece turns dynamic
+    at its own second size. DHRD_TEST_DEVICE=cpu (aot_eager, torch 2.13), 24 batches of 19 lengths: 5 graphs
+    after the first batch, 21 from the 5th batch on. Were the count to grow with the number of lengths,
+    bucketing the lengths in dhrd.make_batch would be the fix."""
+    from torch._dynamo.utils import counters
+    backend = "inductor"
+    if not DEV.startswith("cuda"):
+        backend = "aot_eager"  # the same graphs as inductor's; no C++ build
+    made = []
+    compile_ = torch.compile
+
+    def compile_counted(model, **kw):
+        made.append(_CudaCountGraphs(compile_(model, backend=backend, **kw)))
+        return made[-1]
+    monkeypatch.setattr(torch, "compile", compile_counted)
+    torch._dynamo.reset()
+    counters.clear()
+    flags = [f for f in TINY if not f.startswith(("--dtype=", "--batch_size="))]
+    data = _cuda_varied_lengths(tmp_path / "varied")
+    flags += [f"--data_dir={data}", f"--out_dir={tmp_path / 'run'}", f"--device={DEV}", "--compile=True",
+              "--dtype=bfloat16", "--batch_size=4", "--max_iters=16", "--log_interval=16",
+              "--eval_interval=16", "--task=custom"]
+    try:
+        dhrd.main(flags)
+    finally:
+        torch._dynamo.reset()
+    lengths = [n for n, _ in made[0].seen]
+    graphs = [k for _, k in made[0].seen]
+    assert len(lengths) == 16 and len(set(lengths)) >= 8, lengths  # many different lengths
+    half = len(lengths) // 2
+    assert len(set(lengths[half:]) - set(lengths[:half])) >= 3, lengths  # the second half brings new lengths
+    assert graphs[half - 1] == graphs[-1], list(zip(lengths, graphs))    # and compiles nothing for them
+
+
+@cuda
+def test_cuda_bench_tiny_llama_lora_on_the_device(tmp_path):
+    """bench.py's device path on a tiny Llama, LoRA step: weights built in bf16 on the device, the JSON of
+    SPEC §5 with the GPU's name and, on a card of GPU_PEAK_TFLOPS, the MFU against its bf16 dense peak."""
+    out = tmp_path / "bench.json"
+    p = _bench_run("--init_from=llama-tiny", f"--device={DEV}", "--dtype=bfloat16", "--train_lora_rank=4",
+                   f"--out={out}", *BENCH_TINY)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["dtype"] == "bfloat16" and r["train"]["lora_rank"] == 4
+    assert r["train"]["trained_params"] < r["params"] and r["train"]["tokens_per_s"] > 0
+    assert r["train"]["flops_formula"] == "6 N_trained + 4 N_frozen + 12 L H Q T"
+    if DEV.startswith("cuda"):
+        assert r["gpu"] == torch.cuda.get_device_name(DEV)
+        peak = next((v for k, v in bench.GPU_PEAK_TFLOPS.items() if k in r["gpu"]), None)
+        assert r["train"]["peak_tflops"] == peak and (r["train"]["mfu"] is None) == (peak is None)
