@@ -42,14 +42,15 @@ from gpt import (CheckpointError, DownloadError, DualOutput, GPT, GPTConfig, KVC
                  dual_loss, fused_lm_loss, load_tokenizer, reference_lm_loss)
 from hf import GPT2_PAT, read_safetensors, resolve_model_dir, write_safetensors  # noqa: E402
 
-# ==============================================================================================================
-# gpt.py + hf.py: parity with transformers, fused loss, one-pass property, DualOutput / dual_loss, KV cache, LoRA,
-# checkpoints and family records, tokenizer, downloads
-# ==============================================================================================================
+# ============================================================================================================
+# gpt.py + hf.py: parity with transformers, fused loss, one-pass property, DualOutput / dual_loss, KV cache,
+# LoRA, checkpoints and family records, tokenizer, downloads
+# ============================================================================================================
 
 FIX = ROOT / "tests" / "fixtures"
-PARITY = [("gpt2", "gpt2"), ("gpt2_hub", "gpt2"), ("opt", "opt"), ("opt350", "opt350"), ("opt350_hub", "opt350"),
-          ("opt350_bf16", "opt350"), ("llama", "llama"), ("llama_hub", "llama"), ("qwen2", "qwen2"), ("qwen3", "qwen3")]
+PARITY = [("gpt2", "gpt2"), ("gpt2_hub", "gpt2"), ("opt", "opt"), ("opt350", "opt350"),
+          ("opt350_hub", "opt350"), ("opt350_bf16", "opt350"), ("llama", "llama"), ("llama_hub", "llama"),
+          ("qwen2", "qwen2"), ("qwen3", "qwen3")]
 
 
 def _gpt_ref(name):
@@ -74,28 +75,33 @@ def test_gpt_parity_with_transformers(folder, ref):
     real = r["attention_mask"].bool()
     with torch.no_grad():
         d_logits = (m.lm_logits(r["input_ids"], r["attention_mask"]) - r["logits"])[real].abs().max().item()
-        d_hidden = (m.hidden_states(r["input_ids"], r["attention_mask"]) - r["last_hidden_state"])[real].abs().max().item()
+        d_hidden = (m.hidden_states(r["input_ids"], r["attention_mask"])
+                    - r["last_hidden_state"])[real].abs().max().item()
         assert d_logits < 1e-4 and d_hidden < 1e-4, (d_logits, d_hidden)
         if m.score is not None:  # seq-cls checkpoints: HF `score` pooled at the last non-pad token
             assert m.config.num_labels == r["cls_logits"].shape[1]
             assert (m.classify(r["input_ids"], r["attention_mask"]) - r["cls_logits"]).abs().max() < 1e-4
         assert torch.equal(m.generate(r["gen1_input_ids"], 12), r["gen1_output"])
-        genb = m.generate(r["genb_input_ids"], 12, attention_mask=r["genb_attention_mask"])  # left-padded batch
+        # left-padded batch
+        genb = m.generate(r["genb_input_ids"], 12, attention_mask=r["genb_attention_mask"])
         assert torch.equal(genb, r["genb_output"])
-        m.config.pad_token_id = int(r["genb_input_ids"][2, 0])  # the pad the reference used (hub config has none)
-        eos = m.generate(r["genb_input_ids"], 12, attention_mask=r["genb_attention_mask"], eos_token_id=int(r["gen_eos_id"]))
+        # the pad the reference used (hub config has none)
+        m.config.pad_token_id = int(r["genb_input_ids"][2, 0])
+        eos = m.generate(r["genb_input_ids"], 12, attention_mask=r["genb_attention_mask"],
+                         eos_token_id=int(r["gen_eos_id"]))
         assert torch.equal(eos, r["gen_eos_output"][:, :eos.shape[1]])  # HF pads finished rows
 
 
 def test_gpt_hub_layout_has_buffers_and_bare_keys():
     keys = set(read_safetensors(FIX / "gpt2_hub" / "model.safetensors"))
-    assert "wte.weight" in keys and any(k.endswith("attn.bias") for k in keys)  # the case the loader must handle
+    # the case the loader must handle
+    assert "wte.weight" in keys and any(k.endswith("attn.bias") for k in keys)
     assert (FIX / "opt350_hub" / "model.safetensors.index.json").exists()
 
 
 def test_gpt_fused_lm_loss_equals_reference():
-    """fused_lm_loss == reference_lm_loss (the plain gathered-logits path): value and gradients for several row
-    blocks and vocabulary slices (targets on slice edges), a non-unit upstream gradient, [B,T] inputs with
+    """fused_lm_loss == reference_lm_loss (the plain gathered-logits path): value and gradients for several
+    row blocks and vocabulary slices (targets on slice edges), a non-unit upstream gradient, [B,T] inputs with
     ignored positions, no valid target, no_grad, and within tolerance under bf16 autocast."""
     torch.manual_seed(0)
     h = torch.randn(37, 24, requires_grad=True)
@@ -140,8 +146,8 @@ def test_gpt_fused_lm_loss_equals_reference():
 
 
 def test_gpt_fused_lm_loss_frozen_head_makes_no_weight_grad():
-    """LoRA freezes the LM head: then the fused loss holds no [V, C] weight-gradient buffer at all (nor does its
-    matmul), and the gradient of h still equals the reference's."""
+    """LoRA freezes the LM head: then the fused loss holds no [V, C] weight-gradient buffer at all (nor does
+    its matmul), and the gradient of h still equals the reference's."""
     torch.manual_seed(0)
     h = torch.randn(2, 19, 24, requires_grad=True)
     w = torch.randn(61, 24)  # requires_grad False
@@ -186,23 +192,27 @@ def test_gpt_forward_one_pass_property(model_type):
 
 
 def test_gpt_dual_output_and_dual_loss():
-    """forward always returns DualOutput(cls_logits, loss_lm, loss_kl), None for what was not asked; dual_loss is
-    Eq. 4: beta * CE(cls_logits, y) + alpha * loss_lm (+ kl_coef * loss_kl), each term only when present."""
+    """forward always returns DualOutput(cls_logits, loss_lm, loss_kl), None for what was not asked;
+    dual_loss is Eq. 4: beta * CE(cls_logits, y) + alpha * loss_lm (+ kl_coef * loss_kl), each term only
+    when present."""
     m = _gpt_tiny("llama", num_labels=3)
     idx = torch.randint(0, 61, (2, 10), generator=torch.Generator().manual_seed(0))
     tg = torch.roll(idx, -1, 1)
     y = torch.tensor([2, 0])
     ref = (m.hidden_states(idx).detach()[tg != -100], m.lm_head.weight.detach())
-    outs = [m(idx), m(idx, lm_targets=tg), m(idx, lm_targets=tg, kl_ref=ref), _gpt_tiny("llama")(idx, lm_targets=tg)]
+    outs = [m(idx), m(idx, lm_targets=tg), m(idx, lm_targets=tg, kl_ref=ref),
+            _gpt_tiny("llama")(idx, lm_targets=tg)]
     for out in outs:
-        assert type(out) is DualOutput and len(out) == 3 and out._fields == ("cls_logits", "loss_lm", "loss_kl")
+        assert (type(out) is DualOutput and len(out) == 3
+                and out._fields == ("cls_logits", "loss_lm", "loss_kl"))
     assert [[f is None for f in o] for o in outs] == [[False, True, True], [False, False, True],
                                                      [False, False, False], [True, False, True]]
     assert outs[0].cls_logits.shape == (2, 3) and abs(outs[2].loss_kl.item()) < 1e-6  # KL to itself
     ce = F.cross_entropy(outs[1].cls_logits, y)
     loss, loss_cls = dual_loss(outs[0], y, alpha=0.7, beta=2.0)  # a pooled baseline: no LM term at all
     assert torch.equal(loss_cls, ce) and torch.equal(loss, 2.0 * ce)
-    loss, _ = dual_loss(outs[1], y, alpha=0.7, beta=2.0, kl_coef=5.0)  # no KL in out: kl_coef has nothing to scale
+    # no KL in out: kl_coef has nothing to scale
+    loss, _ = dual_loss(outs[1], y, alpha=0.7, beta=2.0, kl_coef=5.0)
     assert torch.allclose(loss, 2.0 * ce + 0.7 * outs[1].loss_lm)
     out = outs[2]._replace(loss_kl=torch.tensor(0.25))
     loss, _ = dual_loss(out, y, alpha=0.7, beta=0.0, kl_coef=2.0)  # beta=0: a CoT-only model
@@ -218,7 +228,8 @@ def test_gpt_kv_cache_update_in_place():
     k1, v1 = torch.randn(2, 3, 1, 5), torch.randn(2, 3, 1, 5)  # one decoded token at position 4
     ks, vs = cache.update(4, k1, v1)
     assert cache.k.data_ptr() == buf and ks.data_ptr() == buf  # written in place, the prefix is a view
-    assert ks.shape == (2, 3, 5, 5) and torch.equal(ks, torch.cat([k, k1], 2)) and torch.equal(vs, torch.cat([v, v1], 2))
+    assert (ks.shape == (2, 3, 5, 5) and torch.equal(ks, torch.cat([k, k1], 2))
+            and torch.equal(vs, torch.cat([v, v1], 2)))
     with torch.autocast("cpu", dtype=torch.bfloat16):  # buffers take the dtype of the first keys
         c = KVCache(3)
         c.update(0, k[:, :, :2].bfloat16(), v[:, :, :2].bfloat16())
@@ -252,12 +263,15 @@ def test_gpt_bf16_autocast_cpu():
 @pytest.mark.parametrize("avx512_bf16, amx, onednn, cuda_bf16, cpu, gpu", [
     (True, False, True, True, ("bfloat16", "native bf16: AVX-512-BF16/AMX"), ("bfloat16", "native bf16")),
     (False, True, True, True, ("bfloat16", "native bf16: AVX-512-BF16/AMX"), ("bfloat16", "native bf16")),
-    (False, False, True, False, ("float32", "no native bf16"), ("float16", "no bf16 on this GPU; fp16 with a gradient scaler")),
-    (True, True, False, False, ("float32", "no native bf16"), ("float16", "no bf16 on this GPU; fp16 with a gradient scaler")),
+    (False, False, True, False, ("float32", "no native bf16"),
+     ("float16", "no bf16 on this GPU; fp16 with a gradient scaler")),
+    (True, True, False, False, ("float32", "no native bf16"),
+     ("float16", "no bf16 on this GPU; fp16 with a gradient scaler")),
 ])
 def test_gpt_native_dtype_choice(monkeypatch, avx512_bf16, amx, onednn, cuda_bf16, cpu, gpu):
-    # dtype=auto: bf16 on a CPU only with AVX-512-BF16 or AMX that oneDNN may use (ONEDNN_MAX_CPU_ISA can forbid
-    # it: the 4th row), else fp32 (emulated bf16 is ~150x slower); on CUDA bf16 where supported, else fp16
+    # dtype=auto: bf16 on a CPU only with AVX-512-BF16 or AMX that oneDNN may use (ONEDNN_MAX_CPU_ISA can
+    # forbid it: the 4th row), else fp32 (emulated bf16 is ~150x slower); on CUDA bf16 where supported, else
+    # fp16
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: onednn)
@@ -285,7 +299,8 @@ def test_gpt_save_pretrained_round_trip(folder, tmp_path):
     m.save_pretrained(tmp_path / "m", labels=["a", "b", "c"] if m.score is not None else None)
     m2 = GPT.from_pretrained(tmp_path / "m").eval()
     sd, sd2 = m.state_dict(), m2.state_dict()
-    assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) and sd[k].dtype == sd2[k].dtype for k in sd)
+    assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) and sd[k].dtype == sd2[k].dtype
+                                           for k in sd)
     resolved = lambda c: {**vars(c), "head_dim": c.head_dim or c.n_embd // c.n_head}  # saved spelled out
     assert resolved(m2.config) == resolved(m.config)
     idx = torch.randint(0, m.config.vocab_size, (2, 9))
@@ -305,15 +320,17 @@ def test_gpt_save_pretrained_round_trip(folder, tmp_path):
 
 
 def test_gpt_rope_config_keys_and_errors(tmp_path):
-    """rope_theta / rope_scaling are read from the top level (hub files) and from rope_parameters (transformers 5);
-    what gpt.py does not implement is refused by name, not run differently."""
+    """rope_theta / rope_scaling are read from the top level (hub files) and from rope_parameters
+    (transformers 5); what gpt.py does not implement is refused by name, not run differently."""
     a, b = GPT.from_pretrained(FIX / "llama").config, GPT.from_pretrained(FIX / "llama_hub").config
     assert a.rope_theta == b.rope_theta == 1e4 and a.rope_scaling["factor"] == b.rope_scaling["factor"] == 8.0
     assert (a.n_kv_head, a.norm, a.glu, a.qkv_bias, a.qk_norm) == (2, "rmsnorm", True, False, False)
     q2, q3 = GPT.from_pretrained(FIX / "qwen2").config, GPT.from_pretrained(FIX / "qwen3").config
-    assert (q2.qkv_bias, q2.bias, q2.tie_word_embeddings, q3.qk_norm, q3.head_dim, q3.n_kv_head) == (True, False, False, True, 16, 1)
+    assert ((q2.qkv_bias, q2.bias, q2.tie_word_embeddings, q3.qk_norm, q3.head_dim, q3.n_kv_head)
+            == (True, False, False, True, 16, 1))
     base = json.loads((FIX / "llama_hub" / "config.json").read_text())
-    for extra, msg in [({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling.*yarn.*not supported"),
+    for extra, msg in [({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
+                        "rope_scaling.*yarn.*not supported"),
                        ({"attention_bias": True}, "attention_bias"), ({"num_key_value_heads": 3}, "heads")]:
         shutil.copytree(FIX / "llama_hub", d := tmp_path / str(len(list(tmp_path.iterdir()))))
         (d / "config.json").write_text(json.dumps({**base, **extra}))
@@ -323,13 +340,15 @@ def test_gpt_rope_config_keys_and_errors(tmp_path):
 
 
 def test_gpt_mlp_head_and_new_head(tmp_path):
-    with pytest.raises(CheckpointError, match="unexpected.*score.weight"):  # a linear checkpoint head vs head=mlp
+    # a linear checkpoint head vs head=mlp
+    with pytest.raises(CheckpointError, match="unexpected.*score.weight"):
         GPT.from_pretrained(FIX / "opt", head="mlp")
     m = GPT.from_pretrained(FIX / "opt350_bf16", num_labels=4, head="mlp")
     assert m.classify(torch.tensor([[5, 6, 7]])).shape == (1, 4)
     m.save_pretrained(tmp_path / "mlp")
     m2 = GPT.from_pretrained(tmp_path / "mlp")
-    assert m2.config.head == "mlp" and torch.equal(m.classify(torch.tensor([[5, 6]])), m2.classify(torch.tensor([[5, 6]])))
+    assert m2.config.head == "mlp" and torch.equal(m.classify(torch.tensor([[5, 6]])),
+                                                   m2.classify(torch.tensor([[5, 6]])))
     with pytest.raises(CheckpointError, match="labels"):
         GPT.from_pretrained(FIX / "gpt2", num_labels=5)
 
@@ -355,12 +374,16 @@ def test_gpt_tokenizer_json_matches_transformers():
         for c in cases["cases"]:
             assert tok.encode(c["text"]) == c[name], (name, c["text"])
             assert tok.decode(c[name]) == c[name + "_decoded"], (name, c["text"])
-            assert tok.decode(c[name]) == c["text"] or set(c["text"]) & set("\x04\x06\x13\x1d\U00040000\U00080001") \
-                or name == "tok_qwen2", (name, c["text"])  # round trip, but for dropped bytes and NFC
-    # the cases can fail: the naive fold of Digits into GPT-2's regex, no NFC, and a bytes-missing vocab each differ
+            assert (tok.decode(c[name]) == c["text"]
+                    or set(c["text"]) & set("\x04\x06\x13\x1d\U00040000\U00080001")
+                    or name == "tok_qwen2"), (name, c["text"])  # round trip, but for dropped bytes and NFC
+    # the cases can fail: the naive fold of Digits into GPT-2's regex, no NFC, and a bytes-missing vocab each
+    # differ
     smol, qwen = load_tokenizer(FIX / "tok_smol"), load_tokenizer(FIX / "tok_qwen2")
-    ids = lambda tok, enc, text: [i for i in tok._r2i[enc.encode(text, allowed_special="all")].tolist() if i >= 0]
-    naive = tiktoken.Encoding("naive", pat_str=r"\p{N}|" + GPT2_PAT, mergeable_ranks=smol.enc._mergeable_ranks,
+    ids = lambda tok, enc, text: [i for i in tok._r2i[enc.encode(text, allowed_special="all")].tolist()
+                                  if i >= 0]
+    naive = tiktoken.Encoding("naive", pat_str=r"\p{N}|" + GPT2_PAT,
+                              mergeable_ranks=smol.enc._mergeable_ranks,
                               special_tokens=smol.enc._special_tokens)
     assert any(ids(smol, naive, c["text"]) != c["tok_smol"] for c in cases["cases"])
     assert any(ids(qwen, qwen.enc, c["text"]) != c["tok_qwen2"] for c in cases["cases"])
@@ -371,9 +394,11 @@ def test_gpt_tokenizer_json_unsupported(tmp_path):
     t = json.loads((FIX / "tok_llama3" / "tokenizer.json").read_text(encoding="utf-8"))
     for field, value, msg in [("normalizer", {"type": "Lowercase"}, "normalizer"),
                               ("pre_tokenizer", {"type": "Whitespace"}, r"pre_tokenizer \['Whitespace'\]"),
-                              ("pre_tokenizer", {"type": "ByteLevel", "add_prefix_space": True}, "add_prefix_space"),
+                              ("pre_tokenizer", {"type": "ByteLevel", "add_prefix_space": True},
+                               "add_prefix_space"),
                               ("model", {**t["model"], "type": "WordPiece"}, "model WordPiece"),
-                              ("model", {**t["model"], "vocab": {"a": 0}, "merges": []}, "model.vocab: has 1 of the 256")]:
+                              ("model", {**t["model"], "vocab": {"a": 0}, "merges": []},
+                               "model.vocab: has 1 of the 256")]:
         d = tmp_path / field
         d.mkdir(exist_ok=True)
         (d / "tokenizer.json").write_text(json.dumps({**t, field: value}), encoding="utf-8")
@@ -396,7 +421,8 @@ def test_gpt_bad_tokenizer_files(tmp_path):
 # -- LoRA: adapters on a frozen base (paper App. E.4), merged export, adapter-only files, KL to the base
 
 
-def _gpt_lora_perturb(m, seed=1):  # non-zero B (a fresh adapter is exactly the base), so merges and round trips show
+# non-zero B (a fresh adapter is exactly the base), so merges and round trips show
+def _gpt_lora_perturb(m, seed=1):
     g = torch.Generator().manual_seed(seed)
     for n, p in m.named_parameters():
         if ".lora_B" in n:
@@ -415,10 +441,12 @@ def test_gpt_lora_fresh_is_base_and_trains_only_adapters(model_type):
         assert torch.equal(m.lm_logits(idx), logits) and torch.equal(m.classify(idx), cls)
     trained = [n for n, p in m.named_parameters() if p.requires_grad]
     assert all(".lora_" in n or n.startswith("score") for n in trained) and "score.weight" in trained
-    assert any("gate_proj.lora_A" in n for n in trained) == (model_type == "llama")  # GPT-2 has no gate_proj: skipped
+    # GPT-2 has no gate_proj: skipped
+    assert any("gate_proj.lora_A" in n for n in trained) == (model_type == "llama")
     assert sum(".lora_A" in n for n in trained) == 2 * (7 if model_type == "llama" else 6)
     opt = m.configure_optimizers(0.1, 1e-2, (0.9, 0.95), "cpu")
-    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == sum(p.numel() for p in m.parameters() if p.requires_grad)
+    assert (sum(p.numel() for g in opt.param_groups for p in g["params"])
+            == sum(p.numel() for p in m.parameters() if p.requires_grad))
     m.train()
     y, losses = torch.tensor([0, 1, 2]), []
     for _ in range(8):
@@ -434,7 +462,8 @@ def test_gpt_lora_fresh_is_base_and_trains_only_adapters(model_type):
             assert torch.equal(after[k.replace("_proj.", "_proj.base.")], v), k
     assert not torch.equal(after["score.weight"], base["score.weight"])
     assert all(after[n].abs().sum() > 0 for n in trained if ".lora_B" in n)
-    with pytest.raises(ValueError, match="unknown LoRA target.*'qkv'.*valid: q_proj,k_proj,v_proj,o_proj,gate_proj"):
+    with pytest.raises(ValueError,
+                       match="unknown LoRA target.*'qkv'.*valid: q_proj,k_proj,v_proj,o_proj,gate_proj"):
         gpt.add_lora(_gpt_tiny(model_type), targets="q_proj,qkv")
     with pytest.raises(ValueError, match="none exists"):
         gpt.add_lora(_gpt_tiny("gpt2"), targets=["gate_proj"])
@@ -450,9 +479,11 @@ def test_gpt_lora_merged_export_and_adapter_round_trip(tmp_path):
         logits, cls = m.lm_logits(ids, am), m.classify(ids, am)
     assert (logits - r["logits"]).abs().max() > 1e-3  # the adapters change the model
     m.save_pretrained(tmp_path / "merged")
-    assert m.state_dict().keys() == before.keys() and all(torch.equal(m.state_dict()[k], v) for k, v in before.items())
+    assert m.state_dict().keys() == before.keys() and all(torch.equal(m.state_dict()[k], v)
+                                                          for k, v in before.items())
     merged = GPT.from_pretrained(tmp_path / "merged").eval()  # a plain HF folder: no lora tensors in it
-    assert not any("lora" in k or ".base." in k for k in read_safetensors(tmp_path / "merged" / "model.safetensors"))
+    assert not any("lora" in k or ".base." in k
+                   for k in read_safetensors(tmp_path / "merged" / "model.safetensors"))
     with torch.no_grad():
         assert (merged.lm_logits(ids, am) - logits).abs().max() < 1e-5
         assert (merged.classify(ids, am) - cls).abs().max() < 1e-5
@@ -464,11 +495,12 @@ def test_gpt_lora_merged_export_and_adapter_round_trip(tmp_path):
     assert all(torch.equal(m2.state_dict()[k], v) for k, v in before.items())
     with torch.no_grad():
         assert torch.equal(m2.lm_logits(ids, am), logits) and torch.equal(m2.classify(ids, am), cls)
-    with pytest.raises(CheckpointError, match=r"adapter.safetensors: tensor h.0.attn.\w+.lora_A has shape \[4, 32\], "
-                       r"this model's is \[4, 16\].*load that base"):
+    with pytest.raises(CheckpointError, match=r"adapter.safetensors: tensor h.0.attn.\w+.lora_A has shape "
+                       r"\[4, 32\], this model's is \[4, 16\].*load that base"):
         gpt.load_lora(_gpt_tiny("llama", num_labels=3), tmp_path / "ad")
     with pytest.raises(CheckpointError, match="unexpected.*score.weight"):  # a base loaded without num_labels
-        gpt.load_lora(_gpt_tiny("llama", n_embd=32, vocab_size=897, n_head=4, head_dim=8, n_kv_head=2, n_inner=64), tmp_path / "ad")
+        gpt.load_lora(_gpt_tiny("llama", n_embd=32, vocab_size=897, n_head=4, head_dim=8, n_kv_head=2,
+                                n_inner=64), tmp_path / "ad")
 
 
 def test_gpt_lora_kl_to_base(monkeypatch):
@@ -510,10 +542,12 @@ BAD_FILES = [
     (_gpt_st({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"1234"), "outside"),
     (_gpt_st({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
               "b": {"dtype": "F32", "shape": [1], "data_offsets": [2, 6]}}, b"12345678"), "'b' overlaps"),
-    (_gpt_st({"a": {"dtype": "U8", "shape": [8], "data_offsets": [0, 8]}, "z": {"dtype": "U8", "shape": [0], "data_offsets": [1, 1]},
+    (_gpt_st({"a": {"dtype": "U8", "shape": [8], "data_offsets": [0, 8]},
+              "z": {"dtype": "U8", "shape": [0], "data_offsets": [1, 1]},
               "b": {"dtype": "U8", "shape": [2], "data_offsets": [4, 6]}}, b"12345678"), "'b' overlaps"),
     (_gpt_st({"a": {"dtype": "Q4", "shape": [1], "data_offsets": [0, 4]}}, b"1234"), "unsupported dtype"),
-    (_gpt_st({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"12345678"), "does not fit its 8 bytes"),
+    (_gpt_st({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"12345678"),
+     "does not fit its 8 bytes"),
     (_gpt_st({"a": {"dtype": "F32", "shape": "x", "data_offsets": [0, 4]}}, b"1234"), "malformed"),
     (_gpt_st([1, 2]), "not a JSON object"),
 ]
@@ -533,7 +567,8 @@ def test_gpt_safetensors_dtypes_round_trip(tmp_path):
           "i64": torch.arange(5), "empty": torch.zeros(0, 3), "scalar": torch.tensor(1.5)}
     write_safetensors(tmp_path / "t.safetensors", ts)
     back = read_safetensors(tmp_path / "t.safetensors")
-    assert set(back) == set(ts) and all(torch.equal(back[k], ts[k]) and back[k].dtype == ts[k].dtype for k in ts)
+    assert set(back) == set(ts) and all(torch.equal(back[k], ts[k]) and back[k].dtype == ts[k].dtype
+                                        for k in ts)
 
 
 def _gpt_copy(tmp_path, folder="gpt2"):
@@ -562,7 +597,8 @@ def test_gpt_bad_checkpoints(tmp_path):
     (d / "pytorch_model.bin").write_bytes(b"pickle")
     with pytest.raises(CheckpointError, match="pickle is never loaded"):
         GPT.from_pretrained(d)
-    for text, msg in [('{"model_type": "mistral"}', "model_type 'mistral' is not supported"), ("{nope", "not a JSON"),
+    for text, msg in [('{"model_type": "mistral"}', "model_type 'mistral' is not supported"),
+                      ("{nope", "not a JSON"),
                       ('{"model_type": "gpt2", "n_embd": 30, "n_head": 4}', "invalid field"),
                       ('{"model_type": "opt", "hidden_size": "big"}', "wrong type|invalid")]:
         (d / "config.json").write_text(text)
@@ -657,7 +693,8 @@ def _gpt_serve_repo(name, folder, with_api=True):
         body = f.read_bytes()
         _GPTHandler.files[f"/{name}/resolve/main/{f.name}"] = body
         tree.append({"type": "file", "path": f.name, "size": len(body)} if f.suffix != ".safetensors" else
-                    {"type": "file", "path": f.name, "size": 134, "lfs": {"oid": hashlib.sha256(body).hexdigest(), "size": len(body)}})
+                    {"type": "file", "path": f.name, "size": 134,
+                     "lfs": {"oid": hashlib.sha256(body).hexdigest(), "size": len(body)}})
     if with_api:
         _GPTHandler.files[f"/api/models/{name}/tree/main"] = json.dumps(tree).encode()
 
@@ -669,16 +706,19 @@ def test_gpt_hub_names_resolve_into_cache(_gpt_server, tmp_path, monkeypatch):
     _gpt_serve_repo("tiny/opt350", FIX / "opt350_hub", with_api=False)  # plain file server: no listing
     r = _gpt_ref("gpt2")
     m = GPT.from_pretrained("tiny/gpt2").eval()
-    assert (m.lm_logits(r["input_ids"][:1, :r["lengths"][0]]) - r["logits"][:1, :r["lengths"][0]]).abs().max() < 1e-4
+    assert (m.lm_logits(r["input_ids"][:1, :r["lengths"][0]])
+            - r["logits"][:1, :r["lengths"][0]]).abs().max() < 1e-4
     assert resolve_model_dir("tiny/gpt2") == tmp_path / "cache" / "tiny--gpt2"
     n = len(_GPTHandler.hits)
     assert load_tokenizer("tiny/gpt2").encode("Hello") == load_tokenizer(FIX / "gpt2_hub").encode("Hello")
     assert len(_GPTHandler.hits) == n  # second use: served from the cache, no network
     m = GPT.from_pretrained("tiny/opt350").eval()  # sharded, fp16, found without the tree API
     r = _gpt_ref("opt350")
-    assert (m.lm_logits(r["input_ids"][:1, :r["lengths"][0]]) - r["logits"][:1, :r["lengths"][0]]).abs().max() < 1e-4
+    assert (m.lm_logits(r["input_ids"][:1, :r["lengths"][0]])
+            - r["logits"][:1, :r["lengths"][0]]).abs().max() < 1e-4
     _GPTHandler.files["/api/models/tiny/pickle/tree/main"] = json.dumps(
-        [{"type": "file", "path": "config.json"}, {"type": "file", "path": "pytorch_model.bin", "size": 9}]).encode()
+        [{"type": "file", "path": "config.json"},
+         {"type": "file", "path": "pytorch_model.bin", "size": 9}]).encode()
     for f in ("config.json", "vocab.json", "merges.txt"):
         _GPTHandler.files[f"/tiny/pickle/resolve/main/{f}"] = (FIX / "gpt2" / f).read_bytes()
     with pytest.raises(CheckpointError, match="no model.safetensors"):
@@ -687,9 +727,9 @@ def test_gpt_hub_names_resolve_into_cache(_gpt_server, tmp_path, monkeypatch):
         GPT.from_pretrained("tiny/absent")
 
 
-# ==============================================================================================================
+# ============================================================================================================
 # prepare.py: synth, SuperGLUE templates, custom data, rationales, teachers, bad input
-# ==============================================================================================================
+# ============================================================================================================
 
 def _prep_files(d):
     return {p.name: p.read_bytes() for p in sorted(pathlib.Path(d).iterdir())}
@@ -1521,9 +1561,9 @@ def test_train_lora_end_to_end_and_resume(lora_data):
     assert json.loads((out / "results.json").read_text()) == res and _train_log(d / "full") == _train_log(out)
 
 
-# ==============================================================================================================
+# ============================================================================================================
 # bench.py: the JSON contract on a tiny model, flag errors
-# ==============================================================================================================
+# ============================================================================================================
 
 BENCH_TINY = ["--batch_size=4", "--seq_len=16", "--cot_batch_size=2", "--cot_tokens=5", "--cot_prompt_len=3",
               "--train_batch_size=2", "--train_seq_len=12", "--agree_batches=2", "--warmup=0", "--repeats=2",
