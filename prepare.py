@@ -208,7 +208,8 @@ NLI_Q = "What can be concluded from the passage?"
 
 
 def qa(passage, question, answer, choices="Yes or No"):
-    """The paper's single UnifiedQA-style template (App. E.2): each field name on its own line, then its text."""
+    """The paper's single UnifiedQA-style template (App. E.2): each field name on its own line,
+    then its text."""
     tail = f"\nQuestion:\n{question}\nAnswer:\n{answer}\nIs the answer correct {choices}?"
     return ("Passage:\n", passage, tail)
 
@@ -220,7 +221,8 @@ def nli_qa(premise, hypothesis):
 
 
 def mark(sentence, start, end):
-    """WiC: the target word in *asterisks* (App. E.2: 'with the target word marked'), by its character span."""
+    """WiC: the target word in *asterisks* (App. E.2: 'with the target word marked'),
+    by its character span."""
     return f"{sentence[:start]}*{sentence[start:end]}*{sentence[end:]}"
 
 

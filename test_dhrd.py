@@ -46,14 +46,15 @@ from gpt import (CheckpointError, DownloadError, DualOutput, GPT, GPTConfig, KVC
                  dual_loss, fused_lm_loss, load_tokenizer, reference_lm_loss)
 from hf import GPT2_PAT, read_safetensors, resolve_model_dir, write_safetensors  # noqa: E402
 
-# ==============================================================================================================
-# gpt.py + hf.py: parity with transformers, fused loss, one-pass property, DualOutput / dual_loss, KV cache, LoRA,
-# checkpoints and family records, tokenizer, downloads
-# ==============================================================================================================
+# ============================================================================================================
+# gpt.py + hf.py: parity with transformers, fused loss, one-pass property, DualOutput / dual_loss, KV cache,
+# LoRA, checkpoints and family records, tokenizer, downloads
+# ============================================================================================================
 
 FIX = ROOT / "tests" / "fixtures"
-PARITY = [("gpt2", "gpt2"), ("gpt2_hub", "gpt2"), ("opt", "opt"), ("opt350", "opt350"), ("opt350_hub", "opt350"),
-          ("opt350_bf16", "opt350"), ("llama", "llama"), ("llama_hub", "llama"), ("qwen2", "qwen2"), ("qwen3", "qwen3")]
+PARITY = [("gpt2", "gpt2"), ("gpt2_hub", "gpt2"), ("opt", "opt"), ("opt350", "opt350"),
+          ("opt350_hub", "opt350"), ("opt350_bf16", "opt350"), ("llama", "llama"), ("llama_hub", "llama"),
+          ("qwen2", "qwen2"), ("qwen3", "qwen3")]
 
 
 def _gpt_ref(name):
@@ -78,28 +79,33 @@ def test_gpt_parity_with_transformers(folder, ref):
     real = r["attention_mask"].bool()
     with torch.no_grad():
         d_logits = (m.lm_logits(r["input_ids"], r["attention_mask"]) - r["logits"])[real].abs().max().item()
-        d_hidden = (m.hidden_states(r["input_ids"], r["attention_mask"]) - r["last_hidden_state"])[real].abs().max().item()
+        d_hidden = (m.hidden_states(r["input_ids"], r["attention_mask"])
+                    - r["last_hidden_state"])[real].abs().max().item()
         assert d_logits < 1e-4 and d_hidden < 1e-4, (d_logits, d_hidden)
         if m.score is not None:  # seq-cls checkpoints: HF `score` pooled at the last non-pad token
             assert m.config.num_labels == r["cls_logits"].shape[1]
             assert (m.classify(r["input_ids"], r["attention_mask"]) - r["cls_logits"]).abs().max() < 1e-4
         assert torch.equal(m.generate(r["gen1_input_ids"], 12), r["gen1_output"])
-        genb = m.generate(r["genb_input_ids"], 12, attention_mask=r["genb_attention_mask"])  # left-padded batch
+        # left-padded batch
+        genb = m.generate(r["genb_input_ids"], 12, attention_mask=r["genb_attention_mask"])
         assert torch.equal(genb, r["genb_output"])
-        m.config.pad_token_id = int(r["genb_input_ids"][2, 0])  # the pad the reference used (hub config has none)
-        eos = m.generate(r["genb_input_ids"], 12, attention_mask=r["genb_attention_mask"], eos_token_id=int(r["gen_eos_id"]))
+        # the pad the reference used (hub config has none)
+        m.config.pad_token_id = int(r["genb_input_ids"][2, 0])
+        eos = m.generate(r["genb_input_ids"], 12, attention_mask=r["genb_attention_mask"],
+                         eos_token_id=int(r["gen_eos_id"]))
         assert torch.equal(eos, r["gen_eos_output"][:, :eos.shape[1]])  # HF pads finished rows
 
 
 def test_gpt_hub_layout_has_buffers_and_bare_keys():
     keys = set(read_safetensors(FIX / "gpt2_hub" / "model.safetensors"))
-    assert "wte.weight" in keys and any(k.endswith("attn.bias") for k in keys)  # the case the loader must handle
+    # the case the loader must handle
+    assert "wte.weight" in keys and any(k.endswith("attn.bias") for k in keys)
     assert (FIX / "opt350_hub" / "model.safetensors.index.json").exists()
 
 
 def test_gpt_fused_lm_loss_equals_reference():
-    """fused_lm_loss == reference_lm_loss (the plain gathered-logits path): value and gradients for several row
-    blocks and vocabulary slices (targets on slice edges), a non-unit upstream gradient, [B,T] inputs with
+    """fused_lm_loss == reference_lm_loss (the plain gathered-logits path): value and gradients for several
+    row blocks and vocabulary slices (targets on slice edges), a non-unit upstream gradient, [B,T] inputs with
     ignored positions, no valid target, no_grad, and within tolerance under bf16 autocast."""
     torch.manual_seed(0)
     h = torch.randn(37, 24, requires_grad=True)
@@ -144,8 +150,8 @@ def test_gpt_fused_lm_loss_equals_reference():
 
 
 def test_gpt_fused_lm_loss_frozen_head_makes_no_weight_grad():
-    """LoRA freezes the LM head: then the fused loss holds no [V, C] weight-gradient buffer at all (nor does its
-    matmul), and the gradient of h still equals the reference's."""
+    """LoRA freezes the LM head: then the fused loss holds no [V, C] weight-gradient buffer at all (nor does
+    its matmul), and the gradient of h still equals the reference's."""
     torch.manual_seed(0)
     h = torch.randn(2, 19, 24, requires_grad=True)
     w = torch.randn(61, 24)  # requires_grad False
@@ -190,23 +196,27 @@ def test_gpt_forward_one_pass_property(model_type):
 
 
 def test_gpt_dual_output_and_dual_loss():
-    """forward always returns DualOutput(cls_logits, loss_lm, loss_kl), None for what was not asked; dual_loss is
-    Eq. 4: beta * CE(cls_logits, y) + alpha * loss_lm (+ kl_coef * loss_kl), each term only when present."""
+    """forward always returns DualOutput(cls_logits, loss_lm, loss_kl), None for what was not asked;
+    dual_loss is Eq. 4: beta * CE(cls_logits, y) + alpha * loss_lm (+ kl_coef * loss_kl), each term only
+    when present."""
     m = _gpt_tiny("llama", num_labels=3)
     idx = torch.randint(0, 61, (2, 10), generator=torch.Generator().manual_seed(0))
     tg = torch.roll(idx, -1, 1)
     y = torch.tensor([2, 0])
     ref = (m.hidden_states(idx).detach()[tg != -100], m.lm_head.weight.detach())
-    outs = [m(idx), m(idx, lm_targets=tg), m(idx, lm_targets=tg, kl_ref=ref), _gpt_tiny("llama")(idx, lm_targets=tg)]
+    outs = [m(idx), m(idx, lm_targets=tg), m(idx, lm_targets=tg, kl_ref=ref),
+            _gpt_tiny("llama")(idx, lm_targets=tg)]
     for out in outs:
-        assert type(out) is DualOutput and len(out) == 3 and out._fields == ("cls_logits", "loss_lm", "loss_kl")
+        assert (type(out) is DualOutput and len(out) == 3
+                and out._fields == ("cls_logits", "loss_lm", "loss_kl"))
     assert [[f is None for f in o] for o in outs] == [[False, True, True], [False, False, True],
                                                      [False, False, False], [True, False, True]]
     assert outs[0].cls_logits.shape == (2, 3) and abs(outs[2].loss_kl.item()) < 1e-6  # KL to itself
     ce = F.cross_entropy(outs[1].cls_logits, y)
     loss, loss_cls = dual_loss(outs[0], y, alpha=0.7, beta=2.0)  # a pooled baseline: no LM term at all
     assert torch.equal(loss_cls, ce) and torch.equal(loss, 2.0 * ce)
-    loss, _ = dual_loss(outs[1], y, alpha=0.7, beta=2.0, kl_coef=5.0)  # no KL in out: kl_coef has nothing to scale
+    # no KL in out: kl_coef has nothing to scale
+    loss, _ = dual_loss(outs[1], y, alpha=0.7, beta=2.0, kl_coef=5.0)
     assert torch.allclose(loss, 2.0 * ce + 0.7 * outs[1].loss_lm)
     out = outs[2]._replace(loss_kl=torch.tensor(0.25))
     loss, _ = dual_loss(out, y, alpha=0.7, beta=0.0, kl_coef=2.0)  # beta=0: a CoT-only model
@@ -222,7 +232,8 @@ def test_gpt_kv_cache_update_in_place():
     k1, v1 = torch.randn(2, 3, 1, 5), torch.randn(2, 3, 1, 5)  # one decoded token at position 4
     ks, vs = cache.update(4, k1, v1)
     assert cache.k.data_ptr() == buf and ks.data_ptr() == buf  # written in place, the prefix is a view
-    assert ks.shape == (2, 3, 5, 5) and torch.equal(ks, torch.cat([k, k1], 2)) and torch.equal(vs, torch.cat([v, v1], 2))
+    assert (ks.shape == (2, 3, 5, 5) and torch.equal(ks, torch.cat([k, k1], 2))
+            and torch.equal(vs, torch.cat([v, v1], 2)))
     with torch.autocast("cpu", dtype=torch.bfloat16):  # buffers take the dtype of the first keys
         c = KVCache(3)
         c.update(0, k[:, :, :2].bfloat16(), v[:, :, :2].bfloat16())
@@ -256,12 +267,15 @@ def test_gpt_bf16_autocast_cpu():
 @pytest.mark.parametrize("avx512_bf16, amx, onednn, cuda_bf16, cpu, gpu", [
     (True, False, True, True, ("bfloat16", "native bf16: AVX-512-BF16/AMX"), ("bfloat16", "native bf16")),
     (False, True, True, True, ("bfloat16", "native bf16: AVX-512-BF16/AMX"), ("bfloat16", "native bf16")),
-    (False, False, True, False, ("float32", "no native bf16"), ("float16", "no bf16 on this GPU; fp16 with a gradient scaler")),
-    (True, True, False, False, ("float32", "no native bf16"), ("float16", "no bf16 on this GPU; fp16 with a gradient scaler")),
+    (False, False, True, False, ("float32", "no native bf16"),
+     ("float16", "no bf16 on this GPU; fp16 with a gradient scaler")),
+    (True, True, False, False, ("float32", "no native bf16"),
+     ("float16", "no bf16 on this GPU; fp16 with a gradient scaler")),
 ])
 def test_gpt_native_dtype_choice(monkeypatch, avx512_bf16, amx, onednn, cuda_bf16, cpu, gpu):
-    # dtype=auto: bf16 on a CPU only with AVX-512-BF16 or AMX that oneDNN may use (ONEDNN_MAX_CPU_ISA can forbid
-    # it: the 4th row), else fp32 (emulated bf16 is ~150x slower); on CUDA bf16 where supported, else fp16
+    # dtype=auto: bf16 on a CPU only with AVX-512-BF16 or AMX that oneDNN may use (ONEDNN_MAX_CPU_ISA can
+    # forbid it: the 4th row), else fp32 (emulated bf16 is ~150x slower); on CUDA bf16 where supported, else
+    # fp16
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: onednn)
@@ -289,7 +303,8 @@ def test_gpt_save_pretrained_round_trip(folder, tmp_path):
     m.save_pretrained(tmp_path / "m", labels=["a", "b", "c"] if m.score is not None else None)
     m2 = GPT.from_pretrained(tmp_path / "m").eval()
     sd, sd2 = m.state_dict(), m2.state_dict()
-    assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) and sd[k].dtype == sd2[k].dtype for k in sd)
+    assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) and sd[k].dtype == sd2[k].dtype
+                                           for k in sd)
     resolved = lambda c: {**vars(c), "head_dim": c.head_dim or c.n_embd // c.n_head}  # saved spelled out
     assert resolved(m2.config) == resolved(m.config)
     idx = torch.randint(0, m.config.vocab_size, (2, 9))
@@ -309,15 +324,17 @@ def test_gpt_save_pretrained_round_trip(folder, tmp_path):
 
 
 def test_gpt_rope_config_keys_and_errors(tmp_path):
-    """rope_theta / rope_scaling are read from the top level (hub files) and from rope_parameters (transformers 5);
-    what gpt.py does not implement is refused by name, not run differently."""
+    """rope_theta / rope_scaling are read from the top level (hub files) and from rope_parameters
+    (transformers 5); what gpt.py does not implement is refused by name, not run differently."""
     a, b = GPT.from_pretrained(FIX / "llama").config, GPT.from_pretrained(FIX / "llama_hub").config
     assert a.rope_theta == b.rope_theta == 1e4 and a.rope_scaling["factor"] == b.rope_scaling["factor"] == 8.0
     assert (a.n_kv_head, a.norm, a.glu, a.qkv_bias, a.qk_norm) == (2, "rmsnorm", True, False, False)
     q2, q3 = GPT.from_pretrained(FIX / "qwen2").config, GPT.from_pretrained(FIX / "qwen3").config
-    assert (q2.qkv_bias, q2.bias, q2.tie_word_embeddings, q3.qk_norm, q3.head_dim, q3.n_kv_head) == (True, False, False, True, 16, 1)
+    assert ((q2.qkv_bias, q2.bias, q2.tie_word_embeddings, q3.qk_norm, q3.head_dim, q3.n_kv_head)
+            == (True, False, False, True, 16, 1))
     base = json.loads((FIX / "llama_hub" / "config.json").read_text())
-    for extra, msg in [({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling.*yarn.*not supported"),
+    for extra, msg in [({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
+                        "rope_scaling.*yarn.*not supported"),
                        ({"attention_bias": True}, "attention_bias"), ({"num_key_value_heads": 3}, "heads")]:
         shutil.copytree(FIX / "llama_hub", d := tmp_path / str(len(list(tmp_path.iterdir()))))
         (d / "config.json").write_text(json.dumps({**base, **extra}))
@@ -327,13 +344,15 @@ def test_gpt_rope_config_keys_and_errors(tmp_path):
 
 
 def test_gpt_mlp_head_and_new_head(tmp_path):
-    with pytest.raises(CheckpointError, match="unexpected.*score.weight"):  # a linear checkpoint head vs head=mlp
+    # a linear checkpoint head vs head=mlp
+    with pytest.raises(CheckpointError, match="unexpected.*score.weight"):
         GPT.from_pretrained(FIX / "opt", head="mlp")
     m = GPT.from_pretrained(FIX / "opt350_bf16", num_labels=4, head="mlp")
     assert m.classify(torch.tensor([[5, 6, 7]])).shape == (1, 4)
     m.save_pretrained(tmp_path / "mlp")
     m2 = GPT.from_pretrained(tmp_path / "mlp")
-    assert m2.config.head == "mlp" and torch.equal(m.classify(torch.tensor([[5, 6]])), m2.classify(torch.tensor([[5, 6]])))
+    assert m2.config.head == "mlp" and torch.equal(m.classify(torch.tensor([[5, 6]])),
+                                                   m2.classify(torch.tensor([[5, 6]])))
     with pytest.raises(CheckpointError, match="labels"):
         GPT.from_pretrained(FIX / "gpt2", num_labels=5)
 
@@ -359,12 +378,16 @@ def test_gpt_tokenizer_json_matches_transformers():
         for c in cases["cases"]:
             assert tok.encode(c["text"]) == c[name], (name, c["text"])
             assert tok.decode(c[name]) == c[name + "_decoded"], (name, c["text"])
-            assert tok.decode(c[name]) == c["text"] or set(c["text"]) & set("\x04\x06\x13\x1d\U00040000\U00080001") \
-                or name == "tok_qwen2", (name, c["text"])  # round trip, but for dropped bytes and NFC
-    # the cases can fail: the naive fold of Digits into GPT-2's regex, no NFC, and a bytes-missing vocab each differ
+            assert (tok.decode(c[name]) == c["text"]
+                    or set(c["text"]) & set("\x04\x06\x13\x1d\U00040000\U00080001")
+                    or name == "tok_qwen2"), (name, c["text"])  # round trip, but for dropped bytes and NFC
+    # the cases can fail: the naive fold of Digits into GPT-2's regex, no NFC, and a bytes-missing vocab each
+    # differ
     smol, qwen = load_tokenizer(FIX / "tok_smol"), load_tokenizer(FIX / "tok_qwen2")
-    ids = lambda tok, enc, text: [i for i in tok._r2i[enc.encode(text, allowed_special="all")].tolist() if i >= 0]
-    naive = tiktoken.Encoding("naive", pat_str=r"\p{N}|" + GPT2_PAT, mergeable_ranks=smol.enc._mergeable_ranks,
+    ids = lambda tok, enc, text: [i for i in tok._r2i[enc.encode(text, allowed_special="all")].tolist()
+                                  if i >= 0]
+    naive = tiktoken.Encoding("naive", pat_str=r"\p{N}|" + GPT2_PAT,
+                              mergeable_ranks=smol.enc._mergeable_ranks,
                               special_tokens=smol.enc._special_tokens)
     assert any(ids(smol, naive, c["text"]) != c["tok_smol"] for c in cases["cases"])
     assert any(ids(qwen, qwen.enc, c["text"]) != c["tok_qwen2"] for c in cases["cases"])
@@ -375,9 +398,11 @@ def test_gpt_tokenizer_json_unsupported(tmp_path):
     t = json.loads((FIX / "tok_llama3" / "tokenizer.json").read_text(encoding="utf-8"))
     for field, value, msg in [("normalizer", {"type": "Lowercase"}, "normalizer"),
                               ("pre_tokenizer", {"type": "Whitespace"}, r"pre_tokenizer \['Whitespace'\]"),
-                              ("pre_tokenizer", {"type": "ByteLevel", "add_prefix_space": True}, "add_prefix_space"),
+                              ("pre_tokenizer", {"type": "ByteLevel", "add_prefix_space": True},
+                               "add_prefix_space"),
                               ("model", {**t["model"], "type": "WordPiece"}, "model WordPiece"),
-                              ("model", {**t["model"], "vocab": {"a": 0}, "merges": []}, "model.vocab: has 1 of the 256")]:
+                              ("model", {**t["model"], "vocab": {"a": 0}, "merges": []},
+                               "model.vocab: has 1 of the 256")]:
         d = tmp_path / field
         d.mkdir(exist_ok=True)
         (d / "tokenizer.json").write_text(json.dumps({**t, field: value}), encoding="utf-8")
@@ -400,7 +425,8 @@ def test_gpt_bad_tokenizer_files(tmp_path):
 # -- LoRA: adapters on a frozen base (paper App. E.4), merged export, adapter-only files, KL to the base
 
 
-def _gpt_lora_perturb(m, seed=1):  # non-zero B (a fresh adapter is exactly the base), so merges and round trips show
+# non-zero B (a fresh adapter is exactly the base), so merges and round trips show
+def _gpt_lora_perturb(m, seed=1):
     g = torch.Generator().manual_seed(seed)
     for n, p in m.named_parameters():
         if ".lora_B" in n:
@@ -419,10 +445,12 @@ def test_gpt_lora_fresh_is_base_and_trains_only_adapters(model_type):
         assert torch.equal(m.lm_logits(idx), logits) and torch.equal(m.classify(idx), cls)
     trained = [n for n, p in m.named_parameters() if p.requires_grad]
     assert all(".lora_" in n or n.startswith("score") for n in trained) and "score.weight" in trained
-    assert any("gate_proj.lora_A" in n for n in trained) == (model_type == "llama")  # GPT-2 has no gate_proj: skipped
+    # GPT-2 has no gate_proj: skipped
+    assert any("gate_proj.lora_A" in n for n in trained) == (model_type == "llama")
     assert sum(".lora_A" in n for n in trained) == 2 * (7 if model_type == "llama" else 6)
     opt = m.configure_optimizers(0.1, 1e-2, (0.9, 0.95), "cpu")
-    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == sum(p.numel() for p in m.parameters() if p.requires_grad)
+    assert (sum(p.numel() for g in opt.param_groups for p in g["params"])
+            == sum(p.numel() for p in m.parameters() if p.requires_grad))
     m.train()
     y, losses = torch.tensor([0, 1, 2]), []
     for _ in range(8):
@@ -438,7 +466,8 @@ def test_gpt_lora_fresh_is_base_and_trains_only_adapters(model_type):
             assert torch.equal(after[k.replace("_proj.", "_proj.base.")], v), k
     assert not torch.equal(after["score.weight"], base["score.weight"])
     assert all(after[n].abs().sum() > 0 for n in trained if ".lora_B" in n)
-    with pytest.raises(ValueError, match="unknown LoRA target.*'qkv'.*valid: q_proj,k_proj,v_proj,o_proj,gate_proj"):
+    with pytest.raises(ValueError,
+                       match="unknown LoRA target.*'qkv'.*valid: q_proj,k_proj,v_proj,o_proj,gate_proj"):
         gpt.add_lora(_gpt_tiny(model_type), targets="q_proj,qkv")
     with pytest.raises(ValueError, match="none exists"):
         gpt.add_lora(_gpt_tiny("gpt2"), targets=["gate_proj"])
@@ -454,9 +483,11 @@ def test_gpt_lora_merged_export_and_adapter_round_trip(tmp_path):
         logits, cls = m.lm_logits(ids, am), m.classify(ids, am)
     assert (logits - r["logits"]).abs().max() > 1e-3  # the adapters change the model
     m.save_pretrained(tmp_path / "merged")
-    assert m.state_dict().keys() == before.keys() and all(torch.equal(m.state_dict()[k], v) for k, v in before.items())
+    assert m.state_dict().keys() == before.keys() and all(torch.equal(m.state_dict()[k], v)
+                                                          for k, v in before.items())
     merged = GPT.from_pretrained(tmp_path / "merged").eval()  # a plain HF folder: no lora tensors in it
-    assert not any("lora" in k or ".base." in k for k in read_safetensors(tmp_path / "merged" / "model.safetensors"))
+    assert not any("lora" in k or ".base." in k
+                   for k in read_safetensors(tmp_path / "merged" / "model.safetensors"))
     with torch.no_grad():
         assert (merged.lm_logits(ids, am) - logits).abs().max() < 1e-5
         assert (merged.classify(ids, am) - cls).abs().max() < 1e-5
@@ -468,11 +499,12 @@ def test_gpt_lora_merged_export_and_adapter_round_trip(tmp_path):
     assert all(torch.equal(m2.state_dict()[k], v) for k, v in before.items())
     with torch.no_grad():
         assert torch.equal(m2.lm_logits(ids, am), logits) and torch.equal(m2.classify(ids, am), cls)
-    with pytest.raises(CheckpointError, match=r"adapter.safetensors: tensor h.0.attn.\w+.lora_A has shape \[4, 32\], "
-                       r"this model's is \[4, 16\].*load that base"):
+    with pytest.raises(CheckpointError, match=r"adapter.safetensors: tensor h.0.attn.\w+.lora_A has shape "
+                       r"\[4, 32\], this model's is \[4, 16\].*load that base"):
         gpt.load_lora(_gpt_tiny("llama", num_labels=3), tmp_path / "ad")
     with pytest.raises(CheckpointError, match="unexpected.*score.weight"):  # a base loaded without num_labels
-        gpt.load_lora(_gpt_tiny("llama", n_embd=32, vocab_size=897, n_head=4, head_dim=8, n_kv_head=2, n_inner=64), tmp_path / "ad")
+        gpt.load_lora(_gpt_tiny("llama", n_embd=32, vocab_size=897, n_head=4, head_dim=8, n_kv_head=2,
+                                n_inner=64), tmp_path / "ad")
 
 
 def test_gpt_lora_kl_to_base(monkeypatch):
@@ -514,10 +546,12 @@ BAD_FILES = [
     (_gpt_st({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"1234"), "outside"),
     (_gpt_st({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
               "b": {"dtype": "F32", "shape": [1], "data_offsets": [2, 6]}}, b"12345678"), "'b' overlaps"),
-    (_gpt_st({"a": {"dtype": "U8", "shape": [8], "data_offsets": [0, 8]}, "z": {"dtype": "U8", "shape": [0], "data_offsets": [1, 1]},
+    (_gpt_st({"a": {"dtype": "U8", "shape": [8], "data_offsets": [0, 8]},
+              "z": {"dtype": "U8", "shape": [0], "data_offsets": [1, 1]},
               "b": {"dtype": "U8", "shape": [2], "data_offsets": [4, 6]}}, b"12345678"), "'b' overlaps"),
     (_gpt_st({"a": {"dtype": "Q4", "shape": [1], "data_offsets": [0, 4]}}, b"1234"), "unsupported dtype"),
-    (_gpt_st({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"12345678"), "does not fit its 8 bytes"),
+    (_gpt_st({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"12345678"),
+     "does not fit its 8 bytes"),
     (_gpt_st({"a": {"dtype": "F32", "shape": "x", "data_offsets": [0, 4]}}, b"1234"), "malformed"),
     (_gpt_st([1, 2]), "not a JSON object"),
 ]
@@ -537,7 +571,8 @@ def test_gpt_safetensors_dtypes_round_trip(tmp_path):
           "i64": torch.arange(5), "empty": torch.zeros(0, 3), "scalar": torch.tensor(1.5)}
     write_safetensors(tmp_path / "t.safetensors", ts)
     back = read_safetensors(tmp_path / "t.safetensors")
-    assert set(back) == set(ts) and all(torch.equal(back[k], ts[k]) and back[k].dtype == ts[k].dtype for k in ts)
+    assert set(back) == set(ts) and all(torch.equal(back[k], ts[k]) and back[k].dtype == ts[k].dtype
+                                        for k in ts)
 
 
 def _gpt_copy(tmp_path, folder="gpt2"):
@@ -566,7 +601,8 @@ def test_gpt_bad_checkpoints(tmp_path):
     (d / "pytorch_model.bin").write_bytes(b"pickle")
     with pytest.raises(CheckpointError, match="pickle is never loaded"):
         GPT.from_pretrained(d)
-    for text, msg in [('{"model_type": "mistral"}', "model_type 'mistral' is not supported"), ("{nope", "not a JSON"),
+    for text, msg in [('{"model_type": "mistral"}', "model_type 'mistral' is not supported"),
+                      ("{nope", "not a JSON"),
                       ('{"model_type": "gpt2", "n_embd": 30, "n_head": 4}', "invalid field"),
                       ('{"model_type": "opt", "hidden_size": "big"}', "wrong type|invalid")]:
         (d / "config.json").write_text(text)
@@ -661,7 +697,8 @@ def _gpt_serve_repo(name, folder, with_api=True):
         body = f.read_bytes()
         _GPTHandler.files[f"/{name}/resolve/main/{f.name}"] = body
         tree.append({"type": "file", "path": f.name, "size": len(body)} if f.suffix != ".safetensors" else
-                    {"type": "file", "path": f.name, "size": 134, "lfs": {"oid": hashlib.sha256(body).hexdigest(), "size": len(body)}})
+                    {"type": "file", "path": f.name, "size": 134,
+                     "lfs": {"oid": hashlib.sha256(body).hexdigest(), "size": len(body)}})
     if with_api:
         _GPTHandler.files[f"/api/models/{name}/tree/main"] = json.dumps(tree).encode()
 
@@ -673,16 +710,19 @@ def test_gpt_hub_names_resolve_into_cache(_gpt_server, tmp_path, monkeypatch):
     _gpt_serve_repo("tiny/opt350", FIX / "opt350_hub", with_api=False)  # plain file server: no listing
     r = _gpt_ref("gpt2")
     m = GPT.from_pretrained("tiny/gpt2").eval()
-    assert (m.lm_logits(r["input_ids"][:1, :r["lengths"][0]]) - r["logits"][:1, :r["lengths"][0]]).abs().max() < 1e-4
+    assert (m.lm_logits(r["input_ids"][:1, :r["lengths"][0]])
+            - r["logits"][:1, :r["lengths"][0]]).abs().max() < 1e-4
     assert resolve_model_dir("tiny/gpt2") == tmp_path / "cache" / "tiny--gpt2"
     n = len(_GPTHandler.hits)
     assert load_tokenizer("tiny/gpt2").encode("Hello") == load_tokenizer(FIX / "gpt2_hub").encode("Hello")
     assert len(_GPTHandler.hits) == n  # second use: served from the cache, no network
     m = GPT.from_pretrained("tiny/opt350").eval()  # sharded, fp16, found without the tree API
     r = _gpt_ref("opt350")
-    assert (m.lm_logits(r["input_ids"][:1, :r["lengths"][0]]) - r["logits"][:1, :r["lengths"][0]]).abs().max() < 1e-4
+    assert (m.lm_logits(r["input_ids"][:1, :r["lengths"][0]])
+            - r["logits"][:1, :r["lengths"][0]]).abs().max() < 1e-4
     _GPTHandler.files["/api/models/tiny/pickle/tree/main"] = json.dumps(
-        [{"type": "file", "path": "config.json"}, {"type": "file", "path": "pytorch_model.bin", "size": 9}]).encode()
+        [{"type": "file", "path": "config.json"},
+         {"type": "file", "path": "pytorch_model.bin", "size": 9}]).encode()
     for f in ("config.json", "vocab.json", "merges.txt"):
         _GPTHandler.files[f"/tiny/pickle/resolve/main/{f}"] = (FIX / "gpt2" / f).read_bytes()
     with pytest.raises(CheckpointError, match="no model.safetensors"):
@@ -691,9 +731,9 @@ def test_gpt_hub_names_resolve_into_cache(_gpt_server, tmp_path, monkeypatch):
         GPT.from_pretrained("tiny/absent")
 
 
-# ==============================================================================================================
+# ============================================================================================================
 # prepare.py: synth, SuperGLUE templates, custom data, rationales, teachers, bad input
-# ==============================================================================================================
+# ============================================================================================================
 
 def _prep_files(d):
     return {p.name: p.read_bytes() for p in sorted(pathlib.Path(d).iterdir())}
@@ -708,7 +748,8 @@ def _prep_decode(d, split):
     out = []
     for start, x_len, n, label, group in idx.tolist():
         ids = b[start:start + n].tolist()
-        x, suffix = ids[int(tok.bos_id is not None):x_len], ids[x_len:n - 1 if n > x_len else n]   # minus BOS/EOS
+        # minus BOS/EOS
+        x, suffix = ids[int(tok.bos_id is not None):x_len], ids[x_len:n - 1 if n > x_len else n]
         out.append((ids, tok.decode(x), tok.decode(suffix), label, group))
     return meta, tok, idx, out
 
@@ -719,13 +760,15 @@ def test_prep_synth_deterministic_and_layout(tmp_path):
     assert _prep_files(tmp_path / "a") == _prep_files(tmp_path / "b")          # byte-identical
     assert set(_prep_files(tmp_path / "a")) == {f"{s}.{e}" for s in ("train", "val", "test")
                                                 for e in ("bin", "idx.npy", "jsonl")} | {"meta.json"}
-    assert m1["counts"] == {"train": prepare.SYNTH["n_train"], "val": prepare.SYNTH["n_val"], "test": prepare.SYNTH["n_test"]}
+    assert m1["counts"] == {"train": prepare.SYNTH["n_train"], "val": prepare.SYNTH["n_val"],
+                            "test": prepare.SYNTH["n_test"]}
     texts = {}
     for split in ("train", "val", "test"):
         meta, tok, idx, exs = _prep_decode(tmp_path / "a", split)
         rows = [json.loads(l) for l in (tmp_path / "a" / f"{split}.jsonl").read_text().splitlines()]
         assert idx.dtype == np.int64 and idx.shape == (len(rows), 5)
-        assert (prepare.START, prepare.X_LEN, prepare.N, prepare.LABEL, prepare.GROUP) == (0, 1, 2, 3, 4)  # SPEC
+        assert (prepare.START, prepare.X_LEN, prepare.N, prepare.LABEL,
+                prepare.GROUP) == (0, 1, 2, 3, 4)  # SPEC
         start, n = prepare.START, prepare.N
         assert (idx[1:, start] == idx[:-1, start] + idx[:-1, n]).all()           # contiguous, in order
         for (ids, x, suffix, label, group), r in zip(exs, rows):
@@ -750,7 +793,8 @@ def test_prep_synth_rationale_values_are_correct(tmp_path):
             v, expr = s.split("=")
             env[v] = eval(expr, {}, dict(env)) % mod
         assert r["rationale"] == ",".join(f"{s.split('=')[0]}={env[s.split('=')[1][0]]}{s.split('=')[1][1]}"
-                                          f"{env.get(s.split('=')[1][2:], s.split('=')[1][2:])}={env[s.split('=')[0]]}"
+                                          f"{env.get(s.split('=')[1][2:], s.split('=')[1][2:])}"
+                                          f"={env[s.split('=')[0]]}"
                                           for s in stmts[1:])
 
 
@@ -765,18 +809,22 @@ _PREP_SG = {
             dict(premise="Cats meow.", hypothesis="Dogs meow.", label="not_entailment", idx=1)],
     "BoolQ": [dict(question="is the sky blue", passage="Sky -- The sky is blue.", label=True, idx=0),
               dict(question="is grass red", passage="Grass -- Grass is green.", label=False, idx=1)],
-    "COPA": [dict(premise="The man turned on the faucet.", choice1="The toilet filled.", choice2="Water flowed.",
-                  question="effect", label=1, idx=0),
+    "COPA": [dict(premise="The man turned on the faucet.", choice1="The toilet filled.",
+                  choice2="Water flowed.", question="effect", label=1, idx=0),
              dict(premise="I was cold.", choice1="I wore a coat.", choice2="I ate soup.", question="cause",
                   label=0, idx=1)],
-    "MultiRC": [dict(idx=0, version=1.1, passage=dict(text="Tom has two cats. He feeds them fish.", questions=[
-        dict(question="How many cats?", idx=0, answers=[dict(text="two", idx=0, label=1), dict(text="three", idx=1, label=0),
-                                                        dict(text="2", idx=2, label=1)]),
-        dict(question="What do they eat?", idx=1, answers=[dict(text="fish", idx=3, label=1), dict(text="rice", idx=4, label=0)])]))],
-    "WiC": [dict(word="bank", sentence1="He sat on the bank.", sentence2="The bank raised rates.", idx=0, label=False,
-                 start1=14, end1=18, start2=4, end2=8, version=1.1)],
-    "WSC": [dict(text="Mark told Pete he was late.", target=dict(span1_index=0, span1_text="Mark", span2_index=3,
-                                                                 span2_text="he"), idx=0, label=True)],
+    "MultiRC": [dict(idx=0, version=1.1, passage=dict(
+        text="Tom has two cats. He feeds them fish.", questions=[
+            dict(question="How many cats?", idx=0,
+                 answers=[dict(text="two", idx=0, label=1), dict(text="three", idx=1, label=0),
+                          dict(text="2", idx=2, label=1)]),
+            dict(question="What do they eat?", idx=1,
+                 answers=[dict(text="fish", idx=3, label=1), dict(text="rice", idx=4, label=0)])]))],
+    "WiC": [dict(word="bank", sentence1="He sat on the bank.", sentence2="The bank raised rates.", idx=0,
+                 label=False, start1=14, end1=18, start2=4, end2=8, version=1.1)],
+    "WSC": [dict(text="Mark told Pete he was late.",
+                 target=dict(span1_index=0, span1_text="Mark", span2_index=3, span2_text="he"),
+                 idx=0, label=True)],
 }
 
 
@@ -800,41 +848,56 @@ def _prep_rows(d, split):
 def test_prep_superglue_templates_and_mappings(tmp_path):
     sg = _prep_write_sg(tmp_path / "sg")
     m = prepare.prepare(task="cb", data_dir=sg, out_dir=tmp_path / "cb", model="char", quiet=True)
-    assert m["labels"] == ["No", "Yes"] and m["metric"] == "cb" and m["counts"] == dict(train=3, val=3, test=3)
+    assert (m["labels"] == ["No", "Yes"] and m["metric"] == "cb"
+            and m["counts"] == dict(train=3, val=3, test=3))
     r = _prep_rows(tmp_path / "cb", "train")
-    assert r[0]["text"] == ("Passage:\nIt rained all day.\nQuestion:\nIs the hypothesis entailed by the premise?"
+    assert r[0]["text"] == ("Passage:\nIt rained all day.\nQuestion:\n"
+                            "Is the hypothesis entailed by the premise?"
                             "\nAnswer:\nThe ground is wet.\nIs the answer correct Yes or No?")  # App. E.2
     assert prepare.format_input("cb", _PREP_SG["CB"][0]) == [r[0]["text"]]                # dhrd.py --predict
-    assert prepare.format_input("multirc", _PREP_SG["MultiRC"][0])[3].endswith("Answer:\nfish\nIs the answer correct Yes or No?")
+    assert prepare.format_input("multirc", _PREP_SG["MultiRC"][0])[3].endswith(
+        "Answer:\nfish\nIs the answer correct Yes or No?")
     assert prepare.format_input("custom", {"text": "as is"}) == ["as is"]
-    assert [x["label"] for x in r] == ["Yes", "No", "No"] and [x["label"] for x in _prep_rows(tmp_path / "cb", "test")] == [None] * 3
+    assert ([x["label"] for x in r] == ["Yes", "No", "No"]
+            and [x["label"] for x in _prep_rows(tmp_path / "cb", "test")] == [None] * 3)
     meta, tok, idx, exs = _prep_decode(tmp_path / "cb", "train")
-    assert exs[0][2] == "\nFinal Answer:\nYes" and exs[0][1] == r[0]["text"]      # label-only suffix, no rationale
+    # label-only suffix, no rationale
+    assert exs[0][2] == "\nFinal Answer:\nYes" and exs[0][1] == r[0]["text"]
     _, _, tidx, texs = _prep_decode(tmp_path / "cb", "test")
     assert (tidx[:, prepare.X_LEN] == tidx[:, prepare.N]).all()                  # test: x only,
     assert (tidx[:, prepare.LABEL] == -1).all()                                  # label unknown
-    m = prepare.prepare(task="cb", fmt="native", data_dir=sg, out_dir=tmp_path / "cbn", model="char", quiet=True)
-    assert m["labels"] == ["entailment", "contradiction", "neutral"] and m["verbalizers"]["neutral"] == "Maybe"
-    assert [x["label"] for x in _prep_rows(tmp_path / "cbn", "train")] == ["entailment", "contradiction", "neutral"]
-    assert _prep_rows(tmp_path / "cbn", "train")[0]["text"].endswith("Is the answer correct Yes, No or Maybe?")
+    m = prepare.prepare(task="cb", fmt="native", data_dir=sg, out_dir=tmp_path / "cbn", model="char",
+                        quiet=True)
+    assert (m["labels"] == ["entailment", "contradiction", "neutral"]
+            and m["verbalizers"]["neutral"] == "Maybe")
+    assert ([x["label"] for x in _prep_rows(tmp_path / "cbn", "train")]
+            == ["entailment", "contradiction", "neutral"])
+    assert _prep_rows(tmp_path / "cbn", "train")[0]["text"].endswith(
+        "Is the answer correct Yes, No or Maybe?")
     # COPA: one example per alternative, grouped by pair; native: one example per pair
     m = prepare.prepare(task="copa", data_dir=sg, out_dir=tmp_path / "copa", model="char", quiet=True)
     r = _prep_rows(tmp_path / "copa", "train")
-    assert m["metric"] == "copa" and [(x["group"], x["label"]) for x in r] == [(0, "No"), (0, "Yes"), (1, "Yes"), (1, "No")]
+    assert m["metric"] == "copa" and [(x["group"], x["label"]) for x in r] == [(0, "No"), (0, "Yes"),
+                                                                               (1, "Yes"), (1, "No")]
     assert "Question:\nWhat happened as a result?\nAnswer:\nWater flowed." in r[1]["text"]
     assert np.load(tmp_path / "copa" / "train.idx.npy")[:, prepare.GROUP].tolist() == [0, 0, 1, 1]
-    m = prepare.prepare(task="copa", fmt="native", data_dir=sg, out_dir=tmp_path / "copan", model="char", quiet=True)
-    assert m["metric"] == "accuracy" and [x["label"] for x in _prep_rows(tmp_path / "copan", "train")] == ["choice2", "choice1"]
+    m = prepare.prepare(task="copa", fmt="native", data_dir=sg, out_dir=tmp_path / "copan", model="char",
+                        quiet=True)
+    assert (m["metric"] == "accuracy"
+            and [x["label"] for x in _prep_rows(tmp_path / "copan", "train")] == ["choice2", "choice1"])
     # MultiRC: one example per candidate answer, group = question
     prepare.prepare(task="multirc", data_dir=sg, out_dir=tmp_path / "mrc", model="char", quiet=True)
     r = _prep_rows(tmp_path / "mrc", "train")
     assert [(x["group"], x["label"]) for x in r] == [(0, "Yes"), (0, "No"), (0, "Yes"), (1, "Yes"), (1, "No")]
-    assert r[3]["text"].endswith("Question:\nWhat do they eat?\nAnswer:\nfish\nIs the answer correct Yes or No?")
+    assert r[3]["text"].endswith(
+        "Question:\nWhat do they eat?\nAnswer:\nfish\nIs the answer correct Yes or No?")
     assert [x["label"] for x in _prep_rows(tmp_path / "mrc", "test")] == [None] * 5
-    for task, label, frag in [("rte", "No", "Answer:\nDogs meow."), ("boolq", "No", "Question:\nis grass red?"),
-                              ("wsc", "Yes", 'Question:\nDoes the pronoun "he" refer to "Mark"?\nAnswer:\nYes'),
-                              ("wic", "No", '1. He sat on the *bank*. 2. The *bank* raised rates.\nQuestion:\n'
-                                            'Does the word "bank" have the same meaning')]:
+    for task, label, frag in [("rte", "No", "Answer:\nDogs meow."),
+                              ("boolq", "No", "Question:\nis grass red?"),
+                              ("wsc", "Yes", 'Question:\nDoes the pronoun "he" refer to "Mark"?'
+                                             '\nAnswer:\nYes'),
+                              ("wic", "No", '1. He sat on the *bank*. 2. The *bank* raised rates.\n'
+                                            'Question:\nDoes the word "bank" have the same meaning')]:
         prepare.prepare(task=task, data_dir=sg, out_dir=tmp_path / task, model="char", quiet=True)
         r = _prep_rows(tmp_path / task, "val")
         assert r[-1]["label"] == label and frag in r[-1]["text"], (task, r[-1])
@@ -846,7 +909,8 @@ def test_prep_boolq_without_train_splits_val(tmp_path):
     (tmp_path / "BoolQ" / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     m = prepare.prepare(task="boolq", data_dir=tmp_path, out_dir=tmp_path / "o", model="char", quiet=True)
     assert m["counts"] == dict(train=8, val=2) and "train" in m["split_note"]
-    assert [r["text"].split("\n")[3] for r in _prep_rows(tmp_path / "o", "val")] == ["q0?", "q5?"]  # Question:
+    assert [r["text"].split("\n")[3]
+            for r in _prep_rows(tmp_path / "o", "val")] == ["q0?", "q5?"]  # Question:
 
 
 def test_prep_truncation_shortens_passage_keeps_question(tmp_path):
@@ -855,46 +919,56 @@ def test_prep_truncation_shortens_passage_keeps_question(tmp_path):
     (tmp_path / "RTE").mkdir()
     for s in ("train", "val"):
         (tmp_path / "RTE" / f"{s}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    m = prepare.prepare(task="rte", data_dir=tmp_path, out_dir=tmp_path / "o", model="char", max_len=300, quiet=True)
+    m = prepare.prepare(task="rte", data_dir=tmp_path, out_dir=tmp_path / "o", model="char", max_len=300,
+                        quiet=True)
     assert m["shortened"] == 2 and m["max_len"]["train"]["x"] == 300                   # 1 per split
     meta, tok, idx, exs = _prep_decode(tmp_path / "o", "train")
     assert idx[0, prepare.X_LEN] == 300
     assert exs[0][1].endswith("Answer:\nThe final hypothesis stays.\nIs the answer correct Yes or No?")
-    assert exs[0][1].startswith("Passage:\nword word") and exs[1][1] == _prep_rows(tmp_path / "o", "train")[1]["text"]
+    assert (exs[0][1].startswith("Passage:\nword word")
+            and exs[1][1] == _prep_rows(tmp_path / "o", "train")[1]["text"])
     with pytest.raises(prepare.PrepareError, match="raise --max_len"):
-        prepare.prepare(task="rte", data_dir=tmp_path, out_dir=tmp_path / "o2", model="char", max_len=40, quiet=True)
+        prepare.prepare(task="rte", data_dir=tmp_path, out_dir=tmp_path / "o2", model="char", max_len=40,
+                        quiet=True)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # custom data, rationale import, ablations
 
 def _prep_custom(tmp_path):
-    (tmp_path / "train.csv").write_text("text,label,rationale\n\"good, fine\",pos,nice words\nawful,neg,bad words\n"
-                                        "great,pos,\nmeh,neg,dull\n")
+    (tmp_path / "train.csv").write_text("text,label,rationale\n\"good, fine\",pos,nice words\n"
+                                        "awful,neg,bad words\ngreat,pos,\nmeh,neg,dull\n")
     (tmp_path / "val.jsonl").write_text('{"text": "ok", "label": "pos"}\n\n{"text": "bad", "label": "neg"}\n')
     (tmp_path / "test.json").write_text('[{"text": "what"}, {"text": "so so", "label": "neg"}]')
-    return dict(train_file=tmp_path / "train.csv", val_file=tmp_path / "val.jsonl", test_file=tmp_path / "test.json")
+    return dict(train_file=tmp_path / "train.csv", val_file=tmp_path / "val.jsonl",
+                test_file=tmp_path / "test.json")
 
 
 def test_prep_custom_formats_and_labels(tmp_path):
-    m = prepare.prepare(task="custom", out_dir=tmp_path / "o", model="char", quiet=True, **_prep_custom(tmp_path))
+    m = prepare.prepare(task="custom", out_dir=tmp_path / "o", model="char", quiet=True,
+                        **_prep_custom(tmp_path))
     assert m["labels"] == ["neg", "pos"] and m["counts"] == dict(train=4, val=2, test=2)
     assert set(m["sources"]) == {"train.csv", "val.jsonl", "test.json"} and m["rationale_source"] == "file"
     r = _prep_rows(tmp_path / "o", "train")
     assert [(x["text"], x["label"], x["rationale"]) for x in r] == [
-        ("good, fine", "pos", "nice words"), ("awful", "neg", "bad words"), ("great", "pos", None), ("meh", "neg", "dull")]
+        ("good, fine", "pos", "nice words"), ("awful", "neg", "bad words"), ("great", "pos", None),
+        ("meh", "neg", "dull")]
     _, _, idx, exs = _prep_decode(tmp_path / "o", "train")
     assert exs[0][2] == "\nReasoning:\nnice words\nFinal Answer:\npos" and exs[2][2] == "\nFinal Answer:\npos"
     assert [x["label"] for x in _prep_rows(tmp_path / "o", "test")] == [None, "neg"]
     m = prepare.prepare(task="custom", out_dir=tmp_path / "o", model="char", quiet=True,
-                        **{**_prep_custom(tmp_path), "test_file": None})                   # rerun without a test file
+                        **{**_prep_custom(tmp_path), "test_file": None})  # rerun without a test file
     assert m["counts"] == dict(train=4, val=2) and not list((tmp_path / "o").glob("test.*"))
-    m = prepare.prepare(task="custom", out_dir=tmp_path / "clip", model="char", max_rationale=4, quiet=True, **_prep_custom(tmp_path))
-    assert m["rationale_clipped"] == 2 and _prep_decode(tmp_path / "clip", "train")[3][0][2] == "\nReasoning:\nnice\nFinal Answer:\npos"
+    m = prepare.prepare(task="custom", out_dir=tmp_path / "clip", model="char", max_rationale=4, quiet=True,
+                        **_prep_custom(tmp_path))
+    assert (m["rationale_clipped"] == 2
+            and _prep_decode(tmp_path / "clip", "train")[3][0][2] == "\nReasoning:\nnice\nFinal Answer:\npos")
     # integer labels sort numerically; evidence-binding recipe: --text_field=sentence --filter=status=verified
-    (tmp_path / "ev.csv").write_text("sentence,status,label\nA holds.,verified,10\nB maybe.,draft,2\nC holds.,verified,2\n")
-    m = prepare.prepare(task="custom", train_file=tmp_path / "ev.csv", val_file=tmp_path / "ev.csv", text_field="sentence",
-                        filter="status=verified", out_dir=tmp_path / "ev", model="char", quiet=True)
+    (tmp_path / "ev.csv").write_text("sentence,status,label\nA holds.,verified,10\nB maybe.,draft,2\n"
+                                     "C holds.,verified,2\n")
+    m = prepare.prepare(task="custom", train_file=tmp_path / "ev.csv", val_file=tmp_path / "ev.csv",
+                        text_field="sentence", filter="status=verified", out_dir=tmp_path / "ev",
+                        model="char", quiet=True)
     assert m["labels"] == ["2", "10"] and m["counts"] == dict(train=2, val=2)
     assert m["dropped"] == {"train/filtered": 1, "val/filtered": 1}
     assert [x["text"] for x in _prep_rows(tmp_path / "ev", "train")] == ["A holds.", "C holds."]
@@ -912,19 +986,22 @@ def test_prep_rationale_import_and_ablations(tmp_path):
              dict(task="other", split="train", idx=0, rationale="ignored", label="x")]
     rf = tmp_path / "r.jsonl"
     rf.write_text("".join(json.dumps(l) + "\n" for l in lines))
-    m = prepare.prepare(task="custom", out_dir=tmp_path / "o", model="char", rationales=rf, quiet=True, **files)
+    m = prepare.prepare(task="custom", out_dir=tmp_path / "o", model="char", rationales=rf, quiet=True,
+                        **files)
     assert m["dropped"] == {"rationales/disagree": 2, "rationales/empty": 1, "rationales/no_answer": 1}
     assert [x["rationale"] for x in _prep_rows(tmp_path / "o", "val")] == [None, "says so"]
     assert m["rationale_source"] == "file:r.jsonl" and "r.jsonl" in m["sources"]
     r = _prep_rows(tmp_path / "o", "train")
-    assert [x["rationale"] for x in r] == ["first reason", "second reason", None, "dull"]  # CSV rationale kept for 3
+    # CSV rationale kept for 3
+    assert [x["rationale"] for x in r] == ["first reason", "second reason", None, "dull"]
     _, _, _, exs = _prep_decode(tmp_path / "o", "train")
     assert exs[1][2] == "\nReasoning:\nsecond reason\nFinal Answer:\nneg"
-    m = prepare.prepare(task="custom", out_dir=tmp_path / "a", model="char", rationales=rf, ablation="only_label",
-                        quiet=True, **files)
+    m = prepare.prepare(task="custom", out_dir=tmp_path / "a", model="char", rationales=rf,
+                        ablation="only_label", quiet=True, **files)
     assert m["ablation"] == "only_label"
     _, _, _, exs = _prep_decode(tmp_path / "a", "train")
-    assert [e[2] for e in exs] == ["\nFinal Answer:\npos", "\nFinal Answer:\nneg", "\nFinal Answer:\npos", "\nFinal Answer:\nneg"]
+    assert [e[2] for e in exs] == ["\nFinal Answer:\npos", "\nFinal Answer:\nneg", "\nFinal Answer:\npos",
+                                   "\nFinal Answer:\nneg"]
     outs = {}
     for abl in ("shuffle_reasoning", "shuffle_reasoning_label"):
         for seed in (1, 1, 5):
@@ -932,14 +1009,17 @@ def test_prep_rationale_import_and_ablations(tmp_path):
                             seed=seed, quiet=True, **files)
             outs.setdefault(abl, []).append(_prep_files(tmp_path / abl))
             _, _, idx, exs = _prep_decode(tmp_path / abl, "train")
-            assert idx[:, prepare.LABEL].tolist() == [1, 0, 1, 0]                        # class labels stay gold
+            assert idx[:, prepare.LABEL].tolist() == [1, 0, 1, 0]  # class labels stay gold
             suffixes = [e[2].split("\nFinal Answer:\n") for e in exs if "Reasoning" in e[2]]
-            assert sorted(s[0] for s in suffixes) == sorted("\nReasoning:\n" + r for r in ("first reason", "second reason", "dull"))
-            pairs = {("\nReasoning:\nfirst reason", "pos"), ("\nReasoning:\nsecond reason", "neg"), ("\nReasoning:\ndull", "neg")}
+            assert sorted(s[0] for s in suffixes) == sorted(
+                "\nReasoning:\n" + r for r in ("first reason", "second reason", "dull"))
+            pairs = {("\nReasoning:\nfirst reason", "pos"), ("\nReasoning:\nsecond reason", "neg"),
+                     ("\nReasoning:\ndull", "neg")}
             if abl == "shuffle_reasoning_label":
-                assert {tuple(s) for s in suffixes} == pairs                               # answer moves with its rationale
-        assert outs[abl][0] == outs[abl][1]                                                # seeded
-    assert outs["shuffle_reasoning"][0] != outs["shuffle_reasoning"][2]                   # a different seed shuffles differently
+                assert {tuple(s) for s in suffixes} == pairs  # answer moves with its rationale
+        assert outs[abl][0] == outs[abl][1]  # seeded
+    # a different seed shuffles differently
+    assert outs["shuffle_reasoning"][0] != outs["shuffle_reasoning"][2]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -992,27 +1072,30 @@ def test_prep_teacher_api_retries_drops_and_resume(tmp_path, monkeypatch):
             return 500, {"error": "down"}
         if k in (3, 4, 5) and calls[k] == 1:                      # transient: 429, 500, garbage body
             return {3: (429, {"error": "slow down"}), 4: (500, {"error": "oops"}), 5: (200, b"not json")}[k]
-        return ok({1: f"Reasoning for {k}.\n[END OF REASONING]\nAnswer: {other}",          # disagrees with gold
-                   2: "I forgot the marker. Answer: pos",                                    # answer-less
-                   6: "[END OF REASONING]\nAnswer: pos"}.get(k, f"Step one for {k}. Step two.\n[END OF REASONING]\nAnswer: {gold}."))
+        return ok({1: f"Reasoning for {k}.\n[END OF REASONING]\nAnswer: {other}",  # disagrees with gold
+                   2: "I forgot the marker. Answer: pos",  # answer-less
+                   6: "[END OF REASONING]\nAnswer: pos"}.get(
+                       k, f"Step one for {k}. Step two.\n[END OF REASONING]\nAnswer: {gold}."))
 
     srv, url = _prep_server(handle)
     kw = dict(task="custom", train_file=tmp_path / "t.jsonl", val_file=tmp_path / "t.jsonl", model="char",
-              teacher_url=url + "/v1", teacher_model="tiny-teacher", api_key_env="PREP_TEST_KEY", teacher_workers=3,
-              out_dir=tmp_path / "o", quiet=True)
+              teacher_url=url + "/v1", teacher_model="tiny-teacher", api_key_env="PREP_TEST_KEY",
+              teacher_workers=3, out_dir=tmp_path / "o", quiet=True)
     try:
-        m = prepare.prepare(**kw)                                          # item 7 fails for good: not written
+        m = prepare.prepare(**kw)  # item 7 fails for good: not written
         rf = tmp_path / "o" / "rationales.jsonl"
         assert sorted(json.loads(l)["idx"] for l in rf.read_text().splitlines()) == list(range(7))
         assert m["dropped"] == {"rationales/disagree": 1, "rationales/no_answer": 1, "rationales/empty": 1}
         assert m["rationale_source"] == "teacher:tiny-teacher"
         assert calls[3] == calls[4] == calls[5] == 2 and calls[0] == 1 and calls[7] == 6
         r = _prep_rows(tmp_path / "o", "train")
-        assert r[0]["rationale"] == "Step one for 0. Step two." and r[5]["rationale"] == "Step one for 5. Step two."
+        assert (r[0]["rationale"] == "Step one for 0. Step two."
+                and r[5]["rationale"] == "Step one for 5. Step two.")
         assert [x["rationale"] is None for x in r] == [False, True, True, False, False, False, True, True]
         for p in (tmp_path / "o").iterdir():
             assert b"sk-secret-123" not in p.read_bytes()
-        # resume after a kill mid-line: the partial line goes, existing ids are skipped, only the rest is asked for
+        # resume after a kill mid-line: the partial line goes, existing ids are skipped, only the rest is
+        # asked for
         lines = rf.read_text().splitlines(keepends=True)
         rf.write_text("".join(lines[:4]) + lines[4][:10])
         broken.clear()
@@ -1025,7 +1108,7 @@ def test_prep_teacher_api_retries_drops_and_resume(tmp_path, monkeypatch):
         assert _prep_rows(tmp_path / "o", "train")[7]["rationale"] == "Step one for 7. Step two."
         before = dict(calls)
         prepare.prepare(**kw)
-        assert calls == before                                             # nothing generated twice
+        assert calls == before  # nothing generated twice
     finally:
         srv.shutdown()
 
@@ -1037,7 +1120,8 @@ def test_prep_bad_input_messages(tmp_path):
     sg = _prep_write_sg(tmp_path / "sg")
     cb = sg / "CB" / "train.jsonl"
     good = cb.read_text()
-    run = lambda **kw: prepare.prepare(**{**dict(task="cb", data_dir=sg, out_dir=tmp_path / "o", model="char", quiet=True), **kw})
+    run = lambda **kw: prepare.prepare(**{**dict(task="cb", data_dir=sg, out_dir=tmp_path / "o", model="char",
+                                                 quiet=True), **kw})
     cb.write_text(good + '{"premise": "x", "hypothesis": \n')
     with pytest.raises(prepare.PrepareError, match=r"CB/train.jsonl:4: malformed JSON"):
         run()
@@ -1045,7 +1129,8 @@ def test_prep_bad_input_messages(tmp_path):
     with pytest.raises(prepare.PrepareError, match=r"CB/train.jsonl:4: missing field 'hypothesis'"):
         run()
     cb.write_text(good + '{"premise": "x", "hypothesis": "y", "label": "maybe", "idx": 3}\n')
-    with pytest.raises(prepare.PrepareError, match=r"CB/train.jsonl:4: unknown label 'maybe'.*known labels: entailment, contradiction, neutral"):
+    with pytest.raises(prepare.PrepareError, match=r"CB/train.jsonl:4: unknown label 'maybe'.*"
+                                                   r"known labels: entailment, contradiction, neutral"):
         run()
     cb.write_text("\n")
     with pytest.raises(prepare.PrepareError, match=r"CB/train.jsonl: no examples"):
@@ -1053,22 +1138,31 @@ def test_prep_bad_input_messages(tmp_path):
     cb.write_text(good)
     files = _prep_custom(tmp_path)
     (tmp_path / "bad.csv").write_text("text,label\nfine,pos\nnope,weird\n")
-    with pytest.raises(prepare.PrepareError, match=r"bad.csv:3: unknown label 'weird'.*known labels \(from train\): neg, pos"):
-        prepare.prepare(task="custom", out_dir=tmp_path / "c", model="char", **{**files, "val_file": tmp_path / "bad.csv"})
+    with pytest.raises(prepare.PrepareError,
+                       match=r"bad.csv:3: unknown label 'weird'.*known labels \(from train\): neg, pos"):
+        prepare.prepare(task="custom", out_dir=tmp_path / "c", model="char",
+                        **{**files, "val_file": tmp_path / "bad.csv"})
     (tmp_path / "nolabel.jsonl").write_text('{"text": "a", "label": "pos"}\n{"text": "b"}\n')
     with pytest.raises(prepare.PrepareError, match=r"nolabel.jsonl:2: missing field 'label'"):
-        prepare.prepare(task="custom", out_dir=tmp_path / "c", model="char", **{**files, "train_file": tmp_path / "nolabel.jsonl"})
+        prepare.prepare(task="custom", out_dir=tmp_path / "c", model="char",
+                        **{**files, "train_file": tmp_path / "nolabel.jsonl"})
     (tmp_path / "empty.csv").write_text("text,label\n")
     with pytest.raises(prepare.PrepareError, match=r"empty.csv: split 'val' is empty"):
-        prepare.prepare(task="custom", out_dir=tmp_path / "c", model="char", **{**files, "val_file": tmp_path / "empty.csv"})
-    (tmp_path / "r.jsonl").write_text('{"task": "custom", "split": "train", "idx": 0, "rationale": "a", "label": "pos"}\n'
+        prepare.prepare(task="custom", out_dir=tmp_path / "c", model="char",
+                        **{**files, "val_file": tmp_path / "empty.csv"})
+    (tmp_path / "r.jsonl").write_text('{"task": "custom", "split": "train", "idx": 0, "rationale": "a", '
+                                      '"label": "pos"}\n'
                                       '{"task": "custom", "split": "train", "rationale": "b"}\n')
     with pytest.raises(prepare.PrepareError, match=r"r.jsonl:2: missing field 'idx'"):
-        prepare.prepare(task="custom", out_dir=tmp_path / "c", model="char", rationales=tmp_path / "r.jsonl", **files)
-    (tmp_path / "r.jsonl").write_text('{"task": "custom", "split": "train", "idx": 99, "rationale": "b", "label": "pos"}\n')
+        prepare.prepare(task="custom", out_dir=tmp_path / "c", model="char", rationales=tmp_path / "r.jsonl",
+                        **files)
+    (tmp_path / "r.jsonl").write_text('{"task": "custom", "split": "train", "idx": 99, "rationale": "b", '
+                                      '"label": "pos"}\n')
     with pytest.raises(prepare.PrepareError, match=r"r.jsonl:1: no example split='train' idx=99"):
-        prepare.prepare(task="custom", out_dir=tmp_path / "c", model="char", rationales=tmp_path / "r.jsonl", **files)
-    # the CLI: a bad flag raises ConfigError, bad input PrepareError (prepare.py's __main__: one line, exit 2 / 1)
+        prepare.prepare(task="custom", out_dir=tmp_path / "c", model="char", rationales=tmp_path / "r.jsonl",
+                        **files)
+    # the CLI: a bad flag raises ConfigError, bad input PrepareError (prepare.py's __main__: one line,
+    # exit 2 / 1)
     bad_cb = [f"--task=cb", f"--data_dir={sg}", "--model=char", "--format=weird"]
     for argv, err, msg in [(["--task=nope"], prepare.PrepareError, "unknown --task=nope"),
                            (["--bogus=1"], prepare.ConfigError, "--bogus: unknown config key 'bogus'"),
@@ -1095,15 +1189,19 @@ def test_prep_flags_parser_rules(tmp_path):
     for text, want in (("true", True), ("False", False), ("1", True), ("0", False)):
         assert parse(f"--quiet={text}") == {"quiet": want}
     assert parse("--alpha=auto") == {"alpha": "auto"} and parse("--alpha=0.5") == {"alpha": 0.5}
-    for arg, msg in [("--quiet=yes", "--quiet: expected bool for quiet (like False), got 'yes'; use true, false"),
+    for arg, msg in [("--quiet=yes",
+                      "--quiet: expected bool for quiet (like False), got 'yes'; use true, false"),
                      ("--quiet=", "--quiet: expected bool for quiet (like False), got ''"),
                      ("--n=3.5", "--n: expected int for n (like 3), got '3.5'"),
                      ("--lr=fast", "--lr: expected float for lr (like 0.001), got 'fast'"),
-                     ("--alpha=half", "--alpha: expected float for alpha (like 1.0), got 'half'; or use auto"),
+                     ("--alpha=half",
+                      "--alpha: expected float for alpha (like 1.0), got 'half'; or use auto"),
                      ("--dtype=fp8", "--dtype: dtype='fp8' is not one of auto, float32"),
-                     ("--nmae=b", "--nmae: unknown config key 'nmae'; did you mean name? (keys: quiet, n, lr,"),
+                     ("--nmae=b",
+                      "--nmae: unknown config key 'nmae'; did you mean name? (keys: quiet, n, lr,"),
                      ("--quiet", "argument '--quiet': use --key=value"),
-                     ("quiet=1", "argument 'quiet=1': use --key=value, or give the path of a JSON config file")]:
+                     ("quiet=1",
+                      "argument 'quiet=1': use --key=value, or give the path of a JSON config file")]:
         with pytest.raises(prepare.ConfigError, match=re.escape(msg)):
             parse(arg)
     # JSON config files (positional) and flags apply in order, later wins; JSON values keep their JSON type
@@ -1124,7 +1222,8 @@ def test_prep_flags_parser_rules(tmp_path):
     with pytest.raises(prepare.ConfigError, match=re.escape("a.json: cannot read the config file")):
         parse(str(a))
     # the command line: one line on stderr, exit status 2 for a bad flag and 1 for bad input, no traceback
-    for arg, code, line in [("--quiet=yes", 2, "prepare.py: error: --quiet: expected bool for quiet (like False)"),
+    for arg, code, line in [("--quiet=yes", 2,
+                             "prepare.py: error: --quiet: expected bool for quiet (like False)"),
                             ("--task=nope", 1, "prepare.py: error: unknown --task=nope; use synth")]:
         p = subprocess.run([sys.executable, str(ROOT / "prepare.py"), arg], cwd=tmp_path, capture_output=True,
                            text=True, timeout=120)
@@ -1137,12 +1236,14 @@ def test_prep_flags_parser_rules(tmp_path):
 
 def test_prep_bpe_tokenizers_bos_and_truncation(tmp_path):
     sg = _prep_write_sg(tmp_path / "sg")
-    long = dict(premise="The committee discussed the budget at length. " * 60, hypothesis="The budget was discussed.",
-                label="entailment", idx=9)
-    (sg / "RTE" / "train.jsonl").write_text((sg / "RTE" / "train.jsonl").read_text() + json.dumps(long) + "\n")
+    long = dict(premise="The committee discussed the budget at length. " * 60,
+                hypothesis="The budget was discussed.", label="entailment", idx=9)
+    (sg / "RTE" / "train.jsonl").write_text((sg / "RTE" / "train.jsonl").read_text() + json.dumps(long)
+                                            + "\n")
     for name, has_bos in (("tok_gpt2", False), ("tok_opt", True)):
         folder = ROOT / "tests" / "fixtures" / name
-        m = prepare.prepare(task="rte", data_dir=sg, out_dir=tmp_path / name, model=str(folder), max_len=128, quiet=True)
+        m = prepare.prepare(task="rte", data_dir=sg, out_dir=tmp_path / name, model=str(folder), max_len=128,
+                            quiet=True)
         assert m["tokenizer"] == {"type": "bpe", "name": str(folder)} and m["token_dtype"] == "uint16"
         meta, tok, idx, exs = _prep_decode(tmp_path / name, "train")
         assert (m["bos_id"] is not None) == has_bos and m["shortened"] == 1 and idx[2, prepare.X_LEN] == 128
@@ -1171,38 +1272,46 @@ def test_prep_superglue_download_from_loopback(tmp_path, monkeypatch):
     srv, url = _prep_server(handle)
     try:
         monkeypatch.setattr(prepare, "SUPERGLUE_URL", url)
-        m = prepare.prepare(task="cb", data_dir=tmp_path / "dl", out_dir=tmp_path / "o", model="char", quiet=True)
+        m = prepare.prepare(task="cb", data_dir=tmp_path / "dl", out_dir=tmp_path / "o", model="char",
+                            quiet=True)
         assert m["counts"] == dict(train=3, val=3, test=3) and served == ["/CB.zip"]
-        assert sorted(p.name for p in (tmp_path / "dl").rglob("*")) == ["CB", "test.jsonl", "train.jsonl", "val.jsonl"]
+        assert sorted(p.name for p in (tmp_path / "dl").rglob("*")) == ["CB", "test.jsonl", "train.jsonl",
+                                                                        "val.jsonl"]
         assert m["sources"]["CB/train.jsonl"] == prepare.sha256(src / "CB" / "train.jsonl")
         prepare.prepare(task="cb", data_dir=tmp_path / "dl", out_dir=tmp_path / "o", model="char", quiet=True)
-        assert served == ["/CB.zip"]                                                   # present now: no second fetch
-        with pytest.raises(prepare.PrepareError, match=r"RTE/val.jsonl not found and downloading .*/RTE.zip failed"):
-            prepare.prepare(task="rte", data_dir=tmp_path / "dl", out_dir=tmp_path / "o", model="char", quiet=True)
+        assert served == ["/CB.zip"]  # present now: no second fetch
+        with pytest.raises(prepare.PrepareError,
+                           match=r"RTE/val.jsonl not found and downloading .*/RTE.zip failed"):
+            prepare.prepare(task="rte", data_dir=tmp_path / "dl", out_dir=tmp_path / "o", model="char",
+                            quiet=True)
     finally:
         srv.shutdown()
 
 
 def test_prep_local_teacher_batched_generate_and_resume(tmp_path, monkeypatch):
-    """--teacher=DIR: gpt.py's batched, left-padded generate; one line per train example; a rerun generates nothing."""
-    monkeypatch.setattr(prepare, "TEACHER_PROMPT", "{x} => {y}:")      # short: the tiny model has 64 positions
+    """--teacher=DIR: gpt.py's batched, left-padded generate; one line per train example; a rerun generates
+    nothing."""
+    monkeypatch.setattr(prepare, "TEACHER_PROMPT", "{x} => {y}:")  # short: the tiny model has 64 positions
     rows = [dict(text=t, label=l) for t, l in (("a cat", "pos"), ("the long dog ran", "neg"), ("x", "pos"))]
     (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     calls = []
     real = prepare.GPT.generate
-    monkeypatch.setattr(prepare.GPT, "generate", lambda self, idx, *a, **k: calls.append(idx.shape) or real(self, idx, *a, **k))
+    monkeypatch.setattr(prepare.GPT, "generate",
+                        lambda self, idx, *a, **k: calls.append(idx.shape) or real(self, idx, *a, **k))
     kw = dict(task="custom", train_file=tmp_path / "t.jsonl", val_file=tmp_path / "t.jsonl", model="char",
               teacher=str(ROOT / "tests" / "fixtures" / "gpt2"), teacher_max_new_tokens=6, quiet=True,
-              teacher_dtype="float32")  # exact batch == one-at-a-time below; bf16 rounding depends on the shapes
+              # exact batch == one-at-a-time below; bf16 rounding depends on the shapes
+              teacher_dtype="float32")
     texts = {}
     for batch in (3, 1):
         m = prepare.prepare(out_dir=tmp_path / f"b{batch}", teacher_batch=batch, **kw)
-        lines = [json.loads(l) for l in (tmp_path / f"b{batch}" / "rationales.jsonl").read_text().splitlines()]
+        lines = [json.loads(l)
+                 for l in (tmp_path / f"b{batch}" / "rationales.jsonl").read_text().splitlines()]
         assert [l["idx"] for l in lines] == [0, 1, 2] and m["rationale_source"].startswith("teacher:")
         assert sum(m["dropped"].values()) == 3                   # a random tiny model never writes the marker
         texts[batch] = [l["rationale"] for l in lines]
         assert all(texts[batch])                                # it did generate text
-    assert len(calls) == 4 and calls[0][0] == 3 and texts[3] == texts[1]   # left-padded batch == one at a time
+    assert len(calls) == 4 and calls[0][0] == 3 and texts[3] == texts[1]  # left-padded batch == one at a time
     prepare.prepare(out_dir=tmp_path / "b3", teacher_batch=3, **kw)
     assert len(calls) == 4                                                  # resume: nothing generated twice
     with pytest.raises(prepare.PrepareError, match=r"needs \d+ \+ 60 tokens, more than its 64 positions"):
@@ -1525,9 +1634,9 @@ def test_train_lora_end_to_end_and_resume(lora_data):
     assert json.loads((out / "results.json").read_text()) == res and _train_log(d / "full") == _train_log(out)
 
 
-# ==============================================================================================================
+# ============================================================================================================
 # bench.py: the JSON contract on a tiny model, flag errors
-# ==============================================================================================================
+# ============================================================================================================
 
 BENCH_TINY = ["--batch_size=4", "--seq_len=16", "--cot_batch_size=2", "--cot_tokens=5", "--cot_prompt_len=3",
               "--train_batch_size=2", "--train_seq_len=12", "--agree_batches=2", "--warmup=0", "--repeats=2",
@@ -1557,7 +1666,8 @@ def test_bench_end_to_end_json(lora_rank, tmp_path):
     r = json.loads(out.read_text())
     # every key of SPEC §5, with the shapes that were asked for
     assert r["device"] == "cpu" and r["model"] == str(model_dir)
-    assert (r["dtype"], r["dtype_reason"]) == gpt.native_dtype("cpu")  # bf16 only where the CPU has it natively
+    # bf16 only where the CPU has it natively
+    assert (r["dtype"], r["dtype_reason"]) == gpt.native_dtype("cpu")
     assert {k: r["pooled"][k] for k in ("batch_size", "seq_len")} == {"batch_size": 4, "seq_len": 16}
     assert {k: r["cot"][k] for k in ("batch_size", "new_tokens")} == {"batch_size": 2, "new_tokens": 5}
     assert {k: r["train"][k] for k in ("batch_size", "seq_len")} == {"batch_size": 2, "seq_len": 12}

@@ -1,7 +1,9 @@
-"""A prepared data folder with one split replaced by a fixed random subset of its rows (the other files copied):
+"""A prepared data folder with one split replaced by a fixed random subset of its rows
+(the other files copied):
     python experiments/subset_split.py data/esnli data/esnli-test2k test 2000   # 2,000 of the 9,824 test rows
-The rows are np.random.default_rng(seed).choice(N, n, replace=False), kept in file order; the split's token file
-is copied whole (the index rows point into it), its .jsonl keeps the chosen lines, meta.json the new count."""
+The rows are np.random.default_rng(seed).choice(N, n, replace=False), kept in file order; the split's token
+file is copied whole (the index rows point into it), its .jsonl keeps the chosen lines, meta.json the new
+count."""
 import json
 import shutil
 import sys

@@ -1,4 +1,5 @@
-"""Tables of the runs under one folder, from whatever has finished there (a run counts once its test.json exists):
+"""Tables of the runs under one folder, from whatever has finished there
+(a run counts once its test.json exists):
     python experiments/summarize.py experiments/results/esnli     # the budget experiment (esnli_budget.sh)
     python experiments/summarize.py out-real/esnli                # the 100-step grid (real_rationales.sh)
 Each run is a folder <arm>-s<seed> with results.json, log.jsonl and test.json. Printed, as markdown:
@@ -25,7 +26,8 @@ def ms(xs):
 
 
 def load(root):
-    """{arm: {seed: run}}; run = dict(metric, best, test, train_s, test_s, curve {iter: val}, train [lines])."""
+    """{arm: {seed: run}};
+    run = dict(metric, best, test, train_s, test_s, curve {iter: val}, train [lines])."""
     arms = {}
     for d in sorted(Path(root).glob("*-s*")):
         if not (d / "test.json").is_file():
@@ -35,13 +37,17 @@ def load(root):
         t = json.loads((d / "test.json").read_text())
         metric = res["metric"]
         lines = [json.loads(line) for line in (d / "log.jsonl").read_text().splitlines()]
-        test = t["test"][next(k for k in t["test"] if k not in ("task", "split", "model"))] if t["test"] else None
+        test = None
+        if t["test"]:
+            test = t["test"][next(k for k in t["test"] if k not in ("task", "split", "model"))]
         arms.setdefault(arm, {})[int(seed)] = dict(
             metric=metric, best=res["val"][metric], test=None if test is None else test[metric],
             train_s=t["train_s"], test_s=t["test_s"], cpu=t.get("cpu"),
             curve={line["iter"]: line["val"][metric] for line in lines if "val" in line},
-            train=[line for line in lines if "loss" in line], auto=[line for line in lines if "alpha_auto" in line])
-    return dict(sorted(arms.items(), key=lambda kv: (not kv[0].startswith("pooled"), kv[0])))  # baselines first
+            train=[line for line in lines if "loss" in line],
+            auto=[line for line in lines if "alpha_auto" in line])
+    # baselines first
+    return dict(sorted(arms.items(), key=lambda kv: (not kv[0].startswith("pooled"), kv[0])))
 
 
 def baseline_of(arm):
@@ -71,8 +77,8 @@ def final_table(arms):
             dv = [runs[s]["best"] - base[s]["best"] for s in seeds]
             dt = [runs[s]["test"] - base[s]["test"] for s in seeds if runs[s]["test"] is not None
                   and base[s]["test"] is not None]
-            print(f"\n{arm} − {baseline_of(arm)}, paired by seed (n={len(seeds)}): best val {ms(dv)}, test {ms(dt)}",
-                  end="")
+            print(f"\n{arm} − {baseline_of(arm)}, paired by seed (n={len(seeds)}): "
+                  f"best val {ms(dv)}, test {ms(dt)}", end="")
     print()
 
 
@@ -96,7 +102,8 @@ def curve_table(arms):
 
 
 def grad_table(arms):
-    have = {arm: runs for arm, runs in arms.items() if any("grad_cls" in l for r in runs.values() for l in r["train"])}
+    have = {arm: runs for arm, runs in arms.items()
+            if any("grad_cls" in l for r in runs.values() for l in r["train"])}
     if not have:
         return
     print("\n| arm | alpha | steps | beta·‖∇L_cls‖ | alpha·‖∇L_lm‖ | ratio lm/cls | cosine |")
@@ -109,9 +116,12 @@ def grad_table(arms):
                 continue
             mean = lambda k: statistics.mean(l[k] for l in rows) if all(k in l for l in rows) else None
             g_cls, g_lm, cos = mean("grad_cls"), mean("grad_lm"), mean("grad_cos")
-            ratio = "–" if g_lm is None else f"{statistics.mean(l['grad_lm'] / l['grad_cls'] for l in rows):.2f}"
-            print(f"| {arm} | {ms(alphas)} | {name} | {g_cls:.2f} | " + ("–" if g_lm is None else f"{g_lm:.2f}")
-                  + f" | {ratio} | " + ("–" if cos is None else f"{cos:+.3f}") + " |")
+            ratio = "–"
+            if g_lm is not None:
+                ratio = f"{statistics.mean(l['grad_lm'] / l['grad_cls'] for l in rows):.2f}"
+            g_lm_cell = "–" if g_lm is None else f"{g_lm:.2f}"
+            cos_cell = "–" if cos is None else f"{cos:+.3f}"
+            print(f"| {arm} | {ms(alphas)} | {name} | {g_cls:.2f} | {g_lm_cell} | {ratio} | {cos_cell} |")
 
 
 def decision(arms):
@@ -122,7 +132,8 @@ def decision(arms):
     print()
     gains = [r["curve"][400] - r["curve"][300] for r in base.values() if {300, 400} <= set(r["curve"])]
     plateau = bool(gains) and statistics.mean(gains) < 0.01
-    print(f"baseline gain from step 300 to 400: {ms(gains)} -> " + ("plateaued" if plateau else "still improving"))
+    trend = "plateaued" if plateau else "still improving"
+    print(f"baseline gain from step 300 to 400: {ms(gains)} -> {trend}")
     for arm in ("dhrd", "dhrd_auto"):
         runs = arms.get(arm, {})
         seeds = [s for s in runs if s in base and {100, 400} <= set(runs[s]["curve"]) & set(base[s]["curve"])]
