@@ -1752,11 +1752,12 @@ def test_bench_bad_flags(arg, needle, tmp_path, monkeypatch):
     assert needle in str(e.value)
 
 
-# ==============================================================================================================
-# cuda: skipped without a GPU (`pytest -k cuda`). The checks a GPU can break: parity in fp32, bf16 predictions,
-# greedy decoding, the fused LM loss, a torchrun (NCCL) compiled bf16 run, recompilations over varying lengths.
+# ============================================================================================================
+# cuda: skipped without a GPU (`pytest -k cuda`). The checks a GPU can break: parity in fp32, bf16
+# predictions, greedy decoding, the fused LM loss, a torchrun (NCCL) compiled bf16 run, recompilations
+# over varying lengths.
 # DHRD_TEST_DEVICE=cpu runs the same bodies on the CPU (Gloo for the torchrun run) to debug them.
-# ==============================================================================================================
+# ============================================================================================================
 
 DEV = os.environ.get("DHRD_TEST_DEVICE", "cuda")
 cuda = pytest.mark.skipif(DEV.startswith("cuda") and not torch.cuda.is_available(),
