@@ -826,11 +826,9 @@ def train(cfg, rt):
                     kl_ref = (ref.eval().hidden_states(idx, mask)[lm_targets != -100], ref.lm_head.weight)
                 raw.train()
             with ctx:
-                # ONE forward over s = [x, rationale, answer]: pooled logits at x_len,
-                # reasoning-head loss on s
+                # ONE forward over s = [x, rationale, answer]: pooled logits at x_len, the LM loss on s
                 out = model(idx, mask, x_len, lm_targets, kl_ref)
-                # paper Eq. 4: beta L_cls + alpha L_lm;
-                # plus kl_coef * KL(p_model || p_base) when --kl_coef > 0
+                # paper Eq. 4: beta L_cls + alpha L_lm (+ kl_coef * KL(p_model || p_base) with --kl_coef)
                 loss, loss_cls = dual_loss(out, y, alpha, cfg.beta, cfg.kl_coef)
                 loss_lm = out.loss_lm
                 loss_kl = out.loss_kl if out.loss_kl is not None else loss_cls.new_zeros(())
