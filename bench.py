@@ -7,6 +7,8 @@ Speed of DHRD in one run on one backbone (paper Table 5, App. E.6-E.7):
   train    one DHRD step: ONE forward for both losses (Eq. 4) + backward + AdamW; tokens/s over x+rationale,
            MFU on CUDA against the card's bf16 dense peak, on CPU the fraction of a matmul peak measured here;
            full fine-tuning, or LoRA adapters on a frozen base (--train_lora_rank, paper App. E.4);
+  grad_checkpoint the training step with each block recomputed in backward: tokens/s and the peak memory
+           of forward + backward, with and without (dhrd.py --grad_checkpoint);
   lm_loss_memory  peak memory of the fused masked LM loss vs full-logits cross-entropy (fwd+bwd).
 Weights are random (speed does not depend on their values) unless --init_from is a model folder.
 On CUDA a built-in shape is built on the GPU with its weights in --dtype (an 8B model: 16 GB of bf16 there,
@@ -184,52 +186,97 @@ def lm_loss_peak_mb(kind, vocab, rows, n_embd, dev, dtype):
     t = torch.randint(vocab, (rows,), generator=g).to(dev)
     t[::7] = -100  # some ignored targets, like padding
     ctx = nullcontext() if dtype == "float32" else torch.autocast(dev.split(":")[0], getattr(torch, dtype))
-
-    def status_kb(field):
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith(field))
-    if dev.startswith("cuda"):
-        torch.cuda.synchronize(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        base = torch.cuda.memory_allocated(dev)
-    else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        base = status_kb("VmRSS:") * 1024
+    base = _peak_start(dev)
     with ctx:
         if kind == "fused":
             loss = fused_lm_loss(h, w, t)
         else:   # naive: the full [rows, V] logits, as F.cross_entropy needs them
             loss = F.cross_entropy(h @ w.t(), t, ignore_index=-100)
     loss.backward()
-    sync()
+    return (_peak_bytes(dev) - base) / 2**20
+
+
+def train_peak_mb(model_name, B, T, grad_checkpoint, dev, dtype, model=None):
+    """Peak extra memory (MB) of one DHRD forward + backward (activations and gradients, on top of the
+    weights) at batch B x T, with or without gradient checkpointing; measured as lm_loss_peak_mb does.
+    model: the benchmark's own (CUDA, in this process), else model_name is built (fp32 weights)."""
+    if model is None:
+        model = load_model(model_name, dev)
+    model.train()
+    model.grad_checkpoint = grad_checkpoint
+    g = torch.Generator().manual_seed(0)
+    s = torch.randint(model.config.vocab_size, (B, T), generator=g).to(dev)
+    targets = torch.cat([s[:, 1:], torch.full_like(s[:, :1], -100)], 1)
+    x_len = torch.full((B,), max(1, T // 2), device=dev)
+    y = torch.zeros(B, dtype=torch.long, device=dev)
+    ctx = nullcontext() if dtype == "float32" else torch.autocast(dev.split(":")[0], getattr(torch, dtype))
+    base = _peak_start(dev)
+    with ctx:
+        loss, _ = dual_loss(model(s, x_len=x_len, lm_targets=targets), y, 1.0, 1.0)
+    loss.backward()
+    return (_peak_bytes(dev) - base) / 2**20
+
+
+def _status_kb(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field))
+
+
+def _peak_start(dev):
+    """Reset the peak-memory counter -> the bytes in use now. CUDA: the allocator's counters; CPU (Linux):
+    the resident set's high-water mark, reset through /proc/self/clear_refs."""
     if dev.startswith("cuda"):
-        peak = torch.cuda.max_memory_allocated(dev)
-    else:
-        peak = status_kb("VmHWM:") * 1024
-    return (peak - base) / 2**20
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        return torch.cuda.memory_allocated(dev)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_kb("VmRSS:") * 1024
+
+
+def _peak_bytes(dev):
+    if dev.startswith("cuda"):
+        torch.cuda.synchronize(dev)
+        return torch.cuda.max_memory_allocated(dev)
+    return _status_kb("VmHWM:") * 1024
+
+
+def peak_mb(fn, *args):
+    """fn(*args), a peak-memory measurement; on the CPU run in a fresh interpreter (no allocator cache from
+    earlier work in this one)."""
+    if device.startswith("cuda"):
+        return fn(*args)
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = "\n".join([
+        "import sys",
+        f"sys.path.insert(0, {here!r})",
+        "import torch",
+        "import bench",
+        f"torch.set_num_threads({torch.get_num_threads()})",
+        f"print(bench.{fn.__name__}{args!r})",
+    ])
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    if p.returncode != 0:
+        raise RuntimeError(f"bench.py: {fn.__name__}{args!r} failed in its own process:\n{p.stderr[-2000:]}")
+    return float(p.stdout.split()[-1])
 
 
 def lm_loss_memory(n_embd):
-    if device.startswith("cuda"):
-        return {kind: lm_loss_peak_mb(kind, mem_vocab, mem_seq_len, n_embd, device, dtype)
-                for kind in ("fused", "naive")}
-    here = os.path.dirname(os.path.abspath(__file__))
+    return {kind: peak_mb(lm_loss_peak_mb, kind, mem_vocab, mem_seq_len, n_embd, device, dtype)
+            for kind in ("fused", "naive")}
+
+
+def train_memory(model):
+    """The training step's peak extra memory without and with gradient checkpointing: on CUDA of the
+    benchmark's model (LoRA or not), on the CPU of a fresh full-fine-tuning copy in its own process."""
     res = {}
-    for kind in ("fused", "naive"):  # a fresh interpreter each: the allocator holds no memory from before
-        code = "\n".join([
-            "import sys",
-            f"sys.path.insert(0, {here!r})",
-            "import torch",
-            "import bench",
-            f"torch.set_num_threads({torch.get_num_threads()})",
-            f"print(bench.lm_loss_peak_mb({kind!r}, {mem_vocab}, {mem_seq_len}, {n_embd}, 'cpu', "
-            f"{dtype!r}))",
-        ])
-        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-        if p.returncode != 0:
-            raise RuntimeError(f"bench.py: LM loss memory child ({kind}) failed:\n{p.stderr[-2000:]}")
-        res[kind] = float(p.stdout.split()[-1])
+    for on in (False, True):
+        if device.startswith("cuda"):
+            res[on] = train_peak_mb(init_from, train_batch_size, train_seq_len, on, device, dtype, model)
+        else:
+            res[on] = peak_mb(train_peak_mb, init_from, train_batch_size, train_seq_len, on, device, dtype)
+    model.grad_checkpoint = False
+    model.zero_grad(set_to_none=True)
     return res
 
 
@@ -250,6 +297,8 @@ def print_table(res):
     if tr["lora_rank"]:
         kind = f"LoRA r={tr['lora_rank']}"
     mem_ratio = m["fused_peak_mb"] / max(m["naive_peak_mb"], 1e-9)
+    gc = res["grad_checkpoint"]
+    gc_ratio = gc["peak_mb"] / max(gc["peak_mb_off"], 1e-9)
     rows = [("pooled QPS", f"{p['qps']:.2f}", f"batch {p['batch_size']} x {p['seq_len']} tokens; "
              f"agrees with fp32 on {100 * p['agreement_fp32']:.1f}% of {p['agreement_n']}"),
             ("CoT QPS", f"{ct['qps']:.3f}", f"batch {ct['batch_size']}, {ct['prompt_len']}-token prompt "
@@ -260,6 +309,8 @@ def print_table(res):
             ("train tokens/s", f"{tr['tokens_per_s']:.1f}", f"DHRD step batch {tr['batch_size']} x "
              f"{tr['seq_len']}, {kind}, {tr['tflops']:.3f} TFLOP/s ({tr['flops_formula']})"),
             peak_row,
+            ("grad checkpoint", f"{gc['tokens_per_s']:.1f}", f"train tokens/s with it; peak MB of fwd+bwd "
+             f"{gc['peak_mb']:.0f} with, {gc['peak_mb_off']:.0f} without (x{gc_ratio:.2f})"),
             ("LM loss peak MB", f"{m['fused_peak_mb']:.0f} / {m['naive_peak_mb']:.0f}",
              f"fused / full logits (x{mem_ratio:.2f}), V={m['vocab']} T={m['seq_len']}, fwd+bwd")]
     for r in rows:
@@ -393,6 +444,10 @@ def main():
         opt.zero_grad(set_to_none=True)
     t_train = timed(step)
     tok_s = train_batch_size * train_seq_len / t_train
+    # the same step with gradient checkpointing (dhrd.py --grad_checkpoint): its time here, memory below
+    model.grad_checkpoint = True
+    t_train_ckpt = timed(step)
+    model.grad_checkpoint = False
     flops = train_flops_per_token(model, train_seq_len)
     achieved = flops * tok_s / 1e12
     # the CPU figure's peak; on a GPU 8192^3 (1.1 TFLOP, ~1.5 ms on an H200) runs long past launch overhead
@@ -408,6 +463,7 @@ def main():
         mfu = achieved / peak
 
     mem = lm_loss_memory(c.n_embd)
+    train_mem = train_memory(model)
 
     if device_type == "cuda":
         mem_method = "cuda max_memory_allocated"
@@ -428,6 +484,9 @@ def main():
                      "flops_per_token": flops, "flops_formula": formula, "tflops": achieved,
                      "mfu": mfu, "peak_tflops": peak, "matmul_peak_tflops": peak_mm,
                      "matmul_peak_fraction": achieved / peak_mm},
+           "grad_checkpoint": {"tokens_per_s": train_batch_size * train_seq_len / t_train_ckpt,
+                               "tokens_per_s_off": tok_s, "peak_mb": train_mem[True],
+                               "peak_mb_off": train_mem[False]},
            "lm_loss_memory": {"fused_peak_mb": mem["fused"], "naive_peak_mb": mem["naive"],
                               "vocab": mem_vocab, "seq_len": mem_seq_len, "method": mem_method}}
     res["speedup"] = res["pooled"]["qps"] / res["cot"]["qps"]

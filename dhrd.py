@@ -12,9 +12,11 @@ At test time only the pooled head runs: one forward pass over x, no decoding.
 Config: the defaults below <- JSON config files (positional) <- --key=value. Data: prepare.py.
 """
 import copy
+import importlib
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import sys
@@ -40,12 +42,16 @@ class Config:
     task: str = "synth"             # a task prepared by prepare.py (synth is prepared on the fly)
     data_dir: str = ""              # default: data/<task>
     out_dir: str = ""               # default: out-<task>
-    init_from: str = "scratch"      # 'scratch' (small GPT) | 'resume' | hub name | HF folder | dhrd out_dir
+    init_from: str = ""             # 'scratch' (small GPT) | 'resume' | hub name | HF folder | dhrd out_dir;
+                                    # default: the model data_dir was prepared with (scratch for synth)
     eval_only: bool = False         # evaluate init_from on eval_split, print the metrics, exit
     eval_split: str = "val"
     predict: str = ""               # in.jsonl: rows with "text" (a formatted x) or raw task rows
     predictions: str = ""           # out.jsonl (default: <predict>.pred.jsonl): label + probabilities per x
-    mlflow: bool = False            # log params/metrics to MLflow when the package is importable
+    mlflow: bool = False            # also log params/metrics to MLflow (imported only then)
+    wandb_log: bool = False         # also log them to Weights & Biases (imported only then)
+    wandb_project: str = "dhrd"
+    wandb_run_name: str = ""        # default: the out_dir's name
     # the method (paper Eq. 4): L = beta * L_cls + alpha * L_lm
     alpha: float = 1.0              # reasoning head weight; 0 = pooled baseline (no rationales needed);
                                     # 'auto': matched to the gradients at the start (alpha_from_gradients)
@@ -69,7 +75,8 @@ class Config:
     dropout: float = 0.0
     # optimisation
     batch_size: int = 32            # per-process micro-batch
-    gradient_accumulation_steps: int = 1  # for the whole job; divided among DDP ranks (global batch is fixed)
+    gradient_accumulation_steps: int = 0  # for the whole job, divided among DDP ranks (the global batch is
+                                          # fixed); 0 = one micro-batch per rank
     max_iters: int = 600            # optimizer steps
     learning_rate: float = 1e-3
     min_lr_frac: float = 0.1        # decay to learning_rate * min_lr_frac
@@ -77,6 +84,10 @@ class Config:
     lr_decay: str = "cosine"        # 'cosine' | 'linear'
     weight_decay: float = 0.1
     grad_clip: float = 1.0          # 0 = off
+    patience: int = 0               # early stopping: stop after this many evaluations without a better
+                                    # val score (the best model stays exported); 0 = off
+    grad_checkpoint: bool = False   # recompute each block in backward: activation memory of one block, not
+                                    # L, for ~1 extra forward per step (MultiRC --max_len=700, 3-8B models)
     # eval / logging / system
     eval_interval: int = 100        # also the checkpoint interval
     log_interval: int = 20
@@ -122,7 +133,7 @@ def parse_config(argv):
         run = d["out_dir"] or f"out-{d['task']}"
     else:
         run = d["init_from"]
-    if Path(run, "config.json").exists() and (resume or Path(run, "model").is_dir()):
+    if run and Path(run, "config.json").exists() and (resume or Path(run, "model").is_dir()):
         saved = _read_json(Path(run, "config.json"), "run config")
         base = {k: v for k, v in saved.items() if k in d and k not in COMMAND_KEYS}
         d = {**d, **base, **flags}
@@ -130,10 +141,25 @@ def parse_config(argv):
             d["out_dir"] = run
     d["data_dir"] = d["data_dir"] or f"data/{d['task']}"
     d["out_dir"] = d["out_dir"] or f"out-{d['task']}"
-    if min(d["gradient_accumulation_steps"], d["batch_size"], d["eval_interval"], d["log_interval"]) < 1:
-        raise ConfigError("batch_size, gradient_accumulation_steps, eval_interval and log_interval "
-                          "must be >= 1")
+    d["init_from"] = d["init_from"] or prepared_with(d["data_dir"])
+    if min(d["batch_size"], d["eval_interval"], d["log_interval"]) < 1:
+        raise ConfigError("batch_size, eval_interval and log_interval must be >= 1")
+    if d["gradient_accumulation_steps"] < 0:
+        raise ConfigError("gradient_accumulation_steps must be >= 1, or 0 (one micro-batch per rank)")
     return Config(**d)
+
+
+def prepared_with(data_dir):
+    """The default init_from: the model whose tokenizer prepared data_dir (its meta.json), so that
+    `dhrd.py --task=cb` fine-tunes the model the data was made for; 'scratch' for a char tokenizer (synth)
+    or when nothing is prepared yet."""
+    meta_path = Path(data_dir, "meta.json")
+    if not meta_path.exists():
+        return "scratch"
+    tok = _read_json(meta_path, "prepared data's meta").get("tokenizer", {})
+    if tok.get("type") == "bpe":
+        return tok["name"]
+    return "scratch"
 
 # ------------------------------------------------------------------------------------------------------------
 # official metrics (SuperGLUE): accuracy; CB macro-F1 + accuracy; MultiRC F1 over all answers (F1a) + exact
@@ -290,12 +316,48 @@ def yes_id(meta):
     return len(meta["labels"]) - 1
 
 
+def class_report(probs, gold, labels):
+    """What HF / sklearn users read first (sklearn's classification_report + confusion_matrix): precision,
+    recall, F1 and support per label, and the confusion matrix, rows = gold, columns = predicted, the last
+    column for no prediction (a CoT model whose decoded text names no label)."""
+    pred = np.where(probs.max(1) > 0, probs.argmax(1), -1)
+    K = len(labels)
+    confusion = np.zeros((K, K + 1), dtype=np.int64)
+    np.add.at(confusion, (gold, np.where(pred < 0, K, pred)), 1)
+    per_class = {}
+    for i, label in enumerate(labels):
+        hit = int(confusion[i, i])
+        predicted = int(confusion[:, i].sum())
+        support = int(confusion[i].sum())
+        precision = hit / predicted if predicted else 0.0
+        recall = hit / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if hit else 0.0
+        per_class[label] = dict(precision=precision, recall=recall, f1=f1, support=support)
+    return dict(per_class=per_class, confusion=confusion.tolist(), columns=[*labels, "none"])
+
+
+def report_text(report):
+    """class_report as the table sklearn prints, then the confusion matrix."""
+    w = max(9, *(len(l) + 2 for l in report["columns"]))
+    lines = [f"{'':{w}}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}"]
+    for label, r in report["per_class"].items():
+        lines.append(f"{label:{w}}{r['precision']:>10.4f}{r['recall']:>10.4f}{r['f1']:>10.4f}"
+                     f"{r['support']:>10}")
+    lines.append("confusion (rows: gold, columns: predicted)")
+    lines.append(f"{'':{w}}" + "".join(f"{c:>{w}}" for c in report["columns"]))
+    for label, row in zip(report["per_class"], report["confusion"]):
+        lines.append(f"{label:{w}}" + "".join(f"{n:>{w}}" for n in row))
+    return "\n".join(lines)
+
+
 def evaluate(model, split, meta, cot, device, ctx, cfg, tok):
-    """The task's official metrics of model on a split (tokens, index rows)."""
+    """-> (the task's official metrics, class_report) of model on a split (tokens, index rows)."""
     toks, rows = split
     xs = [toks[s:s + x] for s, x in zip(rows[:, prepare.START], rows[:, prepare.X_LEN])]
     probs = class_probs(model, xs, meta, cot, device, ctx, cfg.eval_batch_size, cfg.cot_tokens, tok)
-    return metrics(meta["metric"], probs, rows[:, prepare.LABEL], rows[:, prepare.GROUP], yes_id(meta))
+    gold = rows[:, prepare.LABEL]
+    val = metrics(meta["metric"], probs, gold, rows[:, prepare.GROUP], yes_id(meta))
+    return val, class_report(probs, gold, meta["labels"])
 
 # ------------------------------------------------------------------------------------------------------------
 # files: each is written to a temporary sibling and renamed into place, so a kill at any point leaves the
@@ -320,6 +382,9 @@ def set_rng_state(s):
         torch.cuda.set_rng_state_all(s["cuda"])
     np.random.set_state((s["numpy"][0], s["numpy"][1].numpy().astype(np.uint32), *s["numpy"][2:]))
     random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
+
+
+CHECKPOINT_KEYS = ("model", "model_config", "optimizer", "scaler", "iter", "data_pos", "best", "rng", "alpha")
 
 
 def save_checkpoint(path, raw, optimizer, scaler, it, pos, best, alpha, ref):
@@ -446,6 +511,10 @@ def setup(cfg):
     rank, local, world = 0, 0, 1
     if ddp:
         rank, local, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    accum = cfg.gradient_accumulation_steps or world  # the default 0: one micro-batch per rank
+    if accum % world:
+        raise ConfigError(f"gradient_accumulation_steps={accum} is for the whole job, divided among the "
+                          f"{world} processes: use a multiple of {world}, or 0 (one micro-batch per rank)")
     device = cfg.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -455,9 +524,6 @@ def setup(cfg):
         torch.cuda.set_device(device)
     if ddp:
         dist.init_process_group("nccl" if dev_type == "cuda" else "gloo")
-    if cfg.gradient_accumulation_steps % world:
-        raise ConfigError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} (whole job) "
-                          f"must be a multiple of {world}")
     dtype, why = cfg.dtype, "--dtype"
     if cfg.dtype == "auto":
         dtype, why = native_dtype(device)
@@ -466,7 +532,7 @@ def setup(cfg):
         seed_fn(cfg.seed + rank)
     return Runtime(ddp=ddp, rank=rank, local_rank=local, world=world, master=rank == 0, device=device,
                    dev_type=dev_type, dtype=dtype, dtype_why=why, ctx=ctx,
-                   micro=cfg.gradient_accumulation_steps // world)
+                   micro=accum // world)
 
 # ------------------------------------------------------------------------------------------------------------
 # --eval_only and --predict: the exported best model (out_dir/model/) or any HF folder; only the pooled
@@ -494,9 +560,10 @@ def eval_only(cfg, rt):
     """Print the official metrics of the model on eval_split as one JSON line."""
     model, meta, cot, tok = load_exported(cfg, rt)
     split = load_split(cfg.data_dir, cfg.eval_split, meta)
-    val = evaluate(model, split, meta, cot, rt.device, rt.ctx, cfg, tok)
+    val, report = evaluate(model, split, meta, cot, rt.device, rt.ctx, cfg, tok)
+    print(report_text(report), file=sys.stderr)
     print(json.dumps({"task": meta["task"], "split": cfg.eval_split, "model": str(cfg.init_from),
-                      cfg.eval_split: val}))
+                      cfg.eval_split: val, "report": report}))
     return val
 
 
@@ -505,14 +572,24 @@ def read_inputs(path, meta):
     task row (MultiRC / COPA: one per answer / alternative)."""
     lines, texts = [], []
     for ln, row in prepare.read_jsonl(path):
+        where = f"{path}:{ln}"
+        if not isinstance(row, dict):
+            raise ConfigError(f"{where}: a row is a JSON object such as {{\"text\": \"...\"}}, not "
+                              f"{type(row).__name__} {json.dumps(row)[:40]}")
+        if "text" in row and not isinstance(row["text"], str):
+            raise ConfigError(f"{where}: field 'text' must be a string (the formatted input x), not "
+                              f"{type(row['text']).__name__} {json.dumps(row['text'])[:40]}")
         try:
             if "text" in row:
                 xs = [row["text"]]
             else:
                 xs = prepare.format_input(meta["task"], row, meta.get("format", "paper"))
-        except (KeyError, TypeError) as e:
-            raise ConfigError(f"{path}:{ln}: not a formatted row (field 'text') nor a raw {meta['task']} row "
+        except KeyError as e:
+            raise ConfigError(f"{where}: not a formatted row (field 'text') nor a raw {meta['task']} row "
                               f"(missing field {e})") from None
+        except (TypeError, AttributeError) as e:
+            raise ConfigError(f"{where}: a field of this raw {meta['task']} row has the wrong type "
+                              f"({e})") from None
         lines += [ln] * len(xs)
         texts += xs
     return lines, texts
@@ -523,9 +600,13 @@ def predict(cfg, rt):
     model, meta, cot, tok = load_exported(cfg, rt)
     lines, texts = read_inputs(cfg.predict, meta)
     bos = [] if meta["bos_id"] is None else [meta["bos_id"]]
-    seqs = [bos + tok.encode(t) for t in texts]
-    for ln, s in zip(lines, seqs):
-        if len(s) > model.config.block_size:
+    seqs = []
+    for ln, t in zip(lines, texts):
+        try:
+            seqs.append(bos + tok.encode(t))
+        except ValueError as e:  # a char tokenizer (synth, scratch models) meets a character it lacks
+            raise ConfigError(f"{cfg.predict}:{ln}: {e}") from None
+        if len(seqs[-1]) > model.config.block_size:
             raise ConfigError(f"{cfg.predict}:{ln}: longer than the model's {model.config.block_size} tokens")
     probs = class_probs(model, seqs, meta, cot, rt.device, rt.ctx, cfg.eval_batch_size, cfg.cot_tokens, tok)
     out = Path(cfg.predictions or Path(cfg.predict).with_suffix(".pred.jsonl"))
@@ -544,15 +625,7 @@ def predict(cfg, rt):
 def load_data(cfg, rt, use_lm):
     """-> (meta, train split, val split) of data_dir; synth is prepared on the fly (the embedded default)."""
     if not Path(cfg.data_dir, "meta.json").exists():
-        if cfg.task != "synth":
-            raise ConfigError(f"{cfg.data_dir}/meta.json: not found; run `python prepare.py "
-                              f"--task={cfg.task} --model=<the model you train> "
-                              f"--out_dir={cfg.data_dir}` first")
-        if rt.master:
-            tokenizer = "char" if cfg.init_from in ("scratch", "resume") else cfg.init_from
-            prepare.prepare(task="synth", out_dir=cfg.data_dir, model=tokenizer)
-        if rt.ddp:
-            dist.barrier()
+        prepare_on_the_fly(cfg, rt)
     meta = _read_json(Path(cfg.data_dir, "meta.json"), "prepared data's meta")
     train = load_split(cfg.data_dir, "train", meta)
     val = load_split(cfg.data_dir, "val", meta)
@@ -565,11 +638,47 @@ def load_data(cfg, rt, use_lm):
     return meta, train, val
 
 
+def prepare_on_the_fly(cfg, rt):
+    """A missing data_dir is prepared with the tokenizer of the model to train: synth always (the embedded
+    default), a real task when --init_from names a model and prepare.py can find or download the task's
+    files. Rank 0 prepares; the others wait and share its outcome (an error stops every rank)."""
+    scratch = cfg.init_from in ("scratch", "resume")
+    if cfg.task != "synth" and scratch:
+        raise ConfigError(f"{cfg.data_dir}/meta.json: not found; run `python prepare.py "
+                          f"--task={cfg.task} --model=<the model you train> "
+                          f"--out_dir={cfg.data_dir}` first, or pass --init_from=<that model>")
+    error = [None]
+    if rt.master:
+        try:
+            prepare.prepare(task=cfg.task, out_dir=cfg.data_dir, model="char" if scratch else cfg.init_from)
+        except ValueError as e:  # PrepareError / ConfigError: the task's files are not to be had
+            error[0] = (f"{cfg.data_dir}/meta.json: not found, and preparing {cfg.task} with the tokenizer "
+                        f"of {cfg.init_from} failed: {e}")
+    if rt.ddp:
+        dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise ConfigError(error[0])
+
+
 def read_checkpoint(out_dir):
     path = out_dir / "ckpt.pt"
     if not path.exists():
         raise ConfigError(f"{out_dir}/ckpt.pt: no checkpoint to resume from; pass the run's --out_dir")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    best = f"no model was exported to {out_dir}/model/ yet: rerun without --init_from=resume"
+    if Path(out_dir, "model", "config.json").exists():
+        best = (f"the best model so far is intact in {out_dir}/model/: start a new run from it with "
+                f"--init_from={out_dir}/model")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:  # truncated, corrupt, not torch's
+        reason = str(e).splitlines()[0].split(". ")[0][:100]  # torch's first sentence
+        raise ConfigError(f"{path}: cannot be read, it is truncated or corrupt ({reason}); {best}") from None
+    missing = list(CHECKPOINT_KEYS)
+    if isinstance(ckpt, dict):
+        missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    if missing:
+        raise ConfigError(f"{path}: not a dhrd.py checkpoint (no {', '.join(missing)}); {best}")
+    return ckpt
 
 
 def scratch_config(cfg, meta):
@@ -603,6 +712,7 @@ def build_model(cfg, meta, use_lm, ckpt):
         raise ConfigError("--kl_coef acts at the LM targets, which --alpha=0 does not build; use alpha > 0")
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
+    model.grad_checkpoint = cfg.grad_checkpoint
     return model
 
 
@@ -654,41 +764,59 @@ def start_run_files(cfg, out_dir, it, resumed):
     write_text(log_path, "".join(l + "\n" for l in keep))
 
 
-def start_mlflow(cfg):
-    """The mlflow module with a run started and the config logged as its params, or None (optional: never a
-    hard dependency)."""
-    if not cfg.mlflow:
-        return None
-    try:
-        import mlflow
-    except ImportError:
-        print("dhrd.py: --mlflow=True but the mlflow package is not installed; logging to log.jsonl only")
-        return None
-    mlflow.start_run()
-    mlflow.log_params(asdict(cfg))
-    return mlflow
+def tracking_modules(cfg):
+    """The experiment trackers asked for, imported only then: {'mlflow': module, 'wandb': module}. A tracker
+    asked for but not installed stops the run before it starts (a long run that logs nowhere is worse)."""
+    asked = {"mlflow": cfg.mlflow, "wandb": cfg.wandb_log}
+    modules = {}
+    for name in (n for n, on in asked.items() if on):
+        try:
+            modules[name] = importlib.import_module(name)
+        except ImportError:
+            flag = "--mlflow" if name == "mlflow" else "--wandb_log"
+            raise ConfigError(f"{flag}=True needs the {name} package: pip install {name} (or drop the "
+                              f"flag; log.jsonl has the same numbers)") from None
+    return modules
+
+
+def start_tracking(cfg, modules):
+    """Start a run in each tracker with the config as its parameters -> (mlflow module, wandb run)."""
+    mlflow = modules.get("mlflow")
+    wandb_run = None
+    if mlflow is not None:
+        mlflow.start_run()
+        mlflow.log_params(asdict(cfg))
+    if "wandb" in modules:  # nanoGPT's flags: wandb_log, wandb_project, wandb_run_name
+        name = cfg.wandb_run_name or Path(cfg.out_dir).name
+        wandb_run = modules["wandb"].init(project=cfg.wandb_project, name=name, config=asdict(cfg))
+    return mlflow, wandb_run
 
 
 class Log:
     """out_dir/log.jsonl, one JSON object a line (training lines: iter, loss..; evaluation lines: iter, val),
-    and the same numbers to MLflow when it runs."""
+    and the same numbers to MLflow and wandb when they run (val metrics as val/<name>)."""
 
-    def __init__(self, path, mlflow):
+    def __init__(self, path, mlflow=None, wandb_run=None):
         self.path = path
         self.mlflow = mlflow
+        self.wandb_run = wandb_run
 
     def write(self, d):
         with open(self.path, "a") as f:
             f.write(json.dumps(d) + "\n")
-        if self.mlflow is None:
-            return
-        flat = {**d, **d.get("val", {})}
-        values = {k: float(v) for k, v in flat.items() if k not in ("iter", "val") and v is not None}
-        self.mlflow.log_metrics(values, step=d["iter"])
+        flat = {k: v for k, v in d.items() if k not in ("iter", "val") and v is not None}
+        flat.update({f"val/{k}": v for k, v in d.get("val", {}).items()})
+        values = {k: float(v) for k, v in flat.items()}
+        if self.mlflow is not None:
+            self.mlflow.log_metrics(values, step=d["iter"])
+        if self.wandb_run is not None:
+            self.wandb_run.log(values, step=d["iter"])
 
     def close(self):
         if self.mlflow is not None:
             self.mlflow.end_run()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
 
 
 def startup_line(cfg, meta, model, rt):
@@ -696,7 +824,8 @@ def startup_line(cfg, meta, model, rt):
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
     return (f"dhrd.py: {cfg.task} {meta['counts']} | {cfg.init_from} {params:.2f}M params "
             f"({trained:.2f}M trained) | {rt.device} {rt.dtype} ({rt.dtype_why}) | "
-            f"{rt.world} x {rt.micro} x {cfg.batch_size} | alpha {cfg.alpha} beta {cfg.beta}")
+            f"global batch {rt.world * rt.micro * cfg.batch_size} = {rt.world} processes x {rt.micro} "
+            f"micro-batches x {cfg.batch_size} | alpha {cfg.alpha} beta {cfg.beta}")
 
 
 def lr_at(it, cfg):
@@ -750,22 +879,35 @@ def validate(raw, it, best, split, meta, tok, cfg, rt, log):
     """Evaluate on val and log it; a better mean of the task's metrics (SuperGLUE's score) is exported to
     out_dir/model/ (and the adapters alone to out_dir/adapter/). -> the best so far."""
     out_dir = Path(cfg.out_dir)
-    val = evaluate(raw, split, meta, cfg.beta == 0, rt.device, rt.ctx, cfg, tok)
+    val, report = evaluate(raw, split, meta, cfg.beta == 0, rt.device, rt.ctx, cfg, tok)
     print(f"iter {it}: val " + " ".join(f"{k} {v:.4f}" for k, v in val.items()), flush=True)
     log.write(dict(iter=it, val=val))
     score = float(np.mean(list(val.values())))
     if score <= best["score"]:
-        return best
+        return {**best, "stale": best.get("stale", 0) + 1}  # --patience counts these (kept on resume)
     export(raw, out_dir / "model", meta, cfg)  # LoRA merged in: a plain HF folder
     if cfg.lora_rank:
         save_lora(raw, out_dir / "adapter")  # + the adapters alone (megabytes)
-    return {"score": score, "iter": it, "val": val}
+    return {"score": score, "iter": it, "val": val, "report": report, "stale": 0}
 
 
-def write_results(cfg, meta, best, seconds):
+def out_of_patience(best, cfg):
+    """--patience=N: N evaluations in a row without a better val score stop the run (early stopping)."""
+    return cfg.patience > 0 and best.get("stale", 0) >= cfg.patience
+
+
+def write_results(cfg, meta, best, it, seconds):
     out_dir = Path(cfg.out_dir)
-    res = {"task": cfg.task, "metric": meta["metric"], "val": best["val"], "best_iter": best["iter"]}
+    res = {"task": cfg.task, "metric": meta["metric"], "val": best["val"], "best_iter": best["iter"],
+           "report": best.get("report"), "stopped_early_at": None}
+    if out_of_patience(best, cfg):
+        res["stopped_early_at"] = it
     write_text(out_dir / "results.json", json.dumps(res, indent=1) + "\n")
+    if res["report"] is not None:  # None: the best evaluation is from a checkpoint older than the report
+        print(f"per class, val at iter {best['iter']}:")
+        print(report_text(res["report"]))
+    if res["stopped_early_at"] is not None:
+        print(f"dhrd.py: stopped at iter {it}: {cfg.patience} evaluations without a better val score")
     vals = " ".join(f"{k} {v:.4f}" for k, v in best["val"].items())
     print(f"dhrd.py: {cfg.task} val {vals} (best at iter {best['iter']}) in {seconds:.0f}s "
           f"-> {out_dir}/results.json")
@@ -775,6 +917,7 @@ def train(cfg, rt):
     """Train, evaluate every eval_interval steps, export the best model; -> its val metrics."""
     out_dir = Path(cfg.out_dir)
     use_lm = cfg.alpha == "auto" or cfg.alpha > 0  # alpha=0: the pooled baseline feeds x alone (no LM work)
+    trackers = tracking_modules(cfg)  # first: a missing package stops the run before any work
     # --- data, model, optimizer (a resumed run: restored from ckpt.pt)
     meta, train_split, val_split = load_data(cfg, rt, use_lm)
     tok = prepare.tokenizer_from_meta(meta)
@@ -784,17 +927,16 @@ def train(cfg, rt):
     ref = kl_reference(cfg, raw, ckpt)
     optimizer = raw.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (0.9, 0.95), rt.dev_type)
     scaler = torch.amp.GradScaler(rt.dev_type, enabled=rt.dtype == "float16")
-    it, pos, best = 0, 0, {"score": -math.inf, "iter": None, "val": None}
+    it, pos, best = 0, 0, {"score": -math.inf, "iter": None, "val": None, "report": None, "stale": 0}
     if ckpt is not None:
         it, pos, best = resume(ckpt, optimizer, scaler, cfg, rt.rank)
     model = wrap(raw, cfg, rt)
     # --- logs, and alpha=auto from the gradients at the initial weights
-    mlf = None
+    log = Log(out_dir / "log.jsonl")
     if rt.master:
         start_run_files(cfg, out_dir, it, resumed=ckpt is not None)
         print(startup_line(cfg, meta, raw, rt), flush=True)
-        mlf = start_mlflow(cfg)
-    log = Log(out_dir / "log.jsonl", mlf)
+        log = Log(out_dir / "log.jsonl", *start_tracking(cfg, trackers))
     alpha_base = cfg.alpha
     if cfg.alpha == "auto" and ckpt is not None:
         alpha_base = ckpt["alpha"]  # a resumed run keeps the alpha it chose
@@ -805,7 +947,7 @@ def train(cfg, rt):
     ctx, micro = rt.ctx, rt.micro
     t0 = t_last = time.time()
     saved = it if ckpt is not None else None  # iter of the last checkpoint this run wrote or resumed from
-    while it < cfg.max_iters:
+    while it < cfg.max_iters and not out_of_patience(best, cfg):
         lr = lr_at(it, cfg)
         for g in optimizer.param_groups:
             g["lr"] = lr
@@ -855,12 +997,14 @@ def train(cfg, rt):
                 best = validate(raw, it, best, val_split, meta, tok, cfg, rt, log)
                 save_checkpoint(out_dir / "ckpt.pt", raw, optimizer, scaler, it, pos, best, alpha_base, ref)
             saved = it
-            if rt.ddp:
-                dist.barrier()  # the other ranks wait for rank 0's evaluation and checkpoint
+            if rt.ddp:  # the other ranks wait for rank 0's evaluation and checkpoint, then share its result
+                shared = [best]
+                dist.broadcast_object_list(shared, src=0)
+                best = shared[0]
 
     # --- the end: results.json holds the best evaluation
     if rt.master:
-        write_results(cfg, meta, best, time.time() - t0)
+        write_results(cfg, meta, best, it, time.time() - t0)
         log.close()
     return best["val"]
 
@@ -868,6 +1012,7 @@ def train(cfg, rt):
 def main(argv):
     cfg = parse_config(argv)
     rt = setup(cfg)
+    cfg.gradient_accumulation_steps = rt.micro * rt.world  # resolved (0 -> world): config.json and resume
     if cfg.predict:
         return predict(cfg, rt)
     if cfg.eval_only:
@@ -879,7 +1024,15 @@ if __name__ == "__main__":
     try:
         main(sys.argv[1:])
     except (ValueError, FloatingPointError) as e:  # ConfigError, CheckpointError, PrepareError, NaN/inf loss
-        sys.exit(f"dhrd.py: error: {e}")
+        # under torchrun every rank meets the same config error or NaN: rank 0 alone says it, and the others
+        # leave a second later, so that torchrun's failure report names rank 0 (whose message is printed)
+        # instead of stopping it with SIGTERM before it could print
+        same_on_all = isinstance(e, (ConfigError, FloatingPointError))
+        if os.environ.get("RANK", "0") == "0" or not same_on_all:
+            print(f"dhrd.py: error: {e}", file=sys.stderr, flush=True)
+        elif same_on_all:
+            time.sleep(1.0)
+        sys.exit(1)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -532,6 +532,7 @@ class GPT(nn.Module):
         self.lm_loss = fused_lm_loss  # Eq. 3; reference_lm_loss computes the same, plainly
         self.source_dir = None  # the folder from_pretrained read; save_pretrained copies its tokenizer files
         self.lora = None  # add_lora's settings (rank, alpha, dropout, targets) once it has added adapters
+        self.grad_checkpoint = False  # recompute each block in backward (dhrd.py --grad_checkpoint)
         self.apply(self._init_weights)
         for name, p in self.h.named_parameters():  # GPT-2 paper §2.3: residual projections by 1/sqrt(2 L)
             if name.endswith(("o_proj.weight", "down_proj.weight")):
@@ -566,7 +567,12 @@ class GPT(nn.Module):
             x = x + self.wpe(pos + self.config.pos_offset)
         x = self.drop(x)
         for block, cache in zip(self.h, caches or [None] * len(self.h)):
-            x = block(x, mask, cache, start, rot)
+            if self.grad_checkpoint and self.training and torch.is_grad_enabled():
+                # keep only each block's input; its activations are recomputed in backward (dropout too:
+                # checkpoint restores the RNG), about one more forward per step for O(L) less memory
+                x = checkpoint(block, x, mask, cache, start, rot, use_reentrant=False)
+            else:
+                x = block(x, mask, cache, start, rot)
         return x
 
     def _final(self, x):

@@ -18,6 +18,7 @@ import csv
 import difflib
 import hashlib
 import inspect
+import io
 import json
 import operator
 import os
@@ -143,12 +144,24 @@ def sha256(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def read_text(path):
+    """A data file's text: UTF-8 (with or without a BOM), else an error naming the line of the first bad
+    byte."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        fail(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}); re-save the "
+             f"file as UTF-8, e.g. `iconv -f latin1 -t utf-8 {Path(path).name}`")
+
+
 def read_jsonl(path):
     """[(line number, object)] of a JSON Lines file; blank lines are skipped."""
     if not Path(path).exists():
         fail(f"{path}: file not found")
     rows = []
-    for ln, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    for ln, line in enumerate(read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -164,11 +177,11 @@ def read_table(path):
     if not path.exists():
         fail(f"{path}: file not found")
     if path.suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            return [(ln, row) for ln, row in enumerate(csv.DictReader(f), 2)]
-    if path.suffix == ".json" and path.read_text(encoding="utf-8").lstrip().startswith("["):
+        text = io.StringIO(read_text(path), newline="")
+        return [(ln, row) for ln, row in enumerate(csv.DictReader(text), 2)]
+    if path.suffix == ".json" and read_text(path).lstrip().startswith("["):
         try:   # "line" = the array item
-            return list(enumerate(json.loads(path.read_text(encoding="utf-8")), 1))
+            return list(enumerate(json.loads(read_text(path)), 1))
         except json.JSONDecodeError as e:
             fail(f"{path}:{e.lineno}: malformed JSON ({e.msg}); fix the file")
     return read_jsonl(path)
@@ -405,7 +418,7 @@ def load_distill(task, data_dir):
             cot_files.append(base / "llm" / f"{fsplit}_CoT_{len(cot_files)}.json")
         cot = []
         for f in cot_files:
-            cot += json.loads(f.read_text(encoding="utf-8"))
+            cot += json.loads(read_text(f))
         rows = read_jsonl(path)
         if len(cot) != len(rows):
             fail(f"{base}/llm/{fsplit}_CoT_*.json: {len(cot)} completions for {len(rows)} rows of {path}")

@@ -18,6 +18,7 @@ selects exactly one section; the short `-k train` also takes the few other names
 """
 import hashlib
 import http.server
+import io
 import json
 import os
 import pathlib
@@ -221,6 +222,27 @@ def test_gpt_dual_output_and_dual_loss():
     out = outs[2]._replace(loss_kl=torch.tensor(0.25))
     loss, _ = dual_loss(out, y, alpha=0.7, beta=0.0, kl_coef=2.0)  # beta=0: a CoT-only model
     assert torch.allclose(loss, 0.7 * out.loss_lm + 0.5)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_gpt_grad_checkpoint_same_loss_and_grads(model_type):
+    """grad_checkpoint recomputes each block in backward: the same losses and gradients, dropout included
+    (checkpoint restores the RNG for the recomputation), and only while training with grad enabled."""
+    results = []
+    for on in (False, True):
+        m = _gpt_tiny(model_type, num_labels=3, dropout=0.2).train()
+        m.grad_checkpoint = on
+        idx = torch.randint(0, 61, (3, 12), generator=torch.Generator().manual_seed(0))
+        tg = torch.roll(idx, -1, 1)
+        torch.manual_seed(7)  # the same dropout masks in both runs
+        out = m(idx, x_len=torch.tensor([5, 7, 12]), lm_targets=tg)
+        loss, _ = dual_loss(out, torch.tensor([0, 2, 1]), 1.0, 1.0)
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in m.named_parameters()}))
+    (loss_off, g_off), (loss_on, g_on) = results
+    assert loss_on == pytest.approx(loss_off, abs=1e-6) and loss_off != 0
+    for n in g_off:
+        assert torch.allclose(g_on[n], g_off[n], atol=1e-6), n
 
 
 def test_gpt_kv_cache_update_in_place():
@@ -1534,6 +1556,109 @@ def test_train_eval_only_and_predict(trained_run):
     assert r.returncode != 0 and "bad.jsonl:2" in r.stderr and "'text'" in r.stderr
 
 
+# Malformed input, per entry point: (entry point, file name, its bytes or a function of the good file's
+# bytes, the message). A new case is one row. Every message is one line naming the file (and line).
+BAD_INPUTS = [
+    ("config", "c.json", b'{"batch_size": 4,', r"c.json: cannot read the config file"),
+    ("config", "c.json", b"[1, 2]", r"c.json: a config file is one JSON object"),
+    ("config", "c.json", b'{"batch_sise": 4}',
+     r"c.json: unknown config key 'batch_sise'; did you mean batch_size"),
+    ("config", "c.json", b'{"max_iters": "ten"}',
+     r"c.json: expected int for max_iters \(like 600\), got 'ten'"),
+    ("config", "c.json", b'{"lr_decay": "step"}', r"c.json: lr_decay='step' is not one of cosine, linear"),
+    ("config", "c.json", b'\xff{"a": 1}', r"c.json: cannot read the config file \(.*utf-8"),
+    ("predict", "in.jsonl", b'{"text": 5}\n', r"in.jsonl:1: field 'text' must be a string .*not int 5"),
+    ("predict", "in.jsonl", b'{"text": ["a"]}\n', r"in.jsonl:1: field 'text' must be a string .*not list"),
+    ("predict", "in.jsonl", b'{"text": "a=1;a>4?"}\n[1, 2]\n', r"in.jsonl:2: a row is a JSON object"),
+    ("predict", "in.jsonl", b'{"text": "a=1;a>4?"\n', r"in.jsonl:1: malformed JSON"),
+    ("predict", "in.jsonl", b'\n{"txt": "a"}\n', r"in.jsonl:2: not a formatted row .*missing field 'text'"),
+    ("predict", "in.jsonl", b'{"text": "a=1;a>4?"}\n{"text": "\xe9"}\n', r"in.jsonl:2: not UTF-8 text"),
+    ("predict", "in.jsonl", b'{"text": "\xc3\xa9t\xc3\xa9"}\n',
+     r"in.jsonl:1: characters \['t', '\xe9'\] are not in the"),
+    ("data", "train.csv", b"text,label\nfine,pos\n\xe9t\xe9,neg\n",
+     r"train.csv:3: not UTF-8 text \(byte 0xe9"),
+    ("data", "train.csv", b"text,lab\nfine,pos\n", r"train.csv:2: missing field 'label'"),
+    ("data", "val.jsonl", b'{"text": "ok", "label": "pos"}\n{"text": 1', r"val.jsonl:2: malformed JSON"),
+    ("data", "val.jsonl", b'{"text": "ok", "label": "pos"}\n\xff\xfe', r"val.jsonl:2: not UTF-8 text"),
+    ("data", "val.jsonl", b'{"text": "ok", "label": "maybe"}\n', r"val.jsonl:1: unknown label 'maybe'"),
+    ("rationales", "r.jsonl", b'\xff\n', r"r.jsonl:1: not UTF-8 text"),
+    ("rationales", "r.jsonl", b'{"task": "custom", "split": "train"', r"r.jsonl:1: malformed JSON"),
+    ("rationales", "r.jsonl", b'{"task": "custom", "split": "train", "rationale": "b"}\n',
+     r"r.jsonl:1: missing field 'idx'"),
+    ("checkpoint", "ckpt.pt", lambda good: good[:len(good) // 2],
+     r"ckpt.pt: cannot be read, it is truncated or corrupt .*the best model so far is intact in .*/model/: "
+     r"start a new run from it with --init_from=.*/model"),
+    ("checkpoint", "ckpt.pt", b"not a checkpoint", r"ckpt.pt: cannot be read, it is truncated or corrupt"),
+    ("checkpoint", "ckpt.pt", lambda good: _torch_bytes({"model": {}}),
+     r"ckpt.pt: not a dhrd.py checkpoint \(no model_config, optimizer, .*\); the best model so far is "
+     r"intact"),
+    ("checkpoint", "ckpt.pt", lambda good: _torch_bytes(torch.zeros(2)),
+     r"ckpt.pt: not a dhrd.py checkpoint"),
+]
+
+
+def _torch_bytes(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _bad_input_call(entry, path, run, tmp_path):
+    """Feed the bad file at path to its entry point: dhrd.py (config file, --predict, resume from a
+    checkpoint) or prepare.py (a custom task's data file, a rationale file)."""
+    if entry == "config":
+        return dhrd.main([str(path)])
+    if entry == "predict":
+        return dhrd.main([f"--init_from={run}", f"--predict={path}", f"--predictions={tmp_path / 'p.jsonl'}"])
+    if entry == "checkpoint":
+        return dhrd.main(["--init_from=resume", f"--out_dir={path.parent}"])
+    files = _prep_custom(tmp_path)
+    if entry == "data":
+        files[f"{path.stem}_file"] = path
+    rationales = path if entry == "rationales" else None
+    return prepare.prepare(task="custom", out_dir=tmp_path / "o", model="char", rationales=rationales,
+                           quiet=True, **files)
+
+
+@pytest.mark.parametrize("entry, name, content, msg", BAD_INPUTS,
+                         ids=[f"{e}-{i}" for i, (e, *_) in enumerate(BAD_INPUTS)])
+def test_train_bad_input_table(trained_run, tmp_path, entry, name, content, msg):
+    d, _ = trained_run
+    run = tmp_path / "run"  # a copy of a finished run: config.json, ckpt.pt, model/
+    shutil.copytree(d / "full", run)
+    folder = run if entry == "checkpoint" else tmp_path / "bad"
+    folder.mkdir(exist_ok=True)
+    path = folder / name
+    if callable(content):
+        content = content(path.read_bytes())
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=msg) as e:  # ConfigError / PrepareError: __main__ prints one line
+        _bad_input_call(entry, path, run, tmp_path)
+    assert "\n" not in str(e.value)
+
+
+def test_train_bad_input_cli_one_line(trained_run, tmp_path):
+    """The three cases that ended in a traceback: one `<script>: error:` line, exit status 1."""
+    d, _ = trained_run
+    shutil.copytree(d / "full", tmp_path / "run")
+    (tmp_path / "in.jsonl").write_text('{"text": 5}\n')
+    ckpt = tmp_path / "run" / "ckpt.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    files = _prep_custom(tmp_path)
+    (tmp_path / "train.csv").write_bytes(b"text,label\nfine,pos\n\xe9t\xe9,neg\n")
+    cases = [("dhrd.py", [f"--init_from={tmp_path / 'run'}", f"--predict={tmp_path / 'in.jsonl'}"],
+              "in.jsonl:1: field 'text' must be a string"),
+             ("dhrd.py", ["--init_from=resume", f"--out_dir={tmp_path / 'run'}"], "ckpt.pt: cannot be read"),
+             ("prepare.py", ["--task=custom", *[f"--{k}={v}" for k, v in files.items()], "--model=char",
+                             f"--out_dir={tmp_path / 'o'}"], "train.csv:3: not UTF-8 text")]
+    for script, argv, msg in cases:
+        r = subprocess.run([sys.executable, str(ROOT / script), *argv], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=600)
+        last = r.stderr.splitlines()[-1]  # dhrd.py --predict first says which model it loaded
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        assert last.startswith(f"{script}: error: ") and msg in last, r.stderr
+
+
 def test_train_nonfinite_loss_stops_clearly(train_data, tmp_path):
     out = tmp_path / "nan"
     r = _train_run(*TINY, f"--data_dir={train_data}", f"--out_dir={out}", "--learning_rate=1e30",
@@ -1585,6 +1710,143 @@ def test_train_cot_answer_parsing():
     model = _TrainFakeLM(tok, [answers[j] for j in order])
     probs = dhrd.class_probs(model, seqs, meta, True, "cpu", torch.no_grad(), 8, 60, tok)
     assert probs.tolist() == [[0, 1], [1, 0], [0, 0], [0, 0]]
+
+
+def test_train_class_report_handmade():
+    """class_report: sklearn's per-class precision / recall / F1 / support and confusion matrix (rows gold,
+    columns predicted), a zero row of probs (a CoT model that decoded no label) in the last column."""
+    gold = np.array([0, 0, 0, 1, 1, 2])
+    probs = np.zeros((6, 3))
+    for i, p in enumerate([0, 1, 0, 1, 1, -1]):  # -1: no prediction
+        if p >= 0:
+            probs[i, p] = 1.0
+    r = dhrd.class_report(probs, gold, ["a", "b", "c"])
+    assert r["columns"] == ["a", "b", "c", "none"]
+    assert r["confusion"] == [[2, 1, 0, 0], [0, 2, 0, 0], [0, 0, 0, 1]]
+    assert r["per_class"]["a"] == dict(precision=1.0, recall=pytest.approx(2 / 3), f1=pytest.approx(0.8),
+                                       support=3)
+    assert r["per_class"]["b"] == dict(precision=pytest.approx(2 / 3), recall=1.0, f1=pytest.approx(0.8),
+                                       support=2)
+    assert r["per_class"]["c"] == dict(precision=0.0, recall=0.0, f1=0.0, support=1)
+    text = dhrd.report_text(r)
+    assert "precision" in text and "confusion" in text and len(text.splitlines()) == 1 + 3 + 2 + 3
+
+
+def test_train_patience_stops_resumes_and_reports(train_data, tmp_path):
+    """--patience=N stops after N evaluations without a better val score (learning_rate=0: val never
+    improves after the first evaluation), the best model stays exported, results.json has the per-class
+    report and the stop; a resumed run keeps the count of evaluations since the best."""
+    flags = [*TINY, f"--data_dir={train_data}", "--learning_rate=0", "--eval_interval=2", "--log_interval=1"]
+    r = _train_run(*flags, "--max_iters=40", "--patience=2", f"--out_dir={tmp_path / 'a'}", cwd=tmp_path)
+    res = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert (res["best_iter"], res["stopped_early_at"]) == (2, 6)
+    assert [l["iter"] for l in _train_log(tmp_path / "a", "val")] == [2, 4, 6]
+    assert "stopped at iter 6: 2 evaluations without a better val score" in r.stdout
+    assert "precision" in r.stdout and "confusion" in r.stdout  # the table after the final evaluation
+    rep = res["report"]
+    assert sum(map(sum, rep["confusion"])) == 500 and set(rep["per_class"]) == {"No", "Yes"}
+    assert sum(c["support"] for c in rep["per_class"].values()) == 500
+    assert (tmp_path / "a" / "model" / "config.json").exists()
+    # 4 steps: evaluations at 2 (best) and 4 (1 since the best); resumed with patience 2, it stops at 6,
+    # not at 8 (which a lost count would give)
+    _train_run(*flags, "--max_iters=4", "--patience=2", f"--out_dir={tmp_path / 'b'}", cwd=tmp_path)
+    assert json.loads((tmp_path / "b" / "results.json").read_text())["stopped_early_at"] is None
+    _train_run("--init_from=resume", f"--out_dir={tmp_path / 'b'}", "--max_iters=40", cwd=tmp_path)
+    res_b = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert (res_b["best_iter"], res_b["stopped_early_at"]) == (2, 6)
+    assert res_b["report"] == res["report"]
+
+
+def test_train_trackers_get_the_log_and_missing_ones_stop(train_data, tmp_path, monkeypatch):
+    """--wandb_log / --mlflow: imported only when asked (fakes here), every log.jsonl number reaches them
+    (val metrics as val/<name>); a tracker asked for but not installed stops the run with one line."""
+    calls = []
+
+    class Run:
+        def log(self, values, step):
+            calls.append(("wandb", step, values))
+
+        def finish(self):
+            calls.append(("wandb", "finish", None))
+
+    class FakeWandb:
+        @staticmethod
+        def init(project, name, config):
+            calls.append(("wandb", "init", (project, name, config["max_iters"])))
+            return Run()
+
+    class FakeMlflow:
+        start_run = staticmethod(lambda: calls.append(("mlflow", "start", None)))
+        log_params = staticmethod(lambda params: calls.append(("mlflow", "params", params["max_iters"])))
+        end_run = staticmethod(lambda: calls.append(("mlflow", "end", None)))
+
+        @staticmethod
+        def log_metrics(values, step):
+            calls.append(("mlflow", step, values))
+
+    monkeypatch.setitem(sys.modules, "wandb", FakeWandb)
+    monkeypatch.setitem(sys.modules, "mlflow", FakeMlflow)
+    out = tmp_path / "run"
+    dhrd.main([*TINY, f"--data_dir={train_data}", "--max_iters=4", "--eval_interval=2", "--log_interval=1",
+               f"--out_dir={out}", "--wandb_log=True", "--wandb_project=p", "--mlflow=True"])
+    assert calls[0] == ("mlflow", "start", None) and ("wandb", "init", ("p", "run", 4)) in calls
+    assert calls[-2:] == [("mlflow", "end", None), ("wandb", "finish", None)]
+    lines = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    for tracker in ("wandb", "mlflow"):
+        got = [(step, v) for t, step, v in calls if t == tracker and isinstance(step, int)]
+        want = [(l["iter"], {**{k: v for k, v in l.items() if k not in ("iter", "val") and v is not None},
+                             **{f"val/{k}": v for k, v in l.get("val", {}).items()}}) for l in lines]
+        assert got == want and len(got) == 6  # 4 training lines, 2 evaluations
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb now raises ImportError
+    with pytest.raises(dhrd.ConfigError, match=re.escape("--wandb_log=True needs the wandb package: "
+                                                         "pip install wandb")):
+        dhrd.main([*TINY, f"--data_dir={train_data}", f"--out_dir={tmp_path / 'x'}", "--wandb_log=True"])
+    assert not (tmp_path / "x").exists()  # stopped before any work
+
+
+def test_train_task_prepared_on_the_fly_and_init_from_defaults(tmp_path, monkeypatch):
+    """`dhrd.py --task=cb --init_from=MODEL` with no data/cb prepares it with MODEL's tokenizer (the task's
+    files found where prepare.py looks: data/superglue/CB); afterwards `--task=cb` alone trains that
+    model (meta.json names it), synth stays scratch, and a missing task without a model says what to do."""
+    monkeypatch.chdir(tmp_path)
+    _prep_write_sg(tmp_path / "data" / "superglue")
+    model = tmp_path / "llama"
+    m = GPT.from_pretrained(FIX / "llama")  # a base model: no `score`, a context for CB's inputs
+    m.score, m.config.num_labels, m.config.block_size = None, 0, 256  # RoPE: no position table to grow
+    m.save_pretrained(model)
+    flags = ["--max_iters=2", "--eval_interval=2", "--batch_size=2", "--dtype=float32", "--alpha=0"]
+    dhrd.main(["--task=cb", f"--init_from={model}", *flags])
+    meta = json.loads((tmp_path / "data" / "cb" / "meta.json").read_text())
+    assert meta["tokenizer"] == {"type": "bpe", "name": str(model)} and meta["counts"]["train"] == 3
+    assert dhrd.parse_config(["--task=cb"]).init_from == str(model)
+    assert dhrd.parse_config([]).init_from == "scratch"
+    dhrd.main(["--task=cb", *flags, "--out_dir=out-again"])
+    assert json.loads((tmp_path / "out-again" / "config.json").read_text())["init_from"] == str(model)
+    with pytest.raises(dhrd.ConfigError, match=r"data/rte/meta.json: not found; run `python prepare.py "
+                                               r"--task=rte.*or pass --init_from=<that model>"):
+        dhrd.main(["--task=rte", *flags])
+    # e-SNLI's files are not here (and never downloaded): prepare.py's reason, in one line
+    with pytest.raises(dhrd.ConfigError, match=r"data/esnli/meta.json: not found, and preparing esnli with "
+                                               r"the tokenizer of .*llama failed: .*esnli_valid.json: file "
+                                               r"not found; unpack the distilling-step-by-step datasets"):
+        dhrd.main(["--task=esnli", f"--init_from={model}", *flags])
+
+
+def test_train_torchrun_defaults_and_one_error_line(train_data, tmp_path):
+    """The default gradient_accumulation_steps (0) is one micro-batch per rank whatever the world size, the
+    startup line states the global batch; a config error is printed once, by rank 0, exit status 1."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    flags = [*TINY, f"--data_dir={train_data}", "--max_iters=2", "--eval_interval=2", "--log_interval=1"]
+    r = subprocess.run([*torchrun, str(ROOT / "dhrd.py"), *flags, f"--out_dir={tmp_path / 'a'}"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "global batch 16 = 2 processes x 1 micro-batches x 8" in r.stdout
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["gradient_accumulation_steps"] == 2
+    r = subprocess.run([*torchrun, str(ROOT / "dhrd.py"), *flags, "--gradient_accumulation_steps=3"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    msg = "dhrd.py: error: gradient_accumulation_steps=3 is for the whole job, divided among the 2 processes"
+    assert r.returncode != 0 and (r.stdout + r.stderr).count(msg) == 1, r.stdout + r.stderr
 
 
 @pytest.fixture(scope="module")
