@@ -594,7 +594,11 @@ def build_model(cfg, meta, use_lm, ckpt):
         raise ConfigError(f"{cfg.data_dir}: tokenized with {meta['tokenizer']} ({meta['vocab_size']} ids), "
                           f"more than the model's vocab_size {model.config.vocab_size}; prepare the data "
                           f"with --model={cfg.init_from}")
-    if not use_lm and not model.config.tie_word_embeddings:
+    if use_lm:  # an untied classifier file has no LM head: one clear line now, not a failure at step 1
+        model.require_lm_head(f"--alpha={cfg.alpha} (the reasoning head's loss, Eq. 3)")
+    if cfg.beta == 0:
+        model.require_lm_head("--beta=0 (evaluation by decoding the answer)")
+    if not use_lm and model.lm_head is not None and not model.config.tie_word_embeddings:
         model.lm_head.weight.requires_grad_(False)  # unused: DDP would wait for its gradient forever
     # LoRA's frozen base: every trainable tensor (adapters, score) gets a gradient each step, so plain DDP
     if cfg.lora_rank:

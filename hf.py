@@ -44,6 +44,12 @@ def check(ok, where, msg):
         raise CheckpointError(f"{where}: {msg}")
 
 
+def some(names, n=5):
+    """Tensor names for a message: the first n and how many there are, "['a', 'b'] (2 in all)"."""
+    names = list(names)
+    return f"{names[:n]} ({len(names)} in all)"
+
+
 def atomic_write(path, write, suffix=".tmp"):
     """write(tmp) fills tmp, a sibling named path + suffix; then tmp replaces path in one rename, so a reader
     sees the old file or the whole new one, never a part. If write raises, path is untouched and tmp stays
@@ -175,7 +181,7 @@ def read_checkpoint(folder):
         check((folder / s).is_file(), index, f"shard {s} is missing from {folder}")
         tensors.update(read_safetensors(folder / s))
     check(set(weight_map) <= set(tensors), index, f"tensors in weight_map but in no shard: "
-          f"{sorted(set(weight_map) - set(tensors))[:5]}")
+          f"{some(sorted(set(weight_map) - set(tensors)))}; a shard is from another checkpoint or incomplete")
     return tensors, str(index)
 
 # ----------------------------------------------------------------------------------------------------------
@@ -517,10 +523,25 @@ def state_dict_from_hf(tensors, c, shapes, file):
                   f"implies {list(shapes[name])}{parts}")
             sd[name] = part
     missing = [n for n in shapes if n not in sd and not n.startswith("score")]
-    check(not (unexpected or missing), file, f"tensors do not match a {c.model_type} model with this "
-          f"config.json: missing {missing[:5]} ({len(missing)} in all), unexpected {unexpected[:5]} "
-          f"({len(unexpected)} in all)")
-    return sd
+    if not (unexpected or missing):
+        return sd
+    file_name = {n: _file_name(fam, k) for k, (names, _) in wmap.items() for n in names}
+    missing = list(dict.fromkeys(file_name.get(n, n) for n in missing))  # as the file would spell them
+    # an untied LM head may be absent only beside a classification head (from_pretrained: no LM head then)
+    hint = "config.json and the weights must come from the same model (family, layers, sizes)"
+    if missing == ["lm_head.weight"]:
+        hint = ("an untied checkpoint without lm_head.weight loads only as a classifier (with its "
+                "score.weight); use the complete *ForCausalLM checkpoint")
+    raise CheckpointError(f"{file}: tensors do not match a {c.model_type} model with this config.json "
+                          f"({c.n_layer} layers): missing {some(missing)}, unexpected {some(unexpected)}; "
+                          f"{hint}")
+
+
+def _file_name(fam, hf):
+    """An HF tensor name of weight_map as written in a file: the heads bare, the backbone with the prefix."""
+    if hf.startswith(("lm_head", "score")):
+        return hf
+    return fam.prefix + hf
 
 
 def state_dict_to_hf(sd, c):
@@ -531,8 +552,7 @@ def state_dict_to_hf(sd, c):
         t = torch.cat([sd[n] for n in names])
         if transpose:
             t = t.t()
-        name = hf if hf.startswith(("lm_head", "score")) else fam.prefix + hf
-        out[name] = t.contiguous()
+        out[_file_name(fam, hf)] = t.contiguous()
     return out
 
 # ----------------------------------------------------------------------------------------------------------

@@ -616,6 +616,41 @@ def test_gpt_bad_checkpoints(tmp_path):
         GPT.from_pretrained(str(tmp_path / "nope" / "x"))
 
 
+def test_gpt_untied_classifier_has_no_lm_head(tmp_path):
+    """Qwen2ForSequenceClassification (untied) saves no lm_head.weight: it loads as a classifier with HF's
+    class logits; whatever needs the LM head says so and names the fix; save_pretrained writes no LM head and
+    round-trips. Without score.weight the file is a broken causal LM; odd tensors are named and counted."""
+    r = {k: torch.from_numpy(v) for k, v in np.load(FIX / "qwen2_cls_ref.npz").items()}
+    m = GPT.from_pretrained(FIX / "qwen2_cls").eval()
+    assert m.lm_head is None and m.config.num_labels == 2 and not m.config.lm_head
+    with torch.no_grad():
+        assert (m.classify(r["input_ids"], r["attention_mask"]) - r["cls_logits"]).abs().max() < 1e-4
+    ids = r["input_ids"][:1, :4]
+    for call in (lambda: m.generate(ids, 2), lambda: m.lm_logits(ids), lambda: m(ids, lm_targets=ids)):
+        with pytest.raises(CheckpointError, match=r"qwen2_cls: .*needs the LM head \(lm_head.weight\).*"
+                           r"Start from the base model"):
+            call()
+    m.save_pretrained(tmp_path / "rt")
+    assert "lm_head.weight" not in read_safetensors(tmp_path / "rt" / "model.safetensors")
+    back = GPT.from_pretrained(tmp_path / "rt")
+    assert back.lm_head is None and back.state_dict().keys() == m.state_dict().keys()
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in m.state_dict().items())
+    d = _gpt_copy(tmp_path, "qwen2_cls")
+    st = read_safetensors(d / "model.safetensors")
+    write_safetensors(d / "model.safetensors", {k: v for k, v in st.items() if k != "score.weight"})
+    with pytest.raises(CheckpointError, match=r"missing \['lm_head.weight'\] \(1 in all\).*as a classifier"):
+        GPT.from_pretrained(d)
+    bad = {k: v for k, v in st.items() if not k.startswith("model.layers.1.mlp.")}
+    bad["model.layers.7.mlp.up_proj.weight"] = torch.zeros(32, 16)
+    write_safetensors(d / "model.safetensors", bad)
+    mlp = [f"'model.layers.1.mlp.{n}_proj.weight'" for n in ("up", "down", "gate")]
+    msg = (r"qwen2_cls/model.safetensors: tensors do not match a qwen2 model with this config.json "
+           rf"\(2 layers\): missing \[{', '.join(mlp)}\] \(3 in all\), "
+           r"unexpected \['model.layers.7.mlp.up_proj.weight'\] \(1 in all\)")
+    with pytest.raises(CheckpointError, match=msg):
+        GPT.from_pretrained(d)
+
+
 def test_gpt_bad_sharded_index(tmp_path):
     d = _gpt_copy(tmp_path, "opt350_hub")
     idx = json.loads((d / "model.safetensors.index.json").read_text())
@@ -1553,6 +1588,26 @@ def test_train_compile_alpha0_and_cot(train_data, tmp_path):
                "--max_iters=2", "--cot_tokens=8", cwd=tmp_path)
     val = _train_log(tmp_path / "cot", "val")[-1]["val"]
     assert val == {"accuracy": 0.0}  # 8 tokens never reach "Final Answer:": unparsed answers count as wrong
+
+
+def test_train_from_untied_classifier_pooled_only(train_data, tmp_path):
+    """An untied *ForSequenceClassification file (no lm_head.weight) trains with --alpha=0 and evaluates;
+    alpha > 0 stops before the first step with one line naming lm_head.weight and the fix."""
+    init = f"--init_from={FIX / 'qwen2_cls'}"
+    out = tmp_path / "cls"
+    r = _train_run(*TINY, init, f"--data_dir={train_data}", f"--out_dir={out}", "--alpha=0", "--max_iters=2",
+                   cwd=tmp_path)
+    assert "val accuracy" in r.stdout and _train_log(out)[-1]["loss_lm"] is None
+    r = _train_run(f"--init_from={out}", "--eval_only=True", cwd=tmp_path)
+    val = json.loads(r.stdout.strip().splitlines()[-1])["val"]
+    assert val == json.loads((out / "results.json").read_text())["val"]
+    r = _train_run(*TINY, init, f"--data_dir={train_data}", f"--out_dir={tmp_path / 'dhrd'}", "--alpha=1",
+                   "--max_iters=2", cwd=tmp_path, check=False)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert not (tmp_path / "dhrd" / "log.jsonl").exists()  # stopped while building the model
+    assert re.fullmatch(r"dhrd.py: error: .*qwen2_cls: --alpha=1.0 .* needs the LM head \(lm_head.weight\).*"
+                        r"Start from the base model.*", lines[-1]), r.stderr
 
 
 class _TrainFakeLM:
