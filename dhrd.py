@@ -338,7 +338,7 @@ def export(model, path, meta, cfg):
     tmp = path.with_name(path.name + ".tmp")
     old = path.with_name(path.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, labels=meta["labels"])
+    model.save_pretrained(tmp, labels=meta["labels"], pad_token_id=pad_id(meta))  # transformers: batches > 1
     info = {**meta, "eval": "cot" if cfg.beta == 0 else "pooled", "pooling": cfg.pooling}  # for --predict
     write_text(tmp / "meta.json", json.dumps(info, indent=1, ensure_ascii=False) + "\n")
     shutil.rmtree(old, ignore_errors=True)  # left by a run killed between the two renames below

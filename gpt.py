@@ -19,7 +19,7 @@ Deps: torch, hf.py.
 import json
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -707,14 +707,20 @@ class GPT(nn.Module):
         model.source_dir = folder
         return model
 
-    def save_pretrained(self, path, labels=None):
+    def save_pretrained(self, path, labels=None, pad_token_id=None):
         """HF layout (config.json + model.safetensors + the source folder's tokenizer files) that
-        transformers' AutoModelForCausalLM and, for a linear head, AutoModelForSequenceClassification load."""
+        transformers' AutoModelForCausalLM and, for a linear head, AutoModelForSequenceClassification load.
+        pad_token_id: the id the inputs were padded with, written when the config has none (GPT-2)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         sd = merged_state_dict(self)  # LoRA folded into the base weights: a plain HF checkpoint
         write_safetensors(path / "model.safetensors", state_dict_to_hf(sd, self.config))
-        text = json.dumps(config_to_hf(self.config, labels, self.wte.weight.dtype), indent=2)
+        cfg = self.config
+        if cfg.pad_token_id is None and pad_token_id is not None:
+            # HF's *ForSequenceClassification pools at the last token that is not pad_token_id, and without
+            # one refuses every batch of more than one row
+            cfg = replace(cfg, pad_token_id=pad_token_id)
+        text = json.dumps(config_to_hf(cfg, labels, self.wte.weight.dtype), indent=2)
         atomic_write(path / "config.json", lambda tmp: tmp.write_text(text))
         if self.source_dir is not None:
             copy_tokenizer_files(self.source_dir, path)

@@ -1610,6 +1610,30 @@ def test_train_from_untied_classifier_pooled_only(train_data, tmp_path):
                         r"Start from the base model.*", lines[-1]), r.stderr
 
 
+def test_train_export_writes_the_training_pad(tmp_path):
+    """GPT-2 has no pad token, and transformers' GPT2ForSequenceClassification refuses batches > 1 without
+    config.json's pad_token_id. The export writes the id training padded with (dhrd.pad_id: EOS here); a
+    right-padded batch then gives each row's unpadded class logits, pooled where HF pools: at the last token
+    that is not pad_token_id (tests/fixtures/check_export_batch.py runs the batch through transformers)."""
+    meta = prepare.prepare(task="synth", out_dir=tmp_path / "data", model=str(FIX / "gpt2_hub"), quiet=True)
+    assert meta["pad_id"] is None and dhrd.pad_id(meta) == meta["eos_id"] == 896
+    m = GPT.from_pretrained(FIX / "gpt2_hub", num_labels=2).eval()
+    assert m.config.pad_token_id is None
+    dhrd.export(m, tmp_path / "model", meta, dhrd.Config())
+    assert json.loads((tmp_path / "model" / "config.json").read_text())["pad_token_id"] == 896
+    back = GPT.from_pretrained(tmp_path / "model").eval()
+    tok = load_tokenizer(tmp_path / "model")
+    rows = [tok.encode(t) for t in ("a=79,b=a-74;b>49?", "Is it?", "Yes")]
+    ids, mask = dhrd._padded(rows, 896, left=False)
+    ids = torch.from_numpy(ids)
+    hf_last = (torch.arange(ids.shape[1]) * (ids != 896)).argmax(1)  # HF's pooling position
+    assert hf_last.tolist() == [len(r) - 1 for r in rows]
+    with torch.no_grad():
+        batch = back.classify(ids, torch.from_numpy(mask))
+        alone = torch.cat([back.classify(torch.tensor([r])) for r in rows])
+    assert (batch - alone).abs().max() < 1e-5
+
+
 class _TrainFakeLM:
     """Stands in for GPT in class_probs: 'decodes' a fixed continuation per prompt."""
     config = type("C", (), {"block_size": 64})
