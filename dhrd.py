@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import prepare
 from gpt import GPT, GPTConfig, CheckpointError, add_lora, dual_loss, lora_disabled, native_dtype, save_lora
-from hf import atomic_write
+from hf import Progress, atomic_write
 
 
 @dataclass
@@ -262,8 +262,10 @@ def class_probs(model, seqs, meta, cot, device, ctx, bs, cot_tokens, tok=None):
     verbal = {meta["verbalizers"][l]: i for i, l in enumerate(meta["labels"])}
     pad = pad_id(meta)
     order = np.argsort([len(s) for s in seqs], kind="stable")
+    progress = Progress("dhrd.py: evaluating", len(seqs))  # silent unless it takes seconds (large splits, CoT)
     for i in range(0, len(seqs), bs):
         chunk = order[i:i + bs]
+        progress.update(i)
         ids, mask = _padded([seqs[j] for j in chunk], pad, left=cot)
         L = ids.shape[1]
         ids = torch.from_numpy(ids).to(device)
@@ -278,6 +280,8 @@ def class_probs(model, seqs, meta, cot, device, ctx, bs, cot_tokens, tok=None):
             y = _answer(gen[b], meta["eos_id"], tok)
             if y in verbal:
                 out[j, verbal[y]] = 1.0
+    progress.update(len(seqs))
+    progress.close()
     model.train()
     return out
 

@@ -18,6 +18,7 @@ selects exactly one section; the short `-k train` also takes the few other names
 """
 import hashlib
 import http.server
+import io
 import json
 import os
 import pathlib
@@ -726,6 +727,51 @@ def test_gpt_download_resume_and_checks(_gpt_server, tmp_path):
         download(f"http://127.0.0.1:{port}/x", tmp_path / "x.bin")
 
 
+class _GPTFakeTerminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_gpt_progress_line_log_and_terminal(_gpt_server, tmp_path, monkeypatch, capsys):
+    """hf.Progress: in a log, plain lines at each 10 % (done/total, rate, ETA, what an earlier run did); on a
+    terminal one line redrawn with \r and ended by one newline; nothing when quiet or done within `delay`. The
+    download of a resumed .part reports its bytes."""
+    monkeypatch.setattr(hf.Progress, "delay", 0.0)
+    log = io.StringIO()
+    with hf.Progress("eval", 50, stream=log) as p:
+        for i in range(1, 51):
+            p.update(i)
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue() and 10 <= len(lines) <= 12  # the first line, then one per 10 %
+    assert re.fullmatch(r"eval: 1/50 \(2%\), [\d.]+/s, ETA \d+s", lines[0]), lines[0]
+    assert lines[-1].startswith("eval: 50/50 (100%), ") and lines[-1].endswith("ETA 0s")
+    log = io.StringIO()
+    with hf.Progress("teacher", 10, done=4, stream=log) as p:
+        p.update(5)
+    assert log.getvalue().startswith("teacher: 5/10 (50%), 4 from an earlier run, ")
+    tty = _GPTFakeTerminal()
+    with hf.Progress("eval", 1000, stream=tty) as p:
+        for i in range(1, 1001):
+            p.update(i)
+    out = tty.getvalue()
+    assert out.startswith("\reval: 1/1000 (0%)") and out.endswith("\n") and out.count("\n") == 1
+    assert out.rsplit("\r", 1)[1].startswith("eval: 1000/1000 (100%)")
+    for kw in (dict(quiet=True), dict(stream=_GPTFakeTerminal())):
+        stream = kw.setdefault("stream", io.StringIO())
+        with hf.Progress("eval", 3, **kw) as p:
+            if "quiet" not in kw:
+                p.delay = 60.0  # short work: silent
+            p.update(3)
+        assert stream.getvalue() == ""
+    body = os.urandom(3_000_000)
+    _GPTHandler.files["/f.bin"] = body
+    (tmp_path / "f.bin.part").write_bytes(body[:1_000_000])
+    capsys.readouterr()
+    download(f"{_gpt_server}/f.bin", tmp_path / "f.bin", expected_size=len(body), desc="f.bin")
+    err = capsys.readouterr().err
+    assert re.search(r"f.bin: 3.0/3.0 MB \(100%\), 1.0 MB from an earlier run, [\d.]+ MB/s", err), err
+
+
 def _gpt_serve_repo(name, folder, with_api=True):
     tree = []
     for f in sorted(folder.iterdir()):
@@ -1086,7 +1132,7 @@ def _prep_server(handler_fn):
     return srv, f"http://127.0.0.1:{srv.server_address[1]}"
 
 
-def test_prep_teacher_api_retries_drops_and_resume(tmp_path, monkeypatch):
+def test_prep_teacher_api_retries_drops_and_resume(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(prepare, "RETRY_BASE", 0.01)
     monkeypatch.setenv("PREP_TEST_KEY", "sk-secret-123")
     rows = [dict(text=f"item {k}", label="pos" if k % 2 == 0 else "neg") for k in range(8)]
@@ -1135,7 +1181,12 @@ def test_prep_teacher_api_retries_drops_and_resume(tmp_path, monkeypatch):
         rf.write_text("".join(lines[:4]) + lines[4][:10])
         broken.clear()
         before = dict(calls)
-        m = prepare.prepare(**kw)
+        monkeypatch.setattr(hf.Progress, "delay", 0.0)
+        capsys.readouterr()
+        m = prepare.prepare(**{**kw, "quiet": False})  # with its progress line: done/total, the resumed part
+        err = capsys.readouterr().err
+        assert re.search(r"prepare.py: teacher rationales \(rationales.jsonl\): 8/8 \(100%\), 4 from an "
+                         r"earlier run, [\d.]+/s", err), err
         got = [json.loads(l)["idx"] for l in rf.read_text().splitlines()]
         assert sorted(got) == list(range(8)) and len(got) == 8
         done_first = {json.loads(l)["idx"] for l in lines[:4]}
@@ -1652,9 +1703,9 @@ class _TrainFakeLM:
         return torch.cat([idx, torch.tensor([o[:n] for o in outs])], 1)
 
 
-def test_train_cot_answer_parsing():
+def test_train_cot_answer_parsing(monkeypatch, capsys):
     """beta=0 evaluation: the verbalised label after the last "Final Answer:" line; anything else = no
-    prediction."""
+    prediction. Evaluation that takes long shows its progress (here: always)."""
     meta = dict(labels=["No", "Yes"], verbalizers={"No": "No", "Yes": "Yes"}, pad_id=40, eos_id=39)
     tok = prepare.CharTokenizer("\n +,-0123456789:;=>?AFNRYabcdegilnorsw")
     answers = ["\nReasoning:\nb=1+2=3\nFinal Answer:\nYes", "\nReasoning:\nb=9\nFinal Answer:\nNo",
@@ -1662,8 +1713,12 @@ def test_train_cot_answer_parsing():
     seqs = [[1, 2], [3], [4, 5, 6], [7]]  # lengths differ: length-sorted batches must map back to the rows
     order = np.argsort([len(s) for s in seqs], kind="stable")
     model = _TrainFakeLM(tok, [answers[j] for j in order])
+    monkeypatch.setattr(hf.Progress, "delay", 0.0)
     probs = dhrd.class_probs(model, seqs, meta, True, "cpu", torch.no_grad(), 8, 60, tok)
     assert probs.tolist() == [[0, 1], [1, 0], [0, 0], [0, 0]]
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("dhrd.py: evaluating: 0/4 (0%)")
+    assert err[-1].startswith("dhrd.py: evaluating: 4/4 (100%)")
 
 
 @pytest.fixture(scope="module")
