@@ -262,7 +262,7 @@ def class_probs(model, seqs, meta, cot, device, ctx, bs, cot_tokens, tok=None):
     verbal = {meta["verbalizers"][l]: i for i, l in enumerate(meta["labels"])}
     pad = pad_id(meta)
     order = np.argsort([len(s) for s in seqs], kind="stable")
-    progress = Progress("dhrd.py: evaluating", len(seqs))  # silent unless it takes seconds (large splits, CoT)
+    progress = Progress("dhrd.py: evaluating", len(seqs))  # silent unless it takes seconds (CoT, big splits)
     for i in range(0, len(seqs), bs):
         chunk = order[i:i + bs]
         progress.update(i)
