@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import prepare
 from gpt import GPT, GPTConfig, CheckpointError, add_lora, dual_loss, lora_disabled, native_dtype, save_lora
-from hf import atomic_write
+from hf import Progress, atomic_write
 
 
 @dataclass
@@ -288,8 +288,10 @@ def class_probs(model, seqs, meta, cot, device, ctx, bs, cot_tokens, tok=None):
     verbal = {meta["verbalizers"][l]: i for i, l in enumerate(meta["labels"])}
     pad = pad_id(meta)
     order = np.argsort([len(s) for s in seqs], kind="stable")
+    progress = Progress("dhrd.py: evaluating", len(seqs))  # silent unless it takes seconds (CoT, big splits)
     for i in range(0, len(seqs), bs):
         chunk = order[i:i + bs]
+        progress.update(i)
         ids, mask = _padded([seqs[j] for j in chunk], pad, left=cot)
         L = ids.shape[1]
         ids = torch.from_numpy(ids).to(device)
@@ -304,6 +306,8 @@ def class_probs(model, seqs, meta, cot, device, ctx, bs, cot_tokens, tok=None):
             y = _answer(gen[b], meta["eos_id"], tok)
             if y in verbal:
                 out[j, verbal[y]] = 1.0
+    progress.update(len(seqs))
+    progress.close()
     model.train()
     return out
 
@@ -403,7 +407,7 @@ def export(model, path, meta, cfg):
     tmp = path.with_name(path.name + ".tmp")
     old = path.with_name(path.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, labels=meta["labels"])
+    model.save_pretrained(tmp, labels=meta["labels"], pad_token_id=pad_id(meta))  # transformers: batches > 1
     info = {**meta, "eval": "cot" if cfg.beta == 0 else "pooled", "pooling": cfg.pooling}  # for --predict
     write_text(tmp / "meta.json", json.dumps(info, indent=1, ensure_ascii=False) + "\n")
     shutil.rmtree(old, ignore_errors=True)  # left by a run killed between the two renames below
@@ -703,7 +707,11 @@ def build_model(cfg, meta, use_lm, ckpt):
         raise ConfigError(f"{cfg.data_dir}: tokenized with {meta['tokenizer']} ({meta['vocab_size']} ids), "
                           f"more than the model's vocab_size {model.config.vocab_size}; prepare the data "
                           f"with --model={cfg.init_from}")
-    if not use_lm and not model.config.tie_word_embeddings:
+    if use_lm:  # an untied classifier file has no LM head: one clear line now, not a failure at step 1
+        model.require_lm_head(f"--alpha={cfg.alpha} (the reasoning head's loss, Eq. 3)")
+    if cfg.beta == 0:
+        model.require_lm_head("--beta=0 (evaluation by decoding the answer)")
+    if not use_lm and model.lm_head is not None and not model.config.tie_word_embeddings:
         model.lm_head.weight.requires_grad_(False)  # unused: DDP would wait for its gradient forever
     # LoRA's frozen base: every trainable tensor (adapters, score) gets a gradient each step, so plain DDP
     if cfg.lora_rank:

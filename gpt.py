@@ -19,7 +19,7 @@ Deps: torch, hf.py.
 import json
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from hf import (FAMILIES, atomic_write, check, config_from_hf, config_to_hf, copy_tokenizer_files,
-                read_checkpoint, read_safetensors, resolve_model_dir, state_dict_from_hf, state_dict_to_hf,
-                write_safetensors)
+                read_checkpoint, read_safetensors, resolve_model_dir, some, state_dict_from_hf,
+                state_dict_to_hf, write_safetensors)
 # the entry points of SPEC §2 stay importable from here: `from gpt import GPT, load_tokenizer`
 from hf import CheckpointError, DownloadError, download, load_tokenizer  # noqa: F401
 
@@ -59,6 +59,7 @@ class GPTConfig:
     qkv_bias: bool = True             # biases of q/k/v_proj (Qwen2: True with bias False)
     qk_norm: bool = False             # Qwen3: RMSNorm over each head of q and k before the rotation
     tie_word_embeddings: bool = True
+    lm_head: bool = True              # False: a classifier saved without its LM head (require_lm_head)
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
@@ -484,10 +485,10 @@ def load_lora(model, path):
     hint = f"saved on base {c.get('base_model') or '?'} with num_labels={c.get('num_labels')}"
     add_lora(model, c["rank"], c["alpha"], c["dropout"], c["targets"])
     ours = _adapter_state(model)
-    missing = sorted(ours.keys() - tensors.keys())[:4]
-    unexpected = sorted(tensors.keys() - ours.keys())[:4]
+    missing = sorted(ours.keys() - tensors.keys())
+    unexpected = sorted(tensors.keys() - ours.keys())
     check(ours.keys() == tensors.keys(), file, f"tensors do not match this model ({hint}): "
-          f"missing {missing}, unexpected {unexpected}")
+          f"missing {some(missing)}, unexpected {some(unexpected)}")
     for k, t in tensors.items():
         check(t.shape == ours[k].shape, file, f"tensor {k} has shape {list(t.shape)}, this model's is "
               f"{list(ours[k].shape)}; the adapter was {hint}: load that base")
@@ -519,8 +520,10 @@ class GPT(nn.Module):
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = _norm(cfg, cfg.n_embd) if cfg.pre_ln else None  # post-LN has none
         self.project_out = nn.Linear(cfg.n_embd, D, bias=False) if D != cfg.n_embd else None
-        self.lm_head = nn.Linear(D, cfg.vocab_size, bias=False)  # the reasoning head (paper §3)
-        if cfg.tie_word_embeddings:
+        self.lm_head = None  # an untied classifier file without lm_head.weight has no reasoning head
+        if cfg.lm_head:
+            self.lm_head = nn.Linear(D, cfg.vocab_size, bias=False)  # the reasoning head (paper §3)
+        if cfg.lm_head and cfg.tie_word_embeddings:
             self.lm_head.weight = self.wte.weight
         # the pooled head (paper §3, Eq. 2): HF's bias-free `score`, or the paper's 2-layer MLP
         if not cfg.num_labels:
@@ -590,8 +593,18 @@ class GPT(nn.Module):
         pos, mask = self._mask(attention_mask, idx.shape[1])
         return self._final(self._blocks(idx, pos, mask))
 
+    def require_lm_head(self, use):
+        """The LM head, or a CheckpointError saying that `use` needs the head this model was loaded
+        without."""
+        where = self.source_dir or "GPT"
+        check(self.lm_head is not None, where, f"{use} needs the LM head (lm_head.weight), which this "
+              "untied classifier does not have: transformers' *ForSequenceClassification saves no LM head. "
+              "Start from the base model it was fine-tuned from (its *ForCausalLM checkpoint) instead; the "
+              "pooled head (classify, evaluation, prediction, training with alpha=0) works as it is")
+        return self.lm_head
+
     def lm_logits(self, idx, attention_mask=None):
-        return self.lm_head(self.hidden_states(idx, attention_mask)).float()
+        return self.require_lm_head("lm_logits")(self.hidden_states(idx, attention_mask)).float()
 
     def pool(self, h, x_len):
         """[B,D]: the state at the last real token of x ('last', paper Eq. 2) or the mean over x ('mean')."""
@@ -623,9 +636,9 @@ class GPT(nn.Module):
                 x_len = real.long().sum(1)
             cls_logits = self.score(self.pool(h, x_len))
         if lm_targets is not None:
-            loss_lm = self.lm_loss(h, self.lm_head.weight, lm_targets)
+            loss_lm = self.lm_loss(h, self.require_lm_head("the LM loss L_lm (alpha > 0)").weight, lm_targets)
         if kl_ref is not None:
-            loss_kl = kl_to_ref(h[lm_targets != -100], self.lm_head.weight, *kl_ref)
+            loss_kl = kl_to_ref(h[lm_targets != -100], self.require_lm_head("the KL term").weight, *kl_ref)
         return DualOutput(cls_logits, loss_lm, loss_kl)
 
     @torch.no_grad()
@@ -634,6 +647,7 @@ class GPT(nn.Module):
         """Left-padded prompts [B,T] -> [B, T+new] with a KV cache; temperature 0 = greedy (HF's tokens).
         Rows past eos_token_id are filled with pad (or eos) like HF; stops early once every row is done."""
         B, T = idx.shape
+        lm_head = self.require_lm_head("generate")
         if T + max_new_tokens > self.config.block_size:
             raise ValueError(f"prompt {T} + {max_new_tokens} new tokens exceeds block_size "
                              f"{self.config.block_size}")
@@ -651,7 +665,7 @@ class GPT(nn.Module):
         n = T
         for _ in range(max_new_tokens):
             h = self._blocks(x, pos, mask, caches, n - x.shape[1])
-            logits = self.lm_head(self._final(h[:, -1])).float()  # the LM head on the last position only
+            logits = lm_head(self._final(h[:, -1])).float()  # the LM head on the last position only
             tok = _sample(logits, temperature, top_p, generator)
             if eos_token_id is not None:
                 tok = torch.where(done, pad, tok)
@@ -683,27 +697,36 @@ class GPT(nn.Module):
                   f"has {fields['num_labels']} labels, not num_labels={num_labels}; drop num_labels or use a "
                   "checkpoint without `score`")
         fields["num_labels"] = fields.get("num_labels") or num_labels or 0
+        # transformers' *ForSequenceClassification saves no LM head: untied, its file lacks lm_head.weight
+        if saved_head is not None and not fields["tie_word_embeddings"] and "lm_head.weight" not in tensors:
+            fields["lm_head"] = False
         cfg = GPTConfig(**{**fields, **overrides})  # unknown fields -> TypeError
         with torch.device("meta"):  # no time spent initialising weights that are overwritten anyway
             model = cls(cfg)
         shapes = {n: p.shape for n, p in model.named_parameters()}  # a tied lm_head is not listed
         sd = state_dict_from_hf(tensors, cfg, shapes, file)
         model.load_state_dict({n: t.contiguous() for n, t in sd.items()}, strict=False, assign=True)
-        if cfg.tie_word_embeddings:
+        if cfg.tie_word_embeddings and model.lm_head is not None:
             model.lm_head.weight = model.wte.weight
         if model.score is not None and not any(k.startswith("score") for k in sd):  # a fresh head
             model.score.to_empty(device="cpu").apply(model._init_weights)
         model.source_dir = folder
         return model
 
-    def save_pretrained(self, path, labels=None):
+    def save_pretrained(self, path, labels=None, pad_token_id=None):
         """HF layout (config.json + model.safetensors + the source folder's tokenizer files) that
-        transformers' AutoModelForCausalLM and, for a linear head, AutoModelForSequenceClassification load."""
+        transformers' AutoModelForCausalLM and, for a linear head, AutoModelForSequenceClassification load.
+        pad_token_id: the id the inputs were padded with, written when the config has none (GPT-2)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         sd = merged_state_dict(self)  # LoRA folded into the base weights: a plain HF checkpoint
         write_safetensors(path / "model.safetensors", state_dict_to_hf(sd, self.config))
-        text = json.dumps(config_to_hf(self.config, labels, self.wte.weight.dtype), indent=2)
+        cfg = self.config
+        if cfg.pad_token_id is None and pad_token_id is not None:
+            # HF's *ForSequenceClassification pools at the last token that is not pad_token_id, and without
+            # one refuses every batch of more than one row
+            cfg = replace(cfg, pad_token_id=pad_token_id)
+        text = json.dumps(config_to_hf(cfg, labels, self.wte.weight.dtype), indent=2)
         atomic_write(path / "config.json", lambda tmp: tmp.write_text(text))
         if self.source_dir is not None:
             copy_tokenizer_files(self.source_dir, path)

@@ -2,6 +2,7 @@
 
 - errors: CheckpointError (a file that cannot be used) and DownloadError, raised through `check`
 - atomic_write: every file written here or in gpt.py goes to a temporary sibling, then one rename
+- Progress: the progress line of long work on stderr (downloads; prepare.py's teachers, dhrd.py's evaluation)
 - safetensors: the project's own reader/writer (no pickle), single files and sharded checkpoints
 - FAMILIES: one record per model family (gpt2, opt, llama, qwen2, qwen3) with everything loading AND saving
   need: config.json keys and transformers' defaults, architectures, tensor names, fixed flags
@@ -44,6 +45,12 @@ def check(ok, where, msg):
         raise CheckpointError(f"{where}: {msg}")
 
 
+def some(names, n=5):
+    """Tensor names for a message: the first n and how many there are, "['a', 'b'] (2 in all)"."""
+    names = list(names)
+    return f"{names[:n]} ({len(names)} in all)"
+
+
 def atomic_write(path, write, suffix=".tmp"):
     """write(tmp) fills tmp, a sibling named path + suffix; then tmp replaces path in one rename, so a reader
     sees the old file or the whole new one, never a part. If write raises, path is untouched and tmp stays
@@ -53,6 +60,106 @@ def atomic_write(path, write, suffix=".tmp"):
     write(tmp)
     os.replace(tmp, path)
     return path
+
+
+def _duration(seconds):
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+class Progress:
+    """The progress of `total` units of work on stderr: done/total (%), how many an earlier run already did
+    (a resumed download or teacher), rate, ETA. On a terminal one line updated in place with \r; elsewhere
+    (a log file, CI) a plain line at each further 10 % and at least every `every` seconds, so logs stay
+    readable. Work that ends within `delay` seconds prints nothing. total None: unknown (no Content-Length).
+    Use as a context manager, or call close(): the final state, and the newline a terminal needs."""
+
+    delay = 2.0   # seconds of silence at the start: short work stays quiet
+    every = 30.0  # a log line at least this often, also between the 10 % marks
+    redraw = 0.2  # a terminal's line is redrawn at most this often
+
+    def __init__(self, label, total, done=0, unit="", scale=1, quiet=False, stream=None):
+        self.label = label
+        self.total = total
+        self.done = done
+        self.start = done  # done by an earlier run: counted, but not in the rate
+        self.unit = unit  # " MB" with scale 1e6: bytes shown as megabytes
+        self.scale = scale
+        self.quiet = quiet
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.t0 = time.monotonic()
+        self.last = None  # when a line was last written, None: not yet
+        self.shown = None  # the `done` that line showed
+        self.width = 0  # of the terminal line, to blank what a shorter one leaves
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _amount(self, n):
+        if self.scale == 1:
+            return str(n)
+        return f"{n / self.scale:.1f}"
+
+    def line(self):
+        elapsed = max(time.monotonic() - self.t0, 1e-9)
+        text = f"{self.label}: {self._amount(self.done)}"
+        if self.total:
+            text += f"/{self._amount(self.total)}{self.unit} ({100 * self.done / self.total:.0f}%)"
+        else:
+            text += self.unit
+        if self.start:
+            text += f", {self._amount(self.start)}{self.unit} from an earlier run"
+        rate = (self.done - self.start) / elapsed
+        text += f", {rate / self.scale:.1f}{self.unit}/s"
+        if self.total and rate > 0:
+            text += f", ETA {_duration(max(self.total - self.done, 0) / rate)}"
+        return text
+
+    def _write(self, now):
+        text = self.line()
+        if self.tty:
+            self.stream.write("\r" + text.ljust(self.width))
+            self.width = len(text)
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+        self.last = now
+        self.shown = self.done
+
+    def _decile(self, n):
+        return int(10 * n / self.total) if self.total else 0
+
+    def update(self, done):
+        self.done = done
+        now = time.monotonic()
+        if self.quiet or now - self.t0 < self.delay:
+            return
+        if self.last is None:
+            self._write(now)
+        elif self.tty and now - self.last >= self.redraw:
+            self._write(now)
+        elif not self.tty and self._decile(done) > self._decile(self.shown):
+            self._write(now)
+        elif not self.tty and now - self.last >= self.every:
+            self._write(now)
+
+    def close(self):
+        if self.last is None:  # nothing shown: short work, or quiet
+            return
+        if self.shown != self.done:
+            self._write(time.monotonic())
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+        self.last = None
 
 # ----------------------------------------------------------------------------------------------------------
 # safetensors, read and written here (no pickle): 8-byte little-endian header length, a JSON header
@@ -175,7 +282,7 @@ def read_checkpoint(folder):
         check((folder / s).is_file(), index, f"shard {s} is missing from {folder}")
         tensors.update(read_safetensors(folder / s))
     check(set(weight_map) <= set(tensors), index, f"tensors in weight_map but in no shard: "
-          f"{sorted(set(weight_map) - set(tensors))[:5]}")
+          f"{some(sorted(set(weight_map) - set(tensors)))}; a shard is from another checkpoint or incomplete")
     return tensors, str(index)
 
 # ----------------------------------------------------------------------------------------------------------
@@ -517,10 +624,25 @@ def state_dict_from_hf(tensors, c, shapes, file):
                   f"implies {list(shapes[name])}{parts}")
             sd[name] = part
     missing = [n for n in shapes if n not in sd and not n.startswith("score")]
-    check(not (unexpected or missing), file, f"tensors do not match a {c.model_type} model with this "
-          f"config.json: missing {missing[:5]} ({len(missing)} in all), unexpected {unexpected[:5]} "
-          f"({len(unexpected)} in all)")
-    return sd
+    if not (unexpected or missing):
+        return sd
+    file_name = {n: _file_name(fam, k) for k, (names, _) in wmap.items() for n in names}
+    missing = list(dict.fromkeys(file_name.get(n, n) for n in missing))  # as the file would spell them
+    # an untied LM head may be absent only beside a classification head (from_pretrained: no LM head then)
+    hint = "config.json and the weights must come from the same model (family, layers, sizes)"
+    if missing == ["lm_head.weight"]:
+        hint = ("an untied checkpoint without lm_head.weight loads only as a classifier (with its "
+                "score.weight); use the complete *ForCausalLM checkpoint")
+    raise CheckpointError(f"{file}: tensors do not match a {c.model_type} model with this config.json "
+                          f"({c.n_layer} layers): missing {some(missing)}, unexpected {some(unexpected)}; "
+                          f"{hint}")
+
+
+def _file_name(fam, hf):
+    """An HF tensor name of weight_map as written in a file: the heads bare, the backbone with the prefix."""
+    if hf.startswith(("lm_head", "score")):
+        return hf
+    return fam.prefix + hf
 
 
 def state_dict_to_hf(sd, c):
@@ -531,8 +653,7 @@ def state_dict_to_hf(sd, c):
         t = torch.cat([sd[n] for n in names])
         if transpose:
             t = t.t()
-        name = hf if hf.startswith(("lm_head", "score")) else fam.prefix + hf
-        out[name] = t.contiguous()
+        out[_file_name(fam, hf)] = t.contiguous()
     return out
 
 # ----------------------------------------------------------------------------------------------------------
@@ -800,19 +921,17 @@ def _hub_listing(base, name):
 def _receive(url, part, have, label):
     """GET url into part, appending from byte `have` with an HTTP Range request; progress on stderr."""
     headers = {"Range": f"bytes={have}-"} if have else {}
-    last = 0.0
     try:
         req = urllib.request.Request(url, headers=headers)
         with urllib.request.urlopen(req, timeout=60) as r, open(part, "ab" if have else "wb") as f:
             if have and r.status != 206:  # the server ignored Range: start over
                 have = f.truncate(0)
-            total = (have + int(r.headers.get("Content-Length") or 0)) / 1e6
-            while chunk := r.read(1 << 20):
-                have += f.write(chunk)
-                if time.time() - last > 0.5:
-                    last = time.time()
-                    print(f"\r{label}: {have / 1e6:.1f}/{total:.1f} MB", end="", file=sys.stderr, flush=True)
-        print(f"\r{label}: {have / 1e6:.1f} MB done", file=sys.stderr)
+            length = r.headers.get("Content-Length")
+            total = have + int(length) if length else None
+            with Progress(label, total, done=have, unit=" MB", scale=1e6) as progress:
+                while chunk := r.read(1 << 20):
+                    have += f.write(chunk)
+                    progress.update(have)
     except urllib.error.HTTPError as e:
         if not (e.code == 416 and have):  # 416 on a resume: the .part is already complete
             raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from None

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from gpt import GPT, download, load_tokenizer, native_dtype
+from hf import Progress
 
 # synth, the embedded default: modular arithmetic, "a=79,b=a-74;b>49?" -> No, rationale "b=79-74=5". The
 # label needs the intermediate value the rationale spells out, so rationales (alpha>0) can help a pooled head
@@ -640,9 +641,9 @@ def teacher_local(todo, prompts, emit, teacher, batch, max_new_tokens, teacher_d
 
 def run_teacher(splits, task, out_path, verbalizers, teacher=None, teacher_url=None, teacher_model=None,
                 api_key_env="OPENAI_API_KEY", batch=8, workers=4, max_new_tokens=160, timeout=60.0,
-                teacher_dtype="auto"):
+                teacher_dtype="auto", quiet=False):
     """Generate rationales for train: append line by line to out_path, skipping (split, idx) already there.
-    Kill it at any point and rerun: nothing lost, nothing generated twice."""
+    Kill it at any point and rerun: nothing lost, nothing generated twice. Progress on stderr."""
     out_path = Path(out_path)
     done = set()
     if out_path.exists():
@@ -650,16 +651,19 @@ def run_teacher(splits, task, out_path, verbalizers, teacher=None, teacher_url=N
         if raw and not raw.endswith(b"\n"):   # killed mid-line: drop the partial line
             out_path.write_bytes(raw[:raw.rfind(b"\n") + 1])
         done = {(r.get("split"), r.get("idx")) for _, r in read_jsonl(out_path) if r.get("task") == task}
-    todo = [(i, e) for i, e in enumerate(splits["train"])
-            if ("train", i) not in done and e["label"] is not None]
+    labelled = [(i, e) for i, e in enumerate(splits["train"]) if e["label"] is not None]
+    todo = [(i, e) for i, e in labelled if ("train", i) not in done]
     prompts = [TEACHER_PROMPT.format(x="".join(e["parts"]), y=verbalizers[e["label"]]) for _, e in todo]
-    with open(out_path, "a", encoding="utf-8") as f:
+    progress = Progress(f"prepare.py: teacher rationales ({out_path.name})", len(labelled),
+                        done=len(labelled) - len(todo), quiet=quiet)
+    with open(out_path, "a", encoding="utf-8") as f, progress:
 
         def emit(i, text):   # one complete line per rationale, flushed at once
             rat, ans = parse_teacher(text)
             line = dict(task=task, split="train", idx=i, rationale=rat, label=ans)
             f.write(json.dumps(line, ensure_ascii=False) + "\n")
             f.flush()
+            progress.update(progress.done + 1)
 
         if teacher_url:
             teacher_api(todo, prompts, emit, teacher_url, teacher_model, api_key_env, workers, max_new_tokens,
@@ -822,7 +826,7 @@ def prepare(task="synth", out_dir=None, model=None, data_dir=None, fmt="paper", 
         rationales = rationales or out_dir / "rationales.jsonl"
         run_teacher(splits, task, rationales, verb, teacher, teacher_url, teacher_model, api_key_env,
                     teacher_batch, teacher_workers, teacher_max_new_tokens, float(teacher_timeout),
-                    teacher_dtype)
+                    teacher_dtype, quiet)
         D["rationale_source"] = f"teacher:{teacher_model or teacher}"
     if rationales:
         for k, n in attach_rationales(splits, task, rationales, verb).items():

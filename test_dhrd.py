@@ -638,6 +638,41 @@ def test_gpt_bad_checkpoints(tmp_path):
         GPT.from_pretrained(str(tmp_path / "nope" / "x"))
 
 
+def test_gpt_untied_classifier_has_no_lm_head(tmp_path):
+    """Qwen2ForSequenceClassification (untied) saves no lm_head.weight: it loads as a classifier with HF's
+    class logits; whatever needs the LM head says so and names the fix; save_pretrained writes no LM head and
+    round-trips. Without score.weight the file is a broken causal LM; odd tensors are named and counted."""
+    r = {k: torch.from_numpy(v) for k, v in np.load(FIX / "qwen2_cls_ref.npz").items()}
+    m = GPT.from_pretrained(FIX / "qwen2_cls").eval()
+    assert m.lm_head is None and m.config.num_labels == 2 and not m.config.lm_head
+    with torch.no_grad():
+        assert (m.classify(r["input_ids"], r["attention_mask"]) - r["cls_logits"]).abs().max() < 1e-4
+    ids = r["input_ids"][:1, :4]
+    for call in (lambda: m.generate(ids, 2), lambda: m.lm_logits(ids), lambda: m(ids, lm_targets=ids)):
+        with pytest.raises(CheckpointError, match=r"qwen2_cls: .*needs the LM head \(lm_head.weight\).*"
+                           r"Start from the base model"):
+            call()
+    m.save_pretrained(tmp_path / "rt")
+    assert "lm_head.weight" not in read_safetensors(tmp_path / "rt" / "model.safetensors")
+    back = GPT.from_pretrained(tmp_path / "rt")
+    assert back.lm_head is None and back.state_dict().keys() == m.state_dict().keys()
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in m.state_dict().items())
+    d = _gpt_copy(tmp_path, "qwen2_cls")
+    st = read_safetensors(d / "model.safetensors")
+    write_safetensors(d / "model.safetensors", {k: v for k, v in st.items() if k != "score.weight"})
+    with pytest.raises(CheckpointError, match=r"missing \['lm_head.weight'\] \(1 in all\).*as a classifier"):
+        GPT.from_pretrained(d)
+    bad = {k: v for k, v in st.items() if not k.startswith("model.layers.1.mlp.")}
+    bad["model.layers.7.mlp.up_proj.weight"] = torch.zeros(32, 16)
+    write_safetensors(d / "model.safetensors", bad)
+    mlp = [f"'model.layers.1.mlp.{n}_proj.weight'" for n in ("up", "down", "gate")]
+    msg = (r"qwen2_cls/model.safetensors: tensors do not match a qwen2 model with this config.json "
+           rf"\(2 layers\): missing \[{', '.join(mlp)}\] \(3 in all\), "
+           r"unexpected \['model.layers.7.mlp.up_proj.weight'\] \(1 in all\)")
+    with pytest.raises(CheckpointError, match=msg):
+        GPT.from_pretrained(d)
+
+
 def test_gpt_bad_sharded_index(tmp_path):
     d = _gpt_copy(tmp_path, "opt350_hub")
     idx = json.loads((d / "model.safetensors.index.json").read_text())
@@ -711,6 +746,51 @@ def test_gpt_download_resume_and_checks(_gpt_server, tmp_path):
     s.close()  # nothing listens here: looks offline
     with pytest.raises(DownloadError, match=f"127.0.0.1:{port}/x.*local folder"):
         download(f"http://127.0.0.1:{port}/x", tmp_path / "x.bin")
+
+
+class _GPTFakeTerminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_gpt_progress_line_log_and_terminal(_gpt_server, tmp_path, monkeypatch, capsys):
+    """hf.Progress: in a log, plain lines at each 10 % (done/total, rate, ETA, what an earlier run did); on a
+    terminal one line redrawn with \r and ended by one newline; nothing when quiet or done within `delay`. The
+    download of a resumed .part reports its bytes."""
+    monkeypatch.setattr(hf.Progress, "delay", 0.0)
+    log = io.StringIO()
+    with hf.Progress("eval", 50, stream=log) as p:
+        for i in range(1, 51):
+            p.update(i)
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue() and 10 <= len(lines) <= 12  # the first line, then one per 10 %
+    assert re.fullmatch(r"eval: 1/50 \(2%\), [\d.]+/s, ETA \d+s", lines[0]), lines[0]
+    assert lines[-1].startswith("eval: 50/50 (100%), ") and lines[-1].endswith("ETA 0s")
+    log = io.StringIO()
+    with hf.Progress("teacher", 10, done=4, stream=log) as p:
+        p.update(5)
+    assert log.getvalue().startswith("teacher: 5/10 (50%), 4 from an earlier run, ")
+    tty = _GPTFakeTerminal()
+    with hf.Progress("eval", 1000, stream=tty) as p:
+        for i in range(1, 1001):
+            p.update(i)
+    out = tty.getvalue()
+    assert out.startswith("\reval: 1/1000 (0%)") and out.endswith("\n") and out.count("\n") == 1
+    assert out.rsplit("\r", 1)[1].startswith("eval: 1000/1000 (100%)")
+    for kw in (dict(quiet=True), dict(stream=_GPTFakeTerminal())):
+        stream = kw.setdefault("stream", io.StringIO())
+        with hf.Progress("eval", 3, **kw) as p:
+            if "quiet" not in kw:
+                p.delay = 60.0  # short work: silent
+            p.update(3)
+        assert stream.getvalue() == ""
+    body = os.urandom(3_000_000)
+    _GPTHandler.files["/f.bin"] = body
+    (tmp_path / "f.bin.part").write_bytes(body[:1_000_000])
+    capsys.readouterr()
+    download(f"{_gpt_server}/f.bin", tmp_path / "f.bin", expected_size=len(body), desc="f.bin")
+    err = capsys.readouterr().err
+    assert re.search(r"f.bin: 3.0/3.0 MB \(100%\), 1.0 MB from an earlier run, [\d.]+ MB/s", err), err
 
 
 def _gpt_serve_repo(name, folder, with_api=True):
@@ -1073,7 +1153,7 @@ def _prep_server(handler_fn):
     return srv, f"http://127.0.0.1:{srv.server_address[1]}"
 
 
-def test_prep_teacher_api_retries_drops_and_resume(tmp_path, monkeypatch):
+def test_prep_teacher_api_retries_drops_and_resume(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(prepare, "RETRY_BASE", 0.01)
     monkeypatch.setenv("PREP_TEST_KEY", "sk-secret-123")
     rows = [dict(text=f"item {k}", label="pos" if k % 2 == 0 else "neg") for k in range(8)]
@@ -1122,7 +1202,12 @@ def test_prep_teacher_api_retries_drops_and_resume(tmp_path, monkeypatch):
         rf.write_text("".join(lines[:4]) + lines[4][:10])
         broken.clear()
         before = dict(calls)
-        m = prepare.prepare(**kw)
+        monkeypatch.setattr(hf.Progress, "delay", 0.0)
+        capsys.readouterr()
+        m = prepare.prepare(**{**kw, "quiet": False})  # with its progress line: done/total, the resumed part
+        err = capsys.readouterr().err
+        assert re.search(r"prepare.py: teacher rationales \(rationales.jsonl\): 8/8 \(100%\), 4 from an "
+                         r"earlier run, [\d.]+/s", err), err
         got = [json.loads(l)["idx"] for l in rf.read_text().splitlines()]
         assert sorted(got) == list(range(8)) and len(got) == 8
         done_first = {json.loads(l)["idx"] for l in lines[:4]}
@@ -1680,6 +1765,50 @@ def test_train_compile_alpha0_and_cot(train_data, tmp_path):
     assert val == {"accuracy": 0.0}  # 8 tokens never reach "Final Answer:": unparsed answers count as wrong
 
 
+def test_train_from_untied_classifier_pooled_only(train_data, tmp_path):
+    """An untied *ForSequenceClassification file (no lm_head.weight) trains with --alpha=0 and evaluates;
+    alpha > 0 stops before the first step with one line naming lm_head.weight and the fix."""
+    init = f"--init_from={FIX / 'qwen2_cls'}"
+    out = tmp_path / "cls"
+    r = _train_run(*TINY, init, f"--data_dir={train_data}", f"--out_dir={out}", "--alpha=0", "--max_iters=2",
+                   cwd=tmp_path)
+    assert "val accuracy" in r.stdout and _train_log(out)[-1]["loss_lm"] is None
+    r = _train_run(f"--init_from={out}", "--eval_only=True", cwd=tmp_path)
+    val = json.loads(r.stdout.strip().splitlines()[-1])["val"]
+    assert val == json.loads((out / "results.json").read_text())["val"]
+    r = _train_run(*TINY, init, f"--data_dir={train_data}", f"--out_dir={tmp_path / 'dhrd'}", "--alpha=1",
+                   "--max_iters=2", cwd=tmp_path, check=False)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert not (tmp_path / "dhrd" / "log.jsonl").exists()  # stopped while building the model
+    assert re.fullmatch(r"dhrd.py: error: .*qwen2_cls: --alpha=1.0 .* needs the LM head \(lm_head.weight\).*"
+                        r"Start from the base model.*", lines[-1]), r.stderr
+
+
+def test_train_export_writes_the_training_pad(tmp_path):
+    """GPT-2 has no pad token, and transformers' GPT2ForSequenceClassification refuses batches > 1 without
+    config.json's pad_token_id. The export writes the id training padded with (dhrd.pad_id: EOS here); a
+    right-padded batch then gives each row's unpadded class logits, pooled where HF pools: at the last token
+    that is not pad_token_id (tests/fixtures/check_export_batch.py runs the batch through transformers)."""
+    meta = prepare.prepare(task="synth", out_dir=tmp_path / "data", model=str(FIX / "gpt2_hub"), quiet=True)
+    assert meta["pad_id"] is None and dhrd.pad_id(meta) == meta["eos_id"] == 896
+    m = GPT.from_pretrained(FIX / "gpt2_hub", num_labels=2).eval()
+    assert m.config.pad_token_id is None
+    dhrd.export(m, tmp_path / "model", meta, dhrd.Config())
+    assert json.loads((tmp_path / "model" / "config.json").read_text())["pad_token_id"] == 896
+    back = GPT.from_pretrained(tmp_path / "model").eval()
+    tok = load_tokenizer(tmp_path / "model")
+    rows = [tok.encode(t) for t in ("a=79,b=a-74;b>49?", "Is it?", "Yes")]
+    ids, mask = dhrd._padded(rows, 896, left=False)
+    ids = torch.from_numpy(ids)
+    hf_last = (torch.arange(ids.shape[1]) * (ids != 896)).argmax(1)  # HF's pooling position
+    assert hf_last.tolist() == [len(r) - 1 for r in rows]
+    with torch.no_grad():
+        batch = back.classify(ids, torch.from_numpy(mask))
+        alone = torch.cat([back.classify(torch.tensor([r])) for r in rows])
+    assert (batch - alone).abs().max() < 1e-5
+
+
 class _TrainFakeLM:
     """Stands in for GPT in class_probs: 'decodes' a fixed continuation per prompt."""
     config = type("C", (), {"block_size": 64})
@@ -1698,9 +1827,9 @@ class _TrainFakeLM:
         return torch.cat([idx, torch.tensor([o[:n] for o in outs])], 1)
 
 
-def test_train_cot_answer_parsing():
+def test_train_cot_answer_parsing(monkeypatch, capsys):
     """beta=0 evaluation: the verbalised label after the last "Final Answer:" line; anything else = no
-    prediction."""
+    prediction. Evaluation that takes long shows its progress (here: always)."""
     meta = dict(labels=["No", "Yes"], verbalizers={"No": "No", "Yes": "Yes"}, pad_id=40, eos_id=39)
     tok = prepare.CharTokenizer("\n +,-0123456789:;=>?AFNRYabcdegilnorsw")
     answers = ["\nReasoning:\nb=1+2=3\nFinal Answer:\nYes", "\nReasoning:\nb=9\nFinal Answer:\nNo",
@@ -1708,8 +1837,12 @@ def test_train_cot_answer_parsing():
     seqs = [[1, 2], [3], [4, 5, 6], [7]]  # lengths differ: length-sorted batches must map back to the rows
     order = np.argsort([len(s) for s in seqs], kind="stable")
     model = _TrainFakeLM(tok, [answers[j] for j in order])
+    monkeypatch.setattr(hf.Progress, "delay", 0.0)
     probs = dhrd.class_probs(model, seqs, meta, True, "cpu", torch.no_grad(), 8, 60, tok)
     assert probs.tolist() == [[0, 1], [1, 0], [0, 0], [0, 0]]
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("dhrd.py: evaluating: 0/4 (0%)")
+    assert err[-1].startswith("dhrd.py: evaluating: 4/4 (100%)")
 
 
 def test_train_class_report_handmade():
