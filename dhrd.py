@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import prepare
-from gpt import GPT, GPTConfig, CheckpointError, add_lora, dual_loss, lora_disabled, native_dtype, save_lora
+from gpt import (GPT, GPTConfig, CheckpointError, add_lora, dual_loss, load_tokenizer, lora_disabled, native_dtype,
+                 save_lora)
 from hf import atomic_write
 
 
@@ -57,6 +58,10 @@ class Config:
     cot_tokens: int = 128           # beta=0: max new tokens when decoding reasoning + answer at eval
     grad_stats: bool = False        # log the backbone gradient norms of beta L_cls, alpha L_lm, their cosine
     kl_coef: float = 0.0            # + kl_coef * KL(p_model || p_base), LM head at the L_lm targets
+    # soft-target distillation of the reasoning head (paper App. F, future work), at the L_lm targets
+    kd_teacher: str = ""            # dhrd out_dir | exported or HF folder | hub name; the data's tokenizer
+    kd_coef: float = 0.0            # + kd_coef * T^2 * KL(p_teacher^T || p_model^T)
+    kd_temperature: float = 1.0     # T: p^T = softmax(logits / T) for both models
     # LoRA (paper App. E.4: r=16, alpha=32, dropout 0.1, all projections; only adapters + pooled head train)
     lora_rank: int = 0              # 0 = full fine-tuning
     lora_alpha: float = 32.0
@@ -620,6 +625,73 @@ def kl_reference(cfg, model, ckpt):
     return ref
 
 
+def vocabulary(tok):
+    """(each id's text, the special ids): what two tokenizers must share to give every id the same meaning."""
+    return [tok.decode([i]) for i in range(tok.vocab_size)], (tok.bos_id, tok.eos_id, tok.pad_id)
+
+
+def check_same_vocabulary(cfg, teacher, student, t_tok, tok):
+    """Distillation compares the teacher's and the student's next-token distributions id by id: both models
+    must read the data's token ids with one tokenizer and have LM heads of one size."""
+    who = f"--kd_teacher={cfg.kd_teacher}"
+    tv = teacher.config.vocab_size
+    sv = student.config.vocab_size
+    if tv != sv:
+        raise ConfigError(f"{who}: the teacher's vocab_size is {tv}, the student's ({cfg.init_from}) {sv}; "
+                          "distillation needs one vocabulary: use a teacher of the student's family")
+    t_ids, t_special = vocabulary(t_tok)
+    s_ids, s_special = vocabulary(tok)
+    if t_ids == s_ids and t_special == s_special:
+        return
+    first = next((i for i, (a, b) in enumerate(zip(t_ids, s_ids)) if a != b), min(len(t_ids), len(s_ids)))
+    t_text = repr(t_ids[first]) if first < len(t_ids) else "none"
+    s_text = repr(s_ids[first]) if first < len(s_ids) else "none"
+    if t_ids == s_ids:
+        where = f"the special ids (bos, eos, pad) are {t_special} vs {s_special}"
+    else:
+        where = f"they first differ at id {first}: {t_text} vs {s_text}"
+    raise ConfigError(f"{who}: the teacher's tokenizer ({t_tok.name}, {len(t_ids)} ids) is not the one "
+                      f"{cfg.data_dir} was prepared with and the student ({cfg.init_from}) reads "
+                      f"({tok.name}, {len(s_ids)} ids); {where}. Use a teacher with the student's tokenizer")
+
+
+def load_teacher(cfg, meta, tok, student, use_lm, rt):
+    """--kd_teacher: a dhrd out_dir (its model/), an exported or HF folder, or a hub name, loaded with
+    GPT.from_pretrained; frozen and in eval mode, for its soft targets at the L_lm targets. Its weights are
+    cast to the training dtype (a frozen model needs no fp32 master copy: half the memory under bf16); it runs
+    under the same autocast as the student. Not kept in ckpt.pt: a resume loads it again. None without it."""
+    if not cfg.kd_teacher:
+        if cfg.kd_coef:
+            raise ConfigError("--kd_coef needs --kd_teacher=DIR|hub-name, the model whose soft targets to learn")
+        return None
+    if not use_lm:
+        raise ConfigError("--kd_teacher acts at the LM targets, which --alpha=0 does not build; use alpha > 0")
+    if cfg.kd_coef <= 0 or cfg.kd_temperature <= 0:
+        raise ConfigError(f"--kd_teacher needs --kd_coef > 0 and --kd_temperature > 0 (got {cfg.kd_coef}, "
+                          f"{cfg.kd_temperature})")
+    where = Path(cfg.kd_teacher)
+    if Path(where, "model", "config.json").exists():
+        where = where / "model"
+    try:
+        teacher = GPT.from_pretrained(where)
+        folder = teacher.source_dir
+        if (folder / "meta.json").exists():  # a dhrd export: the tokenizer of the data it was trained on
+            t_tok = prepare.tokenizer_from_meta(_read_json(folder / "meta.json", "teacher's meta"))
+        else:
+            t_tok = load_tokenizer(folder)
+    except CheckpointError as e:
+        raise ConfigError(f"--kd_teacher={cfg.kd_teacher}: {e}") from None
+    check_same_vocabulary(cfg, teacher, student, t_tok, tok)
+    longest = max(v["n"] for v in meta["max_len"].values())
+    if teacher.config.block_size < longest:
+        raise ConfigError(f"--kd_teacher={cfg.kd_teacher}: block_size {teacher.config.block_size} is shorter "
+                          f"than the longest example of {cfg.data_dir} ({longest} tokens)")
+    teacher.requires_grad_(False).eval()
+    if rt.dtype != "float32":
+        teacher.to(getattr(torch, rt.dtype))
+    return teacher.to(rt.device)
+
+
 def resume(ckpt, optimizer, scaler, cfg, rank):
     """-> (iter, data position, best) of ckpt, with the optimizer, the scaler and the RNG restored. The lr
     schedule is a function of iter, the data order of the position; rank 0's RNG streams are restored, the
@@ -691,12 +763,18 @@ class Log:
             self.mlflow.end_run()
 
 
-def startup_line(cfg, meta, model, rt):
+def startup_line(cfg, meta, model, rt, teacher):
     params = sum(p.numel() for p in model.parameters()) / 1e6
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
-    return (f"dhrd.py: {cfg.task} {meta['counts']} | {cfg.init_from} {params:.2f}M params "
+    line = (f"dhrd.py: {cfg.task} {meta['counts']} | {cfg.init_from} {params:.2f}M params "
             f"({trained:.2f}M trained) | {rt.device} {rt.dtype} ({rt.dtype_why}) | "
-            f"{rt.world} x {rt.micro} x {cfg.batch_size} | alpha {cfg.alpha} beta {cfg.beta}")
+            f"{rt.world} x {rt.micro} x {cfg.batch_size} | "
+            f"alpha {cfg.alpha} beta {cfg.beta}")
+    if teacher is not None:
+        t_params = sum(p.numel() for p in teacher.parameters()) / 1e6
+        line += (f" | kd teacher {cfg.kd_teacher} {t_params:.2f}M params, coef {cfg.kd_coef} "
+                 f"T {cfg.kd_temperature}")
+    return line
 
 
 def lr_at(it, cfg):
@@ -723,10 +801,9 @@ def logged(step, cfg):
     return step % cfg.log_interval == 0 or step == 1
 
 
-def check_finite(losses, it, lr, out_dir, saved):
+def check_finite(loss_v, cls_v, lm_v, it, lr, out_dir, saved):
     """A non-finite loss stops the run before the optimizer step: nothing is saved, the last checkpoint
     stays good."""
-    loss_v, cls_v, lm_v, _ = losses
     if math.isfinite(loss_v):
         return
     last = "none written by this run yet"
@@ -782,6 +859,7 @@ def train(cfg, rt):
     ckpt = read_checkpoint(out_dir) if cfg.init_from == "resume" else None
     raw = build_model(cfg, meta, use_lm, ckpt).to(rt.device)  # the plain module: eval, checkpoints, export
     ref = kl_reference(cfg, raw, ckpt)
+    teacher = load_teacher(cfg, meta, tok, raw, use_lm, rt)
     optimizer = raw.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (0.9, 0.95), rt.dev_type)
     scaler = torch.amp.GradScaler(rt.dev_type, enabled=rt.dtype == "float16")
     it, pos, best = 0, 0, {"score": -math.inf, "iter": None, "val": None}
@@ -792,7 +870,7 @@ def train(cfg, rt):
     mlf = None
     if rt.master:
         start_run_files(cfg, out_dir, it, resumed=ckpt is not None)
-        print(startup_line(cfg, meta, raw, rt), flush=True)
+        print(startup_line(cfg, meta, raw, rt, teacher), flush=True)
         mlf = start_mlflow(cfg)
     log = Log(out_dir / "log.jsonl", mlf)
     alpha_base = cfg.alpha
@@ -811,7 +889,7 @@ def train(cfg, rt):
             g["lr"] = lr
         alpha = alpha_at(it, cfg, alpha_base)
         stats = {}
-        sums = torch.zeros(4, device=rt.device)
+        sums = torch.zeros(5, device=rt.device)
         for m in range(micro):
             start = pos + (rt.rank * micro + m) * cfg.batch_size
             idx, mask, x_len, y, lm_targets = micro_batch(train_split, start, cfg, pad, use_lm, rt.device)
@@ -825,21 +903,28 @@ def train(cfg, rt):
                 with torch.no_grad(), ctx, lora_disabled(ref):
                     kl_ref = (ref.eval().hidden_states(idx, mask)[lm_targets != -100], ref.lm_head.weight)
                 raw.train()
+            kd_ref = None
+            if teacher is not None:  # the teacher's hidden states at the valid LM targets (eval mode, no grad)
+                with torch.no_grad(), ctx:
+                    h_teacher = teacher.hidden_states(idx, mask)[lm_targets != -100]
+                kd_ref = (h_teacher, teacher.lm_head.weight, cfg.kd_temperature)
             with ctx:
                 # ONE forward over s = [x, rationale, answer]: pooled logits at x_len, the LM loss on s
-                out = model(idx, mask, x_len, lm_targets, kl_ref)
+                out = model(idx, mask, x_len, lm_targets, kl_ref, kd_ref)
                 # paper Eq. 4: beta L_cls + alpha L_lm (+ kl_coef * KL(p_model || p_base) with --kl_coef)
-                loss, loss_cls = dual_loss(out, y, alpha, cfg.beta, cfg.kl_coef)
+                # (+ kd_coef * T^2 * KL(p_teacher^T || p_model^T) with --kd_teacher)
+                loss, loss_cls = dual_loss(out, y, alpha, cfg.beta, cfg.kl_coef, cfg.kd_coef, cfg.kd_temperature)
                 loss_lm = out.loss_lm
                 loss_kl = out.loss_kl if out.loss_kl is not None else loss_cls.new_zeros(())
+                loss_kd = out.loss_kd if out.loss_kd is not None else loss_cls.new_zeros(())
             scaler.scale(loss / micro).backward()
             lm_term = loss_lm if use_lm else loss.new_zeros(())
-            sums += torch.stack([loss, loss_cls, lm_term, loss_kl]).detach().float()
+            sums += torch.stack([loss, loss_cls, lm_term, loss_kl, loss_kd]).detach().float()
         pos += cfg.batch_size * cfg.gradient_accumulation_steps
         if rt.ddp:
             dist.all_reduce(sums)  # the job's mean over all its micro-batches: identical on every rank
-        loss_v, cls_v, lm_v, kl_v = (sums / cfg.gradient_accumulation_steps).tolist()
-        check_finite((loss_v, cls_v, lm_v, kl_v), it, lr, out_dir, saved)
+        loss_v, cls_v, lm_v, kl_v, kd_v = (sums / cfg.gradient_accumulation_steps).tolist()
+        check_finite(loss_v, cls_v, lm_v, it, lr, out_dir, saved)
         optimizer_step(model, optimizer, scaler, cfg.grad_clip)
         it += 1
         if rt.master and logged(it, cfg):
@@ -847,9 +932,13 @@ def train(cfg, rt):
             t_last = time.time()
             print(f"iter {it}: loss {loss_v:.4f} (cls {cls_v:.4f}, lm {lm_v:.4f}) lr {lr:.2e} "
                   f"{dt * 1000:.0f}ms/it", flush=True)
-            kl_line = {"loss_kl": kl_v} if ref is not None else {}
+            extra = {}
+            if ref is not None:
+                extra["loss_kl"] = kl_v
+            if teacher is not None:
+                extra["loss_kd"] = kd_v
             log.write(dict(iter=it, loss=loss_v, loss_cls=cls_v, loss_lm=lm_v if use_lm else None, lr=lr,
-                           alpha=alpha, **kl_line, **stats))
+                           alpha=alpha, **extra, **stats))
         if it % cfg.eval_interval == 0 or it == cfg.max_iters:
             if rt.master:
                 best = validate(raw, it, best, val_split, meta, tok, cfg, rt, log)

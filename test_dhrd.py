@@ -196,22 +196,24 @@ def test_gpt_forward_one_pass_property(model_type):
 
 
 def test_gpt_dual_output_and_dual_loss():
-    """forward always returns DualOutput(cls_logits, loss_lm, loss_kl), None for what was not asked;
-    dual_loss is Eq. 4: beta * CE(cls_logits, y) + alpha * loss_lm (+ kl_coef * loss_kl), each term only
-    when present."""
+    """forward always returns DualOutput(cls_logits, loss_lm, loss_kl, loss_kd), None for what was not asked;
+    dual_loss is Eq. 4: beta * CE(cls_logits, y) + alpha * loss_lm (+ kl_coef * loss_kl + kd_coef * T^2 *
+    loss_kd), each term only when present."""
     m = _gpt_tiny("llama", num_labels=3)
     idx = torch.randint(0, 61, (2, 10), generator=torch.Generator().manual_seed(0))
     tg = torch.roll(idx, -1, 1)
     y = torch.tensor([2, 0])
     ref = (m.hidden_states(idx).detach()[tg != -100], m.lm_head.weight.detach())
     outs = [m(idx), m(idx, lm_targets=tg), m(idx, lm_targets=tg, kl_ref=ref),
-            _gpt_tiny("llama")(idx, lm_targets=tg)]
+            _gpt_tiny("llama")(idx, lm_targets=tg), m(idx, lm_targets=tg, kd_ref=(*ref, 2.0))]
     for out in outs:
-        assert (type(out) is DualOutput and len(out) == 3
-                and out._fields == ("cls_logits", "loss_lm", "loss_kl"))
-    assert [[f is None for f in o] for o in outs] == [[False, True, True], [False, False, True],
-                                                     [False, False, False], [True, False, True]]
+        assert (type(out) is DualOutput and len(out) == 4
+                and out._fields == ("cls_logits", "loss_lm", "loss_kl", "loss_kd"))
+    assert [[f is None for f in o] for o in outs] == [[False, True, True, True], [False, False, True, True],
+                                                     [False, False, False, True], [True, False, True, True],
+                                                     [False, False, True, False]]
     assert outs[0].cls_logits.shape == (2, 3) and abs(outs[2].loss_kl.item()) < 1e-6  # KL to itself
+    assert abs(outs[4].loss_kd.item()) < 1e-6  # the teacher is the student: nothing to distil
     ce = F.cross_entropy(outs[1].cls_logits, y)
     loss, loss_cls = dual_loss(outs[0], y, alpha=0.7, beta=2.0)  # a pooled baseline: no LM term at all
     assert torch.equal(loss_cls, ce) and torch.equal(loss, 2.0 * ce)
@@ -221,6 +223,37 @@ def test_gpt_dual_output_and_dual_loss():
     out = outs[2]._replace(loss_kl=torch.tensor(0.25))
     loss, _ = dual_loss(out, y, alpha=0.7, beta=0.0, kl_coef=2.0)  # beta=0: a CoT-only model
     assert torch.allclose(loss, 0.7 * out.loss_lm + 0.5)
+    out = outs[4]._replace(loss_kd=torch.tensor(0.25))  # + kd_coef * T^2 * KL (Hinton's T^2)
+    loss, _ = dual_loss(out, y, alpha=0.7, beta=2.0, kl_coef=5.0, kd_coef=0.5, kd_temperature=3.0)
+    assert torch.allclose(loss, 2.0 * ce + 0.7 * out.loss_lm + 0.5 * 9.0 * 0.25)
+
+
+def test_gpt_kd_chunked_equals_naive_and_trains_the_student_only():
+    """--kd_coef's term, KL(p_teacher^T || p_student^T) at the valid LM targets: token_kl's row chunks equal
+    the plain [N, V] computation (value and gradients) at T=2; the teacher, run under no_grad, gets none."""
+    student = _gpt_tiny("llama", num_labels=2)
+    teacher = _gpt_tiny("qwen3", n_embd=32, n_head=4).requires_grad_(False)  # another network, the same V
+    teacher.lm_head.weight.mul_(20.0)  # peaked distributions, far from the student's near-uniform ones
+    idx = torch.randint(0, 61, (3, 12), generator=torch.Generator().manual_seed(0))
+    tg = torch.roll(idx, -1, 1)
+    tg[0, 5:] = tg[2, :3] = -100  # only the valid targets count
+    with torch.no_grad():
+        kd_ref = (teacher.hidden_states(idx)[tg != -100], teacher.lm_head.weight, 2.0)
+    kd = student(idx, lm_targets=tg, kd_ref=kd_ref).loss_kd  # rows=256: one chunk
+    chunked = gpt.token_kl(*kd_ref[:2], student.hidden_states(idx)[tg != -100], student.lm_head.weight,
+                           temperature=2.0, rows=5)
+    g_chunked = torch.autograd.grad(chunked, list(student.parameters()), allow_unused=True)
+    q = F.log_softmax(teacher.lm_logits(idx)[tg != -100] / 2.0, -1)
+    p = F.log_softmax(student.lm_logits(idx)[tg != -100] / 2.0, -1)
+    naive = F.kl_div(p, q, log_target=True, reduction="batchmean")  # KL(q || p), mean over the N rows
+    g_naive = torch.autograd.grad(naive, list(student.parameters()), allow_unused=True)
+    assert naive.item() > 0.1
+    assert abs(kd.item() - naive.item()) < 1e-6 and abs(chunked.item() - naive.item()) < 1e-6
+    for (n, _), a, b in zip(student.named_parameters(), g_chunked, g_naive):
+        assert (a is None) == (b is None) and (a is None or (a - b).abs().max() < 1e-6), n
+    assert sum(a is not None for a in g_chunked) > 10  # the blocks and the head, not the pooled head
+    kd.backward()
+    assert all(p.grad is None for p in teacher.parameters())
 
 
 def test_gpt_kv_cache_update_in_place():
@@ -517,7 +550,7 @@ def test_gpt_lora_kl_to_base(monkeypatch):
         with torch.no_grad(), gpt.lora_disabled(m):
             ref = (m.hidden_states(idx)[tg != -100], m.lm_head.weight)
         h = m.hidden_states(idx)[tg != -100]
-        return gpt.kl_to_ref(h, m.lm_head.weight, *ref, rows=rows), m(idx, lm_targets=tg, kl_ref=ref).loss_kl
+        return gpt.token_kl(h, m.lm_head.weight, *ref, rows=rows), m(idx, lm_targets=tg, kl_ref=ref).loss_kl
 
     assert max(abs(v.item()) for v in kl()) < 1e-6  # adapters at zero: the model is the base
     _gpt_lora_perturb(m)
