@@ -324,11 +324,11 @@ def reference_lm_loss(h, weight, targets, ignore_index=-100):
 
 
 def token_kl(h_p, w_p, h_q, w_q, temperature=1.0, rows=256):
-    """Mean over rows of KL(p || q), p = softmax(h_p w_p^T / T) and q = softmax(h_q w_q^T / T): two models'
-    next-token distributions at the same valid LM targets (row i of h_p and of h_q), exact over the vocabulary.
-    dhrd's --kl_coef: KL(p_model || p_base); --kd_coef: KL(p_teacher || p_student) at temperature T (Hinton et
-    al. 2015; paper App. F). Row chunks under activation checkpointing: at most [rows, V] logits exist at a
-    time, forward and backward; the gradient reaches whichever side requires it."""
+    """Mean over rows of KL(p || q), p = softmax(h_p w_p^T / T) and q = softmax(h_q w_q^T / T): two
+    models' next-token distributions at the same valid LM targets (row i of h_p and of h_q), exact over the
+    vocabulary. dhrd's --kl_coef: KL(p_model || p_base); --kd_coef: KL(p_teacher || p_student) at temperature
+    T (Hinton et al. 2015; paper App. F). Row chunks under activation checkpointing: at most [rows, V] logits
+    exist at a time, forward and backward; the gradient reaches whichever side requires it."""
     def part(a, b):
         lp = F.log_softmax((a @ w_p.t()).float() / temperature, -1)
         lq = F.log_softmax((b @ w_q.t()).float() / temperature, -1)

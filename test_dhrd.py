@@ -3,8 +3,9 @@ Reference outputs come from tests/fixtures/ (made with transformers by tests/fix
 
 The sections, in this order. A section's tests share a name prefix: `pytest -k test_train test_dhrd.py`
 selects exactly one section; the short `-k train` also takes the few other names that contain the word.
-  -k gpt    gpt.py: parity with transformers, the fused LM loss, the one-pass property, sampling and the
-            KV cache, native dtypes, checkpoints and safetensors, tokenizers, downloads (loopback hub)
+  -k gpt    gpt.py: parity with transformers, the fused LM loss, the chunked KL (--kl_coef, --kd_coef), the
+            one-pass property, sampling and the KV cache, native dtypes, checkpoints and safetensors,
+            tokenizers, downloads (loopback hub)
   -k prep   prepare.py: synth, SuperGLUE templates, custom data, rationale import, teachers (a loopback
             API, a local model), the flag parser every script uses, bad input
   -k train  dhrd.py: metrics, config errors, DDP and FSDP == one process (and their checkpoints
