@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import prepare
-from gpt import GPT, GPTConfig, CheckpointError, add_lora, dual_loss, lora_disabled, native_dtype, save_lora
+from gpt import (GPT, GPTConfig, CheckpointError, add_lora, dual_loss, load_tokenizer, lora_disabled,
+                 native_dtype, save_lora)
 from hf import Progress, atomic_write
 
 
@@ -63,6 +64,10 @@ class Config:
     cot_tokens: int = 128           # beta=0: max new tokens when decoding reasoning + answer at eval
     grad_stats: bool = False        # log the backbone gradient norms of beta L_cls, alpha L_lm, their cosine
     kl_coef: float = 0.0            # + kl_coef * KL(p_model || p_base), LM head at the L_lm targets
+    # soft-target distillation of the reasoning head (paper App. F, future work), at the L_lm targets
+    kd_teacher: str = ""            # dhrd out_dir | exported or HF folder | hub name; the data's tokenizer
+    kd_coef: float = 0.0            # + kd_coef * T^2 * KL(p_teacher^T || p_model^T)
+    kd_temperature: float = 1.0     # T: p^T = softmax(logits / T) for both models
     # LoRA (paper App. E.4: r=16, alpha=32, dropout 0.1, all projections; only adapters + pooled head train)
     lora_rank: int = 0              # 0 = full fine-tuning
     lora_alpha: float = 32.0
@@ -96,6 +101,7 @@ class Config:
     device: str = "auto"            # 'auto' | 'cpu' | 'cuda' | 'cuda:N'
     dtype: str = "auto"             # 'auto' (gpt.native_dtype) | 'float32' | 'bfloat16' | 'float16'
     compile: bool = False
+    fsdp: bool = False              # under torchrun: FSDP2 (fully_shard per block, then the root), not DDP
 
 
 ConfigError = prepare.ConfigError  # the shared flag parser's error; callers catch dhrd.ConfigError
@@ -391,10 +397,12 @@ def set_rng_state(s):
 CHECKPOINT_KEYS = ("model", "model_config", "optimizer", "scaler", "iter", "data_pos", "best", "rng", "alpha")
 
 
-def save_checkpoint(path, raw, optimizer, scaler, it, pos, best, alpha, ref):
+def save_checkpoint(path, raw, optim_state, scaler, it, pos, best, alpha, ref):
     """ckpt.pt: what resume reads (weights, optimizer, scaler, step, data position, best, RNG, the alpha that
-    --alpha=auto chose) + model_config to rebuild the network, + kl_ref: full fine-tuning's frozen KL base."""
-    state = dict(model=raw.state_dict(), model_config=asdict(raw.config), optimizer=optimizer.state_dict(),
+    --alpha=auto chose) + model_config to rebuild the network, + kl_ref: full fine-tuning's frozen KL base.
+    raw: a plain GPT; optim_state: the optimizer's state_dict (full_state gives both, with or without
+    FSDP)."""
+    state = dict(model=raw.state_dict(), model_config=asdict(raw.config), optimizer=optim_state,
                  scaler=scaler.state_dict(), iter=it, data_pos=pos, best=best, rng=rng_state(), alpha=alpha)
     if ref is not None and ref is not raw:
         state["kl_ref"] = ref.state_dict()
@@ -624,6 +632,101 @@ def predict(cfg, rt):
     return out
 
 # ------------------------------------------------------------------------------------------------------------
+# FSDP2 (--fsdp=True under torchrun): full fine-tuning of a model whose weights, gradients and AdamW state do
+# not fit one device together. The blocks and then the root are sharded over the ranks. Evaluation, the export
+# and ckpt.pt work on a plain GPT that rank 0 gathers from the shards (full_state): the same code as with DDP
+# or one process, and ckpt.pt has the same layout (a 1-process checkpoint resumes under FSDP and back;
+# tested). One gathered copy rather than all ranks evaluating through FSDP's hooks: classify and generate
+# reach the root's parameters (embeddings, LM head) outside GPT.forward's hooks, where they are still
+# shards. The cost: one unsharded fp32 copy on rank 0's device while it evaluates and saves.
+# torch.distributed.fsdp and .checkpoint are imported in the functions, not at the top: 1.9 s of imports
+# (2-core Xeon VM, torch 2.13, other jobs running) that only --fsdp runs pay.
+
+def check_fsdp(cfg, rt):
+    """The combinations --fsdp does not support, refused before anything starts."""
+    if not cfg.fsdp:
+        return
+    if cfg.lora_rank:
+        raise ConfigError("--fsdp=True with --lora_rank: not supported (adapters, their KL base and export "
+                          "are written for plain tensors); LoRA's trained state is megabytes: use DDP")
+    if rt.dtype == "float16":
+        raise ConfigError("--fsdp=True with float16: the GradScaler's inf check would see this rank's shard "
+                          "of the gradients only; use --dtype=bfloat16 or float32")
+    if cfg.grad_stats or cfg.alpha == "auto":
+        raise ConfigError("--fsdp=True with --grad_stats or --alpha=auto: they take gradients outside the "
+                          "training step, which FSDP's hooks do not support; use DDP")
+    if not rt.ddp:
+        raise ConfigError("--fsdp=True shards the model over torchrun's processes: launch it as "
+                          "`torchrun --nproc_per_node=N dhrd.py --fsdp=True ...`")
+
+
+def shard(raw, rt):
+    """FSDP2 in place: every block, then the root (embeddings, final norm, the tied heads), become FSDP
+    modules whose parameters are DTensor shards over the ranks, on rt.device (fully_shard moves a block as it
+    shards it: the whole model is never on one GPU). Under bf16 the parameters are all-gathered in bf16 (half
+    the traffic; the norms and the residual stream then run in bf16 too, where DDP's autocast keeps them in
+    fp32) and the gradients reduce-scattered in fp32, as DDP sums fp32 gradients. Every rank starts from rank
+    0's weights, as DDP's broadcast gives it (a scratch model is initialised with each rank's own seed)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    full = raw.state_dict() if rt.master else {}
+    mesh = init_device_mesh(rt.dev_type, (rt.world,))
+    policy = MixedPrecisionPolicy()
+    if rt.dtype != "float32":
+        policy = MixedPrecisionPolicy(param_dtype=getattr(torch, rt.dtype), reduce_dtype=torch.float32)
+    for block in raw.h:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(raw, mesh=mesh, mp_policy=policy)
+    set_model_state_dict(raw, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+
+def _param_names(raw, optimizer):
+    """Each parameter's name in the optimizer's own order: state_dict()'s integer ids index this list."""
+    name = {p: n for n, p in raw.named_parameters()}
+    return [name[p] for g in optimizer.param_groups for p in g["params"]]
+
+
+def _rekey(osd, keys):
+    """An optimizer state dict with its parameter keys mapped through keys (ids -> names or back)."""
+    groups = [{**g, "params": [keys[k] for k in g["params"]]} for g in osd["param_groups"]]
+    return {"state": {keys[k]: v for k, v in osd["state"].items()}, "param_groups": groups}
+
+
+def full_state(raw, optimizer, cfg, rt):
+    """(a plain GPT with the full weights, the optimizer's state_dict in ckpt.pt's layout) for rank 0: raw
+    and optimizer.state_dict() themselves, or with FSDP gathered from every rank's shards onto rank 0's CPU (a
+    collective: every rank calls it; the others get (None, None)) and the GPT rebuilt around those tensors."""
+    if not cfg.fsdp:
+        return raw, optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # cpu_offload: rank 0 only
+    sd = get_model_state_dict(raw, options=options)
+    osd = get_optimizer_state_dict(raw, optimizer, options=options)  # keyed by parameter name
+    if not rt.master:
+        return None, None
+    with torch.device("meta"):
+        plain = GPT(raw.config)
+    plain.load_state_dict(sd, assign=True)
+    if raw.config.tie_word_embeddings:
+        plain.lm_head.weight = plain.wte.weight
+    plain.source_dir = raw.source_dir  # the export copies its tokenizer files
+    ids = {name: i for i, name in enumerate(_param_names(raw, optimizer))}
+    return plain.to(rt.device), _rekey(osd, ids)
+
+
+def load_optimizer_state(raw, optimizer, state, cfg):
+    """ckpt.pt's optimizer state (the full one, read by every rank) into the optimizer; with FSDP each rank
+    keeps its shards of it."""
+    if not cfg.fsdp:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    named = _rekey(state, _param_names(raw, optimizer))
+    set_optimizer_state_dict(raw, optimizer, named, options=StateDictOptions(full_state_dict=True))
+
+# ------------------------------------------------------------------------------------------------------------
 # training, step by step: data, model, optimizer (restored on resume), logs, alpha, the loop, the results
 
 def load_data(cfg, rt, use_lm):
@@ -738,11 +841,80 @@ def kl_reference(cfg, model, ckpt):
     return ref
 
 
-def resume(ckpt, optimizer, scaler, cfg, rank):
-    """-> (iter, data position, best) of ckpt, with the optimizer, the scaler and the RNG restored. The lr
-    schedule is a function of iter, the data order of the position; rank 0's RNG streams are restored, the
-    other ranks reseeded deterministically."""
-    optimizer.load_state_dict(ckpt["optimizer"])
+def vocabulary(tok):
+    """(each id's text, the special ids): what two tokenizers must share to give every id the same meaning."""
+    return [tok.decode([i]) for i in range(tok.vocab_size)], (tok.bos_id, tok.eos_id, tok.pad_id)
+
+
+def check_same_vocabulary(cfg, teacher, student, t_tok, tok):
+    """Distillation compares the teacher's and the student's next-token distributions id by id: both models
+    must read the data's token ids with one tokenizer and have LM heads of one size."""
+    who = f"--kd_teacher={cfg.kd_teacher}"
+    tv = teacher.config.vocab_size
+    sv = student.config.vocab_size
+    if tv != sv:
+        raise ConfigError(f"{who}: the teacher's vocab_size is {tv}, the student's ({cfg.init_from}) {sv}; "
+                          "distillation needs one vocabulary: use a teacher of the student's family")
+    t_ids, t_special = vocabulary(t_tok)
+    s_ids, s_special = vocabulary(tok)
+    if t_ids == s_ids and t_special == s_special:
+        return
+    first = next((i for i, (a, b) in enumerate(zip(t_ids, s_ids)) if a != b), min(len(t_ids), len(s_ids)))
+    t_text = repr(t_ids[first]) if first < len(t_ids) else "none"
+    s_text = repr(s_ids[first]) if first < len(s_ids) else "none"
+    if t_ids == s_ids:
+        where = f"the special ids (bos, eos, pad) are {t_special} vs {s_special}"
+    else:
+        where = f"they first differ at id {first}: {t_text} vs {s_text}"
+    raise ConfigError(f"{who}: the teacher's tokenizer ({t_tok.name}, {len(t_ids)} ids) is not the one "
+                      f"{cfg.data_dir} was prepared with and the student ({cfg.init_from}) reads "
+                      f"({tok.name}, {len(s_ids)} ids); {where}. Use a teacher with the student's tokenizer")
+
+
+def load_teacher(cfg, meta, tok, student, use_lm, rt):
+    """--kd_teacher: a dhrd out_dir (its model/), an exported or HF folder, or a hub name, loaded with
+    GPT.from_pretrained; frozen and in eval mode, for its soft targets at the L_lm targets. Its weights are
+    cast to the training dtype (a frozen model needs no fp32 master copy: half the memory under bf16); it runs
+    under the same autocast as the student. Not kept in ckpt.pt: a resume loads it again. None without it."""
+    if not cfg.kd_teacher:
+        if cfg.kd_coef:
+            raise ConfigError("--kd_coef needs --kd_teacher=DIR|hub-name, the model whose soft targets "
+                              "to learn")
+        return None
+    if not use_lm:
+        raise ConfigError("--kd_teacher acts at the LM targets, which --alpha=0 does not build; "
+                          "use alpha > 0")
+    if cfg.kd_coef <= 0 or cfg.kd_temperature <= 0:
+        raise ConfigError(f"--kd_teacher needs --kd_coef > 0 and --kd_temperature > 0 (got {cfg.kd_coef}, "
+                          f"{cfg.kd_temperature})")
+    where = Path(cfg.kd_teacher)
+    if Path(where, "model", "config.json").exists():
+        where = where / "model"
+    try:
+        teacher = GPT.from_pretrained(where)
+        folder = teacher.source_dir
+        if (folder / "meta.json").exists():  # a dhrd export: the tokenizer of the data it was trained on
+            t_tok = prepare.tokenizer_from_meta(_read_json(folder / "meta.json", "teacher's meta"))
+        else:
+            t_tok = load_tokenizer(folder)
+    except CheckpointError as e:
+        raise ConfigError(f"--kd_teacher={cfg.kd_teacher}: {e}") from None
+    check_same_vocabulary(cfg, teacher, student, t_tok, tok)
+    longest = max(v["n"] for v in meta["max_len"].values())
+    if teacher.config.block_size < longest:
+        raise ConfigError(f"--kd_teacher={cfg.kd_teacher}: block_size {teacher.config.block_size} is shorter "
+                          f"than the longest example of {cfg.data_dir} ({longest} tokens)")
+    teacher.requires_grad_(False).eval()
+    if rt.dtype != "float32":
+        teacher.to(getattr(torch, rt.dtype))
+    return teacher.to(rt.device)
+
+
+def resume(ckpt, raw, optimizer, scaler, cfg, rank):
+    """-> (iter, data position, best) of ckpt, with the optimizer, the scaler and the RNG restored (the
+    weights: build_model). The lr schedule is a function of iter, the data order of the position; rank 0's
+    RNG streams are restored, the other ranks reseeded deterministically."""
+    load_optimizer_state(raw, optimizer, ckpt["optimizer"], cfg)
     scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"])
     if rank:
@@ -751,11 +923,11 @@ def resume(ckpt, optimizer, scaler, cfg, rank):
 
 
 def wrap(model, cfg, rt):
-    """What the loop runs: compiled (--compile=True), and in DDP under torchrun. Evaluation, checkpoints
-    and the export use the plain module."""
+    """What the loop runs: compiled (--compile=True), and in DDP under torchrun (unless --fsdp: shard did
+    it already). Evaluation, checkpoints and the export use the plain module (full_state)."""
     if cfg.compile:
         model = torch.compile(model)
-    if rt.ddp:
+    if rt.ddp and not cfg.fsdp:
         model = DDP(model, device_ids=[rt.local_rank] if rt.dev_type == "cuda" else None)
     return model
 
@@ -827,13 +999,19 @@ class Log:
             self.wandb_run.finish()
 
 
-def startup_line(cfg, meta, model, rt):
-    params = sum(p.numel() for p in model.parameters()) / 1e6
+def startup_line(cfg, meta, model, rt, teacher):
+    params = sum(p.numel() for p in model.parameters()) / 1e6  # a DTensor shard counts its full size
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
-    return (f"dhrd.py: {cfg.task} {meta['counts']} | {cfg.init_from} {params:.2f}M params "
+    line = (f"dhrd.py: {cfg.task} {meta['counts']} | {cfg.init_from} {params:.2f}M params "
             f"({trained:.2f}M trained) | {rt.device} {rt.dtype} ({rt.dtype_why}) | "
             f"global batch {rt.world * rt.micro * cfg.batch_size} = {rt.world} processes x {rt.micro} "
-            f"micro-batches x {cfg.batch_size} | alpha {cfg.alpha} beta {cfg.beta}")
+            f"micro-batches x {cfg.batch_size}{' (fsdp)' if cfg.fsdp else ''} | "
+            f"alpha {cfg.alpha} beta {cfg.beta}")
+    if teacher is not None:
+        t_params = sum(p.numel() for p in teacher.parameters()) / 1e6
+        line += (f" | kd teacher {cfg.kd_teacher} {t_params:.2f}M params, coef {cfg.kd_coef} "
+                 f"T {cfg.kd_temperature}")
+    return line
 
 
 def lr_at(it, cfg):
@@ -860,10 +1038,9 @@ def logged(step, cfg):
     return step % cfg.log_interval == 0 or step == 1
 
 
-def check_finite(losses, it, lr, out_dir, saved):
+def check_finite(loss_v, cls_v, lm_v, it, lr, out_dir, saved):
     """A non-finite loss stops the run before the optimizer step: nothing is saved, the last checkpoint
     stays good."""
-    loss_v, cls_v, lm_v, _ = losses
     if math.isfinite(loss_v):
         return
     last = "none written by this run yet"
@@ -930,20 +1107,29 @@ def train(cfg, rt):
     meta, train_split, val_split = load_data(cfg, rt, use_lm)
     tok = prepare.tokenizer_from_meta(meta)
     pad = pad_id(meta)
+    check_fsdp(cfg, rt)
     ckpt = read_checkpoint(out_dir) if cfg.init_from == "resume" else None
-    raw = build_model(cfg, meta, use_lm, ckpt).to(rt.device)  # the plain module: eval, checkpoints, export
+    raw = build_model(cfg, meta, use_lm, ckpt)  # what trains; eval, checkpoints and export: full_state
     ref = kl_reference(cfg, raw, ckpt)
+    teacher = load_teacher(cfg, meta, tok, raw, use_lm, rt)
+    if cfg.fsdp:
+        shard(raw, rt)  # in place: DTensor shards, on rt.device
+    else:
+        raw.to(rt.device)
+    if ref is not None:
+        ref.to(rt.device)
+    # after shard: the optimizer holds (and its state is the size of) this rank's shards
     optimizer = raw.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (0.9, 0.95), rt.dev_type)
     scaler = torch.amp.GradScaler(rt.dev_type, enabled=rt.dtype == "float16")
     it, pos, best = 0, 0, {"score": -math.inf, "iter": None, "val": None, "report": None, "stale": 0}
     if ckpt is not None:
-        it, pos, best = resume(ckpt, optimizer, scaler, cfg, rt.rank)
+        it, pos, best = resume(ckpt, raw, optimizer, scaler, cfg, rt.rank)
     model = wrap(raw, cfg, rt)
     # --- logs, and alpha=auto from the gradients at the initial weights
     log = Log(out_dir / "log.jsonl")
     if rt.master:
         start_run_files(cfg, out_dir, it, resumed=ckpt is not None)
-        print(startup_line(cfg, meta, raw, rt), flush=True)
+        print(startup_line(cfg, meta, raw, rt, teacher), flush=True)
         log = Log(out_dir / "log.jsonl", *start_tracking(cfg, trackers))
     alpha_base = cfg.alpha
     if cfg.alpha == "auto" and ckpt is not None:
@@ -961,7 +1147,7 @@ def train(cfg, rt):
             g["lr"] = lr
         alpha = alpha_at(it, cfg, alpha_base)
         stats = {}
-        sums = torch.zeros(4, device=rt.device)
+        sums = torch.zeros(5, device=rt.device)
         for m in range(micro):
             start = pos + (rt.rank * micro + m) * cfg.batch_size
             idx, mask, x_len, y, lm_targets = micro_batch(train_split, start, cfg, pad, use_lm, rt.device)
@@ -969,27 +1155,36 @@ def train(cfg, rt):
                 g_cls, g_lm = backbone_grads(raw, (idx, mask, x_len, y, lm_targets), ctx, rt.device)
                 stats = grad_stats(g_cls, g_lm, alpha, cfg.beta)
                 del g_cls, g_lm
-            model.require_backward_grad_sync = m == micro - 1  # DDP: all-reduce on the last micro-step only
+            # DDP: all-reduce on the last micro-step only; FSDP reduce-scatters every one (keeps shards only)
+            model.require_backward_grad_sync = m == micro - 1
             kl_ref = None
             if ref is not None:  # the base model's hidden states at the valid LM targets: no grad, no dropout
                 with torch.no_grad(), ctx, lora_disabled(ref):
                     kl_ref = (ref.eval().hidden_states(idx, mask)[lm_targets != -100], ref.lm_head.weight)
                 raw.train()
+            kd_ref = None
+            if teacher is not None:  # the teacher's hidden states at the valid LM targets: eval mode, no grad
+                with torch.no_grad(), ctx:
+                    h_teacher = teacher.hidden_states(idx, mask)[lm_targets != -100]
+                kd_ref = (h_teacher, teacher.lm_head.weight, cfg.kd_temperature)
             with ctx:
                 # ONE forward over s = [x, rationale, answer]: pooled logits at x_len, the LM loss on s
-                out = model(idx, mask, x_len, lm_targets, kl_ref)
+                out = model(idx, mask, x_len, lm_targets, kl_ref, kd_ref)
                 # paper Eq. 4: beta L_cls + alpha L_lm (+ kl_coef * KL(p_model || p_base) with --kl_coef)
-                loss, loss_cls = dual_loss(out, y, alpha, cfg.beta, cfg.kl_coef)
+                # (+ kd_coef * T^2 * KL(p_teacher^T || p_model^T) with --kd_teacher)
+                loss, loss_cls = dual_loss(out, y, alpha, cfg.beta, cfg.kl_coef, cfg.kd_coef,
+                                           cfg.kd_temperature)
                 loss_lm = out.loss_lm
                 loss_kl = out.loss_kl if out.loss_kl is not None else loss_cls.new_zeros(())
+                loss_kd = out.loss_kd if out.loss_kd is not None else loss_cls.new_zeros(())
             scaler.scale(loss / micro).backward()
             lm_term = loss_lm if use_lm else loss.new_zeros(())
-            sums += torch.stack([loss, loss_cls, lm_term, loss_kl]).detach().float()
+            sums += torch.stack([loss, loss_cls, lm_term, loss_kl, loss_kd]).detach().float()
         pos += cfg.batch_size * cfg.gradient_accumulation_steps
         if rt.ddp:
             dist.all_reduce(sums)  # the job's mean over all its micro-batches: identical on every rank
-        loss_v, cls_v, lm_v, kl_v = (sums / cfg.gradient_accumulation_steps).tolist()
-        check_finite((loss_v, cls_v, lm_v, kl_v), it, lr, out_dir, saved)
+        loss_v, cls_v, lm_v, kl_v, kd_v = (sums / cfg.gradient_accumulation_steps).tolist()
+        check_finite(loss_v, cls_v, lm_v, it, lr, out_dir, saved)
         optimizer_step(model, optimizer, scaler, cfg.grad_clip)
         it += 1
         if rt.master and logged(it, cfg):
@@ -997,13 +1192,20 @@ def train(cfg, rt):
             t_last = time.time()
             print(f"iter {it}: loss {loss_v:.4f} (cls {cls_v:.4f}, lm {lm_v:.4f}) lr {lr:.2e} "
                   f"{dt * 1000:.0f}ms/it", flush=True)
-            kl_line = {"loss_kl": kl_v} if ref is not None else {}
+            extra = {}
+            if ref is not None:
+                extra["loss_kl"] = kl_v
+            if teacher is not None:
+                extra["loss_kd"] = kd_v
             log.write(dict(iter=it, loss=loss_v, loss_cls=cls_v, loss_lm=lm_v if use_lm else None, lr=lr,
-                           alpha=alpha, **kl_line, **stats))
+                           alpha=alpha, **extra, **stats))
         if it % cfg.eval_interval == 0 or it == cfg.max_iters:
+            plain, optim_state = full_state(raw, optimizer, cfg, rt)  # FSDP: every rank takes part
             if rt.master:
-                best = validate(raw, it, best, val_split, meta, tok, cfg, rt, log)
-                save_checkpoint(out_dir / "ckpt.pt", raw, optimizer, scaler, it, pos, best, alpha_base, ref)
+                best = validate(plain, it, best, val_split, meta, tok, cfg, rt, log)
+                save_checkpoint(out_dir / "ckpt.pt", plain, optim_state, scaler, it, pos, best, alpha_base,
+                                ref)
+            del plain, optim_state
             saved = it
             if rt.ddp:  # the other ranks wait for rank 0's evaluation and checkpoint, then share its result
                 shared = [best]

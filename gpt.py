@@ -7,7 +7,7 @@ Reading and writing Hugging Face folders (safetensors, config.json, tokenizers, 
 - GPTConfig: every size and switch of the five families (hf.FAMILIES sets them from config.json)
 - RMSNorm, rope, KVCache, CausalSelfAttention, MLP, Block: one module per idea, switches instead of copies
 - fused_lm_loss (the fused masked LM loss, Eq. 3) and reference_lm_loss (the same, plain, to edit)
-- kl_to_ref: KL to a frozen reference at the LM targets (dhrd's --kl_coef)
+- token_kl: KL between two models' next-token distributions at the LM targets (dhrd's --kl_coef, --kd_coef)
 - DualOutput (what forward returns, always) and dual_loss (Eq. 4, the one place it is written)
 - _sample: greedy, temperature and nucleus sampling for generate
 - LoRA (paper App. E.4): add_lora, lora_disabled, merged export, save_lora / load_lora
@@ -324,19 +324,21 @@ def reference_lm_loss(h, weight, targets, ignore_index=-100):
     return F.cross_entropy(logits.float(), t_valid)
 
 
-def kl_to_ref(h, w, h_ref, w_ref, rows=256):
-    """Mean over rows of KL(p || p_ref) (dhrd's --kl_coef): p = softmax(h w^T), the model's next-token
-    distribution at the valid LM targets, p_ref the frozen reference's (h_ref, w_ref without grad). Row
-    chunks under activation checkpointing: at most [rows, V] logits exist at a time, forward and backward."""
+def token_kl(h_p, w_p, h_q, w_q, temperature=1.0, rows=256):
+    """Mean over rows of KL(p || q), p = softmax(h_p w_p^T / T) and q = softmax(h_q w_q^T / T): two
+    models' next-token distributions at the same valid LM targets (row i of h_p and of h_q), exact over the
+    vocabulary. dhrd's --kl_coef: KL(p_model || p_base); --kd_coef: KL(p_teacher || p_student) at temperature
+    T (Hinton et al. 2015; paper App. F). Row chunks under activation checkpointing: at most [rows, V] logits
+    exist at a time, forward and backward; the gradient reaches whichever side requires it."""
     def part(a, b):
-        lp = F.log_softmax((a @ w.t()).float(), -1)
-        lq = F.log_softmax((b @ w_ref.t()).float(), -1)
+        lp = F.log_softmax((a @ w_p.t()).float() / temperature, -1)
+        lq = F.log_softmax((b @ w_q.t()).float() / temperature, -1)
         return (lp.exp() * (lp - lq)).sum()
-    if len(h) == 0:
-        return h.sum() * 0.0
-    chunks = (checkpoint(part, h[i:i + rows], h_ref[i:i + rows], use_reentrant=False)
-              for i in range(0, len(h), rows))
-    return sum(chunks) / len(h)
+    if len(h_p) == 0:
+        return h_p.sum() * 0.0 + h_q.sum() * 0.0
+    chunks = (checkpoint(part, h_p[i:i + rows], h_q[i:i + rows], use_reentrant=False)
+              for i in range(0, len(h_p), rows))
+    return sum(chunks) / len(h_p)
 
 # ----------------------------------------------------------------------------------------------------------
 # The dual objective: forward returns both heads' terms from one pass; dual_loss combines them (Eq. 4).
@@ -345,18 +347,23 @@ class DualOutput(NamedTuple):
     cls_logits: torch.Tensor | None  # [B, K] the pooled head at the last token of x (Eq. 2); None: no head
     loss_lm: torch.Tensor | None     # L_lm, the reasoning head's loss (Eq. 3); None: no lm_targets given
     loss_kl: torch.Tensor | None     # KL(p_model || p_ref) at the LM targets; None: no kl_ref given
+    loss_kd: torch.Tensor | None     # KL(p_teacher^T || p_model^T) at the LM targets; None: no kd_ref given
 
 
-def dual_loss(out, y, alpha, beta, kl_coef=0.0):
+def dual_loss(out, y, alpha, beta, kl_coef=0.0, kd_coef=0.0, kd_temperature=1.0):
     """Paper Eq. 4: L = beta * L_cls + alpha * L_lm, from one forward's DualOutput and the labels y; plus
-    kl_coef * KL when out carries it (dhrd's --kl_coef). -> (loss, loss_cls). A pooled baseline (alpha=0)
-    passes no LM targets, so loss_lm is None and no LM work was done at all."""
+    kl_coef * KL when out carries it (dhrd's --kl_coef), and the soft-target distillation of the reasoning
+    head (paper App. F, future work; dhrd's --kd_coef) kd_coef * T^2 * KL(p_teacher^T || p_model^T): T^2 keeps
+    its gradients the size of a T=1 term's (Hinton et al. 2015, §2). -> (loss, loss_cls). A pooled baseline
+    (alpha=0) passes no LM targets, so loss_lm is None and no LM work was done at all."""
     loss_cls = F.cross_entropy(out.cls_logits.float(), y)
     loss = beta * loss_cls
     if out.loss_lm is not None:
         loss = loss + alpha * out.loss_lm
     if out.loss_kl is not None:
         loss = loss + kl_coef * out.loss_kl
+    if out.loss_kd is not None:
+        loss = loss + kd_coef * kd_temperature ** 2 * out.loss_kd
     return loss, loss_cls
 
 # ----------------------------------------------------------------------------------------------------------
@@ -621,15 +628,17 @@ class GPT(nn.Module):
                              "from_pretrained/GPTConfig")
         return self.forward(idx, attention_mask).cls_logits
 
-    def forward(self, idx, attention_mask=None, x_len=None, lm_targets=None, kl_ref=None):
+    def forward(self, idx, attention_mask=None, x_len=None, lm_targets=None, kl_ref=None, kd_ref=None):
         """THE training forward: one pass over s = [x, rationale, answer] feeds both losses of Eq. 4 (and
-        keeps DDP's hooks simple). Causal attention makes h at x's last token independent of what follows:
-        pooling there = x alone (§3). kl_ref = (the frozen reference's hidden states at the valid targets,
-        its LM head). -> DualOutput, None for each term not asked for."""
+        keeps DDP's and FSDP's hooks simple: the LM head is gathered only inside forward). Causal attention
+        makes h at x's last token independent of what follows: pooling there = x alone (§3). kl_ref = (the
+        frozen reference's hidden states at the valid targets, its LM head); kd_ref = (the teacher's hidden
+        states there, its LM head, the temperature). -> DualOutput, None for each term not asked for."""
         h = self.hidden_states(idx, attention_mask)
         cls_logits = None
         loss_lm = None
         loss_kl = None
+        loss_kd = None
         if self.score is not None:
             if x_len is None:  # x alone: the real length of each right-padded row
                 real = torch.ones_like(idx) if attention_mask is None else attention_mask
@@ -638,8 +647,12 @@ class GPT(nn.Module):
         if lm_targets is not None:
             loss_lm = self.lm_loss(h, self.require_lm_head("the LM loss L_lm (alpha > 0)").weight, lm_targets)
         if kl_ref is not None:
-            loss_kl = kl_to_ref(h[lm_targets != -100], self.require_lm_head("the KL term").weight, *kl_ref)
-        return DualOutput(cls_logits, loss_lm, loss_kl)
+            loss_kl = token_kl(h[lm_targets != -100], self.require_lm_head("the KL term").weight, *kl_ref)
+        if kd_ref is not None:  # the teacher's side first: KL(p_teacher || p_model), as distillation has it
+            h_teacher, w_teacher, temperature = kd_ref
+            w_student = self.require_lm_head("distillation (--kd_coef)").weight
+            loss_kd = token_kl(h_teacher, w_teacher, h[lm_targets != -100], w_student, temperature)
+        return DualOutput(cls_logits, loss_lm, loss_kl, loss_kd)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=0.0, top_p=1.0, eos_token_id=None,

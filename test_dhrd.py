@@ -3,13 +3,15 @@ Reference outputs come from tests/fixtures/ (made with transformers by tests/fix
 
 The sections, in this order. A section's tests share a name prefix: `pytest -k test_train test_dhrd.py`
 selects exactly one section; the short `-k train` also takes the few other names that contain the word.
-  -k gpt    gpt.py: parity with transformers, the fused LM loss, the one-pass property, sampling and the
-            KV cache, native dtypes, checkpoints and safetensors, tokenizers, downloads (loopback hub)
+  -k gpt    gpt.py: parity with transformers, the fused LM loss, the chunked KL (--kl_coef, --kd_coef), the
+            one-pass property, sampling and the KV cache, native dtypes, checkpoints and safetensors,
+            tokenizers, downloads (loopback hub)
   -k prep   prepare.py: synth, SuperGLUE templates, custom data, rationale import, teachers (a loopback
             API, a local model), the flag parser every script uses, bad input
-  -k train  dhrd.py: metrics, config errors, DDP == one process, exact resume after a kill, gradient
-            statistics and alpha=auto, eval_only / predict, a non-finite loss, compile, CoT decoding,
-            LoRA training; at its end the tests of gpt.py's LoRA modules (`-k test_lora`)
+  -k train  dhrd.py: metrics, config errors, DDP and FSDP == one process (and their checkpoints
+            interchangeable), exact resume after a kill, distillation from a teacher (--kd_teacher),
+            gradient statistics and alpha=auto, eval_only / predict, a non-finite loss, compile, CoT
+            decoding, LoRA training; at its end the tests of gpt.py's LoRA modules (`-k test_lora`)
   -k bench  bench.py: the JSON contract on a tiny model, flag errors, the named shapes' parameter counts,
             the LoRA step's FLOPs
   -k cuda   the checks a GPU can break (parity, bf16, decoding, the fused loss, torchrun + compile,
@@ -197,22 +199,24 @@ def test_gpt_forward_one_pass_property(model_type):
 
 
 def test_gpt_dual_output_and_dual_loss():
-    """forward always returns DualOutput(cls_logits, loss_lm, loss_kl), None for what was not asked;
-    dual_loss is Eq. 4: beta * CE(cls_logits, y) + alpha * loss_lm (+ kl_coef * loss_kl), each term only
-    when present."""
+    """forward always returns DualOutput(cls_logits, loss_lm, loss_kl, loss_kd), None for what was not asked;
+    dual_loss is Eq. 4: beta * CE(cls_logits, y) + alpha * loss_lm (+ kl_coef * loss_kl + kd_coef * T^2 *
+    loss_kd), each term only when present."""
     m = _gpt_tiny("llama", num_labels=3)
     idx = torch.randint(0, 61, (2, 10), generator=torch.Generator().manual_seed(0))
     tg = torch.roll(idx, -1, 1)
     y = torch.tensor([2, 0])
     ref = (m.hidden_states(idx).detach()[tg != -100], m.lm_head.weight.detach())
     outs = [m(idx), m(idx, lm_targets=tg), m(idx, lm_targets=tg, kl_ref=ref),
-            _gpt_tiny("llama")(idx, lm_targets=tg)]
+            _gpt_tiny("llama")(idx, lm_targets=tg), m(idx, lm_targets=tg, kd_ref=(*ref, 2.0))]
     for out in outs:
-        assert (type(out) is DualOutput and len(out) == 3
-                and out._fields == ("cls_logits", "loss_lm", "loss_kl"))
-    assert [[f is None for f in o] for o in outs] == [[False, True, True], [False, False, True],
-                                                     [False, False, False], [True, False, True]]
+        assert (type(out) is DualOutput and len(out) == 4
+                and out._fields == ("cls_logits", "loss_lm", "loss_kl", "loss_kd"))
+    assert [[f is None for f in o] for o in outs] == [[False, True, True, True], [False, False, True, True],
+                                                     [False, False, False, True], [True, False, True, True],
+                                                     [False, False, True, False]]
     assert outs[0].cls_logits.shape == (2, 3) and abs(outs[2].loss_kl.item()) < 1e-6  # KL to itself
+    assert abs(outs[4].loss_kd.item()) < 1e-6  # the teacher is the student: nothing to distil
     ce = F.cross_entropy(outs[1].cls_logits, y)
     loss, loss_cls = dual_loss(outs[0], y, alpha=0.7, beta=2.0)  # a pooled baseline: no LM term at all
     assert torch.equal(loss_cls, ce) and torch.equal(loss, 2.0 * ce)
@@ -222,6 +226,37 @@ def test_gpt_dual_output_and_dual_loss():
     out = outs[2]._replace(loss_kl=torch.tensor(0.25))
     loss, _ = dual_loss(out, y, alpha=0.7, beta=0.0, kl_coef=2.0)  # beta=0: a CoT-only model
     assert torch.allclose(loss, 0.7 * out.loss_lm + 0.5)
+    out = outs[4]._replace(loss_kd=torch.tensor(0.25))  # + kd_coef * T^2 * KL (Hinton's T^2)
+    loss, _ = dual_loss(out, y, alpha=0.7, beta=2.0, kl_coef=5.0, kd_coef=0.5, kd_temperature=3.0)
+    assert torch.allclose(loss, 2.0 * ce + 0.7 * out.loss_lm + 0.5 * 9.0 * 0.25)
+
+
+def test_gpt_kd_chunked_equals_naive_and_trains_the_student_only():
+    """--kd_coef's term, KL(p_teacher^T || p_student^T) at the valid LM targets: token_kl's row chunks equal
+    the plain [N, V] computation (value and gradients) at T=2; the teacher, run under no_grad, gets none."""
+    student = _gpt_tiny("llama", num_labels=2)
+    teacher = _gpt_tiny("qwen3", n_embd=32, n_head=4).requires_grad_(False)  # another network, the same V
+    teacher.lm_head.weight.mul_(20.0)  # peaked distributions, far from the student's near-uniform ones
+    idx = torch.randint(0, 61, (3, 12), generator=torch.Generator().manual_seed(0))
+    tg = torch.roll(idx, -1, 1)
+    tg[0, 5:] = tg[2, :3] = -100  # only the valid targets count
+    with torch.no_grad():
+        kd_ref = (teacher.hidden_states(idx)[tg != -100], teacher.lm_head.weight, 2.0)
+    kd = student(idx, lm_targets=tg, kd_ref=kd_ref).loss_kd  # rows=256: one chunk
+    chunked = gpt.token_kl(*kd_ref[:2], student.hidden_states(idx)[tg != -100], student.lm_head.weight,
+                           temperature=2.0, rows=5)
+    g_chunked = torch.autograd.grad(chunked, list(student.parameters()), allow_unused=True)
+    q = F.log_softmax(teacher.lm_logits(idx)[tg != -100] / 2.0, -1)
+    p = F.log_softmax(student.lm_logits(idx)[tg != -100] / 2.0, -1)
+    naive = F.kl_div(p, q, log_target=True, reduction="batchmean")  # KL(q || p), mean over the N rows
+    g_naive = torch.autograd.grad(naive, list(student.parameters()), allow_unused=True)
+    assert naive.item() > 0.1
+    assert abs(kd.item() - naive.item()) < 1e-6 and abs(chunked.item() - naive.item()) < 1e-6
+    for (n, _), a, b in zip(student.named_parameters(), g_chunked, g_naive):
+        assert (a is None) == (b is None) and (a is None or (a - b).abs().max() < 1e-6), n
+    assert sum(a is not None for a in g_chunked) > 10  # the blocks and the head, not the pooled head
+    kd.backward()
+    assert all(p.grad is None for p in teacher.parameters())
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "llama"])
@@ -279,7 +314,7 @@ def test_gpt_bf16_autocast_cpu():
     m = _gpt_tiny("gpt2", num_labels=2)
     idx = torch.randint(0, 61, (2, 12))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        cls, loss, _ = m(idx, lm_targets=idx)
+        cls, loss, _, _ = m(idx, lm_targets=idx)
         loss.backward()
         out = m.generate(idx[:, :4], 3)
     assert torch.isfinite(loss) and cls.shape == (2, 2) and out.shape == (2, 7)
@@ -539,7 +574,7 @@ def test_gpt_lora_kl_to_base(monkeypatch):
         with torch.no_grad(), gpt.lora_disabled(m):
             ref = (m.hidden_states(idx)[tg != -100], m.lm_head.weight)
         h = m.hidden_states(idx)[tg != -100]
-        return gpt.kl_to_ref(h, m.lm_head.weight, *ref, rows=rows), m(idx, lm_targets=tg, kl_ref=ref).loss_kl
+        return gpt.token_kl(h, m.lm_head.weight, *ref, rows=rows), m(idx, lm_targets=tg, kl_ref=ref).loss_kl
 
     assert max(abs(v.item()) for v in kl()) < 1e-6  # adapters at zero: the model is the base
     _gpt_lora_perturb(m)
@@ -1503,23 +1538,90 @@ def test_train_config_errors(tmp_path):
         dhrd.main(["--task=cb", "--data_dir=nowhere"])
 
 
-def test_train_ddp_two_processes_match_one(train_data, tmp_path):
-    """2 Gloo processes x 1 micro-step == 1 process x 2 micro-steps: same samples per step, same losses."""
-    flags = [*TINY, f"--data_dir={train_data}", "--gradient_accumulation_steps=2", "--max_iters=4",
-             "--log_interval=1", "--eval_interval=4", "--dropout=0.0"]
-    _train_run(*flags, f"--out_dir={tmp_path / 'one'}", cwd=tmp_path)
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def _train_torchrun(*args, cwd, popen=False):
+    """dhrd.py in 2 Gloo processes (one thread each: the test machine has 2 cores); popen: started, not
+    waited for, in its own process group (so a kill reaches torchrun's workers too)."""
+    cmd = [*TORCHRUN, str(ROOT / "dhrd.py"), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    r = subprocess.run([*torchrun, str(ROOT / "dhrd.py"), *flags, f"--out_dir={tmp_path / 'two'}"],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    if popen:
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+    r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
+def test_train_ddp_and_fsdp_two_processes_match_one(train_data, tmp_path):
+    """2 Gloo processes x 1 micro-step == 1 process x 2 micro-steps: same samples per step, same losses, for
+    DDP and for FSDP2 (--fsdp=True); FSDP's ckpt.pt, gathered on rank 0, has the 1-process layout and
+    values."""
+    flags = [*TINY, f"--data_dir={train_data}", "--gradient_accumulation_steps=2", "--max_iters=4",
+             "--log_interval=1", "--eval_interval=2", "--dropout=0.0"]
+    _train_run(*flags, f"--out_dir={tmp_path / 'one'}", cwd=tmp_path)
+    _train_torchrun(*flags, f"--out_dir={tmp_path / 'two'}", cwd=tmp_path)
+    r = _train_torchrun(*flags, "--fsdp=True", f"--out_dir={tmp_path / 'fsdp'}", cwd=tmp_path)
+    assert "| 2 x 1 x 8 fsdp |" in r.stdout, r.stdout
     one = _train_log(tmp_path / "one")
-    two = _train_log(tmp_path / "two")
-    assert [l["iter"] for l in one] == [l["iter"] for l in two] == [1, 2, 3, 4]
-    for a, b in zip(one, two):
-        for k in ("loss", "loss_cls", "loss_lm"):
-            assert abs(a[k] - b[k]) < 1e-5, (k, a, b)
+    for run in ("two", "fsdp"):
+        two = _train_log(tmp_path / run)
+        assert [l["iter"] for l in one] == [l["iter"] for l in two] == [1, 2, 3, 4]
+        for a, b in zip(one, two):
+            for k in ("loss", "loss_cls", "loss_lm"):
+                assert abs(a[k] - b[k]) < 1e-5, (run, k, a, b)
     assert len({l["loss"] for l in one}) == 4  # the losses move: the comparison means something
+    a, b = (torch.load(tmp_path / run / "ckpt.pt", weights_only=True) for run in ("one", "fsdp"))
+    assert a.keys() == b.keys() and a["model"].keys() == b["model"].keys() and a["iter"] == b["iter"] == 4
+    assert max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"]) < 1e-5
+    oa, ob = a["optimizer"], b["optimizer"]
+    assert oa["param_groups"] == ob["param_groups"] and oa["state"].keys() == ob["state"].keys()
+    for i, st in oa["state"].items():
+        for k, v in st.items():
+            assert (v.float() - ob["state"][i][k].float()).abs().max() < 1e-5, (i, k)
+    assert (tmp_path / "fsdp" / "model" / "model.safetensors").exists()
+
+
+def test_train_fsdp_resume_after_kill_and_across_ddp(train_data, tmp_path):
+    """FSDP checkpoints resume exactly and are interchangeable with one process's: a 1-process run killed
+    after its first checkpoint, resumed under FSDP, and an FSDP run killed likewise, resumed in 1 process,
+    both end where the uninterrupted 1-process run ends (losses within 1e-5, the same results)."""
+    flags = [*TINY, f"--data_dir={train_data}", "--gradient_accumulation_steps=2", "--max_iters=20",
+             "--eval_interval=5", "--log_interval=1", "--dropout=0.0"]
+    _train_run(*flags, f"--out_dir={tmp_path / 'full'}", cwd=tmp_path)
+    _train_kill_after_first_ckpt(flags, tmp_path / "one-killed", tmp_path)
+    _train_torchrun("--init_from=resume", f"--out_dir={tmp_path / 'one-killed'}", "--fsdp=True", cwd=tmp_path)
+    out = tmp_path / "fsdp-killed"
+    p = _train_torchrun(*flags, "--fsdp=True", f"--out_dir={out}", cwd=tmp_path, popen=True)
+    t0 = time.time()
+    while not (out / "ckpt.pt").exists() and p.poll() is None and time.time() - t0 < 120:
+        time.sleep(0.005)
+    os.killpg(p.pid, 9)
+    p.wait()
+    assert not (out / "results.json").exists(), "the run finished before it could be killed"
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter"] < 20
+    _train_run("--init_from=resume", f"--out_dir={out}", "--fsdp=False", cwd=tmp_path)
+    full = _train_weights(tmp_path / "full")
+    res = json.loads((tmp_path / "full" / "results.json").read_text())
+    log = _train_log(tmp_path / "full")
+    for run in ("one-killed", "fsdp-killed"):
+        w = _train_weights(tmp_path / run)
+        # 2 ranks average gradients in another order than 1 process's accumulation: 1.04e-5 after 20 steps
+        assert max((full[k] - w[k]).abs().max().item() for k in full) < 1e-4, run
+        assert json.loads((tmp_path / run / "results.json").read_text()) == res, run
+        for a, b in zip(log, _train_log(tmp_path / run), strict=True):
+            assert a["iter"] == b["iter"] and abs(a["loss"] - b["loss"]) < 1e-5, (run, a, b)
+
+
+def test_train_fsdp_refuses_what_it_cannot_do(train_data, tmp_path):
+    base = [*TINY, f"--data_dir={train_data}", f"--out_dir={tmp_path / 'x'}", "--fsdp=True"]
+    for args, msg in [([], "launch it as `torchrun --nproc_per_node=N dhrd.py --fsdp=True"),
+                      (["--lora_rank=4"], "--fsdp=True with --lora_rank: not supported"),
+                      (["--dtype=float16"], "--fsdp=True with float16"),
+                      (["--alpha=auto"], "--fsdp=True with --grad_stats or --alpha=auto")]:
+        with pytest.raises(dhrd.ConfigError, match=re.escape(msg)):
+            dhrd.main([*base, *args])
 
 
 def _train_weights(out_dir):
@@ -1566,6 +1668,49 @@ def test_train_resume_after_kill_is_exact(trained_run):
     res = [json.loads((x / "results.json").read_text()) for x in (d / "full", out)]
     assert res[0] == res[1] and res[0]["val"]["accuracy"] > 0
     assert _train_log(d / "full") == _train_log(out)  # the log after the kill was trimmed to the checkpoint
+
+
+def test_train_kd_teacher_end_to_end_and_resume(trained_run, tmp_path):
+    """--kd_teacher (a dhrd out_dir: its exported model/ and meta.json's tokenizer): loss_kd logged, the
+    teacher on the startup line; a killed run resumes to the same weights, log and results; the term is 0
+    when the teacher is the student; bad combinations and a different tokenizer stop with a clear error."""
+    d, flags = trained_run
+    teacher = d / "full"
+    kd = [*flags, "--max_iters=20", f"--kd_teacher={teacher}", "--kd_coef=0.5", "--kd_temperature=2"]
+    r = _train_run(*kd, f"--out_dir={d / 'kd'}", cwd=d)
+    assert f"| kd teacher {teacher} " in r.stdout and "coef 0.5 T 2.0" in r.stdout, r.stdout
+    log = _train_log(d / "kd")
+    assert all(l["loss_kd"] > 0 for l in log) and log[-1]["loss_kd"] < log[0]["loss_kd"]
+    out = d / "kd-killed"
+    _train_kill_after_first_ckpt(kd, out, d)
+    _train_run("--init_from=resume", f"--out_dir={out}", cwd=d)
+    full = _train_weights(d / "kd")
+    resumed = _train_weights(out)
+    assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
+    res = [json.loads((x / "results.json").read_text()) for x in (d / "kd", out)]
+    assert res[0] == res[1] and _train_log(d / "kd") == _train_log(out)
+    # the teacher is the student (the same exported weights, fp32, no dropout): KL 0 at the first step
+    data = next(f for f in flags if f.startswith("--data_dir="))
+    same = [f"--init_from={teacher / 'model'}", data, *TINY, "--dropout=0.0", "--max_iters=1",
+            f"--kd_teacher={teacher}", "--kd_coef=1", f"--out_dir={tmp_path / 'same'}"]
+    _train_run(*same, cwd=tmp_path)
+    assert abs(_train_log(tmp_path / "same")[0]["loss_kd"]) < 1e-7
+    bad = tmp_path / "bad"  # the same vocab_size, two characters swapped: a different tokenizer
+    shutil.copytree(teacher / "model", bad)
+    meta = json.loads((bad / "meta.json").read_text())
+    chars = list(meta["tokenizer"]["chars"])
+    chars[3], chars[4] = chars[4], chars[3]
+    meta["tokenizer"]["chars"] = "".join(chars)
+    (bad / "meta.json").write_text(json.dumps(meta))
+    base = [data, *TINY, f"--out_dir={tmp_path / 'x'}"]
+    for args, msg in [([f"--kd_teacher={bad}", "--kd_coef=1"], f"first differ at id 3: {chars[3]!r} vs "
+                       f"{chars[4]!r}"),
+                      (["--kd_coef=1"], "--kd_coef needs --kd_teacher"),
+                      ([f"--kd_teacher={teacher}"], "needs --kd_coef > 0"),
+                      ([f"--kd_teacher={teacher}", "--kd_coef=1", "--alpha=0"], "which --alpha=0 does not"),
+                      ([f"--kd_teacher={tmp_path / 'nowhere'}", "--kd_coef=1"], "--kd_teacher=.*nowhere")]:
+        with pytest.raises(dhrd.ConfigError, match=re.escape(msg) if "*" not in msg else msg):
+            dhrd.main([*base, *args])
 
 
 def test_train_grad_stats_match_naive():
@@ -2027,6 +2172,32 @@ def test_train_lora_end_to_end_and_resume(lora_data):
     resumed = _train_weights(out)
     assert ck.keys() == resumed.keys() and all(torch.equal(ck[k], resumed[k]) for k in ck)
     assert json.loads((out / "results.json").read_text()) == res and _train_log(d / "full") == _train_log(out)
+
+
+def test_train_kd_teacher_hf_folder_and_tokenizer_check(lora_data, tmp_path):
+    """An HF folder as the teacher (its tokenizer files): the same tokenizer trains; a tokenizer with two ids
+    swapped (the same vocab_size) stops with a message naming both and the first differing id, another
+    vocab_size with one naming both sizes."""
+    d, flags = lora_data
+    flags = [f for f in flags if not f.startswith(("--lora", "--kl_coef", "--max_iters"))] + ["--max_iters=2"]
+    out = tmp_path / "kd"
+    _train_run(*flags, f"--kd_teacher={FIX / 'llama'}", "--kd_coef=1", f"--out_dir={out}", cwd=tmp_path)
+    log = _train_log(out)  # the student starts as the teacher (the same fixture): 0, then it moves away
+    assert abs(log[0]["loss_kd"]) < 1e-7 < log[1]["loss_kd"]
+    swapped = tmp_path / "swapped"
+    shutil.copytree(FIX / "llama", swapped)
+    vocab = json.loads((swapped / "vocab.json").read_text())
+    a, b = (next(t for t, i in vocab.items() if i == n) for n in (500, 501))
+    vocab[a], vocab[b] = 501, 500
+    (swapped / "vocab.json").write_text(json.dumps(vocab))
+    with pytest.raises(dhrd.ConfigError, match=r"the teacher's tokenizer \(.*swapped, 897 ids\) is not the "
+                       r"one .*first differ at id 500"):
+        dhrd.main([*flags, f"--kd_teacher={swapped}", "--kd_coef=1", f"--out_dir={out}"])
+    with pytest.raises(dhrd.ConfigError, match="the teacher's vocab_size is 61, the student's"):
+        small = tmp_path / "small"
+        _gpt_tiny("llama").save_pretrained(small)
+        hf.copy_tokenizer_files(d / "base", small)
+        dhrd.main([*flags, f"--kd_teacher={small}", "--kd_coef=1", f"--out_dir={out}"])
 
 
 # ============================================================================================================
