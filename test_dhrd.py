@@ -1563,7 +1563,7 @@ def test_train_ddp_and_fsdp_two_processes_match_one(train_data, tmp_path):
     _train_run(*flags, f"--out_dir={tmp_path / 'one'}", cwd=tmp_path)
     _train_torchrun(*flags, f"--out_dir={tmp_path / 'two'}", cwd=tmp_path)
     r = _train_torchrun(*flags, "--fsdp=True", f"--out_dir={tmp_path / 'fsdp'}", cwd=tmp_path)
-    assert "| 2 x 1 x 8 fsdp |" in r.stdout, r.stdout
+    assert "| global batch 16 = 2 processes x 1 micro-batches x 8 (fsdp) |" in r.stdout, r.stdout
     one = _train_log(tmp_path / "one")
     for run in ("two", "fsdp"):
         two = _train_log(tmp_path / run)
