@@ -892,6 +892,7 @@ def load_teacher(cfg, meta, tok, student, use_lm, rt):
         where = where / "model"
     try:
         teacher = GPT.from_pretrained(where)
+        teacher.require_lm_head("--kd_teacher (its soft targets come from its LM head)")
         folder = teacher.source_dir
         if (folder / "meta.json").exists():  # a dhrd export: the tokenizer of the data it was trained on
             t_tok = prepare.tokenizer_from_meta(_read_json(folder / "meta.json", "teacher's meta"))
