@@ -11,8 +11,8 @@ Reading and writing Hugging Face folders (safetensors, config.json, tokenizers, 
 - DualOutput (what forward returns, always) and dual_loss (Eq. 4, the one place it is written)
 - _sample: greedy, temperature and nucleus sampling for generate
 - LoRA (paper App. E.4): add_lora, lora_disabled, merged export, save_lora / load_lora
-- GPT: embeddings, blocks, both heads, pooling, generate with a KV cache, from_pretrained / save_pretrained,
-  configure_optimizers, flops_per_token
+- GPT: embeddings, blocks (grad_checkpoint: recomputed in backward), both heads, pooling, generate with a KV
+  cache, from_pretrained / save_pretrained, configure_optimizers, flops_per_token
 - native_dtype: what dtype=auto means on this device
 Deps: torch, hf.py.
 """
