@@ -179,9 +179,14 @@ def _f1(t, p):
     return 2 * int((t & p).sum()) / (int(t.sum()) + int(p.sum()))
 
 
+def predicted_labels(probs):
+    """The label id per row of probs [N,K]; -1 for a zero row (a CoT model whose decoded text names none)."""
+    return np.where(probs.max(1) > 0, probs.argmax(1), -1)
+
+
 def metrics(kind, probs, gold, groups, pos=1):
     """probs [N,K] (a zero row = no prediction), gold [N] label ids, groups [N], pos = the 'Yes' label id."""
-    pred = np.where(probs.max(1) > 0, probs.argmax(1), -1)
+    pred = predicted_labels(probs)
     acc = float((pred == gold).mean())
     if kind == "cb":  # macro-F1 over the classes seen in gold or predictions (sklearn's 'macro', SuperGLUE)
         cls = sorted((set(gold.tolist()) | set(pred.tolist())) - {-1})
@@ -330,7 +335,7 @@ def class_report(probs, gold, labels):
     """What HF / sklearn users read first (sklearn's classification_report + confusion_matrix): precision,
     recall, F1 and support per label, and the confusion matrix, rows = gold, columns = predicted, the last
     column for no prediction (a CoT model whose decoded text names no label)."""
-    pred = np.where(probs.max(1) > 0, probs.argmax(1), -1)
+    pred = predicted_labels(probs)
     K = len(labels)
     confusion = np.zeros((K, K + 1), dtype=np.int64)
     np.add.at(confusion, (gold, np.where(pred < 0, K, pred)), 1)
@@ -920,7 +925,8 @@ def resume(ckpt, raw, optimizer, scaler, cfg, rank):
     set_rng_state(ckpt["rng"])
     if rank:
         torch.manual_seed(cfg.seed + rank + 1000 * ckpt["iter"])
-    return ckpt["iter"], ckpt["data_pos"], ckpt["best"]
+    best = {"report": None, "stale": 0, **ckpt["best"]}  # a checkpoint older than the report and --patience
+    return ckpt["iter"], ckpt["data_pos"], best
 
 
 def wrap(model, cfg, rt):
@@ -1070,7 +1076,7 @@ def validate(raw, it, best, split, meta, tok, cfg, rt, log):
     log.write(dict(iter=it, val=val))
     score = float(np.mean(list(val.values())))
     if score <= best["score"]:
-        return {**best, "stale": best.get("stale", 0) + 1}  # --patience counts these (kept on resume)
+        return {**best, "stale": best["stale"] + 1}  # --patience counts these (kept on resume)
     export(raw, out_dir / "model", meta, cfg)  # LoRA merged in: a plain HF folder
     if cfg.lora_rank:
         save_lora(raw, out_dir / "adapter")  # + the adapters alone (megabytes)
@@ -1079,13 +1085,13 @@ def validate(raw, it, best, split, meta, tok, cfg, rt, log):
 
 def out_of_patience(best, cfg):
     """--patience=N: N evaluations in a row without a better val score stop the run (early stopping)."""
-    return cfg.patience > 0 and best.get("stale", 0) >= cfg.patience
+    return cfg.patience > 0 and best["stale"] >= cfg.patience
 
 
 def write_results(cfg, meta, best, it, seconds):
     out_dir = Path(cfg.out_dir)
     res = {"task": cfg.task, "metric": meta["metric"], "val": best["val"], "best_iter": best["iter"],
-           "report": best.get("report"), "stopped_early_at": None}
+           "report": best["report"], "stopped_early_at": None}
     if out_of_patience(best, cfg):
         res["stopped_early_at"] = it
     write_text(out_dir / "results.json", json.dumps(res, indent=1) + "\n")
@@ -1241,7 +1247,7 @@ if __name__ == "__main__":
         same_on_all = isinstance(e, (ConfigError, FloatingPointError))
         if os.environ.get("RANK", "0") == "0" or not same_on_all:
             print(f"dhrd.py: error: {e}", file=sys.stderr, flush=True)
-        elif same_on_all:
+        else:
             time.sleep(1.0)
         sys.exit(1)
     finally:
