@@ -1242,13 +1242,13 @@ if __name__ == "__main__":
         main(sys.argv[1:])
     except (ValueError, FloatingPointError) as e:  # ConfigError, CheckpointError, PrepareError, NaN/inf loss
         # under torchrun every rank meets the same config error or NaN: rank 0 alone says it, and the others
-        # leave a second later, so that torchrun's failure report names rank 0 (whose message is printed)
-        # instead of stopping it with SIGTERM before it could print
+        # leave 3 s later (1 s lost the race in a loaded CI run), so that torchrun's failure report names
+        # rank 0 (whose message is printed) instead of stopping it with SIGTERM before it could print
         same_on_all = isinstance(e, (ConfigError, FloatingPointError))
         if os.environ.get("RANK", "0") == "0" or not same_on_all:
             print(f"dhrd.py: error: {e}", file=sys.stderr, flush=True)
         else:
-            time.sleep(1.0)
+            time.sleep(3.0)
         sys.exit(1)
     finally:
         if dist.is_initialized():
