@@ -125,17 +125,18 @@ def grad_table(arms):
 
 
 def decision(arms):
-    """The pre-registered rule (README, the budget experiment), on the val curves at steps 100, 300, 400."""
-    base = arms.get("pooled")
-    if not base:
-        return
-    print()
-    gains = [r["curve"][400] - r["curve"][300] for r in base.values() if {300, 400} <= set(r["curve"])]
-    plateau = bool(gains) and statistics.mean(gains) < 0.01
-    trend = "plateaued" if plateau else "still improving"
-    print(f"baseline gain from step 300 to 400: {ms(gains)} -> {trend}")
-    for arm in ("dhrd", "dhrd_auto"):
-        runs = arms.get(arm, {})
+    """The pre-registered rule (README, the budget experiment), on the val curves at steps 100, 300, 400: DHRD
+    against its baseline, for the two pre-registered DHRD arms and, applied the same way afterwards, the MLP
+    head's pair (dhrd_mlp against pooled_mlp)."""
+    for arm in ("dhrd", "dhrd_auto", "dhrd_mlp"):
+        runs, base_arm = arms.get(arm, {}), baseline_of(arm)
+        base = arms.get(base_arm)
+        if not runs or not base:
+            continue
+        gains = [r["curve"][400] - r["curve"][300] for r in base.values() if {300, 400} <= set(r["curve"])]
+        plateau = bool(gains) and statistics.mean(gains) < 0.01
+        trend = "plateaued" if plateau else "still improving"
+        print(f"\n{base_arm}: gain from step 300 to 400: {ms(gains)} -> {trend}")
         seeds = [s for s in runs if s in base and {100, 400} <= set(runs[s]["curve"]) & set(base[s]["curve"])]
         if len(seeds) < 3:
             print(f"{arm}: {len(seeds)} paired seed(s) of the 3 the rule needs: undecided")
@@ -149,7 +150,7 @@ def decision(arms):
         elif artifact:
             verdict = "budget artifact"
         per = ", ".join(f"s{s}: {g[100]:+.3f} -> {g[400]:+.3f}" for s, g in sorted(gap.items()))
-        print(f"{arm}: gap (baseline − {arm}) at step 100 -> 400: {per} => {verdict}")
+        print(f"{arm}: gap ({base_arm} − {arm}) at step 100 -> 400: {per} => {verdict}")
 
 
 def main(root):
