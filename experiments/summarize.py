@@ -128,15 +128,18 @@ def decision(arms):
     """The pre-registered rule (README, the budget experiment), on the val curves at steps 100, 300, 400: DHRD
     against its baseline, for the two pre-registered DHRD arms and, applied the same way afterwards, the MLP
     head's pair (dhrd_mlp against pooled_mlp)."""
-    for arm in ("dhrd", "dhrd_auto", "dhrd_mlp"):
-        runs, base_arm = arms.get(arm, {}), baseline_of(arm)
-        base = arms.get(base_arm)
-        if not runs or not base:
-            continue
-        gains = [r["curve"][400] - r["curve"][300] for r in base.values() if {300, 400} <= set(r["curve"])]
-        plateau = bool(gains) and statistics.mean(gains) < 0.01
-        trend = "plateaued" if plateau else "still improving"
-        print(f"\n{base_arm}: gain from step 300 to 400: {ms(gains)} -> {trend}")
+    pairs = [(a, baseline_of(a)) for a in ("dhrd", "dhrd_auto", "dhrd_mlp")]
+    pairs = [(a, b) for a, b in pairs if a in arms and b in arms]
+    plateaued = {}
+    for arm, base_arm in pairs:
+        runs, base = arms[arm], arms[base_arm]
+        if base_arm not in plateaued:  # once per baseline
+            curves = [r["curve"] for r in base.values() if {300, 400} <= set(r["curve"])]
+            gains = [c[400] - c[300] for c in curves]
+            plateaued[base_arm] = bool(gains) and statistics.mean(gains) < 0.01
+            trend = "plateaued" if plateaued[base_arm] else "still improving"
+            print(f"\n{base_arm}: gain from step 300 to 400: {ms(gains)} -> {trend}")
+        plateau = plateaued[base_arm]
         seeds = [s for s in runs if s in base and {100, 400} <= set(runs[s]["curve"]) & set(base[s]["curve"])]
         if len(seeds) < 3:
             print(f"{arm}: {len(seeds)} paired seed(s) of the 3 the rule needs: undecided")
