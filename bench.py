@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt import GPT, GPTConfig, add_lora, dual_loss, fused_lm_loss, native_dtype
-from prepare import ConfigError, parse_flags
+from plumbing import ConfigError, parse_flags
 
 # ----------------------------------------------------------------------------- config (--key=value)
 init_from = "gpt2"        # a model folder (real weights), or a built-in shape below (random weights)
@@ -61,7 +61,7 @@ repeats = 3               # timed calls; their median is reported
 num_labels = 2
 seed = 1337
 out = "bench.json"
-# the flags: every setting above, typed like its default (prepare.parse_flags has the rules)
+# the flags: every setting above, typed like its default (plumbing.parse_flags has the rules)
 FLAGS = {k: v for k, v in globals().items()
          if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 CHOICES = {"dtype": ("auto", "float32", "bfloat16", "float16")}

@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import prepare
 from gpt import (GPT, GPTConfig, CheckpointError, add_lora, dual_loss, load_tokenizer, lora_disabled,
                  native_dtype, save_lora)
-from hf import Progress, atomic_write
+from plumbing import ConfigError, Progress, atomic_write, parse_flags
 
 
 @dataclass
@@ -104,9 +104,7 @@ class Config:
     fsdp: bool = False              # under torchrun: FSDP2 (fully_shard per block, then the root), not DDP
 
 
-ConfigError = prepare.ConfigError  # the shared flag parser's error; callers catch dhrd.ConfigError
-
-# the values a str key may take; alpha, a float, may also be 'auto' (prepare.flag_value has the rules)
+# the values a str key may take; alpha, a float, may also be 'auto' (plumbing.flag_value has the rules)
 CHOICES = dict(
     alpha=("auto",),
     alpha_schedule=("constant", "linear"),
@@ -131,7 +129,7 @@ def _read_json(path, what):
 def parse_config(argv):
     """defaults <- (resume / eval of an out_dir: its config.json) <- JSON files <- --key=value."""
     d = asdict(Config())
-    flags = prepare.parse_flags(argv, d, CHOICES)  # the keys that were set, applied in order, later wins
+    flags = parse_flags(argv, d, CHOICES)  # the keys that were set, applied in order, later wins
     d.update(flags)
     # a run directory remembers its config: resume / eval / predict need only --out_dir or --init_from
     resume = d["init_from"] == "resume"

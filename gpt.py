@@ -14,7 +14,7 @@ Reading and writing Hugging Face folders (safetensors, config.json, tokenizers, 
 - GPT: embeddings, blocks (grad_checkpoint: recomputed in backward), both heads, pooling, generate with a KV
   cache, from_pretrained / save_pretrained, configure_optimizers, flops_per_token
 - native_dtype: what dtype=auto means on this device
-Deps: torch, hf.py.
+Deps: torch, hf.py, plumbing.py (atomic_write).
 """
 import json
 import math
@@ -28,11 +28,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from hf import (FAMILIES, atomic_write, check, config_from_hf, config_to_hf, copy_tokenizer_files,
-                read_checkpoint, read_safetensors, resolve_model_dir, some, state_dict_from_hf,
-                state_dict_to_hf, write_safetensors)
-# the entry points of SPEC §2 stay importable from here: `from gpt import GPT, load_tokenizer`
+from hf import (FAMILIES, check, config_from_hf, config_to_hf, copy_tokenizer_files, read_checkpoint,
+                read_safetensors, resolve_model_dir, some, state_dict_from_hf, state_dict_to_hf,
+                write_safetensors)
+# the entry points stay importable from here: `from gpt import GPT, load_tokenizer`
 from hf import CheckpointError, DownloadError, download, load_tokenizer  # noqa: F401
+from plumbing import atomic_write
 
 
 @dataclass

@@ -1,15 +1,13 @@
-"""Hugging Face formats, beneath gpt.py, importing no project file.
+"""Hugging Face formats, beneath gpt.py, importing only plumbing.py.
 
 - errors: CheckpointError (a file that cannot be used) and DownloadError, raised through `check`
-- atomic_write: every file written here or in gpt.py goes to a temporary sibling, then one rename
-- Progress: the progress line of long work on stderr (downloads; prepare.py's teachers, dhrd.py's evaluation)
 - safetensors: the project's own reader/writer (no pickle), single files and sharded checkpoints
 - FAMILIES: one record per model family (gpt2, opt, llama, qwen2, qwen3) with everything loading AND saving
   need: config.json keys and transformers' defaults, architectures, tensor names, fixed flags
 - config.json <-> plain dicts of GPTConfig field values; tensor names ours <-> HF's
 - the tokenizer: GPT-2 byte-level BPE as a tiktoken Encoding (tokenizer.json or vocab.json + merges.txt)
 - hub names: resolve_model_dir (a cache folder, downloading what is missing), download (resumable, checked)
-Deps: torch, numpy, tiktoken, stdlib.
+Deps: torch, numpy, tiktoken, plumbing.py (atomic_write, Progress), stdlib.
 """
 import hashlib
 import json
@@ -17,8 +15,6 @@ import math
 import os
 import re
 import shutil
-import sys
-import time
 import unicodedata
 import urllib.error
 import urllib.request
@@ -29,6 +25,8 @@ from typing import NamedTuple
 import numpy as np
 import tiktoken
 import torch
+
+from plumbing import Progress, atomic_write
 
 
 class CheckpointError(ValueError):
@@ -50,116 +48,6 @@ def some(names, n=5):
     names = list(names)
     return f"{names[:n]} ({len(names)} in all)"
 
-
-def atomic_write(path, write, suffix=".tmp"):
-    """write(tmp) fills tmp, a sibling named path + suffix; then tmp replaces path in one rename, so a reader
-    sees the old file or the whole new one, never a part. If write raises, path is untouched and tmp stays
-    (download resumes from its .part; the next write simply overwrites a stale .tmp)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + suffix)
-    write(tmp)
-    os.replace(tmp, path)
-    return path
-
-
-def _duration(seconds):
-    s = int(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m"
-
-
-class Progress:
-    """The progress of `total` units of work on stderr: done/total (%), how many an earlier run already did
-    (a resumed download or teacher), rate, ETA. On a terminal one line updated in place with \r; elsewhere
-    (a log file, CI) a plain line at each further 10 % and at least every `every` seconds, so logs stay
-    readable. Work that ends within `delay` seconds prints nothing. total None: unknown (no Content-Length).
-    Use as a context manager, or call close(): the final state, and the newline a terminal needs."""
-
-    delay = 2.0   # seconds of silence at the start: short work stays quiet
-    every = 30.0  # a log line at least this often, also between the 10 % marks
-    redraw = 0.2  # a terminal's line is redrawn at most this often
-
-    def __init__(self, label, total, done=0, unit="", scale=1, quiet=False, stream=None):
-        self.label = label
-        self.total = total
-        self.done = done
-        self.start = done  # done by an earlier run: counted, but not in the rate
-        self.unit = unit  # " MB" with scale 1e6: bytes shown as megabytes
-        self.scale = scale
-        self.quiet = quiet
-        self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty()
-        self.t0 = time.monotonic()
-        self.last = None  # when a line was last written, None: not yet
-        self.shown = None  # the `done` that line showed
-        self.width = 0  # of the terminal line, to blank what a shorter one leaves
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def _amount(self, n):
-        if self.scale == 1:
-            return str(n)
-        return f"{n / self.scale:.1f}"
-
-    def line(self):
-        elapsed = max(time.monotonic() - self.t0, 1e-9)
-        text = f"{self.label}: {self._amount(self.done)}"
-        if self.total:
-            text += f"/{self._amount(self.total)}{self.unit} ({100 * self.done / self.total:.0f}%)"
-        else:
-            text += self.unit
-        if self.start:
-            text += f", {self._amount(self.start)}{self.unit} from an earlier run"
-        rate = (self.done - self.start) / elapsed
-        text += f", {rate / self.scale:.1f}{self.unit}/s"
-        if self.total and rate > 0:
-            text += f", ETA {_duration(max(self.total - self.done, 0) / rate)}"
-        return text
-
-    def _write(self, now):
-        text = self.line()
-        if self.tty:
-            self.stream.write("\r" + text.ljust(self.width))
-            self.width = len(text)
-        else:
-            self.stream.write(text + "\n")
-        self.stream.flush()
-        self.last = now
-        self.shown = self.done
-
-    def _decile(self, n):
-        return int(10 * n / self.total) if self.total else 0
-
-    def update(self, done):
-        self.done = done
-        now = time.monotonic()
-        if self.quiet or now - self.t0 < self.delay:
-            return
-        if self.last is None:
-            self._write(now)
-        elif self.tty and now - self.last >= self.redraw:
-            self._write(now)
-        elif not self.tty and self._decile(done) > self._decile(self.shown):
-            self._write(now)
-        elif not self.tty and now - self.last >= self.every:
-            self._write(now)
-
-    def close(self):
-        if self.last is None:  # nothing shown: short work, or quiet
-            return
-        if self.shown != self.done:
-            self._write(time.monotonic())
-        if self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
-        self.last = None
 
 # ----------------------------------------------------------------------------------------------------------
 # safetensors, read and written here (no pickle): 8-byte little-endian header length, a JSON header

@@ -11,11 +11,8 @@ Output in out_dir (default data/<task>): meta.json and per split S: S.bin (flat 
 bin[start:start+n]; its first x_len tokens are the input x (BOS first where the tokenizer has one); when the
 label is known a suffix "\\nReasoning:\\n{r}\\nFinal Answer:\\n{y}" + EOS follows (paper App. E.2; without a
 rationale just "\\nFinal Answer:\\n{y}" + EOS). Same inputs -> byte-identical outputs.
-
-Also home of the one --key=value parser of every script (parse_flags, ConfigError; bottom of the file).
 """
 import csv
-import difflib
 import hashlib
 import inspect
 import io
@@ -35,7 +32,7 @@ import numpy as np
 import torch
 
 from gpt import GPT, download, load_tokenizer, native_dtype
-from hf import Progress
+from plumbing import ConfigError, Progress, parse_flags
 
 # synth, the embedded default: modular arithmetic, "a=79,b=a-74;b>49?" -> No, rationale "b=79-74=5". The
 # label needs the intermediate value the rationale spells out, so rationales (alpha>0) can help a pooled head
@@ -854,86 +851,6 @@ def prepare(task="synth", out_dir=None, model=None, data_dir=None, fmt="paper", 
         print(f"prepare.py: {task} -> {out_dir}: {stats['counts']}, shortened {stats['shortened']}, "
               f"dropped {dropped}")
     return meta
-
-
-# ----------------------------------------------------------------------------------------------------------
-# --key=value flags: the one parser of every script (prepare.py here; bench.py and dhrd.py import it)
-
-class ConfigError(ValueError):
-    """A bad flag, value or config file; the message names the flag or file and says how to fix it."""
-
-
-BOOLS = {"true": True, "1": True, "false": False, "0": False}   # any case; anything else is an error
-
-
-def flag_value(key, value, defaults, choices, where):
-    """One value for `key`, checked against its default: text (from the command line) becomes the default's
-    type; a JSON int is a fine float; a None default takes a string. choices[key]: for a str key the only
-    values allowed; for a bool/int/float key extra strings allowed besides its type (alpha: a float, or
-    "auto"). `where` names the flag or file in the message."""
-    if key not in defaults:
-        close = difflib.get_close_matches(key, defaults, n=3, cutoff=0.5)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ConfigError(f"{where}: unknown config key '{key}'{hint} (keys: {', '.join(defaults)})")
-    default = defaults[key]
-    kind = str if default is None else type(default)
-    allowed = tuple((choices or {}).get(key, ()))
-    if kind is not str and isinstance(value, str) and value in allowed:
-        return value
-    v = value
-    if isinstance(value, str) and kind is bool:
-        v = BOOLS.get(value.lower())
-    elif isinstance(value, str) and kind in (int, float):
-        try:
-            v = kind(value)
-        except ValueError:
-            pass
-    if kind is float and type(v) is int:
-        v = float(v)
-    if type(v) is not kind and not (default is None and v is None):
-        if kind is bool:
-            extra = "; use true, false, 1 or 0 (any case)"
-        elif allowed:
-            extra = f"; or use {' or '.join(allowed)}"
-        else:
-            extra = ""
-        raise ConfigError(f"{where}: expected {kind.__name__} for {key} (like {default!r}), "
-                          f"got {value!r}{extra}")
-    if kind is str and allowed and v not in allowed:
-        raise ConfigError(f"{where}: {key}={v!r} is not one of {', '.join(allowed)}")
-    return v
-
-
-def read_config_file(path):
-    """A JSON config file: one object {"key": value}."""
-    if not Path(path).is_file():
-        raise ConfigError(f"argument '{path}': use --key=value, or give the path of a JSON config file "
-                          f"(there is no file '{path}')")
-    try:
-        obj = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path}: cannot read the config file ({e})") from None
-    if not isinstance(obj, dict):
-        raise ConfigError(f"{path}: a config file is one JSON object {{\"key\": value}}")
-    return obj
-
-
-def parse_flags(argv, defaults, choices=None):
-    """--key=value flags and JSON config files (positional), applied in order, later wins.
-    defaults: {key: default value}, whose types the values follow (flag_value has the rules).
-    -> {key: value} of the keys that were set; the caller lays them over its defaults.
-    Raises ConfigError naming the flag or file."""
-    values = {}
-    for a in argv:
-        if not a.startswith("--"):
-            for key, value in read_config_file(a).items():
-                values[key] = flag_value(key, value, defaults, choices, a)
-            continue
-        key, eq, value = a[2:].partition("=")
-        if not eq:
-            raise ConfigError(f"argument '{a}': use --key=value")
-        values[key] = flag_value(key, value, defaults, choices, f"--{key}")
-    return values
 
 
 def main(argv):

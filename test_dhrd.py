@@ -45,6 +45,7 @@ import dhrd  # noqa: E402
 import gpt  # noqa: E402
 import prepare  # noqa: E402
 import hf  # noqa: E402
+import plumbing  # noqa: E402
 from gpt import (CheckpointError, DownloadError, DualOutput, GPT, GPTConfig, KVCache, download,  # noqa: E402
                  dual_loss, fused_lm_loss, load_tokenizer, reference_lm_loss)
 from hf import GPT2_PAT, read_safetensors, resolve_model_dir, write_safetensors  # noqa: E402
@@ -789,12 +790,12 @@ class _GPTFakeTerminal(io.StringIO):
 
 
 def test_gpt_progress_line_log_and_terminal(_gpt_server, tmp_path, monkeypatch, capsys):
-    """hf.Progress: in a log, plain lines at each 10 % (done/total, rate, ETA, what an earlier run did); on a
+    """plumbing.Progress: in a log, plain lines at each 10 % (done/total, rate, ETA, what an earlier run did); on a
     terminal one line redrawn with \r and ended by one newline; nothing when quiet or done within `delay`. The
     download of a resumed .part reports its bytes."""
-    monkeypatch.setattr(hf.Progress, "delay", 0.0)
+    monkeypatch.setattr(plumbing.Progress, "delay", 0.0)
     log = io.StringIO()
-    with hf.Progress("eval", 50, stream=log) as p:
+    with plumbing.Progress("eval", 50, stream=log) as p:
         for i in range(1, 51):
             p.update(i)
     lines = log.getvalue().splitlines()
@@ -802,11 +803,11 @@ def test_gpt_progress_line_log_and_terminal(_gpt_server, tmp_path, monkeypatch, 
     assert re.fullmatch(r"eval: 1/50 \(2%\), [\d.]+/s, ETA \d+s", lines[0]), lines[0]
     assert lines[-1].startswith("eval: 50/50 (100%), ") and lines[-1].endswith("ETA 0s")
     log = io.StringIO()
-    with hf.Progress("teacher", 10, done=4, stream=log) as p:
+    with plumbing.Progress("teacher", 10, done=4, stream=log) as p:
         p.update(5)
     assert log.getvalue().startswith("teacher: 5/10 (50%), 4 from an earlier run, ")
     tty = _GPTFakeTerminal()
-    with hf.Progress("eval", 1000, stream=tty) as p:
+    with plumbing.Progress("eval", 1000, stream=tty) as p:
         for i in range(1, 1001):
             p.update(i)
     out = tty.getvalue()
@@ -814,7 +815,7 @@ def test_gpt_progress_line_log_and_terminal(_gpt_server, tmp_path, monkeypatch, 
     assert out.rsplit("\r", 1)[1].startswith("eval: 1000/1000 (100%)")
     for kw in (dict(quiet=True), dict(stream=_GPTFakeTerminal())):
         stream = kw.setdefault("stream", io.StringIO())
-        with hf.Progress("eval", 3, **kw) as p:
+        with plumbing.Progress("eval", 3, **kw) as p:
             if "quiet" not in kw:
                 p.delay = 60.0  # short work: silent
             p.update(3)
@@ -1237,7 +1238,7 @@ def test_prep_teacher_api_retries_drops_and_resume(tmp_path, monkeypatch, capsys
         rf.write_text("".join(lines[:4]) + lines[4][:10])
         broken.clear()
         before = dict(calls)
-        monkeypatch.setattr(hf.Progress, "delay", 0.0)
+        monkeypatch.setattr(plumbing.Progress, "delay", 0.0)
         capsys.readouterr()
         m = prepare.prepare(**{**kw, "quiet": False})  # with its progress line: done/total, the resumed part
         err = capsys.readouterr().err
@@ -1307,9 +1308,9 @@ def test_prep_bad_input_messages(tmp_path):
     # exit 2 / 1)
     bad_cb = [f"--task=cb", f"--data_dir={sg}", "--model=char", "--format=weird"]
     for argv, err, msg in [(["--task=nope"], prepare.PrepareError, "unknown --task=nope"),
-                           (["--bogus=1"], prepare.ConfigError, "--bogus: unknown config key 'bogus'"),
-                           (["cb"], prepare.ConfigError, "argument 'cb': use --key=value"),
-                           (["--task=synth", "--max_len=big"], prepare.ConfigError,
+                           (["--bogus=1"], plumbing.ConfigError, "--bogus: unknown config key 'bogus'"),
+                           (["cb"], plumbing.ConfigError, "argument 'cb': use --key=value"),
+                           (["--task=synth", "--max_len=big"], plumbing.ConfigError,
                             "--max_len: expected int for max_len (like 512), got 'big'"),
                            (bad_cb, prepare.PrepareError, "unknown --format=weird")]:
         with pytest.raises(err, match=re.escape(msg)):
@@ -1317,12 +1318,12 @@ def test_prep_bad_input_messages(tmp_path):
 
 
 def test_prep_flags_parser_rules(tmp_path):
-    """prepare.parse_flags, the one --key=value parser of every script: types follow the defaults."""
+    """plumbing.parse_flags, the one --key=value parser of every script: types follow the defaults."""
     defaults = dict(quiet=False, n=3, lr=1e-3, alpha=1.0, name="a", dtype="auto", out=None)
     choices = dict(dtype=("auto", "float32"), alpha=("auto",))   # alpha: a float, or the string auto
 
     def parse(*argv):
-        return prepare.parse_flags(list(argv), defaults, choices)
+        return plumbing.parse_flags(list(argv), defaults, choices)
 
     assert parse() == {}
     got = parse("--quiet=TRUE", "--n=7", "--lr=2", "--name=b=c", "--out=x", "--dtype=float32")
@@ -1344,7 +1345,7 @@ def test_prep_flags_parser_rules(tmp_path):
                      ("--quiet", "argument '--quiet': use --key=value"),
                      ("quiet=1",
                       "argument 'quiet=1': use --key=value, or give the path of a JSON config file")]:
-        with pytest.raises(prepare.ConfigError, match=re.escape(msg)):
+        with pytest.raises(plumbing.ConfigError, match=re.escape(msg)):
             parse(arg)
     # JSON config files (positional) and flags apply in order, later wins; JSON values keep their JSON type
     a, b = tmp_path / "a.json", tmp_path / "b.json"
@@ -1358,10 +1359,10 @@ def test_prep_flags_parser_rules(tmp_path):
                      ({"nn": 1}, "a.json: unknown config key 'nn'; did you mean n"),
                      ([1], "a.json: a config file is one JSON object")]:
         a.write_text(json.dumps(obj))
-        with pytest.raises(prepare.ConfigError, match=re.escape(msg)):
+        with pytest.raises(plumbing.ConfigError, match=re.escape(msg)):
             parse(str(a))
     a.write_text("{broken")
-    with pytest.raises(prepare.ConfigError, match=re.escape("a.json: cannot read the config file")):
+    with pytest.raises(plumbing.ConfigError, match=re.escape("a.json: cannot read the config file")):
         parse(str(a))
     # the command line: one line on stderr, exit status 2 for a bad flag and 1 for bad input, no traceback
     for arg, code, line in [("--quiet=yes", 2,
@@ -1983,7 +1984,7 @@ def test_train_cot_answer_parsing(monkeypatch, capsys):
     seqs = [[1, 2], [3], [4, 5, 6], [7]]  # lengths differ: length-sorted batches must map back to the rows
     order = np.argsort([len(s) for s in seqs], kind="stable")
     model = _TrainFakeLM(tok, [answers[j] for j in order])
-    monkeypatch.setattr(hf.Progress, "delay", 0.0)
+    monkeypatch.setattr(plumbing.Progress, "delay", 0.0)
     probs = dhrd.class_probs(model, seqs, meta, True, "cpu", torch.no_grad(), 8, 60, tok)
     assert probs.tolist() == [[0, 1], [1, 0], [0, 0], [0, 0]]
     err = capsys.readouterr().err.splitlines()
@@ -2310,7 +2311,7 @@ def test_bench_bad_flags(arg, needle, tmp_path, monkeypatch):
     saved = dict(vars(bench))  # main() writes the flags into the module globals (nanoGPT style)
     monkeypatch.setattr(sys, "argv", ["bench.py", f"--init_from={model_dir}", arg])
     try:
-        with pytest.raises(bench.ConfigError) as e:  # prepare.ConfigError; __main__ prints it as one line
+        with pytest.raises(bench.ConfigError) as e:  # plumbing.ConfigError; __main__ prints it as one line
             bench.main()
     finally:
         vars(bench).update(saved)
