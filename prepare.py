@@ -356,6 +356,10 @@ def load_superglue(task, data_dir, fmt):
 # CommonsenseQA dev set).
 DISTILL = {"esnli": ("valid", "test"), "anli1": ("valid", "test"), "cqa": ("train", "test")}
 NLI = (["entailment", "neutral", "contradiction"], ["Yes", "Maybe", "No"])   # data label 0/1/2
+RATIONALE_SOURCES = ("palm", "human")
+# --rationale_source=human: the field of each row that holds its human explanation (e-SNLI: the first of three
+# annotators; ANLI: the annotator's reason; CQA: CoS-E's abstractive explanation)
+HUMAN = {"esnli": "explanation_1", "anli1": "reason", "cqa": "abstractive_explanation"}
 
 
 def parse_palm(task, s):
@@ -402,7 +406,35 @@ def distill_example(task, r, where):
     return parts, y, y
 
 
-def load_distill(task, data_dir):
+def human_rationale(task, r, where):
+    """The dataset's own human explanation of row r (--rationale_source=human), or None when it is empty."""
+    text = field(r, HUMAN[task], where)
+    if not isinstance(text, str):
+        fail(f"{where}: field {HUMAN[task]!r} must be a string (the human explanation), not "
+             f"{type(text).__name__}")
+    return text.strip() or None
+
+
+def palm_completions(base, fsplit, path, n_rows):
+    """(the PaLM completions of a split in row order, their files): llm/<split>_CoT_<k>.json, k = 0, 1, ..
+    in numeric order, not by name."""
+    files = []
+    while (base / "llm" / f"{fsplit}_CoT_{len(files)}.json").exists():
+        files.append(base / "llm" / f"{fsplit}_CoT_{len(files)}.json")
+    cot = []
+    for f in files:
+        cot += json.loads(read_text(f))
+    if len(cot) != n_rows:
+        fail(f"{base}/llm/{fsplit}_CoT_*.json: {len(cot)} completions for {n_rows} rows of {path}")
+    return cot, files
+
+
+def load_distill(task, data_dir, rationale_source="palm"):
+    """rationale_source 'palm': the PaLM-540B completion, kept only when its answer is the gold label
+    (paper Table 2: label-consistent rationales); 'human': the dataset's own explanation (HUMAN), consistent
+    with the gold label by construction."""
+    if rationale_source not in RATIONALE_SOURCES:
+        fail(f"unknown --rationale_source={rationale_source}; use {' or '.join(RATIONALE_SOURCES)}")
     base = Path(data_dir) / task
     splits = {}
     sources = {}
@@ -411,25 +443,26 @@ def load_distill(task, data_dir):
         path = base / f"{task}_{fsplit}.json"
         if not path.exists():
             fail(f"{path}: file not found; unpack the distilling-step-by-step datasets into {data_dir}")
-        cot_files = []
-        while (base / "llm" / f"{fsplit}_CoT_{len(cot_files)}.json").exists():   # numeric order, not by name
-            cot_files.append(base / "llm" / f"{fsplit}_CoT_{len(cot_files)}.json")
-        cot = []
-        for f in cot_files:
-            cot += json.loads(read_text(f))
         rows = read_jsonl(path)
-        if len(cot) != len(rows):
-            fail(f"{base}/llm/{fsplit}_CoT_*.json: {len(cot)} completions for {len(rows)} rows of {path}")
+        cot_files = []
+        if rationale_source == "palm":
+            cot, cot_files = palm_completions(base, fsplit, path, len(rows))
         for f in [path] + cot_files:
             sources[str(f.relative_to(data_dir))] = sha256(f)
         exs = []
-        for (ln, r), c in zip(rows, cot):
-            parts, y, gold = distill_example(task, r, f"{path}:{ln}")
-            got = parse_palm(task, c)
-            reason = palm_drop_reason(got, gold)
+        for i, (ln, r) in enumerate(rows):
+            where = f"{path}:{ln}"
+            parts, y, gold = distill_example(task, r, where)
+            if rationale_source == "human":
+                rationale = human_rationale(task, r, where)
+                reason = None if rationale else "empty"
+            else:
+                got = parse_palm(task, cot[i])
+                reason = palm_drop_reason(got, gold)
+                rationale = None if reason else got[0]
             if reason:
                 dropped[f"{fsplit}/{reason}"] = dropped.get(f"{fsplit}/{reason}", 0) + 1
-            exs.append(dict(parts=parts, label=y, rationale=None if reason else got[0]))
+            exs.append(dict(parts=parts, label=y, rationale=rationale))
         if fsplit == DISTILL[task][0]:
             splits["train"] = [e for i, e in enumerate(exs) if i % 10]
             splits["val"] = exs[::10]
@@ -440,9 +473,11 @@ def load_distill(task, data_dir):
         verb = [f"({c})" for c in "abcde"]
     else:
         labels, verb = NLI
+    source = "palm-540b (distilling-step-by-step)"
+    if rationale_source == "human":
+        source = f"human ({HUMAN[task]})"
     return dict(splits={s: splits[s] for s in SPLITS}, labels=labels, verbalizers=dict(zip(labels, verb)),
-                metric="accuracy", sources=sources, dropped=dropped,
-                rationale_source="palm-540b (distilling-step-by-step)")
+                metric="accuracy", sources=sources, dropped=dropped, rationale_source=source)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -773,7 +808,7 @@ FORMATS = ("paper", "native")
 ABLATIONS = ("none", "only_label", "shuffle_reasoning", "shuffle_reasoning_label")
 
 
-def load_task(task, data_dir, fmt, files, text_field, filter):
+def load_task(task, data_dir, fmt, files, text_field, filter, rationale_source):
     """The task's examples and facts: dict(splits, labels, verbalizers, metric, sources, ...)."""
     if task == "synth":
         return dict(splits=synth_data(**SYNTH), labels=["No", "Yes"], verbalizers={"No": "No", "Yes": "Yes"},
@@ -781,7 +816,7 @@ def load_task(task, data_dir, fmt, files, text_field, filter):
     if task in SUPERGLUE:
         return load_superglue(task, data_dir or "data/superglue", fmt)
     if task in DISTILL:
-        return load_distill(task, data_dir or "data/distill_step_by_step")
+        return load_distill(task, data_dir or "data/distill_step_by_step", rationale_source)
     if task == "custom":
         return load_custom(files, text_field, filter)
     fail(f"unknown --task={task}; use synth, custom, {', '.join(SUPERGLUE)}, {', '.join(DISTILL)}")
@@ -794,10 +829,11 @@ def char_vocabulary(splits, verbalizers):
 
 
 def prepare(task="synth", out_dir=None, model=None, data_dir=None, fmt="paper", max_len=512,
-            max_rationale=256, rationales=None, ablation="none", teacher=None, teacher_url=None,
-            teacher_model=None, api_key_env="OPENAI_API_KEY", teacher_batch=8, teacher_workers=4,
-            teacher_max_new_tokens=160, teacher_timeout=60.0, teacher_dtype="auto", train_file=None,
-            val_file=None, test_file=None, text_field="text", filter=None, seed=1337, quiet=False):
+            max_rationale=256, rationales=None, rationale_source="palm", ablation="none", teacher=None,
+            teacher_url=None, teacher_model=None, api_key_env="OPENAI_API_KEY", teacher_batch=8,
+            teacher_workers=4, teacher_max_new_tokens=160, teacher_timeout=60.0, teacher_dtype="auto",
+            train_file=None, val_file=None, test_file=None, text_field="text", filter=None, seed=1337,
+            quiet=False):
     """Python entry point (dhrd.py calls prepare(task="synth", out_dir=...)). Returns the meta dict."""
     out_dir = Path(out_dir or f"data/{task}")
     if not model:
@@ -812,7 +848,10 @@ def prepare(task="synth", out_dir=None, model=None, data_dir=None, fmt="paper", 
         fail(f"unknown --ablation={ablation}; use none, only_label, shuffle_reasoning or "
              "shuffle_reasoning_label")
     files = dict(train=train_file, val=val_file, test=test_file)
-    D = load_task(task, data_dir, fmt, files, text_field, filter)
+    if rationale_source != "palm" and task not in DISTILL:
+        fail(f"--rationale_source={rationale_source} is for the distilling-step-by-step tasks "
+             f"({', '.join(DISTILL)}); {task} takes --rationales=FILE.jsonl or a teacher")
+    D = load_task(task, data_dir, fmt, files, text_field, filter, rationale_source)
     splits = D["splits"]
     verb = D["verbalizers"]
     dropped = D.get("dropped", {})

@@ -790,7 +790,8 @@ class _GPTFakeTerminal(io.StringIO):
 
 
 def test_gpt_progress_line_log_and_terminal(_gpt_server, tmp_path, monkeypatch, capsys):
-    """plumbing.Progress: in a log, plain lines at each 10 % (done/total, rate, ETA, what an earlier run did); on a
+    """plumbing.Progress: in a log, plain lines at each 10 % (done/total, rate, ETA, what an earlier run did);
+    on a
     terminal one line redrawn with \r and ended by one newline; nothing when quiet or done within `delay`. The
     download of a resumed .part reports its bytes."""
     monkeypatch.setattr(plumbing.Progress, "delay", 0.0)
@@ -1158,6 +1159,53 @@ def test_prep_rationale_import_and_ablations(tmp_path):
         assert outs[abl][0] == outs[abl][1]  # seeded
     # a different seed shuffles differently
     assert outs["shuffle_reasoning"][0] != outs["shuffle_reasoning"][2]
+
+
+def _prep_esnli(root, n=20):
+    """A tiny e-SNLI in the distilling-step-by-step layout: valid (train + val) and test rows, their PaLM
+    completions split over 2 files for valid (CoT_0, CoT_1: read in numeric order)."""
+    base = root / "esnli"
+    (base / "llm").mkdir(parents=True)
+    answers = ["entailment", "neutral", "contradiction"]
+    for split, k in (("valid", n), ("test", 4)):
+        rows = [dict(premise=f"A man {i} sits.", hypothesis=f"Someone {i} rests.", label=i % 3,
+                     explanation_1=f"human reason {i}" if i != 3 else "  ", explanation_2="x")
+                for i in range(k)]
+        (base / f"esnli_{split}.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        said = [answers[0] if i == 1 else answers[i % 3] for i in range(k)]  # row 1's answer disagrees
+        cot = [f"palm reason {i}\nAnswer: {said[i]}\n\nPremise: more" for i in range(k)]
+        cot[2] = "no marker at all"
+        halves = [cot] if split == "test" else [cot[:k // 2], cot[k // 2:]]
+        for f, part in enumerate(halves):
+            (base / "llm" / f"{split}_CoT_{f}.json").write_text(json.dumps(part))
+    return root
+
+
+def test_prep_distill_palm_and_human_rationales(tmp_path):
+    """e-SNLI: train = valid without every 10th row, val = every 10th; --rationale_source=palm keeps the PaLM
+    rationale only when its answer is the gold label, =human takes the dataset's explanation_1."""
+    data = _prep_esnli(tmp_path / "dss")
+    m = prepare.prepare(task="esnli", data_dir=data, out_dir=tmp_path / "palm", model="char", quiet=True)
+    assert m["counts"] == dict(train=18, val=2, test=4)
+    assert m["dropped"] == {"valid/disagree": 1, "valid/no_answer": 1, "test/disagree": 1,
+                            "test/no_answer": 1}
+    assert m["rationale_source"].startswith("palm-540b") and "esnli/llm/valid_CoT_1.json" in m["sources"]
+    train = _prep_rows(tmp_path / "palm", "train")  # valid rows 1..9, 11..19
+    assert [r["rationale"] for r in train[:3]] == [None, None, "palm reason 3"]
+    assert train[9]["rationale"] == "palm reason 11"  # the second CoT file continues the first
+    m = prepare.prepare(task="esnli", data_dir=data, out_dir=tmp_path / "human", model="char",
+                        rationale_source="human", quiet=True)
+    assert m["rationale_source"] == "human (explanation_1)"
+    assert m["dropped"] == {"valid/empty": 1, "test/empty": 1}
+    assert not any("llm" in k for k in m["sources"])
+    train = _prep_rows(tmp_path / "human", "train")
+    assert [r["rationale"] for r in train[:3]] == ["human reason 1", "human reason 2", None]
+    assert [r["text"] for r in train] == [r["text"] for r in _prep_rows(tmp_path / "palm", "train")]
+    with pytest.raises(prepare.PrepareError, match="--rationale_source=human is for the distilling-step-by"):
+        prepare.prepare(task="synth", out_dir=tmp_path / "s", rationale_source="human", quiet=True)
+    with pytest.raises(prepare.PrepareError, match="unknown --rationale_source=gpt; use palm or human"):
+        prepare.prepare(task="esnli", data_dir=data, out_dir=tmp_path / "x", rationale_source="gpt",
+                        quiet=True)
 
 
 # ---------------------------------------------------------------------------------------------------------
