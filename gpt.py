@@ -28,9 +28,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from hf import (FAMILIES, check, config_from_hf, config_to_hf, copy_tokenizer_files, read_checkpoint,
-                read_safetensors, resolve_model_dir, some, state_dict_from_hf, state_dict_to_hf,
-                write_safetensors)
+from hf import (FAMILIES, check, config_from_hf, config_to_hf, copy_tokenizer_files, is_head,
+                read_checkpoint, read_safetensors, resolve_model_dir, some, state_dict_from_hf,
+                state_dict_to_hf, write_safetensors)
 # the entry points stay importable from here: `from gpt import GPT, load_tokenizer`
 from hf import CheckpointError, DownloadError, download, load_tokenizer  # noqa: F401
 from plumbing import atomic_write
@@ -414,9 +414,9 @@ class LoRALinear(nn.Module):
 
 
 def add_lora(model, rank=16, alpha=32.0, dropout=0.1, targets=LORA_TARGETS):
-    """Freeze every weight, wrap the targeted projections of every block, keep `score` trainable (PEFT's
-    modules_to_save for sequence classification). A known target this family lacks (gate_proj in GPT-2/OPT)
-    is skipped."""
+    """Freeze every weight, wrap the targeted projections of every block, keep the pooled head trainable
+    (model.head_parameters(); PEFT's modules_to_save for sequence classification). A known target this family
+    lacks (gate_proj in GPT-2/OPT) is skipped."""
     if isinstance(targets, str):
         targets = [t.strip() for t in targets.split(",")]
     targets = list(targets)
@@ -432,8 +432,8 @@ def add_lora(model, rank=16, alpha=32.0, dropout=0.1, targets=LORA_TARGETS):
         raise ValueError(f"LoRA targets {targets}: none exists in this {model.config.model_type} model")
     for m, t in pairs:
         setattr(m, t, LoRALinear(getattr(m, t), rank, alpha, dropout))
-    if model.score is not None:
-        model.score.requires_grad_(True)
+    for p in model.head_parameters().values():
+        p.requires_grad_(True)
     model.lora = dict(rank=rank, alpha=alpha, dropout=dropout, targets=targets)
     return model
 
@@ -463,12 +463,12 @@ def merged_state_dict(model):
     return sd
 
 
-def _adapter_state(model):  # what an adapter-only checkpoint holds: every lora_A / lora_B, the `score` head
-    return {k: v for k, v in model.state_dict().items() if ".lora_" in k or k.startswith("score")}
+def _adapter_state(model):  # what an adapter-only checkpoint holds: every lora_A / lora_B, the pooled head
+    return {k: v for k, v in model.state_dict().items() if ".lora_" in k or is_head(k, model.head_modules)}
 
 
 def save_lora(model, path):
-    """Adapter-only checkpoint: path/adapter.safetensors (every lora_A [r,in] / lora_B [out,r] and the `score`
+    """Adapter-only checkpoint: path/adapter.safetensors (every lora_A [r,in] / lora_B [out,r] and the pooled
     head, by our module names) + path/adapter.json (rank, alpha, dropout, targets, base_model). load_lora is
     its exact inverse."""
     check(model.lora is not None, "save_lora", "the model has no LoRA adapters; call add_lora first")
@@ -513,6 +513,12 @@ HEAD_TENSORS = {  # a classification head saved with a checkpoint: its first ten
 
 
 class GPT(nn.Module):
+    # The pooled head (paper §3, Eq. 2) is every parameter under these top-level modules; this one list is
+    # what LoRA keeps trainable, adapter files hold, and save_pretrained / from_pretrained write and read
+    # under their own names (HF's `score`). A fork that adds to the head (attention pooling's query, say)
+    # adds the module's name here, in a subclass or in place.
+    head_modules = ("score",)
+
     def __init__(self, config):
         super().__init__()
         cfg = self.config = config
@@ -613,6 +619,10 @@ class GPT(nn.Module):
 
     def lm_logits(self, idx, attention_mask=None):
         return self.require_lm_head("lm_logits")(self.hidden_states(idx, attention_mask)).float()
+
+    def head_parameters(self):
+        """{name: parameter} of the pooled head: everything under head_modules."""
+        return {n: p for n, p in self.named_parameters() if is_head(n, self.head_modules)}
 
     def pool(self, h, x_len):
         """[B,D]: the state at the last real token of x ('last', paper Eq. 2) or the mean over x ('mean')."""
@@ -718,12 +728,14 @@ class GPT(nn.Module):
         with torch.device("meta"):  # no time spent initialising weights that are overwritten anyway
             model = cls(cfg)
         shapes = {n: p.shape for n, p in model.named_parameters()}  # a tied lm_head is not listed
-        sd = state_dict_from_hf(tensors, cfg, shapes, file)
+        sd = state_dict_from_hf(tensors, cfg, shapes, file, model.head_modules)
         model.load_state_dict({n: t.contiguous() for n, t in sd.items()}, strict=False, assign=True)
         if cfg.tie_word_embeddings and model.lm_head is not None:
             model.lm_head.weight = model.wte.weight
-        if model.score is not None and not any(k.startswith("score") for k in sd):  # a fresh head
-            model.score.to_empty(device="cpu").apply(model._init_weights)
+        for name in model.head_modules:  # a head module the checkpoint lacks starts fresh
+            module = getattr(model, name)
+            if module is not None and not any(is_head(k, (name,)) for k in sd):
+                module.to_empty(device="cpu").apply(model._init_weights)
         model.source_dir = folder
         return model
 
@@ -734,7 +746,7 @@ class GPT(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         sd = merged_state_dict(self)  # LoRA folded into the base weights: a plain HF checkpoint
-        write_safetensors(path / "model.safetensors", state_dict_to_hf(sd, self.config))
+        write_safetensors(path / "model.safetensors", state_dict_to_hf(sd, self.config, self.head_modules))
         cfg = self.config
         if cfg.pad_token_id is None and pad_token_id is not None:
             # HF's *ForSequenceClassification pools at the last token that is not pad_token_id, and without
@@ -747,8 +759,8 @@ class GPT(nn.Module):
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         # decay the matrices (matmuls, embeddings) only; biases and LayerNorm gains stay undecayed (nanoGPT).
-        # LoRA: only lora_A/B and `score` require grad; A, B are matrices and decay (as HF Trainer's grouping
-        # would): decay pulls B A towards 0, i.e. towards the base model
+        # LoRA: only lora_A/B and the pooled head require grad; A, B are matrices and decay (as HF Trainer's
+        # grouping would): decay pulls B A towards 0, i.e. towards the base model
         params = [p for p in self.parameters() if p.requires_grad]
         decay = {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay}
         no_decay = {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}

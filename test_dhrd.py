@@ -415,6 +415,77 @@ def test_gpt_mlp_head_and_new_head(tmp_path):
         GPT.from_pretrained(FIX / "gpt2", num_labels=5)
 
 
+class _AttnPoolGPT(GPT):
+    """A fork's pooled head: attention pooling over x (a learned score per position, softmax over the real
+    tokens of x), then `score`. Its one definition is head_modules."""
+    head_modules = ("score", "pool_attn")
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.pool_attn = torch.nn.Linear(config.n_embd, 1, bias=False)
+        self.pool_attn.apply(self._init_weights)
+
+    def pool(self, h, x_len):
+        t = torch.arange(h.shape[1], device=h.device)[None]
+        s = self.pool_attn(h).squeeze(-1).masked_fill(t >= x_len.to(h.device)[:, None], float("-inf"))
+        return (F.softmax(s.float(), -1).to(h.dtype)[..., None] * h).sum(1)
+
+
+def test_gpt_extended_head_trains_exports_reloads(tmp_path):
+    """A head with a parameter outside `score` trains under LoRA, exports, reloads bit for bit and
+    round-trips its adapter: export, load, LoRA freezing and adapter files read the one head_modules."""
+    m = _AttnPoolGPT.from_pretrained(FIX / "llama", num_labels=3)  # pool_attn is fresh: initialised, finite
+    assert m.pool_attn.weight.device.type == "cpu" and 0 < m.pool_attn.weight.abs().max() < 1
+    gpt.add_lora(m, rank=4, alpha=32, dropout=0.0)
+    assert sorted(m.head_parameters()) == ["pool_attn.weight", "score.weight"]
+    assert {n for n, p in m.named_parameters() if p.requires_grad and ".lora_" not in n} == {
+        "pool_attn.weight", "score.weight"}
+    r = _gpt_ref("llama")
+    ids, am = r["input_ids"], r["attention_mask"]
+    y = torch.tensor([0, 2, 1])[:len(ids)]
+    start = m.pool_attn.weight.detach().clone()
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        F.cross_entropy(m.classify(ids, am), y).backward()
+        opt.step()
+        opt.zero_grad()
+    assert not torch.equal(m.pool_attn.weight, start)  # it trained
+    m.eval()
+    m.save_pretrained(tmp_path / "exp")
+    assert "pool_attn.weight" in read_safetensors(tmp_path / "exp" / "model.safetensors")
+    back = _AttnPoolGPT.from_pretrained(tmp_path / "exp").eval()
+    merged = gpt.merged_state_dict(m)
+    assert back.state_dict().keys() == merged.keys()
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in merged.items())
+    with pytest.raises(CheckpointError, match="unexpected.*pool_attn.weight"):  # a plain GPT lacks this head
+        GPT.from_pretrained(tmp_path / "exp")
+    gpt.save_lora(m, tmp_path / "ad")
+    assert "pool_attn.weight" in read_safetensors(tmp_path / "ad" / "adapter.safetensors")
+    m2 = gpt.load_lora(_AttnPoolGPT.from_pretrained(FIX / "llama", num_labels=3), tmp_path / "ad").eval()
+    assert all(torch.equal(m2.state_dict()[k], v) for k, v in m.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(m2.classify(ids, am), m.classify(ids, am))
+
+
+def test_gpt_fused_tensor_splits_into_unequal_parts():
+    """GPT-2's fused c_attn holds q, k, v; with grouped-query attention (2 K/V heads of 4) the parts differ in
+    size, and the split follows each part's own size: save -> load is exact."""
+    cfg = GPTConfig(vocab_size=64, block_size=16, n_layer=1, n_head=4, n_kv_head=2, n_embd=32)
+    model = GPT(cfg)
+    sd = model.state_dict()
+    files = hf.state_dict_to_hf(sd, cfg, model.head_modules)
+    key = "transformer.h.0.attn.c_attn.weight"
+    assert files[key].shape == (32, 32 + 16 + 16)  # [in, q + k + v] (Conv1D)
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    back = hf.state_dict_from_hf(files, cfg, shapes, "fused.safetensors", model.head_modules)
+    assert all(torch.equal(back[n], sd[n]) for n in shapes)
+    files[key] = files[key][:, :60]
+    with pytest.raises(CheckpointError, match=r"fused.safetensors: tensor transformer.h.0.attn.c_attn.weight "
+                       r"has shape "
+                       r"\[60, 32\], config.json implies .* for its 3 parts \(rows 32 \+ 16 \+ 16\)"):
+        hf.state_dict_from_hf(files, cfg, shapes, "fused.safetensors", model.head_modules)
+
+
 def test_gpt_tokenizer_matches_transformers():
     cases = json.loads((FIX / "tokenizer_cases.json").read_text())
     for name in ("tok_gpt2", "tok_opt"):
