@@ -355,6 +355,38 @@ def load_superglue(task, data_dir, fmt):
 # val = every 10th row of it, test = the second file (esnli/anli1: test; cqa: test, which is the
 # CommonsenseQA dev set).
 DISTILL = {"esnli": ("valid", "test"), "anli1": ("valid", "test"), "cqa": ("train", "test")}
+# Fetched when missing: the unzipped datasets/ folder of google-research/distilling-step-by-step (its
+# datasets.zip; Apache-2.0 repository, e-SNLI/CQA MIT, ANLI CC BY-NC 4.0), from a fork that keeps it unzipped,
+# at a fixed commit, each file checked against its size and sha256 here. The files of ANLI and CQA are
+# byte-identical to a second, independent fork's copy of the PaLM outputs.
+DISTILL_URL = os.environ.get("DHRD_DISTILL_URL", "https://raw.githubusercontent.com/maxh119Z/"
+                             "distilling-step-by-step1/5b76a471c46c61f45114eab6621ffdff12d676b6/datasets")
+DISTILL_FILES = {  # path under data_dir: (bytes, sha256)
+    "anli1/anli1_test.json": (618821, "fe494327269367e1ac4342fd72969a6270f51fd90cef0bc47a364a1d452762e7"),
+    "anli1/anli1_valid.json": (618787, "743faf5a43b687e34f5482166106e4c86a9f8f013078364a62caa055f8504704"),
+    "anli1/llm/test_CoT_0.json": (492272, "49e312c60501f8d374f9d8f7ba7bf86601bc736e667eedb9087793f274a1a0f1"),
+    "anli1/llm/valid_CoT_0.json": (489483, "ac3576f6caba189a7c00d1982bb2521518e5247b5aa2b347c483c874451ab935"),
+    "cqa/cqa_test.json": (422767, "caf4f47b8afac62a80f0517e1af3eba2af11de0c7c6f3baf3742fb6390d99dfb"),
+    "cqa/cqa_train.json": (3443547, "09601f7b3239eb4c0a3be16c4b897d0c30905e9bc38cf36c77831d98bd37d9fb"),
+    "cqa/llm/test_CoT_0.json": (480252, "02860e4fa44b4c1f08ed29513abf74f433345e534c51418448b40869ed752a01"),
+    "cqa/llm/test_CoT_1.json": (104190, "44f1fc36088d5beed937c204ae43ca09d74fd0ea6a784fa89207b7e88c37fb15"),
+    "cqa/llm/train_CoT_0.json": (478929, "632167edcb645336a0ff1194fe87a1821fefdb02515679d178b167619903fff1"),
+    "cqa/llm/train_CoT_1.json": (479710, "8d14f619696c2bf3f0989d3a47ee8120f047af4eddaf23eb64610941cb453796"),
+    "cqa/llm/train_CoT_2.json": (482479, "25e559368c7e69dba359245395463a669f2fcef91a3b7b89613ff41bed0fbd8f"),
+    "cqa/llm/train_CoT_3.json": (480766, "db2a50477c463dd84a4b7ee2dedae323ff8746f20ca0c4a4619c03e04140ddf5"),
+    "cqa/llm/train_CoT_4.json": (479459, "52ccbf961db874a47968599f8411372a39f280f91413df7d90bcbcea291b9836"),
+    "cqa/llm/train_CoT_5.json": (480749, "0d238b1c5c4be3630bf14c15a176985b4a2e7bcf5fa5a93d24e9d89ccde06974"),
+    "cqa/llm/train_CoT_6.json": (482082, "af81b051cefa61be0b513f9e002b9eeab7160c18731732b59138fede91fccee4"),
+    "cqa/llm/train_CoT_7.json": (477210, "0cd6eba4d2449fb295d66e3dd9998ab59f6246820ca07e0fd1cc61dfcc3e6b3d"),
+    "cqa/llm/train_CoT_8.json": (471556, "02c156f92540f7b2469d252c814a2a87dad47616f828db3e7e236edd72f21b61"),
+    "cqa/llm/train_CoT_9.json": (352538, "7448c4cd5a9416ccb1e0c021e2b3bf2e697dc70173ff6f08d5b64b56d5fe8038"),
+    "esnli/esnli_test.json": (4068665, "2307b4f6f6aea3940b2f1e12e792b86bad2b9fa73ef7032ffa41ce9a21976b9b"),
+    "esnli/esnli_valid.json": (4106433, "4952f52d3dedfcafcdea691e4cde21a3db1e6dbed1f1622bb314c418cc27e6a6"),
+    "esnli/llm/test_CoT_0.json": (1477083, "58051c39aa914699c956281bf56f9bc4b65601f4fe6685b2868226f04ef738ac"),
+    "esnli/llm/test_CoT_1.json": (1157792, "2bf21b5ce8feb5177e9f121f237756ea045eaf0a5fa364c4a17d1de665141eed"),
+    "esnli/llm/valid_CoT_0.json": (1477343, "3398e706895422fa17ae2ed3022890d7c5009207d5c831713b605e15af5b5c52"),
+    "esnli/llm/valid_CoT_1.json": (1167937, "f14d62ae2a81b8b33293cd9e8fe02b28b781d8628f4b92393c862f8903e8a122"),
+}
 NLI = (["entailment", "neutral", "contradiction"], ["Yes", "Maybe", "No"])   # data label 0/1/2
 RATIONALE_SOURCES = ("palm", "human")
 # --rationale_source=human: the field of each row that holds its human explanation (e-SNLI: the first of three
@@ -429,12 +461,33 @@ def palm_completions(base, fsplit, path, n_rows):
     return cot, files
 
 
+def fetch_distill(task, data_dir, rationale_source):
+    """Download what data_dir lacks of `task` (DISTILL_FILES, sizes and sha256 checked), in two parts: the
+    rows, and the PaLM completions (llm/, for --rationale_source=palm only). A part of which any file is
+    there already is a local copy and is used as it is."""
+    for part in ("rows", "palm"):
+        files = {rel: pin for rel, pin in DISTILL_FILES.items()
+                 if rel.startswith(f"{task}/") and ("/llm/" in rel) == (part == "palm")}
+        if part == "palm" and rationale_source != "palm":
+            continue
+        if any((Path(data_dir) / rel).exists() for rel in files):
+            continue
+        for rel, (size, sha) in files.items():
+            dest = Path(data_dir) / rel
+            try:
+                download(f"{DISTILL_URL}/{rel}", dest, size, sha, desc=rel)
+            except OSError as e:
+                fail(f"{dest}: not found, and downloading it failed ({e}); put the distilling-step-by-step "
+                     f"datasets/ folder (its <task>/ subfolders) into {data_dir}, or pass --data_dir=DIR")
+
+
 def load_distill(task, data_dir, rationale_source="palm"):
     """rationale_source 'palm': the PaLM-540B completion, kept only when its answer is the gold label
     (paper Table 2: label-consistent rationales); 'human': the dataset's own explanation (HUMAN), consistent
     with the gold label by construction."""
     if rationale_source not in RATIONALE_SOURCES:
         fail(f"unknown --rationale_source={rationale_source}; use {' or '.join(RATIONALE_SOURCES)}")
+    fetch_distill(task, data_dir, rationale_source)
     base = Path(data_dir) / task
     splits = {}
     sources = {}

@@ -1279,6 +1279,49 @@ def test_prep_distill_palm_and_human_rationales(tmp_path):
                         quiet=True)
 
 
+def test_prep_distill_downloads_pinned_files(tmp_path, monkeypatch):
+    """A missing distilling-step-by-step file is fetched from DISTILL_URL and checked against its pinned size
+    and sha256 (a changed file is refused, one line naming it); what is there already is not fetched."""
+    src = _prep_esnli(tmp_path / "src")
+    pins = {p.relative_to(src).as_posix(): (p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in sorted(src.rglob("*.json"))}
+    got = []
+
+    class Hub(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, directory=str(src), **kw)
+
+        def log_message(self, *a):
+            got.append(self.path)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(prepare, "DISTILL_URL", f"http://127.0.0.1:{server.server_port}")
+    monkeypatch.setattr(prepare, "DISTILL_FILES", pins)
+    try:
+        data = tmp_path / "data"
+        prepare.prepare(task="esnli", data_dir=data, out_dir=tmp_path / "human", model="char",
+                        rationale_source="human", quiet=True)  # human: the rows only, no PaLM files
+        assert sorted(got) == ["/esnli/esnli_test.json", "/esnli/esnli_valid.json"]
+        got.clear()
+        prepare.prepare(task="esnli", data_dir=data, out_dir=tmp_path / "human", model="char",
+                        rationale_source="human", quiet=True)
+        assert got == []  # the rows are there (one of their files is): a local copy, used as it is
+        prepare.prepare(task="esnli", data_dir=data, out_dir=tmp_path / "palm", model="char", quiet=True)
+        assert len(got) == 3 and all((data / rel).read_bytes() == (src / rel).read_bytes() for rel in pins)
+        ref = prepare.prepare(task="esnli", data_dir=src, out_dir=tmp_path / "ref", model="char", quiet=True)
+        assert json.loads((tmp_path / "palm" / "meta.json").read_text())["sources"] == ref["sources"]
+        shutil.rmtree(data / "esnli" / "llm")
+        size, _ = pins["esnli/llm/test_CoT_0.json"]
+        pins["esnli/llm/test_CoT_0.json"] = (size, "0" * 64)  # the source changed
+        with pytest.raises(prepare.PrepareError, match=r"llm/test_CoT_0.json: not found, and downloading it "
+                           r"failed \(.*sha256"):
+            prepare.prepare(task="esnli", data_dir=data, out_dir=tmp_path / "bad", model="char", quiet=True)
+        assert not (data / "esnli" / "llm" / "test_CoT_0.json").exists()
+    finally:
+        server.shutdown()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # teacher over an OpenAI-compatible API: a fake /v1/chat/completions on 127.0.0.1
 
@@ -2224,10 +2267,11 @@ def test_train_task_prepared_on_the_fly_and_init_from_defaults(tmp_path, monkeyp
     with pytest.raises(dhrd.ConfigError, match=r"data/rte/meta.json: not found; run `python prepare.py "
                                                r"--task=rte.*or pass --init_from=<that model>"):
         dhrd.main(["--task=rte", *flags])
-    # e-SNLI's files are not here (and never downloaded): prepare.py's reason, in one line
+    # e-SNLI's files are not here and their source does not answer: prepare.py's reason, in one line
+    monkeypatch.setattr(prepare, "DISTILL_URL", "http://127.0.0.1:9/datasets")  # the discard port: refused
     with pytest.raises(dhrd.ConfigError, match=r"data/esnli/meta.json: not found, and preparing esnli with "
-                                               r"the tokenizer of .*llama failed: .*esnli_valid.json: file "
-                                               r"not found; unpack the distilling-step-by-step datasets"):
+                                               r"the tokenizer of .*llama failed: .*esnli_test.json: not "
+                                               r"found, and downloading it failed .*put the distilling"):
         dhrd.main(["--task=esnli", f"--init_from={model}", *flags])
 
 

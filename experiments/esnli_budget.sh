@@ -12,8 +12,8 @@
 # EXTRA arms on 2+ seeds: dhrd_rationale (--lm_targets=rationale) and the paper's MLP head for both arms.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-MODEL=${MODEL:-/work/smol/smollm2}
-DATA=${DATA:-../shared/data/distill_step_by_step}
+MODEL=${MODEL:-smollm2}  # experiments/gguf_to_hf.py's folder (README.md: SmolLM2)
+DATA=${DATA:-data/distill_step_by_step}  # prepare.py fetches it when missing
 SEEDS=${SEEDS:-"1 2 3"}
 ARMS=${ARMS:-"pooled dhrd dhrd_auto"}
 RES=experiments/results/esnli
