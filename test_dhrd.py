@@ -18,6 +18,8 @@ selects exactly one section; the short `-k train` also takes the few other names
             recompilations, bench.py on the device): skipped without a GPU; DHRD_TEST_DEVICE=cpu runs
             them on the CPU
 """
+import datetime
+import email.utils
 import hashlib
 import http.server
 import io
@@ -26,6 +28,7 @@ import os
 import pathlib
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -1326,13 +1329,17 @@ def test_prep_distill_downloads_pinned_files(tmp_path, monkeypatch):
 # teacher over an OpenAI-compatible API: a fake /v1/chat/completions on 127.0.0.1
 
 def _prep_server(handler_fn):
+    """A loopback server; handler_fn(path, headers, body) -> (status, payload) or (status, payload,
+    headers)."""
     import http.server, threading
 
     class H(http.server.BaseHTTPRequestHandler):
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            code, payload = handler_fn(self.path, self.headers, body)
+            code, payload, *more = handler_fn(self.path, self.headers, body)
             self.send_response(code)
+            for k, v in (more[0] if more else {}).items():
+                self.send_header(k, v)
             self.end_headers()
             self.wfile.write(payload if isinstance(payload, bytes) else json.dumps(payload).encode())
 
@@ -1347,7 +1354,7 @@ def _prep_server(handler_fn):
             pass
 
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    threading.Thread(target=srv.serve_forever, kwargs=dict(poll_interval=0.05), daemon=True).start()
     return srv, f"http://127.0.0.1:{srv.server_address[1]}"
 
 
@@ -1356,7 +1363,7 @@ def test_prep_teacher_api_retries_drops_and_resume(tmp_path, monkeypatch, capsys
     monkeypatch.setenv("PREP_TEST_KEY", "sk-secret-123")
     rows = [dict(text=f"item {k}", label="pos" if k % 2 == 0 else "neg") for k in range(8)]
     (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    calls, broken = {}, {7}
+    calls, broken, seen = {}, {7}, {}
 
     def handle(path, headers, body):
         assert path == "/v1/chat/completions" and headers["Authorization"] == "Bearer sk-secret-123"
@@ -1370,8 +1377,11 @@ def test_prep_teacher_api_retries_drops_and_resume(tmp_path, monkeypatch, capsys
         ok = lambda txt: (200, {"choices": [{"message": {"content": txt}}]})
         if k in broken:
             return 500, {"error": "down"}
-        if k in (3, 4, 5) and calls[k] == 1:                      # transient: 429, 500, garbage body
-            return {3: (429, {"error": "slow down"}), 4: (500, {"error": "oops"}), 5: (200, b"not json")}[k]
+        seen[k] = seen.get(k, []) + [time.monotonic()]
+        if k == 3 and calls[k] == 1:                              # transient: 429 with Retry-After, 500,
+            return 429, {"error": "slow down"}, {"Retry-After": "1"}  # a body that is not JSON
+        if k in (4, 5) and calls[k] == 1:
+            return {4: (500, {"error": "oops"}), 5: (200, b"not json")}[k]
         return ok({1: f"Reasoning for {k}.\n[END OF REASONING]\nAnswer: {other}",  # disagrees with gold
                    2: "I forgot the marker. Answer: pos",  # answer-less
                    6: "[END OF REASONING]\nAnswer: pos"}.get(
@@ -1388,6 +1398,7 @@ def test_prep_teacher_api_retries_drops_and_resume(tmp_path, monkeypatch, capsys
         assert m["dropped"] == {"rationales/disagree": 1, "rationales/no_answer": 1, "rationales/empty": 1}
         assert m["rationale_source"] == "teacher:tiny-teacher"
         assert calls[3] == calls[4] == calls[5] == 2 and calls[0] == 1 and calls[7] == 6
+        assert seen[3][1] - seen[3][0] >= 1.0  # Retry-After: 1 honoured (the backoff alone: 0.005..0.015 s)
         r = _prep_rows(tmp_path / "o", "train")
         assert (r[0]["rationale"] == "Step one for 0. Step two."
                 and r[5]["rationale"] == "Step one for 5. Step two.")
@@ -1415,6 +1426,63 @@ def test_prep_teacher_api_retries_drops_and_resume(tmp_path, monkeypatch, capsys
         prepare.prepare(**kw)
         assert calls == before  # nothing generated twice
     finally:
+        srv.shutdown()
+
+
+def test_prep_teacher_api_backoff_and_ctrl_c(tmp_path, monkeypatch, capsys):
+    """The backoff: RETRY_BASE * 2**attempt with jitter (x 0.5..1.5), a server's Retry-After in seconds or as
+    an HTTP date (+ up to 20 %). Ctrl-C cancels the queue: the call ends at once although the requests in
+    flight hang, the rationales written so far stay whole, the queued ones were never sent, and a rerun asks
+    only for the rest."""
+    monkeypatch.setattr(prepare, "RETRY_BASE", 1.0)
+    delays = [prepare.retry_delay(3, None) for _ in range(50)]
+    assert all(4.0 <= x <= 12.0 for x in delays) and len(set(delays)) > 40
+    assert 7.0 <= prepare.retry_delay(0, "7") <= 8.4
+    assert 95 <= prepare.retry_delay(0, email.utils.formatdate(time.time() + 100, usegmt=True)) <= 121
+    assert prepare.retry_delay(0, "-5") == prepare.retry_delay(0, "nan") == 0.0
+    assert 0.5 <= prepare.retry_delay(0, "soon") <= 1.5  # unparsable: the backoff
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(dict(text=f"item {k}", label="pos")) + "\n"
+                                              for k in range(8)))
+    rf = tmp_path / "o" / "rationales.jsonl"
+    asked = []
+    release = threading.Event()
+    lock = threading.Lock()
+    main = threading.main_thread().ident
+
+    def handle(path, headers, body):
+        k = int(body["messages"][0]["content"].split("item ")[1].split()[0])
+        with lock:
+            asked.append((body["model"], k))  # the model's name tells the two runs apart
+            n = len(asked)
+        if n > 2:  # the third request: Ctrl-C once the first two are written; it and the 4th hang
+            t0 = time.monotonic()
+            while (not rf.exists() or len(rf.read_text().splitlines()) < 2) and time.monotonic() - t0 < 30:
+                time.sleep(0.01)
+            if n == 3:
+                signal.pthread_kill(main, signal.SIGINT)
+            release.wait(60)
+        return 200, {"choices": [{"message": {"content": f"Why {k}.\n[END OF REASONING]\nAnswer: pos"}}]}
+
+    srv, url = _prep_server(handle)
+    kw = dict(task="custom", train_file=tmp_path / "t.jsonl", val_file=tmp_path / "t.jsonl", model="char",
+              teacher_url=url + "/v1", teacher_model="m", teacher_workers=2, out_dir=tmp_path / "o",
+              quiet=True)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            prepare.prepare(**kw)
+        assert time.monotonic() - t0 < 20  # not the 60 s the hanging requests take
+        assert "prepare.py: interrupted: 2 of 8 rationales are in " in capsys.readouterr().err
+        written = sorted(json.loads(l)["idx"] for l in rf.read_text().splitlines())
+        assert written == sorted(k for _, k in asked[:2])
+        release.set()
+        prepare.prepare(**{**kw, "teacher_model": "again"})
+        assert sorted(json.loads(l)["idx"] for l in rf.read_text().splitlines()) == list(range(8))
+        assert {k for m, k in asked if m == "m"} <= set(range(4))  # 2 written, 2 in flight at most: the
+        assert sorted(k for m, k in asked if m == "again") == sorted(set(range(8)) - set(written))  # rest
+        # was cancelled, never sent
+    finally:
+        release.set()
         srv.shutdown()
 
 
@@ -1704,10 +1772,10 @@ def test_train_config_errors(tmp_path):
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
-def _train_torchrun(*args, cwd, popen=False, check=True):
+def _train_torchrun(*args, cwd, popen=False, check=True, nproc=2):
     """dhrd.py in 2 Gloo processes (one thread each: the test machine has 2 cores); popen: started, not
     waited for, in its own process group (so a kill reaches torchrun's workers too); check: exit status 0."""
-    cmd = [*TORCHRUN, str(ROOT / "dhrd.py"), *args]
+    cmd = [*TORCHRUN[:-1], f"--nproc_per_node={nproc}", str(ROOT / "dhrd.py"), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if popen:
         return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -1745,6 +1813,60 @@ def test_train_ddp_and_fsdp_two_processes_match_one(train_data, tmp_path):
         for k, v in st.items():
             assert (v.float() - ob["state"][i][k].float()).abs().max() < 1e-5, (i, k)
     assert (tmp_path / "fsdp" / "model" / "model.safetensors").exists()
+    for run in ("two", "fsdp"):  # validation, each rank its share of val (FSDP: the model gathered on both)
+        assert [l["iter"] for l in _train_log(tmp_path / run, "val")] == [2, 4]  # logged once, by rank 0
+        res = json.loads((tmp_path / run / "results.json").read_text())
+        assert dhrd.main([f"--init_from={tmp_path / run}", "--eval_only=True"]) == res["val"], run
+
+
+def test_train_torchrun_evaluation_equals_one_process(trained_run, train_data, _gpt_server, tmp_path,
+                                                      monkeypatch, capsys):
+    """Evaluation under torchrun (each rank its share of the length-sorted batches, gathered in input order)
+    equals one process's exactly (fp32, CPU): --eval_only of a 1-process run in 2 processes (its config.json
+    recorded gradient_accumulation_steps=1: no training layout to check) prints the run's metrics and report;
+    a CoT model (--beta=0) trained in 2 processes logs the val metrics that 1 process computes from its
+    export; --predict with it in 3 processes, 8 batches dealt 3 + 3 + 2, loaded by hub name from a loopback
+    hub, writes the bytes 1 process writes, and every file was downloaded once (local rank 0 first)."""
+    run = trained_run[0] / "full"
+    res = json.loads((run / "results.json").read_text())
+    r = _train_torchrun(f"--init_from={run}", "--eval_only=True", cwd=tmp_path)
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert (got["val"], got["report"]) == (res["val"], res["report"])
+    cot = tmp_path / "cot"
+    _train_torchrun(*TINY, f"--data_dir={train_data}", f"--out_dir={cot}", "--beta=0", "--cot_tokens=40",
+                    "--batch_size=16", "--learning_rate=1e-2", "--max_iters=40", "--eval_interval=40",
+                    "--log_interval=40", cwd=tmp_path)
+    res = json.loads((cot / "results.json").read_text())
+    capsys.readouterr()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one process here, one thread as each torchrun worker: quick on a busy machine
+    try:
+        dhrd.main([f"--init_from={cot}", "--eval_only=True"])  # beta=0, cot_tokens=40: the run's config.json
+        got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert (got["val"], got["report"]) == (res["val"], res["report"])
+        assert sum(sum(row[:-1]) for row in res["report"]["confusion"]) > 0  # some decoded answers parse
+        flags = [f"--predict={tmp_path / 'in.jsonl'}", f"--data_dir={train_data}", "--beta=0",
+                 "--cot_tokens=40", "--eval_batch_size=64"]  # 500 rows: 8 batches
+        rows = [json.loads(l) for l in (train_data / "val.jsonl").read_text().splitlines()]
+        (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in rows))
+        dhrd.main([f"--init_from={cot / 'model'}", *flags, f"--predictions={tmp_path / 'one.jsonl'}"])
+    finally:
+        torch.set_num_threads(threads)
+    repo = tmp_path / "repo"
+    shutil.copytree(cot / "model", repo)
+    for f in ("vocab.json", "merges.txt"):  # what a hub repo has; the model reads meta.json's char tokenizer
+        shutil.copy(FIX / "gpt2" / f, repo)
+    _gpt_serve_repo("tiny/cot", repo)
+    monkeypatch.setenv("DHRD_HUB_URL", _gpt_server)
+    monkeypatch.setenv("DHRD_CACHE", str(tmp_path / "cache"))
+    _train_torchrun("--init_from=tiny/cot", *flags, f"--predictions={tmp_path / 'three.jsonl'}", cwd=tmp_path,
+                    nproc=3)
+    one = (tmp_path / "one.jsonl").read_text()
+    assert (tmp_path / "three.jsonl").read_text() == one
+    labels = [json.loads(l)["label"] for l in one.splitlines()]
+    assert len(labels) == 500 and None in labels and {"No", "Yes"} & set(labels)
+    paths = [p for p, _ in _GPTHandler.hits]
+    assert paths.count("/tiny/cot/resolve/main/model.safetensors") == 1 and len(paths) == len(set(paths))
 
 
 def test_train_fsdp_resume_after_kill_and_across_ddp(train_data, tmp_path):
@@ -1950,8 +2072,37 @@ def test_train_eval_only_and_predict(trained_run):
     assert r.returncode != 0 and "bad.jsonl:2" in r.stderr and "'text'" in r.stderr
 
 
+def _idx(edit):
+    """A table entry for a prepared S.idx.npy: the file's bytes -> those of edit(its index rows)."""
+    def change(good):
+        buf = io.BytesIO()
+        np.save(buf, edit(np.load(io.BytesIO(good))))
+        return buf.getvalue()
+    return change
+
+
+def _idx_set(row, column, value):
+    """A table entry: S.idx.npy with rows[row, column] = value."""
+    def edit(rows):
+        rows[row, column] = value
+        return rows
+    return _idx(edit)
+
+
+def _teacher_moves_host(headers):
+    """An API on 127.0.0.1 that moves to localhost, another host: the key stays behind (with it: a 200)."""
+    if headers["Host"].startswith("127.0.0.1"):
+        return 307, {"Location": "{localhost}/v1/chat/completions"}, b""
+    if headers.get("Authorization"):
+        return 200, {}, json.dumps({"choices": [{"message": {"content": "the key leaked"}}]}).encode()
+    return 401, {}, b""
+
+
 # Malformed input, per entry point: (entry point, file name, its bytes or a function of the good file's
-# bytes, the message). A new case is one row. Every message is one line naming the file (and line).
+# bytes, the message). A new case is one row. Every message is one line naming the file (and line). The
+# "train" and "eval" rows change a copy of the prepared synth data; their failures come before step 1. The
+# "teacher" rows name the --teacher_url ({srv}: a loopback server) and its reply to every request: (status,
+# headers, body), or a function of the request's headers giving one.
 BAD_INPUTS = [
     ("config", "c.json", b'{"batch_size": 4,', r"c.json: cannot read the config file"),
     ("config", "c.json", b"[1, 2]", r"c.json: a config file is one JSON object"),
@@ -1988,6 +2139,35 @@ BAD_INPUTS = [
      r"intact"),
     ("checkpoint", "ckpt.pt", lambda good: _torch_bytes(torch.zeros(2)),
      r"ckpt.pt: not a dhrd.py checkpoint"),
+    ("train", "train.idx.npy", _idx_set(5, prepare.N, 1000),
+     r"train.jsonl:6: 1000 tokens \(x \d+ \+ rationale and answer \d+\), longer than the model's context "
+     r"of 64 positions; .*--max_rationale, or train with --alpha=0"),
+    ("train", "val.idx.npy", _idx_set(3, prepare.LABEL, 7),
+     r"val.jsonl:4: label id 7 is not one of the 2 labels \(No, Yes\)"),
+    ("train", "train.idx.npy", _idx(lambda rows: rows[:0]),
+     r"train.idx.npy: the train split has no examples"),
+    ("train", "val.idx.npy", _idx_set(2, prepare.LABEL, -1), r"val.jsonl:3: no label, and the val split is"),
+    ("train", "val.idx.npy", _idx_set(1, prepare.X_LEN, 0), r"val.jsonl:2: the input x has no tokens"),
+    ("eval", "test.idx.npy", _idx_set(0, prepare.LABEL, -1),
+     r"test.jsonl:1: no label, and the test split is trained on or scored; .*--predict"),
+    ("predict_no_bos", "in.jsonl", b'{"text": "a=1;a>4?"}\n{"text": ""}\n',
+     r"in.jsonl:2: the text '' has no tokens and the tokenizer no BOS"),
+    ("teacher", "http://192.0.2.7:8000/v1", (200, {}, b""),
+     r"192.0.2.7:8000/v1/chat/completions: plain http to 192.0.2.7, not this machine, would send the API key "
+     r"and the data unencrypted; use https, or --allow_http=True"),
+    ("teacher", "{srv}/v1", (307, {"Location": "http://192.0.2.7/v1/chat/completions"}, b""),
+     r"http://192.0.2.7/v1/chat/completions: plain http to 192.0.2.7"),
+    ("teacher", "{srv}/v1", _teacher_moves_host,
+     r"HTTP 401 .* from http://localhost:\d+/v1/chat/completions, where it redirected \(the API key is "
+     r"not sent"),
+    ("teacher", "{srv}/v1", (302, {"Location": "{srv}/v2/chat/completions"}, b""),
+     r"HTTP 302 .*moved to http://127.0.0.1:\d+/v2/chat/completions: pass that address as --teacher_url"),
+    ("teacher", "{srv}/v1", (200, {}, b'{"choices": [{"message": {"content": 5}}]}'),
+     r"malformed response, choices\[0\].message.content is int 5, not a string"),
+    ("teacher", "{srv}/v1", (200, {}, b'{"choices": []}'),
+     r"malformed response, no choices\[0\].message.content in {\"choices\": \[\]}"),
+    ("teacher", "{srv}/v1", (429, {"Retry-After": "86400"}, b""),
+     r"HTTP 429 with Retry-After 86400: the server asks for \d+ s, more than the 300 s this client waits"),
 ]
 
 
@@ -1997,15 +2177,43 @@ def _torch_bytes(obj):
     return buf.getvalue()
 
 
+def _bad_teacher_call(url, reply, tmp_path, monkeypatch):
+    """prepare.py's API teacher (with a key) for a custom task, at url; a loopback server gives the reply."""
+    monkeypatch.setenv("DHRD_TEST_KEY", "sk-table")
+    where = {}
+
+    def handle(path, headers, body):
+        code, sent, payload = reply(headers) if callable(reply) else reply
+        sent = {k: v.format(srv=where["srv"], localhost=where["srv"].replace("127.0.0.1", "localhost"))
+                for k, v in sent.items()}
+        return code, payload, sent
+
+    srv, where["srv"] = _prep_server(handle)
+    try:
+        return prepare.prepare(task="custom", out_dir=tmp_path / "o", model="char", quiet=True,
+                               teacher_url=url.format(srv=where["srv"]), teacher_model="m",
+                               api_key_env="DHRD_TEST_KEY", **_prep_custom(tmp_path))
+    finally:
+        srv.shutdown()
+
+
 def _bad_input_call(entry, path, run, tmp_path):
     """Feed the bad file at path to its entry point: dhrd.py (config file, --predict, resume from a
-    checkpoint) or prepare.py (a custom task's data file, a rationale file)."""
+    checkpoint, training or --eval_only on prepared data) or prepare.py (a custom task's data file, a
+    rationale file)."""
     if entry == "config":
         return dhrd.main([str(path)])
-    if entry == "predict":
+    if entry in ("predict", "predict_no_bos"):
         return dhrd.main([f"--init_from={run}", f"--predict={path}", f"--predictions={tmp_path / 'p.jsonl'}"])
     if entry == "checkpoint":
         return dhrd.main(["--init_from=resume", f"--out_dir={path.parent}"])
+    if entry == "train":
+        out = f"--out_dir={tmp_path / 'out'}"
+        return dhrd.main([*TINY, f"--data_dir={path.parent}", out, "--max_iters=1"])
+    if entry == "eval":
+        split = path.name.split(".")[0]
+        return dhrd.main([f"--init_from={run}", "--eval_only=True", f"--data_dir={path.parent}",
+                          f"--eval_split={split}"])
     files = _prep_custom(tmp_path)
     if entry == "data":
         files[f"{path.stem}_file"] = path
@@ -2016,19 +2224,31 @@ def _bad_input_call(entry, path, run, tmp_path):
 
 @pytest.mark.parametrize("entry, name, content, msg", BAD_INPUTS,
                          ids=[f"{e}-{i}" for i, (e, *_) in enumerate(BAD_INPUTS)])
-def test_train_bad_input_table(trained_run, tmp_path, entry, name, content, msg):
+def test_train_bad_input_table(trained_run, train_data, tmp_path, monkeypatch, entry, name, content, msg):
     d, _ = trained_run
     run = tmp_path / "run"  # a copy of a finished run: config.json, ckpt.pt, model/
     shutil.copytree(d / "full", run)
-    folder = run if entry == "checkpoint" else tmp_path / "bad"
+    if entry == "predict_no_bos":  # a model whose tokenizer has no BOS
+        meta = json.loads((run / "model" / "meta.json").read_text())
+        (run / "model" / "meta.json").write_text(json.dumps({**meta, "bos_id": None}))
+    folder = tmp_path / "bad"
+    if entry == "checkpoint":
+        folder = run
+    if entry in ("train", "eval"):  # a copy of the prepared data
+        shutil.copytree(train_data, folder)
     folder.mkdir(exist_ok=True)
     path = folder / name
-    if callable(content):
+    if callable(content) and entry != "teacher":
         content = content(path.read_bytes())
-    path.write_bytes(content)
+    if entry != "teacher":
+        path.write_bytes(content)
     with pytest.raises(ValueError, match=msg) as e:  # ConfigError / PrepareError: __main__ prints one line
-        _bad_input_call(entry, path, run, tmp_path)
+        if entry == "teacher":
+            _bad_teacher_call(name, content, tmp_path, monkeypatch)
+        else:
+            _bad_input_call(entry, path, run, tmp_path)
     assert "\n" not in str(e.value)
+    assert not (tmp_path / "out" / "log.jsonl").exists()  # "train": stopped before step 1
 
 
 def test_train_bad_input_cli_one_line(trained_run, tmp_path):
@@ -2285,6 +2505,25 @@ def test_train_torchrun_defaults_and_one_error_line(train_data, tmp_path):
     r = _train_torchrun(*flags, "--gradient_accumulation_steps=3", cwd=tmp_path, check=False)
     msg = "dhrd.py: error: gradient_accumulation_steps=3 is for the whole job, divided among the 2 processes"
     assert r.returncode != 0 and (r.stdout + r.stderr).count(msg) == 1, r.stdout + r.stderr
+
+
+def test_train_setup_dist_timeout_and_eval_layout(trained_run, monkeypatch):
+    """setup() under torchrun (RANK set; init_process_group recorded, not run): the process group waits
+    --dist_timeout_s; --eval_only of a 1-process run (config.json: gradient_accumulation_steps=1) is no
+    training batch to divide among 2 ranks, while training with that layout is still refused."""
+    calls = []
+    monkeypatch.setattr(dhrd.dist, "init_process_group", lambda backend, **kw: calls.append((backend, kw)))
+    for k, v in dict(RANK="1", LOCAL_RANK="1", WORLD_SIZE="2").items():
+        monkeypatch.setenv(k, v)
+    run = trained_run[0] / "full"
+    cfg = dhrd.parse_config([f"--init_from={run}", "--eval_only=True", "--dist_timeout_s=7"])
+    assert cfg.gradient_accumulation_steps == 1
+    rt = dhrd.setup(cfg)
+    assert (rt.ddp, rt.rank, rt.world, rt.micro, rt.host_group) == (True, 1, 2, 1, None)  # CPU: Gloo only
+    assert calls == [("gloo", {"timeout": datetime.timedelta(seconds=7)})]
+    cfg.eval_only = False
+    with pytest.raises(dhrd.ConfigError, match="gradient_accumulation_steps=1 is for the whole job"):
+        dhrd.setup(cfg)
 
 
 @pytest.fixture(scope="module")
