@@ -82,7 +82,8 @@ class Config:
     batch_size: int = 32            # per-process micro-batch
     gradient_accumulation_steps: int = 0  # for the whole job, divided among DDP ranks (the global batch is
                                           # fixed); 0 = one micro-batch per rank
-    max_iters: int = 600            # optimizer steps
+    max_iters: int = 600            # optimizer steps (when max_epochs is 0)
+    max_epochs: float = 0.0         # > 0: max_iters = this many epochs of the training split (resolve_epochs)
     learning_rate: float = 1e-3
     min_lr_frac: float = 0.1        # decay to learning_rate * min_lr_frac
     warmup_iters: int = 30
@@ -94,7 +95,7 @@ class Config:
     grad_checkpoint: bool = False   # recompute each block in backward: activation memory of one block, not
                                     # L, for ~1 extra forward per step (MultiRC --max_len=700, 3-8B models)
     # eval / logging / system
-    eval_interval: int = 100        # also the checkpoint interval
+    eval_interval: int = 100        # also the checkpoint interval; 'epoch': the steps of one epoch
     log_interval: int = 20
     eval_batch_size: int = 128
     seed: int = 1337
@@ -114,6 +115,7 @@ CHOICES = dict(
     lr_decay=("cosine", "linear"),
     dtype=("auto", "float32", "bfloat16", "float16"),
     eval_split=prepare.SPLITS,
+    eval_interval=("epoch",),
 )
 # what one command does, not what the run is: never taken from a run directory's config.json
 COMMAND_KEYS = ("init_from", "eval_only", "predict", "predictions", "eval_split")
@@ -146,8 +148,15 @@ def parse_config(argv):
     d["data_dir"] = d["data_dir"] or f"data/{d['task']}"
     d["out_dir"] = d["out_dir"] or f"out-{d['task']}"
     d["init_from"] = d["init_from"] or prepared_with(d["data_dir"])
-    if min(d["batch_size"], d["eval_interval"], d["log_interval"]) < 1:
-        raise ConfigError("batch_size, eval_interval and log_interval must be >= 1")
+    interval = 1 if d["eval_interval"] == "epoch" else d["eval_interval"]  # 'epoch': resolve_epochs
+    if min(d["batch_size"], interval, d["log_interval"]) < 1:
+        raise ConfigError("batch_size, eval_interval and log_interval must be >= 1 (eval_interval: or epoch)")
+    if d["max_epochs"] < 0:
+        raise ConfigError(f"max_epochs={d['max_epochs']}: use a number of epochs > 0, or 0 to count "
+                          f"max_iters")
+    if d["max_epochs"] > 0 and "max_iters" in flags:
+        raise ConfigError(f"max_iters={d['max_iters']} is set, but max_epochs={d['max_epochs']:g} sets the "
+                          f"steps (from the data); add --max_epochs=0 to count max_iters, or drop max_iters")
     if d["gradient_accumulation_steps"] < 0:
         raise ConfigError("gradient_accumulation_steps must be >= 1, or 0 (one micro-batch per rank)")
     return Config(**d)
@@ -1011,12 +1020,46 @@ def startup_line(cfg, meta, model, rt, teacher):
             f"({trained:.2f}M trained) | {rt.device} {rt.dtype} ({rt.dtype_why}) | "
             f"global batch {rt.world * rt.micro * cfg.batch_size} = {rt.world} processes x {rt.micro} "
             f"micro-batches x {cfg.batch_size}{' (fsdp)' if cfg.fsdp else ''} | "
-            f"alpha {cfg.alpha} beta {cfg.beta}")
+            f"alpha {cfg.alpha} beta {cfg.beta} | {schedule_text(cfg, meta['counts']['train'])}")
     if teacher is not None:
         t_params = sum(p.numel() for p in teacher.parameters()) / 1e6
         line += (f" | kd teacher {cfg.kd_teacher} {t_params:.2f}M params, coef {cfg.kd_coef} "
                  f"T {cfg.kd_temperature}")
     return line
+
+
+def steps_per_epoch(cfg, n_train):
+    """Optimizer steps in one epoch of n_train examples: ceil(n_train / global batch), the global batch being
+    batch_size x gradient_accumulation_steps (for the whole job, resolved for the world size in main), so the
+    same for any number of processes. Rounded up, as HF Trainer counts a last partial batch: every example is
+    seen in each epoch (the last step's tail runs into the next epoch's permutation); rounding down would
+    skip up to a batch of them, and leave a task smaller than one batch (CB: 250 rows, batch 256) no step."""
+    global_batch = cfg.batch_size * cfg.gradient_accumulation_steps
+    return -(-n_train // global_batch)
+
+
+def resolve_epochs(cfg, n_train):
+    """--max_epochs=E and --eval_interval=epoch in optimizer steps, written into cfg before config.json is:
+    max_iters = ceil(E x steps_per_epoch) (HF Trainer's max_steps for num_train_epochs), eval_interval = one
+    epoch's steps. max_epochs=0 leaves max_iters as given."""
+    per_epoch = steps_per_epoch(cfg, n_train)
+    if cfg.eval_interval == "epoch":
+        cfg.eval_interval = per_epoch
+    if cfg.max_epochs > 0:
+        # - 1e-9: 0.1 x 30 is 3.0000000000000004 in floating point, which must not round up to 4 steps
+        cfg.max_iters = max(1, math.ceil(cfg.max_epochs * per_epoch - 1e-9))
+
+
+def schedule_text(cfg, n_train):
+    """The startup line's words for the schedule: which of max_epochs / max_iters applies, and the numbers."""
+    per_epoch = steps_per_epoch(cfg, n_train)
+    global_batch = cfg.batch_size * cfg.gradient_accumulation_steps
+    data = f"{per_epoch} per epoch: {n_train} train rows / global batch {global_batch}, rounded up"
+    if cfg.max_epochs > 0:
+        steps = f"max_epochs {cfg.max_epochs:g} = {cfg.max_iters} steps"
+    else:
+        steps = f"max_iters {cfg.max_iters} steps = {cfg.max_iters / per_epoch:.3g} epochs"
+    return f"{steps} ({data}), eval every {cfg.eval_interval}"
 
 
 def lr_at(it, cfg):
@@ -1110,6 +1153,7 @@ def train(cfg, rt):
     trackers = tracking_modules(cfg)  # first: a missing package stops the run before any work
     # --- data, model, optimizer (a resumed run: restored from ckpt.pt)
     meta, train_split, val_split = load_data(cfg, rt, use_lm)
+    resolve_epochs(cfg, len(train_split[1]))  # max_epochs / eval_interval=epoch -> steps, before config.json
     tok = prepare.tokenizer_from_meta(meta)
     pad = pad_id(meta)
     check_fsdp(cfg, rt)

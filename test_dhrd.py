@@ -2363,6 +2363,82 @@ def test_train_kd_teacher_hf_folder_and_tokenizer_check(lora_data, tmp_path):
         dhrd.main([*flags, f"--kd_teacher={FIX / 'qwen2_cls'}", "--kd_coef=1", f"--out_dir={out}"])
 
 
+# ------------------------------------------------------------------------------------------------------------
+# epochs (--max_epochs, --eval_interval=epoch)
+
+def test_train_epochs_resolved_and_their_errors(tmp_path):
+    """steps per epoch = ceil(train rows / global batch); max_iters = ceil(max_epochs x that) (HF Trainer's
+    count), eval_interval=epoch = one epoch; max_iters stays when max_epochs is 0; the bad combinations."""
+    def resolved(n, *args):
+        cfg = dhrd.parse_config(list(args))
+        dhrd.resolve_epochs(cfg, n)
+        return cfg.max_iters, cfg.eval_interval
+
+    # the paper's CB on 8 GPUs: 250 rows, global batch 4 x 64 = 256 -> 1 step per epoch, 3 in all
+    assert resolved(250, "--batch_size=4", "--gradient_accumulation_steps=64", "--max_epochs=3",
+                    "--eval_interval=epoch") == (3, 1)
+    assert resolved(9427, "--batch_size=4", "--gradient_accumulation_steps=64", "--max_epochs=3",
+                    "--eval_interval=epoch") == (111, 37)  # BoolQ: 36.8 -> 37 steps per epoch
+    assert resolved(300, "--batch_size=10", "--gradient_accumulation_steps=1", "--max_epochs=0.1") == (3, 100)
+    assert resolved(300, "--batch_size=10", "--gradient_accumulation_steps=1", "--max_iters=7") == (7, 100)
+    cfg = dhrd.parse_config(["--batch_size=10", "--gradient_accumulation_steps=1", "--max_iters=45"])
+    assert dhrd.schedule_text(cfg, 300) == ("max_iters 45 steps = 1.5 epochs (30 per epoch: 300 train rows / "
+                                            "global batch 10, rounded up), eval every 100")
+    preset = tmp_path / "p.json"
+    preset.write_text(json.dumps({"_about": "a note", "_anything": [1], "max_epochs": 3, "batch_size": 2}))
+    cfg = dhrd.parse_config([str(preset)])  # "_" keys are notes, skipped
+    assert (cfg.max_epochs, cfg.batch_size) == (3.0, 2)
+    assert dhrd.parse_config([str(preset), "--max_epochs=0", "--max_iters=5"]).max_iters == 5
+    both = "max_iters=5 is set, but max_epochs=3 sets the steps (from the data); add --max_epochs=0 to count"
+    for args, msg in [([str(preset), "--max_iters=5"], both),
+                      (["--max_epochs=-1"], "max_epochs=-1.0: use a number of epochs > 0, or 0"),
+                      (["--eval_interval=often"], "expected int for eval_interval (like 100), got 'often'; "
+                                                  "or use epoch"),
+                      (["--eval_interval=0"], "eval_interval and log_interval must be >= 1"),
+                      (["--_about=x"], "unknown config key '_about'")]:
+        with pytest.raises(dhrd.ConfigError, match=re.escape(msg)):
+            dhrd.parse_config(args)
+
+
+def _torchrun_n(n, script, *args, cwd):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+           str(script), *args]
+    r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
+def test_train_max_epochs_one_two_three_processes(tmp_path, capsys):
+    """--max_epochs=2 --eval_interval=epoch on 30 rows, global batch 12 = 3 steps per epoch (2.5 rounded up):
+    6 steps, evaluated at 3 and 6, recorded in config.json, stated on the startup line, for 1 process x 6
+    micro-batches, 2 x 3 (the same losses) and 3 x 1 (the default accumulation, micro-batch 4)."""
+    rows = [dict(text=f"n={i}", label=["even", "odd"][i % 2], rationale=f"{i} mod 2 = {i % 2}")
+            for i in range(40)]
+    for split, part in (("train", rows[:30]), ("val", rows[30:])):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    data = tmp_path / "data"
+    prepare.prepare(task="custom", out_dir=data, model="char", quiet=True,
+                    train_file=tmp_path / "train.jsonl", val_file=tmp_path / "val.jsonl")
+    flags = [*TINY, f"--data_dir={data}", "--max_epochs=2", "--eval_interval=epoch", "--log_interval=1"]
+    dhrd.main([*flags, "--batch_size=2", "--gradient_accumulation_steps=6", f"--out_dir={tmp_path / 'one'}"])
+    line = "max_epochs 2 = 6 steps (3 per epoch: 30 train rows / global batch 12, rounded up), eval every 3"
+    assert "global batch 12 = 1 processes x 6 micro-batches x 2" in capsys.readouterr().out
+    r2 = _torchrun_n(2, ROOT / "dhrd.py", *flags, "--batch_size=2", "--gradient_accumulation_steps=6",
+                     f"--out_dir={tmp_path / 'two'}", cwd=tmp_path)
+    r3 = _torchrun_n(3, ROOT / "dhrd.py", *flags, "--batch_size=4", f"--out_dir={tmp_path / 'three'}",
+                     cwd=tmp_path)
+    assert "global batch 12 = 2 processes x 3 micro-batches x 2" in r2.stdout and line in r2.stdout
+    assert "global batch 12 = 3 processes x 1 micro-batches x 4" in r3.stdout and line in r3.stdout
+    for run, accum in (("one", 6), ("two", 6), ("three", 3)):
+        saved = json.loads((tmp_path / run / "config.json").read_text())
+        assert (saved["max_epochs"], saved["max_iters"], saved["eval_interval"]) == (2.0, 6, 3), run
+        assert saved["gradient_accumulation_steps"] == accum, run
+        assert [l["iter"] for l in _train_log(tmp_path / run, "val")] == [3, 6], run
+        assert [l["iter"] for l in _train_log(tmp_path / run)] == [1, 2, 3, 4, 5, 6], run
+    for a, b in zip(_train_log(tmp_path / "one"), _train_log(tmp_path / "two"), strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-5, (a, b)
+
 # ============================================================================================================
 # bench.py: the JSON contract on a tiny model, flag errors
 # ============================================================================================================
