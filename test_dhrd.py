@@ -2364,7 +2364,7 @@ def test_train_kd_teacher_hf_folder_and_tokenizer_check(lora_data, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# epochs (--max_epochs, --eval_interval=epoch)
+# epochs (--max_epochs, --eval_interval=epoch), the presets in config/
 
 def test_train_epochs_resolved_and_their_errors(tmp_path):
     """steps per epoch = ceil(train rows / global batch); max_iters = ceil(max_epochs x that) (HF Trainer's
@@ -2438,6 +2438,56 @@ def test_train_max_epochs_one_two_three_processes(tmp_path, capsys):
         assert [l["iter"] for l in _train_log(tmp_path / run)] == [1, 2, 3, 4, 5, 6], run
     for a, b in zip(_train_log(tmp_path / "one"), _train_log(tmp_path / "two"), strict=True):
         assert abs(a["loss"] - b["loss"]) < 1e-5, (a, b)
+
+
+# bench.py's named shapes are these public checkpoints' (test_bench_paper_shapes_have_the_public_parameter_
+# counts checks them), so a hub name maps to its family without a download
+PRESET_BACKBONES = {"llama-3.1-8b": "meta-llama/Llama-3.1-8B", "llama-3.2-3b": "meta-llama/Llama-3.2-3B",
+                    "qwen3-8b": "Qwen/Qwen3-8B", "qwen3-4b": "Qwen/Qwen3-4B"}
+
+
+def test_train_presets_parse_and_name_known_families():
+    """Every config/*.json parses with every key and choice resolved (the "_" keys are notes), names a model
+    of a known family without a download, and the paper's presets carry App. E's numbers, a source for each
+    key, a global batch of 256 whatever the GPU count, and pooled = DHRD with alpha 0."""
+    presets = sorted((ROOT / "config").glob("*.json"))
+    assert {p.stem for p in presets} >= {f"{b}-{arm}" for b in PRESET_BACKBONES for arm in ("dhrd", "pooled")}
+    for path in presets:
+        raw = json.loads(path.read_text())
+        keys = {k for k in raw if not k.startswith("_")}
+        cfg = dhrd.parse_config([str(path)])
+        assert all(getattr(cfg, k) == raw[k] for k in keys), path.name
+        assert "_about" in raw and set(raw.get("_source", {})) <= keys, path.name
+        if "init_from" in raw:
+            model = raw["init_from"]
+            if (ROOT / model / "config.json").exists():  # a folder: its config.json names the family
+                family = json.loads((ROOT / model / "config.json").read_text())["model_type"]
+            else:  # a hub name: bench.py's shape of that checkpoint (no download)
+                family = bench.SHAPES[model.split("/")[-1].lower()]["model_type"]
+            assert family in hf.FAMILIES, (path.name, model)
+    for short, name in PRESET_BACKBONES.items():
+        dhrd_, pooled = (json.loads((ROOT / "config" / f"{short}-{arm}.json").read_text()) for arm in
+                         ("dhrd", "pooled"))
+        assert set(dhrd_["_source"]) == {k for k in dhrd_ if not k.startswith("_")}  # every value cited
+        assert {k: v for k, v in pooled.items() if k[0] != "_" and k != "alpha"} == \
+               {k: v for k, v in dhrd_.items() if k[0] != "_" and k != "alpha"}
+        assert pooled["alpha"] == 0 and dhrd_["alpha"] == (0.5 if short == "qwen3-4b" else 1.0)
+        assert dhrd_["init_from"] == name and dhrd_["beta"] == 1 and dhrd_["head"] == "mlp"
+        assert (dhrd_["lora_rank"], dhrd_["lora_alpha"], dhrd_["lora_dropout"]) == (16, 32, 0.1)  # App. E.4
+        assert len(dhrd_["lora_targets"].split(",")) == 7
+        optim = (dhrd_["learning_rate"], dhrd_["weight_decay"], dhrd_["lr_decay"], dhrd_["warmup_iters"])
+        assert optim == (2e-4, 0.01, "cosine", 5)  # App. E.5, as are the epochs
+        assert (dhrd_["max_epochs"], dhrd_["eval_interval"]) == (3, "epoch")
+        assert dhrd_["batch_size"] * dhrd_["gradient_accumulation_steps"] == 256
+        for world in (1, 2, 4, 8):  # the accumulation is for the whole job: each GPU count here divides it
+            assert dhrd_["gradient_accumulation_steps"] % world == 0
+    # the repository's own experiment: the preset is what every committed run of it used
+    budget = json.loads((ROOT / "config" / "esnli-budget.json").read_text())
+    runs = sorted((ROOT / "experiments" / "results" / "esnli").glob("*/config.json"))
+    assert len(runs) >= 9
+    for run in runs:
+        saved = json.loads(run.read_text())
+        assert all(saved[k] == v for k, v in budget.items() if k[0] != "_"), run
 
 # ============================================================================================================
 # bench.py: the JSON contract on a tiny model, flag errors
