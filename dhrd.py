@@ -546,7 +546,7 @@ def setup(cfg):
     if ddp and dev_type == "cuda":
         device = f"cuda:{local}"
         torch.cuda.set_device(device)
-    if ddp:
+    if ddp and not dist.is_initialized():  # initialized: a driver runs several trainings in one job
         dist.init_process_group("nccl" if dev_type == "cuda" else "gloo")
     dtype, why = cfg.dtype, "--dtype"
     if cfg.dtype == "auto":

@@ -2364,7 +2364,7 @@ def test_train_kd_teacher_hf_folder_and_tokenizer_check(lora_data, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# epochs (--max_epochs, --eval_interval=epoch), the presets in config/
+# epochs (--max_epochs, --eval_interval=epoch), the presets in config/, the Table 1 driver (experiments/)
 
 def test_train_epochs_resolved_and_their_errors(tmp_path):
     """steps per epoch = ceil(train rows / global batch); max_iters = ceil(max_epochs x that) (HF Trainer's
@@ -2488,6 +2488,92 @@ def test_train_presets_parse_and_name_known_families():
     for run in runs:
         saved = json.loads(run.read_text())
         assert all(saved[k] == v for k, v in budget.items() if k[0] != "_"), run
+
+
+sys.path.insert(0, str(ROOT / "experiments"))
+import superglue  # noqa: E402
+import template_rationales  # noqa: E402
+
+
+def test_train_table1_paper_averaging():
+    """CB's F1/acc and MultiRC's F1a/EM are averaged first, then the tasks; gains relative to pooled."""
+    vals = {"cb": {"pooled": {"f1": 0.8, "accuracy": 0.9}, "dhrd": {"f1": 0.9, "accuracy": 0.9}},
+            "multirc": {"pooled": {"f1a": 0.7, "em": 0.3}, "dhrd": {"f1a": 0.7, "em": 0.5}},
+            "rte": {"pooled": {"accuracy": 0.6}, "dhrd": {"accuracy": 0.6}}}
+    t = superglue.table1(vals)
+    assert t["tasks"]["cb"]["score"] == pytest.approx({"pooled": 0.85, "dhrd": 0.9})
+    assert t["tasks"]["multirc"]["gain_pct"] == pytest.approx(20.0)  # 0.5 -> 0.6
+    assert t["avg"]["pooled"] == pytest.approx((0.85 + 0.5 + 0.6) / 3)
+    assert t["avg"]["dhrd"] == pytest.approx((0.9 + 0.6 + 0.6) / 3)
+    assert t["avg"]["gain_pct"] == pytest.approx(100 * (2.1 - 1.95) / 1.95)
+    assert superglue.relative_gain(0.8752, 0.8629) == pytest.approx(1.425, abs=1e-3)  # paper: Llama-3.1-8B
+    md = superglue.markdown(t, "title", "DHRD").splitlines()
+    assert md[2] == "| | CB F1/acc | MultiRC F1a/EM | RTE | Avg (3 of 7 tasks) |"
+    assert md[4] == "| pooled baseline (alpha 0) | 80.00/90.00 | 70.00/30.00 | 60.00 | 65.00 |"
+    assert md[6] == "| relative gain | +5.88% | +20.00% | +0.00% | +7.69% |"
+
+
+def test_train_superglue_driver_end_to_end_rerun_and_torchrun(tmp_path, capsys):
+    """experiments/superglue.py on two tiny tasks (CB, COPA), the tiny Llama fixture, template rationales made
+    locally: prepares both, trains pooled then DHRD per task (2 steps each), writes Table 1 from the runs'
+    results.json; a rerun skips everything, a run without results.json but with ckpt.pt resumes, 2 torchrun
+    processes give the same table; a missing rationale source or a pooled preset is one clear error."""
+    sg = _prep_write_sg(tmp_path / "sg")
+    template_rationales.main(["--tasks=cb,copa", f"--data_dir={sg}", f"--out={tmp_path / 'r.jsonl'}"])
+    args = [str(ROOT / "config" / "cpu-demo.json"), f"--init_from={FIX / 'llama_base'}", "--tasks=copa,cb",
+            f"--rationales={tmp_path / 'r.jsonl'}", f"--data_dir={sg}", "--max_epochs=2", "--batch_size=2",
+            "--gradient_accumulation_steps=2", "--eval_interval=epoch", "--lora_dropout=0"]  # 0: ranks' masks
+    out = tmp_path / "one"
+    superglue.main([*args, f"--out_dir={out}"])
+    printed = capsys.readouterr().out
+    for task, rows in (("cb", 3), ("copa", 4)):
+        meta = json.loads((out / "data" / task / "meta.json").read_text())
+        assert meta["counts"]["train"] == rows and meta["rationale_source"] == "file:r.jsonl", meta
+        assert meta["dropped"] == {}  # every template rationale names the gold label
+        for arm, alpha in (("pooled", 0.0), ("dhrd", 1.0)):
+            saved = json.loads((out / f"{task}-{arm}" / "config.json").read_text())
+            assert (saved["alpha"], saved["max_iters"], saved["eval_interval"]) == (alpha, 2, 1), saved
+            assert saved["lora_rank"] == 4 and saved["head"] == "mlp"  # the preset, under the flags
+    assert printed.index("cb pooled") < printed.index("cb dhrd") < printed.index("copa pooled")
+    table = json.loads((out / "table1.json").read_text())
+    assert list(table["tasks"]) == ["cb", "copa"] and table["avg"]["n_tasks"] == 2
+    for task in ("cb", "copa"):
+        for arm in ("pooled", "dhrd"):
+            val = json.loads((out / f"{task}-{arm}" / "results.json").read_text())["val"]
+            assert table["tasks"][task][arm] == val
+    assert "| | CB F1/acc | COPA | Avg (2 of 7 tasks) |" in (out / "table1.md").read_text()
+    assert (out / "table1.md").read_text() in printed
+    # rerun: nothing is prepared or trained again
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.suffix != ".md"
+              and p.name != "table1.json"}
+    superglue.main([*args, f"--out_dir={out}"])
+    printed = capsys.readouterr().out
+    assert printed.count("(done)") == 4 and printed.count("prepared before, kept") == 2, printed
+    assert stamps == {p: p.stat().st_mtime_ns for p in stamps}
+    # an interrupted run (ckpt.pt, no results.json) resumes: here at its end, so it writes the same results
+    before = (out / "cb-dhrd" / "results.json").read_text()
+    (out / "cb-dhrd" / "results.json").unlink()
+    superglue.main([*args, f"--out_dir={out}"])
+    assert f"cb dhrd: {out / 'cb-dhrd'} (resume)" in capsys.readouterr().out
+    assert json.loads((out / "cb-dhrd" / "results.json").read_text())["val"] == json.loads(before)["val"]
+    # 2 processes x 1 micro-batch == 1 process x 2: the same table
+    r = _torchrun_n(2, ROOT / "experiments" / "superglue.py", *args, f"--out_dir={tmp_path / 'two'}",
+                    cwd=tmp_path)
+    assert "2 processes x 1 micro-batches x 2" in r.stdout
+    two = json.loads((tmp_path / "two" / "table1.json").read_text())
+    assert (two["tasks"], two["avg"]) == (table["tasks"], table["avg"])
+    for run in ("cb-pooled", "cb-dhrd", "copa-pooled", "copa-dhrd"):
+        for a, b in zip(_train_log(out / run), _train_log(tmp_path / "two" / run), strict=True):
+            assert abs(a["loss"] - b["loss"]) < 1e-5, (run, a, b)
+    no_source = [a for a in args if not a.startswith("--rationales")]
+    for argv, msg in [(no_source, "DHRD needs a rationale source: --rationales=FILE.jsonl"),
+                      ([*args, "--alpha=0"], "the preset is a pooled baseline (alpha 0)"),
+                      ([*args, "--tasks=cb,mnli"], "--tasks=cb,mnli: use a comma list of boolq, cb"),
+                      ([*args, "--task=cb"], "unknown config key 'task'; did you mean tasks")]:
+        with pytest.raises(dhrd.ConfigError, match=re.escape(msg)):
+            superglue.main([*argv, f"--out_dir={tmp_path / 'bad'}"])
+    assert not (tmp_path / "bad").exists()
+
 
 # ============================================================================================================
 # bench.py: the JSON contract on a tiny model, flag errors
