@@ -20,7 +20,7 @@ RES=experiments/results/esnli
 OUT=${OUT:-out-budget}
 [ -f data/esnli/meta.json ] || python prepare.py --task=esnli --data_dir="$DATA" --model="$MODEL" --out_dir=data/esnli
 [ -f data/esnli-test2k/meta.json ] || python experiments/subset_split.py data/esnli data/esnli-test2k test 2000
-COMMON=(config/esnli-budget.json --init_from="$MODEL")  # task, data, steps, optimiser, logging: the preset
+COMMON=(config/esnli-budget.json --init_from="$MODEL")  # the preset: task, data, steps, optimiser, logs
 declare -A FLAGS=(
   [pooled]="--alpha=0"
   [dhrd]="--alpha=1"
