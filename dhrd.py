@@ -153,7 +153,7 @@ def parse_config(argv):
         raise ConfigError("batch_size, eval_interval and log_interval must be >= 1 (eval_interval: or epoch)")
     if d["max_epochs"] < 0:
         raise ConfigError(f"max_epochs={d['max_epochs']}: use a number of epochs > 0, or 0 to count "
-                          f"max_iters")
+                          "max_iters")
     if d["max_epochs"] > 0 and "max_iters" in flags:
         raise ConfigError(f"max_iters={d['max_iters']} is set, but max_epochs={d['max_epochs']:g} sets the "
                           f"steps (from the data); add --max_epochs=0 to count max_iters, or drop max_iters")
