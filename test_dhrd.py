@@ -201,36 +201,36 @@ def test_gpt_forward_one_pass_property(model_type):
 
 
 def test_gpt_dual_output_and_dual_loss():
-    """forward always returns DualOutput(cls_logits, loss_lm, loss_kl, loss_kd), None for what was not asked;
-    dual_loss is Eq. 4: beta * CE(cls_logits, y) + alpha * loss_lm (+ kl_coef * loss_kl + kd_coef * T^2 *
-    loss_kd), each term only when present."""
+    """forward always returns DualOutput(cls_logits, loss_lm, extra), None for a head's term not asked for,
+    extra = {name: value} of the terms given; dual_loss is Eq. 4: beta * CE(cls_logits, y) + alpha * loss_lm
+    + weights[name] * value of each extra term."""
     m = _gpt_tiny("llama", num_labels=3)
     idx = torch.randint(0, 61, (2, 10), generator=torch.Generator().manual_seed(0))
     tg = torch.roll(idx, -1, 1)
     y = torch.tensor([2, 0])
     ref = (m.hidden_states(idx).detach()[tg != -100], m.lm_head.weight.detach())
-    outs = [m(idx), m(idx, lm_targets=tg), m(idx, lm_targets=tg, kl_ref=ref),
-            _gpt_tiny("llama")(idx, lm_targets=tg), m(idx, lm_targets=tg, kd_ref=(*ref, 2.0))]
+    kl = (lambda h, w, h_ref, w_ref: gpt.token_kl(h, w, h_ref, w_ref), ref)
+    kd = (lambda h, w, h_t, w_t: gpt.token_kl(h_t, w_t, h, w, 2.0), ref)
+    outs = [m(idx), m(idx, lm_targets=tg), m(idx, lm_targets=tg, terms={"kl": kl}),
+            _gpt_tiny("llama")(idx, lm_targets=tg), m(idx, lm_targets=tg, terms={"kl": kl, "kd": kd})]
     for out in outs:
-        assert (type(out) is DualOutput and len(out) == 4
-                and out._fields == ("cls_logits", "loss_lm", "loss_kl", "loss_kd"))
-    assert [[f is None for f in o] for o in outs] == [[False, True, True, True], [False, False, True, True],
-                                                     [False, False, False, True], [True, False, True, True],
-                                                     [False, False, True, False]]
-    assert outs[0].cls_logits.shape == (2, 3) and abs(outs[2].loss_kl.item()) < 1e-6  # KL to itself
-    assert abs(outs[4].loss_kd.item()) < 1e-6  # the teacher is the student: nothing to distil
+        assert type(out) is DualOutput and out._fields == ("cls_logits", "loss_lm", "extra")
+    assert [(o.cls_logits is None, o.loss_lm is None, list(o.extra)) for o in outs] == [
+        (False, True, []), (False, False, []), (False, False, ["kl"]), (True, False, []),
+        (False, False, ["kl", "kd"])]
+    assert outs[0].cls_logits.shape == (2, 3) and abs(outs[2].extra["kl"].item()) < 1e-6  # KL to itself
+    assert abs(outs[4].extra["kd"].item()) < 1e-6  # the teacher is the student: nothing to distil
     ce = F.cross_entropy(outs[1].cls_logits, y)
     loss, loss_cls = dual_loss(outs[0], y, alpha=0.7, beta=2.0)  # a pooled baseline: no LM term at all
     assert torch.equal(loss_cls, ce) and torch.equal(loss, 2.0 * ce)
-    # no KL in out: kl_coef has nothing to scale
-    loss, _ = dual_loss(outs[1], y, alpha=0.7, beta=2.0, kl_coef=5.0)
+    loss, _ = dual_loss(outs[1], y, alpha=0.7, beta=2.0, weights={"kl": 5.0})  # no KL in out: nothing added
     assert torch.allclose(loss, 2.0 * ce + 0.7 * outs[1].loss_lm)
-    out = outs[2]._replace(loss_kl=torch.tensor(0.25))
-    loss, _ = dual_loss(out, y, alpha=0.7, beta=0.0, kl_coef=2.0)  # beta=0: a CoT-only model
+    out = outs[2]._replace(extra={"kl": torch.tensor(0.25)})
+    loss, _ = dual_loss(out, y, alpha=0.7, beta=0.0, weights={"kl": 2.0})  # beta=0: a CoT-only model
     assert torch.allclose(loss, 0.7 * out.loss_lm + 0.5)
-    out = outs[4]._replace(loss_kd=torch.tensor(0.25))  # + kd_coef * T^2 * KL (Hinton's T^2)
-    loss, _ = dual_loss(out, y, alpha=0.7, beta=2.0, kl_coef=5.0, kd_coef=0.5, kd_temperature=3.0)
-    assert torch.allclose(loss, 2.0 * ce + 0.7 * out.loss_lm + 0.5 * 9.0 * 0.25)
+    out = outs[4]._replace(extra={"kl": torch.tensor(0.5), "kd": torch.tensor(0.25)})
+    loss, _ = dual_loss(out, y, alpha=0.7, beta=2.0, weights={"kl": 5.0, "kd": 4.5})
+    assert torch.allclose(loss, 2.0 * ce + 0.7 * out.loss_lm + 5.0 * 0.5 + 4.5 * 0.25)
 
 
 def test_gpt_kd_chunked_equals_naive_and_trains_the_student_only():
@@ -243,9 +243,11 @@ def test_gpt_kd_chunked_equals_naive_and_trains_the_student_only():
     tg = torch.roll(idx, -1, 1)
     tg[0, 5:] = tg[2, :3] = -100  # only the valid targets count
     with torch.no_grad():
-        kd_ref = (teacher.hidden_states(idx)[tg != -100], teacher.lm_head.weight, 2.0)
-    kd = student(idx, lm_targets=tg, kd_ref=kd_ref).loss_kd  # rows=256: one chunk
-    chunked = gpt.token_kl(*kd_ref[:2], student.hidden_states(idx)[tg != -100], student.lm_head.weight,
+        kd_ref = (teacher.hidden_states(idx)[tg != -100], teacher.lm_head.weight)
+    term = dhrd.DistillFromTeacher(teacher, dhrd.Config(kd_teacher="t", kd_coef=0.5, kd_temperature=2.0), None)
+    assert term.weight == 0.5 * 2.0 ** 2  # kd_coef * T^2 (Hinton's T^2)
+    kd = student(idx, lm_targets=tg, terms={"kd": (term.value, kd_ref)}).extra["kd"]  # rows=256: one chunk
+    chunked = gpt.token_kl(*kd_ref, student.hidden_states(idx)[tg != -100], student.lm_head.weight,
                            temperature=2.0, rows=5)
     g_chunked = torch.autograd.grad(chunked, list(student.parameters()), allow_unused=True)
     q = F.log_softmax(teacher.lm_logits(idx)[tg != -100] / 2.0, -1)
@@ -647,7 +649,8 @@ def test_gpt_lora_kl_to_base(monkeypatch):
         with torch.no_grad(), gpt.lora_disabled(m):
             ref = (m.hidden_states(idx)[tg != -100], m.lm_head.weight)
         h = m.hidden_states(idx)[tg != -100]
-        return gpt.token_kl(h, m.lm_head.weight, *ref, rows=rows), m(idx, lm_targets=tg, kl_ref=ref).loss_kl
+        term = (lambda h, w, *r: gpt.token_kl(h, w, *r), ref)
+        return gpt.token_kl(h, m.lm_head.weight, *ref, rows=rows), m(idx, lm_targets=tg, terms={"kl": term}).extra["kl"]
 
     assert max(abs(v.item()) for v in kl()) < 1e-6  # adapters at zero: the model is the base
     _gpt_lora_perturb(m)
@@ -1833,6 +1836,36 @@ def test_train_resume_after_kill_is_exact(trained_run):
     res = [json.loads((x / "results.json").read_text()) for x in (d / "full", out)]
     assert res[0] == res[1] and res[0]["val"]["accuracy"] > 0
     assert _train_log(d / "full") == _train_log(out)  # the log after the kill was trimmed to the checkpoint
+
+
+def test_train_extra_term_is_one_definition(train_data, tmp_path, monkeypatch, capsys):
+    """The seam for what Eq. 4 gets added: a toy term (the mean square of the hidden states at the LM
+    targets) is one class, listed by extra_terms; the loop, dual_loss, log.jsonl and the startup line take
+    it as it is, and its weight reaches the loss."""
+    class Toy:
+        name = "toy"
+        weight = 0.5
+        about = "toy term, weight 0.5"
+
+        def given(self, idx, mask, lm_targets):
+            return ()
+
+        def value(self, h, w):
+            return h.float().pow(2).mean()
+
+    base = dhrd.extra_terms
+    monkeypatch.setattr(dhrd, "extra_terms", lambda *a: [*base(*a), Toy()])
+    flags = [*TINY, f"--data_dir={train_data}", "--max_iters=3", "--eval_interval=3", "--log_interval=1"]
+    dhrd.main([*flags, f"--out_dir={tmp_path / 'toy'}"])
+    assert "| toy term, weight 0.5" in capsys.readouterr().out
+    log = _train_log(tmp_path / "toy")
+    assert len(log) == 3 and all(l["loss_toy"] > 0 for l in log)
+    assert all(abs(l["loss"] - (l["loss_cls"] + l["loss_lm"] + 0.5 * l["loss_toy"])) < 1e-5 for l in log)
+    monkeypatch.setattr(dhrd, "extra_terms", base)
+    dhrd.main([*flags, f"--out_dir={tmp_path / 'plain'}"])
+    plain = _train_log(tmp_path / "plain")
+    assert "loss_toy" not in plain[0] and plain[0]["loss_cls"] == log[0]["loss_cls"]  # the same first batch
+    assert plain[-1]["loss_cls"] != log[-1]["loss_cls"]  # the term changed the training
 
 
 def test_train_kd_teacher_end_to_end_and_resume(trained_run, tmp_path):
