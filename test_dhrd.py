@@ -982,7 +982,7 @@ def test_prep_synth_deterministic_and_layout(tmp_path):
         rows = [json.loads(l) for l in (tmp_path / "a" / f"{split}.jsonl").read_text().splitlines()]
         assert idx.dtype == np.int64 and idx.shape == (len(rows), 5)
         assert (prepare.START, prepare.X_LEN, prepare.N, prepare.LABEL,
-                prepare.GROUP) == (0, 1, 2, 3, 4)  # SPEC
+                prepare.GROUP) == (0, 1, 2, 3, 4)  # the documented layout
         start, n = prepare.START, prepare.N
         assert (idx[1:, start] == idx[:-1, start] + idx[:-1, n]).all()           # contiguous, in order
         for (ids, x, suffix, label, group), r in zip(exs, rows):
@@ -2639,7 +2639,7 @@ def test_bench_end_to_end_json(lora_rank, tmp_path):
                    *BENCH_TINY)  # default dtype: auto
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads(out.read_text())
-    # every key of SPEC §5, with the shapes that were asked for
+    # every key of the bench JSON (README, bench.py), with the shapes that were asked for
     assert r["device"] == "cpu" and r["model"] == str(model_dir)
     # bf16 only where the CPU has it natively
     assert (r["dtype"], r["dtype_reason"]) == gpt.native_dtype("cpu")
@@ -2964,7 +2964,7 @@ def test_cuda_compile_graphs_stay_bounded_over_varying_lengths(tmp_path, monkeyp
 @cuda
 def test_cuda_bench_tiny_llama_lora_on_the_device(tmp_path):
     """bench.py's device path on a tiny Llama, LoRA step: weights built in bf16 on the device, the JSON of
-    SPEC §5 with the GPU's name and, on a card of GPU_PEAK_TFLOPS, the MFU against its bf16 dense peak."""
+    the bench JSON with the GPU's name and, on a card of GPU_PEAK_TFLOPS, the MFU against its bf16 dense peak."""
     out = tmp_path / "bench.json"
     p = _bench_run("--init_from=llama-tiny", f"--device={DEV}", "--dtype=bfloat16", "--train_lora_rank=4",
                    f"--out={out}", *BENCH_TINY)
