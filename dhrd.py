@@ -13,6 +13,7 @@ Config: the defaults below <- JSON config files (positional) <- --key=value. Dat
 """
 import copy
 import datetime
+import functools
 import importlib
 import json
 import math
@@ -34,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import prepare
 from gpt import (GPT, GPTConfig, CheckpointError, add_lora, dual_loss, load_tokenizer, lora_disabled,
-                 native_dtype, save_lora)
+                 native_dtype, save_lora, token_kl)
 from hf import resolve_model_dir
 from plumbing import ConfigError, Progress, atomic_write, parse_flags
 
@@ -84,7 +85,8 @@ class Config:
     batch_size: int = 32            # per-process micro-batch
     gradient_accumulation_steps: int = 0  # for the whole job, divided among DDP ranks (the global batch is
                                           # fixed); 0 = one micro-batch per rank
-    max_iters: int = 600            # optimizer steps
+    max_iters: int = 600            # optimizer steps (when max_epochs is 0)
+    max_epochs: float = 0.0         # > 0: max_iters = this many epochs of the training split (resolve_epochs)
     learning_rate: float = 1e-3
     min_lr_frac: float = 0.1        # decay to learning_rate * min_lr_frac
     warmup_iters: int = 30
@@ -96,7 +98,7 @@ class Config:
     grad_checkpoint: bool = False   # recompute each block in backward: activation memory of one block, not
                                     # L, for ~1 extra forward per step (MultiRC --max_len=700, 3-8B models)
     # eval / logging / system
-    eval_interval: int = 100        # also the checkpoint interval
+    eval_interval: int = 100        # also the checkpoint interval; 'epoch': the steps of one epoch
     log_interval: int = 20
     eval_batch_size: int = 128
     seed: int = 1337
@@ -118,6 +120,7 @@ CHOICES = dict(
     lr_decay=("cosine", "linear"),
     dtype=("auto", "float32", "bfloat16", "float16"),
     eval_split=prepare.SPLITS,
+    eval_interval=("epoch",),
 )
 # what one command does, not what the run is: never taken from a run directory's config.json
 COMMAND_KEYS = ("init_from", "eval_only", "predict", "predictions", "eval_split")
@@ -150,8 +153,15 @@ def parse_config(argv):
     d["data_dir"] = d["data_dir"] or f"data/{d['task']}"
     d["out_dir"] = d["out_dir"] or f"out-{d['task']}"
     d["init_from"] = d["init_from"] or prepared_with(d["data_dir"])
-    if min(d["batch_size"], d["eval_interval"], d["log_interval"]) < 1:
-        raise ConfigError("batch_size, eval_interval and log_interval must be >= 1")
+    interval = 1 if d["eval_interval"] == "epoch" else d["eval_interval"]  # 'epoch': resolve_epochs
+    if min(d["batch_size"], interval, d["log_interval"]) < 1:
+        raise ConfigError("batch_size, eval_interval and log_interval must be >= 1 (eval_interval: or epoch)")
+    if d["max_epochs"] < 0:
+        raise ConfigError(f"max_epochs={d['max_epochs']}: use a number of epochs > 0, or 0 to count "
+                          "max_iters")
+    if d["max_epochs"] > 0 and "max_iters" in flags:
+        raise ConfigError(f"max_iters={d['max_iters']} is set, but max_epochs={d['max_epochs']:g} sets the "
+                          f"steps (from the data); add --max_epochs=0 to count max_iters, or drop max_iters")
     if d["gradient_accumulation_steps"] < 0:
         raise ConfigError("gradient_accumulation_steps must be >= 1, or 0 (one micro-batch per rank)")
     return Config(**d)
@@ -539,6 +549,14 @@ def grad_stats(g_cls, g_lm, alpha, beta):
     return stats
 
 
+def step_grad_stats(cfg, rt, step, raw, batch, alpha):
+    """--grad_stats at a logged optimizer step (1-based): grad_stats of this micro-batch on rank 0, else {}."""
+    if not (cfg.grad_stats and rt.master and logged(step, cfg)):
+        return {}
+    g_cls, g_lm = backbone_grads(raw, batch, rt.ctx, rt.device)
+    return grad_stats(g_cls, g_lm, alpha, cfg.beta)
+
+
 def alpha_from_gradients(norms_cls, norms_lm, beta):
     """--alpha=auto, the rule: alpha = beta * mean ||grad L_cls|| / mean ||grad L_lm|| over the backbone at
     the initial weights, on the first ALPHA_AUTO_BATCHES training micro-batches, so that the two terms of
@@ -609,9 +627,10 @@ def setup(cfg):
     host_group = None
     if ddp:
         timeout = datetime.timedelta(seconds=cfg.dist_timeout_s)
-        dist.init_process_group("nccl" if dev_type == "cuda" else "gloo", timeout=timeout)
+        if not dist.is_initialized():  # initialized: a driver runs several trainings in one job
+            dist.init_process_group("nccl" if dev_type == "cuda" else "gloo", timeout=timeout)
         if dev_type == "cuda":
-            host_group = dist.new_group(backend="gloo", timeout=timeout)
+            host_group = gloo_group(timeout)
     dtype, why = cfg.dtype, "--dtype"
     if cfg.dtype == "auto":
         dtype, why = native_dtype(device)
@@ -621,6 +640,13 @@ def setup(cfg):
     return Runtime(ddp=ddp, rank=rank, local_rank=local, world=world, master=rank == 0, device=device,
                    dev_type=dev_type, dtype=dtype, dtype_why=why, ctx=ctx,
                    micro=accum // world, host_group=host_group)
+
+
+@functools.cache
+def gloo_group(timeout):
+    """A Gloo group beside NCCL, made once per process (every rank calls setup alike; a driver calls it per
+    training run)."""
+    return dist.new_group(backend="gloo", timeout=timeout)
 
 
 def wait_for_rank0(rt):
@@ -1039,6 +1065,72 @@ def load_teacher(cfg, meta, tok, student, use_lm, rt):
     return teacher.to(rt.device)
 
 
+# ------------------------------------------------------------------------------------------------------------
+# extra loss terms, the one seam for what the loop adds to Eq. 4. A term is an object with a `name` (logged as
+# loss_<name>), a `weight` (its coefficient in the loss), `about` (words for the startup line, or ""),
+# given(idx, mask, lm_targets): the term's no-grad work on one micro-batch (a tuple of tensors), and
+# value(h, w, *given): what GPT.forward computes in the same pass from the model's hidden states at the valid
+# LM targets and its LM head weight, a scalar (a method, not a fresh closure per step: torch.compile keeps one
+# graph). extra_terms maps the flags to terms: a new term is one class and one line there (and its flag in
+# Config); forward, dual_loss, the logged sums and the startup line take it as it is.
+
+class KLToBase:
+    """--kl_coef: kl_coef * KL(p_model || p_base) at the LM targets. The base (kl_reference) is the model with
+    its LoRA adapters off, or a frozen copy of the initial weights; its hidden states come with no grad and no
+    dropout."""
+    name = "kl"
+    about = ""
+
+    def __init__(self, ref, model, coef, ctx):
+        self.ref = ref
+        self.model = model
+        self.weight = coef
+        self.ctx = ctx
+
+    def given(self, idx, mask, lm_targets):
+        with torch.no_grad(), self.ctx, lora_disabled(self.ref):
+            h_base = self.ref.eval().hidden_states(idx, mask)[lm_targets != -100]
+        self.model.train()  # under LoRA the base is the model itself, which eval() above switched
+        return h_base, self.ref.lm_head.weight
+
+    def value(self, h, w, h_base, w_base):
+        return token_kl(h, w, h_base, w_base)
+
+
+class DistillFromTeacher:
+    """--kd_teacher, --kd_coef: the soft-target distillation of the reasoning head (paper App. F, future
+    work), kd_coef * T^2 * KL(p_teacher^T || p_model^T) at the LM targets; T^2 keeps its gradients the size of a T=1
+    term's (Hinton et al. 2015, §2). The teacher side first, as distillation has it."""
+    name = "kd"
+
+    def __init__(self, teacher, cfg, ctx):
+        self.teacher = teacher
+        self.temperature = cfg.kd_temperature
+        self.weight = cfg.kd_coef * cfg.kd_temperature ** 2
+        self.ctx = ctx
+        params = sum(p.numel() for p in teacher.parameters()) / 1e6
+        self.about = (f"kd teacher {cfg.kd_teacher} {params:.2f}M params, coef {cfg.kd_coef} "
+                      f"T {cfg.kd_temperature}")
+
+    def given(self, idx, mask, lm_targets):
+        with torch.no_grad(), self.ctx:  # the teacher is frozen and in eval mode
+            h_teacher = self.teacher.hidden_states(idx, mask)[lm_targets != -100]
+        return h_teacher, self.teacher.lm_head.weight
+
+    def value(self, h, w, h_teacher, w_teacher):
+        return token_kl(h_teacher, w_teacher, h, w, self.temperature)
+
+
+def extra_terms(cfg, raw, ref, teacher, ctx):
+    """The extra loss terms the flags ask for, in the order they are added to the loss and logged."""
+    terms = []
+    if ref is not None:
+        terms.append(KLToBase(ref, raw, cfg.kl_coef, ctx))
+    if teacher is not None:
+        terms.append(DistillFromTeacher(teacher, cfg, ctx))
+    return terms
+
+
 def resume(ckpt, raw, optimizer, scaler, cfg, rank):
     """-> (iter, data position, best) of ckpt, with the optimizer, the scaler and the RNG restored (the
     weights: build_model). The lr schedule is a function of iter, the data order of the position; rank 0's
@@ -1129,19 +1221,52 @@ class Log:
             self.wandb_run.finish()
 
 
-def startup_line(cfg, meta, model, rt, teacher):
+def startup_line(cfg, meta, model, rt, terms):
     params = sum(p.numel() for p in model.parameters()) / 1e6  # a DTensor shard counts its full size
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
     line = (f"dhrd.py: {cfg.task} {meta['counts']} | {cfg.init_from} {params:.2f}M params "
             f"({trained:.2f}M trained) | {rt.device} {rt.dtype} ({rt.dtype_why}) | "
             f"global batch {rt.world * rt.micro * cfg.batch_size} = {rt.world} processes x {rt.micro} "
             f"micro-batches x {cfg.batch_size}{' (fsdp)' if cfg.fsdp else ''} | "
-            f"alpha {cfg.alpha} beta {cfg.beta}")
-    if teacher is not None:
-        t_params = sum(p.numel() for p in teacher.parameters()) / 1e6
-        line += (f" | kd teacher {cfg.kd_teacher} {t_params:.2f}M params, coef {cfg.kd_coef} "
-                 f"T {cfg.kd_temperature}")
+            f"alpha {cfg.alpha} beta {cfg.beta} | {schedule_text(cfg, meta['counts']['train'])}")
+    for term in terms:
+        if term.about:
+            line += f" | {term.about}"
     return line
+
+
+def steps_per_epoch(cfg, n_train):
+    """Optimizer steps in one epoch of n_train examples: ceil(n_train / global batch), the global batch being
+    batch_size x gradient_accumulation_steps (for the whole job, resolved for the world size in main), so the
+    same for any number of processes. Rounded up, as HF Trainer counts a last partial batch: every example is
+    seen in each epoch (the last step's tail runs into the next epoch's permutation); rounding down would
+    skip up to a batch of them, and leave a task smaller than one batch (CB: 250 rows, batch 256) no step."""
+    global_batch = cfg.batch_size * cfg.gradient_accumulation_steps
+    return -(-n_train // global_batch)
+
+
+def resolve_epochs(cfg, n_train):
+    """--max_epochs=E and --eval_interval=epoch in optimizer steps, written into cfg before config.json is:
+    max_iters = ceil(E x steps_per_epoch) (HF Trainer's max_steps for num_train_epochs), eval_interval = one
+    epoch's steps. max_epochs=0 leaves max_iters as given."""
+    per_epoch = steps_per_epoch(cfg, n_train)
+    if cfg.eval_interval == "epoch":
+        cfg.eval_interval = per_epoch
+    if cfg.max_epochs > 0:
+        # - 1e-9: 0.1 x 30 is 3.0000000000000004 in floating point, which must not round up to 4 steps
+        cfg.max_iters = max(1, math.ceil(cfg.max_epochs * per_epoch - 1e-9))
+
+
+def schedule_text(cfg, n_train):
+    """The startup line's words for the schedule: which of max_epochs / max_iters applies, and the numbers."""
+    per_epoch = steps_per_epoch(cfg, n_train)
+    global_batch = cfg.batch_size * cfg.gradient_accumulation_steps
+    data = f"{per_epoch} per epoch: {n_train} train rows / global batch {global_batch}, rounded up"
+    if cfg.max_epochs > 0:
+        steps = f"max_epochs {cfg.max_epochs:g} = {cfg.max_iters} steps"
+    else:
+        steps = f"max_iters {cfg.max_iters} steps = {cfg.max_iters / per_epoch:.3g} epochs"
+    return f"{steps} ({data}), eval every {cfg.eval_interval}"
 
 
 def lr_at(it, cfg):
@@ -1238,6 +1363,7 @@ def train(cfg, rt):
     trackers = tracking_modules(cfg)  # first: a missing package stops the run before any work
     # --- data, model, optimizer (a resumed run: restored from ckpt.pt)
     meta, train_split, val_split = load_data(cfg, rt, use_lm)
+    resolve_epochs(cfg, len(train_split[1]))  # max_epochs / eval_interval=epoch -> steps, before config.json
     tok = prepare.tokenizer_from_meta(meta)
     pad = pad_id(meta)
     check_fsdp(cfg, rt)
@@ -1249,6 +1375,8 @@ def train(cfg, rt):
     check_context(cfg.data_dir, "val", val_split[1], raw.config.block_size, x_only=True)
     ref = kl_reference(cfg, raw, ckpt)
     teacher = load_teacher(cfg, meta, tok, raw, use_lm, rt)
+    terms = extra_terms(cfg, raw, ref, teacher, rt.ctx)  # what Eq. 4 gets beyond its two terms
+    weights = {t.name: t.weight for t in terms}
     if cfg.fsdp:
         shard(raw, rt)  # in place: DTensor shards, on rt.device
     else:
@@ -1266,7 +1394,7 @@ def train(cfg, rt):
     log = Log(out_dir / "log.jsonl")
     if rt.master:
         start_run_files(cfg, out_dir, it, resumed=ckpt is not None)
-        print(startup_line(cfg, meta, raw, rt, teacher), flush=True)
+        print(startup_line(cfg, meta, raw, rt, terms), flush=True)
         log = Log(out_dir / "log.jsonl", *start_tracking(cfg, trackers))
     alpha_base = cfg.alpha
     if cfg.alpha == "auto" and ckpt is not None:
@@ -1284,43 +1412,27 @@ def train(cfg, rt):
             g["lr"] = lr
         alpha = alpha_at(it, cfg, alpha_base)
         stats = {}
-        sums = torch.zeros(5, device=rt.device)
+        sums = torch.zeros(3 + len(terms), device=rt.device)  # loss, L_cls, L_lm, each extra term
         for m in range(micro):
             start = pos + (rt.rank * micro + m) * cfg.batch_size
-            idx, mask, x_len, y, lm_targets = micro_batch(train_split, start, cfg, pad, use_lm, rt.device)
-            if cfg.grad_stats and m == 0 and rt.master and logged(it + 1, cfg):
-                g_cls, g_lm = backbone_grads(raw, (idx, mask, x_len, y, lm_targets), ctx, rt.device)
-                stats = grad_stats(g_cls, g_lm, alpha, cfg.beta)
-                del g_cls, g_lm
+            batch = micro_batch(train_split, start, cfg, pad, use_lm, rt.device)
+            idx, mask, x_len, y, lm_targets = batch
+            if m == 0:
+                stats = step_grad_stats(cfg, rt, it + 1, raw, batch, alpha)  # --grad_stats, at log steps
             # DDP: all-reduce on the last micro-step only; FSDP reduce-scatters every one (keeps shards only)
             model.require_backward_grad_sync = m == micro - 1
-            kl_ref = None
-            if ref is not None:  # the base model's hidden states at the valid LM targets: no grad, no dropout
-                with torch.no_grad(), ctx, lora_disabled(ref):
-                    kl_ref = (ref.eval().hidden_states(idx, mask)[lm_targets != -100], ref.lm_head.weight)
-                raw.train()
-            kd_ref = None
-            if teacher is not None:  # the teacher's hidden states at the valid LM targets: eval mode, no grad
-                with torch.no_grad(), ctx:
-                    h_teacher = teacher.hidden_states(idx, mask)[lm_targets != -100]
-                kd_ref = (h_teacher, teacher.lm_head.weight, cfg.kd_temperature)
+            given = {t.name: (t.value, t.given(idx, mask, lm_targets)) for t in terms}  # their no-grad side
             with ctx:
                 # ONE forward over s = [x, rationale, answer]: pooled logits at x_len, the LM loss on s
-                out = model(idx, mask, x_len, lm_targets, kl_ref, kd_ref)
-                # paper Eq. 4: beta L_cls + alpha L_lm (+ kl_coef * KL(p_model || p_base) with --kl_coef)
-                # (+ kd_coef * T^2 * KL(p_teacher^T || p_model^T) with --kd_teacher)
-                loss, loss_cls = dual_loss(out, y, alpha, cfg.beta, cfg.kl_coef, cfg.kd_coef,
-                                           cfg.kd_temperature)
-                loss_lm = out.loss_lm
-                loss_kl = out.loss_kl if out.loss_kl is not None else loss_cls.new_zeros(())
-                loss_kd = out.loss_kd if out.loss_kd is not None else loss_cls.new_zeros(())
+                out = model(idx, mask, x_len, lm_targets, given)
+                loss, loss_cls = dual_loss(out, y, alpha, cfg.beta, weights)  # paper Eq. 4
             scaler.scale(loss / micro).backward()
-            lm_term = loss_lm if use_lm else loss.new_zeros(())
-            sums += torch.stack([loss, loss_cls, lm_term, loss_kl, loss_kd]).detach().float()
+            lm_term = out.loss_lm if use_lm else loss.new_zeros(())
+            sums += torch.stack([loss, loss_cls, lm_term, *out.extra.values()]).detach().float()
         pos += cfg.batch_size * cfg.gradient_accumulation_steps
         if rt.ddp:
             dist.all_reduce(sums)  # the job's mean over all its micro-batches: identical on every rank
-        loss_v, cls_v, lm_v, kl_v, kd_v = (sums / cfg.gradient_accumulation_steps).tolist()
+        loss_v, cls_v, lm_v, *extra_v = (sums / cfg.gradient_accumulation_steps).tolist()
         check_finite(loss_v, cls_v, lm_v, it, lr, out_dir, saved)
         optimizer_step(model, optimizer, scaler, cfg.grad_clip)
         it += 1
@@ -1329,11 +1441,7 @@ def train(cfg, rt):
             t_last = time.time()
             print(f"iter {it}: loss {loss_v:.4f} (cls {cls_v:.4f}, lm {lm_v:.4f}) lr {lr:.2e} "
                   f"{dt * 1000:.0f}ms/it", flush=True)
-            extra = {}
-            if ref is not None:
-                extra["loss_kl"] = kl_v
-            if teacher is not None:
-                extra["loss_kd"] = kd_v
+            extra = {f"loss_{t.name}": v for t, v in zip(terms, extra_v)}
             log.write(dict(iter=it, loss=loss_v, loss_cls=cls_v, loss_lm=lm_v if use_lm else None, lr=lr,
                            alpha=alpha, **extra, **stats))
         if it % cfg.eval_interval == 0 or it == cfg.max_iters:

@@ -51,7 +51,7 @@ SUFFIX_R = "\nReasoning:\n"
 SUFFIX_Y = "\nFinal Answer:\n"
 SPLITS = ("train", "val", "test")
 
-# S.idx.npy holds one int64 row of 5 per example (the file format of SPEC §3, read by dhrd.py); its columns:
+# S.idx.npy holds one int64 row of 5 per example (the file format dhrd.py reads); its columns:
 # the example is bin[START:START + N], its first X_LEN tokens are x; LABEL = index into meta["labels"], -1
 # when unknown (test); GROUP = the question (MultiRC) or pair (COPA) it belongs to, else its own index.
 START, X_LEN, N, LABEL, GROUP = range(5)
@@ -592,7 +592,7 @@ def load_custom(files, text_field="text", filter=None):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Rationales. File format (SPEC §3), one JSON object per line: {"task", "split", "idx", "rationale",
+# Rationales. File format, one JSON object per line: {"task", "split", "idx", "rationale",
 # "label"}, idx = position of the example in the prepared split (S.jsonl "idx"). Teachers append to such a
 # file.
 

@@ -11,7 +11,8 @@ selects exactly one section; the short `-k train` also takes the few other names
   -k train  dhrd.py: metrics, config errors, DDP and FSDP == one process (and their checkpoints
             interchangeable), exact resume after a kill, distillation from a teacher (--kd_teacher),
             gradient statistics and alpha=auto, eval_only / predict, a non-finite loss, compile, CoT
-            decoding, LoRA training; at its end the tests of gpt.py's LoRA modules (`-k test_lora`)
+            decoding, LoRA training, --max_epochs with 1-3 processes, the config/ presets, the Table 1
+            driver (experiments/superglue.py); at its end the tests of gpt.py's LoRA modules (`-k test_lora`)
   -k bench  bench.py: the JSON contract on a tiny model, flag errors, the named shapes' parameter counts,
             the LoRA step's FLOPs
   -k cuda   the checks a GPU can break (parity, bf16, decoding, the fused loss, torchrun + compile,
@@ -203,36 +204,36 @@ def test_gpt_forward_one_pass_property(model_type):
 
 
 def test_gpt_dual_output_and_dual_loss():
-    """forward always returns DualOutput(cls_logits, loss_lm, loss_kl, loss_kd), None for what was not asked;
-    dual_loss is Eq. 4: beta * CE(cls_logits, y) + alpha * loss_lm (+ kl_coef * loss_kl + kd_coef * T^2 *
-    loss_kd), each term only when present."""
+    """forward always returns DualOutput(cls_logits, loss_lm, extra), None for a head's term not asked for,
+    extra = {name: value} of the terms given; dual_loss is Eq. 4: beta * CE(cls_logits, y) + alpha * loss_lm
+    + weights[name] * value of each extra term."""
     m = _gpt_tiny("llama", num_labels=3)
     idx = torch.randint(0, 61, (2, 10), generator=torch.Generator().manual_seed(0))
     tg = torch.roll(idx, -1, 1)
     y = torch.tensor([2, 0])
     ref = (m.hidden_states(idx).detach()[tg != -100], m.lm_head.weight.detach())
-    outs = [m(idx), m(idx, lm_targets=tg), m(idx, lm_targets=tg, kl_ref=ref),
-            _gpt_tiny("llama")(idx, lm_targets=tg), m(idx, lm_targets=tg, kd_ref=(*ref, 2.0))]
+    kl = (lambda h, w, h_ref, w_ref: gpt.token_kl(h, w, h_ref, w_ref), ref)
+    kd = (lambda h, w, h_t, w_t: gpt.token_kl(h_t, w_t, h, w, 2.0), ref)
+    outs = [m(idx), m(idx, lm_targets=tg), m(idx, lm_targets=tg, terms={"kl": kl}),
+            _gpt_tiny("llama")(idx, lm_targets=tg), m(idx, lm_targets=tg, terms={"kl": kl, "kd": kd})]
     for out in outs:
-        assert (type(out) is DualOutput and len(out) == 4
-                and out._fields == ("cls_logits", "loss_lm", "loss_kl", "loss_kd"))
-    assert [[f is None for f in o] for o in outs] == [[False, True, True, True], [False, False, True, True],
-                                                     [False, False, False, True], [True, False, True, True],
-                                                     [False, False, True, False]]
-    assert outs[0].cls_logits.shape == (2, 3) and abs(outs[2].loss_kl.item()) < 1e-6  # KL to itself
-    assert abs(outs[4].loss_kd.item()) < 1e-6  # the teacher is the student: nothing to distil
+        assert type(out) is DualOutput and out._fields == ("cls_logits", "loss_lm", "extra")
+    assert [(o.cls_logits is None, o.loss_lm is None, list(o.extra)) for o in outs] == [
+        (False, True, []), (False, False, []), (False, False, ["kl"]), (True, False, []),
+        (False, False, ["kl", "kd"])]
+    assert outs[0].cls_logits.shape == (2, 3) and abs(outs[2].extra["kl"].item()) < 1e-6  # KL to itself
+    assert abs(outs[4].extra["kd"].item()) < 1e-6  # the teacher is the student: nothing to distil
     ce = F.cross_entropy(outs[1].cls_logits, y)
     loss, loss_cls = dual_loss(outs[0], y, alpha=0.7, beta=2.0)  # a pooled baseline: no LM term at all
     assert torch.equal(loss_cls, ce) and torch.equal(loss, 2.0 * ce)
-    # no KL in out: kl_coef has nothing to scale
-    loss, _ = dual_loss(outs[1], y, alpha=0.7, beta=2.0, kl_coef=5.0)
+    loss, _ = dual_loss(outs[1], y, alpha=0.7, beta=2.0, weights={"kl": 5.0})  # no KL in out: nothing added
     assert torch.allclose(loss, 2.0 * ce + 0.7 * outs[1].loss_lm)
-    out = outs[2]._replace(loss_kl=torch.tensor(0.25))
-    loss, _ = dual_loss(out, y, alpha=0.7, beta=0.0, kl_coef=2.0)  # beta=0: a CoT-only model
+    out = outs[2]._replace(extra={"kl": torch.tensor(0.25)})
+    loss, _ = dual_loss(out, y, alpha=0.7, beta=0.0, weights={"kl": 2.0})  # beta=0: a CoT-only model
     assert torch.allclose(loss, 0.7 * out.loss_lm + 0.5)
-    out = outs[4]._replace(loss_kd=torch.tensor(0.25))  # + kd_coef * T^2 * KL (Hinton's T^2)
-    loss, _ = dual_loss(out, y, alpha=0.7, beta=2.0, kl_coef=5.0, kd_coef=0.5, kd_temperature=3.0)
-    assert torch.allclose(loss, 2.0 * ce + 0.7 * out.loss_lm + 0.5 * 9.0 * 0.25)
+    out = outs[4]._replace(extra={"kl": torch.tensor(0.5), "kd": torch.tensor(0.25)})
+    loss, _ = dual_loss(out, y, alpha=0.7, beta=2.0, weights={"kl": 5.0, "kd": 4.5})
+    assert torch.allclose(loss, 2.0 * ce + 0.7 * out.loss_lm + 5.0 * 0.5 + 4.5 * 0.25)
 
 
 def test_gpt_kd_chunked_equals_naive_and_trains_the_student_only():
@@ -245,9 +246,11 @@ def test_gpt_kd_chunked_equals_naive_and_trains_the_student_only():
     tg = torch.roll(idx, -1, 1)
     tg[0, 5:] = tg[2, :3] = -100  # only the valid targets count
     with torch.no_grad():
-        kd_ref = (teacher.hidden_states(idx)[tg != -100], teacher.lm_head.weight, 2.0)
-    kd = student(idx, lm_targets=tg, kd_ref=kd_ref).loss_kd  # rows=256: one chunk
-    chunked = gpt.token_kl(*kd_ref[:2], student.hidden_states(idx)[tg != -100], student.lm_head.weight,
+        kd_ref = (teacher.hidden_states(idx)[tg != -100], teacher.lm_head.weight)
+    term = dhrd.DistillFromTeacher(teacher, dhrd.Config(kd_teacher="t", kd_coef=0.5, kd_temperature=2.0), None)
+    assert term.weight == 0.5 * 2.0 ** 2  # kd_coef * T^2 (Hinton's T^2)
+    kd = student(idx, lm_targets=tg, terms={"kd": (term.value, kd_ref)}).extra["kd"]  # rows=256: one chunk
+    chunked = gpt.token_kl(*kd_ref, student.hidden_states(idx)[tg != -100], student.lm_head.weight,
                            temperature=2.0, rows=5)
     g_chunked = torch.autograd.grad(chunked, list(student.parameters()), allow_unused=True)
     q = F.log_softmax(teacher.lm_logits(idx)[tg != -100] / 2.0, -1)
@@ -649,7 +652,8 @@ def test_gpt_lora_kl_to_base(monkeypatch):
         with torch.no_grad(), gpt.lora_disabled(m):
             ref = (m.hidden_states(idx)[tg != -100], m.lm_head.weight)
         h = m.hidden_states(idx)[tg != -100]
-        return gpt.token_kl(h, m.lm_head.weight, *ref, rows=rows), m(idx, lm_targets=tg, kl_ref=ref).loss_kl
+        term = (lambda h, w, *r: gpt.token_kl(h, w, *r), ref)
+        return gpt.token_kl(h, m.lm_head.weight, *ref, rows=rows), m(idx, lm_targets=tg, terms={"kl": term}).extra["kl"]
 
     assert max(abs(v.item()) for v in kl()) < 1e-6  # adapters at zero: the model is the base
     _gpt_lora_perturb(m)
@@ -981,7 +985,7 @@ def test_prep_synth_deterministic_and_layout(tmp_path):
         rows = [json.loads(l) for l in (tmp_path / "a" / f"{split}.jsonl").read_text().splitlines()]
         assert idx.dtype == np.int64 and idx.shape == (len(rows), 5)
         assert (prepare.START, prepare.X_LEN, prepare.N, prepare.LABEL,
-                prepare.GROUP) == (0, 1, 2, 3, 4)  # SPEC
+                prepare.GROUP) == (0, 1, 2, 3, 4)  # the documented layout
         start, n = prepare.START, prepare.N
         assert (idx[1:, start] == idx[:-1, start] + idx[:-1, n]).all()           # contiguous, in order
         for (ids, x, suffix, label, group), r in zip(exs, rows):
@@ -1956,6 +1960,36 @@ def test_train_resume_after_kill_is_exact(trained_run):
     assert _train_log(d / "full") == _train_log(out)  # the log after the kill was trimmed to the checkpoint
 
 
+def test_train_extra_term_is_one_definition(train_data, tmp_path, monkeypatch, capsys):
+    """The seam for what Eq. 4 gets added: a toy term (the mean square of the hidden states at the LM
+    targets) is one class, listed by extra_terms; the loop, dual_loss, log.jsonl and the startup line take
+    it as it is, and its weight reaches the loss."""
+    class Toy:
+        name = "toy"
+        weight = 0.5
+        about = "toy term, weight 0.5"
+
+        def given(self, idx, mask, lm_targets):
+            return ()
+
+        def value(self, h, w):
+            return h.float().pow(2).mean()
+
+    base = dhrd.extra_terms
+    monkeypatch.setattr(dhrd, "extra_terms", lambda *a: [*base(*a), Toy()])
+    flags = [*TINY, f"--data_dir={train_data}", "--max_iters=3", "--eval_interval=3", "--log_interval=1"]
+    dhrd.main([*flags, f"--out_dir={tmp_path / 'toy'}"])
+    assert "| toy term, weight 0.5" in capsys.readouterr().out
+    log = _train_log(tmp_path / "toy")
+    assert len(log) == 3 and all(l["loss_toy"] > 0 for l in log)
+    assert all(abs(l["loss"] - (l["loss_cls"] + l["loss_lm"] + 0.5 * l["loss_toy"])) < 1e-5 for l in log)
+    monkeypatch.setattr(dhrd, "extra_terms", base)
+    dhrd.main([*flags, f"--out_dir={tmp_path / 'plain'}"])
+    plain = _train_log(tmp_path / "plain")
+    assert "loss_toy" not in plain[0] and plain[0]["loss_cls"] == log[0]["loss_cls"]  # the same first batch
+    assert plain[-1]["loss_cls"] != log[-1]["loss_cls"]  # the term changed the training
+
+
 def test_train_kd_teacher_end_to_end_and_resume(trained_run, tmp_path):
     """--kd_teacher (a dhrd out_dir: its exported model/ and meta.json's tokenizer): loss_kd logged, the
     teacher on the startup line; a killed run resumes to the same weights, log and results; the term is 0
@@ -2602,6 +2636,218 @@ def test_train_kd_teacher_hf_folder_and_tokenizer_check(lora_data, tmp_path):
         dhrd.main([*flags, f"--kd_teacher={FIX / 'qwen2_cls'}", "--kd_coef=1", f"--out_dir={out}"])
 
 
+# ------------------------------------------------------------------------------------------------------------
+# epochs (--max_epochs, --eval_interval=epoch), the presets in config/, the Table 1 driver (experiments/)
+
+def test_train_epochs_resolved_and_their_errors(tmp_path):
+    """steps per epoch = ceil(train rows / global batch); max_iters = ceil(max_epochs x that) (HF Trainer's
+    count), eval_interval=epoch = one epoch; max_iters stays when max_epochs is 0; the bad combinations."""
+    def resolved(n, *args):
+        cfg = dhrd.parse_config(list(args))
+        dhrd.resolve_epochs(cfg, n)
+        return cfg.max_iters, cfg.eval_interval
+
+    # the paper's CB on 8 GPUs: 250 rows, global batch 4 x 64 = 256 -> 1 step per epoch, 3 in all
+    assert resolved(250, "--batch_size=4", "--gradient_accumulation_steps=64", "--max_epochs=3",
+                    "--eval_interval=epoch") == (3, 1)
+    assert resolved(9427, "--batch_size=4", "--gradient_accumulation_steps=64", "--max_epochs=3",
+                    "--eval_interval=epoch") == (111, 37)  # BoolQ: 36.8 -> 37 steps per epoch
+    assert resolved(300, "--batch_size=10", "--gradient_accumulation_steps=1", "--max_epochs=0.1") == (3, 100)
+    assert resolved(300, "--batch_size=10", "--gradient_accumulation_steps=1", "--max_iters=7") == (7, 100)
+    cfg = dhrd.parse_config(["--batch_size=10", "--gradient_accumulation_steps=1", "--max_iters=45"])
+    assert dhrd.schedule_text(cfg, 300) == ("max_iters 45 steps = 1.5 epochs (30 per epoch: 300 train rows / "
+                                            "global batch 10, rounded up), eval every 100")
+    preset = tmp_path / "p.json"
+    preset.write_text(json.dumps({"_about": "a note", "_anything": [1], "max_epochs": 3, "batch_size": 2}))
+    cfg = dhrd.parse_config([str(preset)])  # "_" keys are notes, skipped
+    assert (cfg.max_epochs, cfg.batch_size) == (3.0, 2)
+    assert dhrd.parse_config([str(preset), "--max_epochs=0", "--max_iters=5"]).max_iters == 5
+    both = "max_iters=5 is set, but max_epochs=3 sets the steps (from the data); add --max_epochs=0 to count"
+    for args, msg in [([str(preset), "--max_iters=5"], both),
+                      (["--max_epochs=-1"], "max_epochs=-1.0: use a number of epochs > 0, or 0"),
+                      (["--eval_interval=often"], "expected int for eval_interval (like 100), got 'often'; "
+                                                  "or use epoch"),
+                      (["--eval_interval=0"], "eval_interval and log_interval must be >= 1"),
+                      (["--_about=x"], "unknown config key '_about'")]:
+        with pytest.raises(dhrd.ConfigError, match=re.escape(msg)):
+            dhrd.parse_config(args)
+
+
+def _torchrun_n(n, script, *args, cwd):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+           str(script), *args]
+    r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
+def test_train_max_epochs_one_two_three_processes(tmp_path, capsys):
+    """--max_epochs=2 --eval_interval=epoch on 30 rows, global batch 12 = 3 steps per epoch (2.5 rounded up):
+    6 steps, evaluated at 3 and 6, recorded in config.json, stated on the startup line, for 1 process x 6
+    micro-batches, 2 x 3 (the same losses) and 3 x 1 (the default accumulation, micro-batch 4)."""
+    rows = [dict(text=f"n={i}", label=["even", "odd"][i % 2], rationale=f"{i} mod 2 = {i % 2}")
+            for i in range(40)]
+    for split, part in (("train", rows[:30]), ("val", rows[30:])):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    data = tmp_path / "data"
+    prepare.prepare(task="custom", out_dir=data, model="char", quiet=True,
+                    train_file=tmp_path / "train.jsonl", val_file=tmp_path / "val.jsonl")
+    flags = [*TINY, f"--data_dir={data}", "--max_epochs=2", "--eval_interval=epoch", "--log_interval=1"]
+    dhrd.main([*flags, "--batch_size=2", "--gradient_accumulation_steps=6", f"--out_dir={tmp_path / 'one'}"])
+    line = "max_epochs 2 = 6 steps (3 per epoch: 30 train rows / global batch 12, rounded up), eval every 3"
+    assert "global batch 12 = 1 processes x 6 micro-batches x 2" in capsys.readouterr().out
+    r2 = _torchrun_n(2, ROOT / "dhrd.py", *flags, "--batch_size=2", "--gradient_accumulation_steps=6",
+                     f"--out_dir={tmp_path / 'two'}", cwd=tmp_path)
+    r3 = _torchrun_n(3, ROOT / "dhrd.py", *flags, "--batch_size=4", f"--out_dir={tmp_path / 'three'}",
+                     cwd=tmp_path)
+    assert "global batch 12 = 2 processes x 3 micro-batches x 2" in r2.stdout and line in r2.stdout
+    assert "global batch 12 = 3 processes x 1 micro-batches x 4" in r3.stdout and line in r3.stdout
+    for run, accum in (("one", 6), ("two", 6), ("three", 3)):
+        saved = json.loads((tmp_path / run / "config.json").read_text())
+        assert (saved["max_epochs"], saved["max_iters"], saved["eval_interval"]) == (2.0, 6, 3), run
+        assert saved["gradient_accumulation_steps"] == accum, run
+        assert [l["iter"] for l in _train_log(tmp_path / run, "val")] == [3, 6], run
+        assert [l["iter"] for l in _train_log(tmp_path / run)] == [1, 2, 3, 4, 5, 6], run
+    for a, b in zip(_train_log(tmp_path / "one"), _train_log(tmp_path / "two"), strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-5, (a, b)
+
+
+# bench.py's named shapes are these public checkpoints' (test_bench_paper_shapes_have_the_public_parameter_
+# counts checks them), so a hub name maps to its family without a download
+PRESET_BACKBONES = {"llama-3.1-8b": "meta-llama/Llama-3.1-8B", "llama-3.2-3b": "meta-llama/Llama-3.2-3B",
+                    "qwen3-8b": "Qwen/Qwen3-8B", "qwen3-4b": "Qwen/Qwen3-4B"}
+
+
+def test_train_presets_parse_and_name_known_families():
+    """Every config/*.json parses with every key and choice resolved (the "_" keys are notes), names a model
+    of a known family without a download, and the paper's presets carry App. E's numbers, a source for each
+    key, a global batch of 256 whatever the GPU count, and pooled = DHRD with alpha 0."""
+    presets = sorted((ROOT / "config").glob("*.json"))
+    assert {p.stem for p in presets} >= {f"{b}-{arm}" for b in PRESET_BACKBONES for arm in ("dhrd", "pooled")}
+    for path in presets:
+        raw = json.loads(path.read_text())
+        keys = {k for k in raw if not k.startswith("_")}
+        cfg = dhrd.parse_config([str(path)])
+        assert all(getattr(cfg, k) == raw[k] for k in keys), path.name
+        assert "_about" in raw and set(raw.get("_source", {})) <= keys, path.name
+        if "init_from" in raw:
+            model = raw["init_from"]
+            if (ROOT / model / "config.json").exists():  # a folder: its config.json names the family
+                family = json.loads((ROOT / model / "config.json").read_text())["model_type"]
+            else:  # a hub name: bench.py's shape of that checkpoint (no download)
+                family = bench.SHAPES[model.split("/")[-1].lower()]["model_type"]
+            assert family in hf.FAMILIES, (path.name, model)
+    for short, name in PRESET_BACKBONES.items():
+        dhrd_, pooled = (json.loads((ROOT / "config" / f"{short}-{arm}.json").read_text()) for arm in
+                         ("dhrd", "pooled"))
+        assert set(dhrd_["_source"]) == {k for k in dhrd_ if not k.startswith("_")}  # every value cited
+        assert {k: v for k, v in pooled.items() if k[0] != "_" and k != "alpha"} == \
+               {k: v for k, v in dhrd_.items() if k[0] != "_" and k != "alpha"}
+        assert pooled["alpha"] == 0 and dhrd_["alpha"] == (0.5 if short == "qwen3-4b" else 1.0)
+        assert dhrd_["init_from"] == name and dhrd_["beta"] == 1 and dhrd_["head"] == "mlp"
+        assert (dhrd_["lora_rank"], dhrd_["lora_alpha"], dhrd_["lora_dropout"]) == (16, 32, 0.1)  # App. E.4
+        assert len(dhrd_["lora_targets"].split(",")) == 7
+        optim = (dhrd_["learning_rate"], dhrd_["weight_decay"], dhrd_["lr_decay"], dhrd_["warmup_iters"])
+        assert optim == (2e-4, 0.01, "cosine", 5)  # App. E.5, as are the epochs
+        assert (dhrd_["max_epochs"], dhrd_["eval_interval"]) == (3, "epoch")
+        assert dhrd_["batch_size"] * dhrd_["gradient_accumulation_steps"] == 256
+        for world in (1, 2, 4, 8):  # the accumulation is for the whole job: each GPU count here divides it
+            assert dhrd_["gradient_accumulation_steps"] % world == 0
+    # the repository's own experiment: the preset is what every committed run of it used
+    budget = json.loads((ROOT / "config" / "esnli-budget.json").read_text())
+    runs = sorted((ROOT / "experiments" / "results" / "esnli").glob("*/config.json"))
+    assert len(runs) >= 9
+    for run in runs:
+        saved = json.loads(run.read_text())
+        assert all(saved[k] == v for k, v in budget.items() if k[0] != "_"), run
+
+
+sys.path.insert(0, str(ROOT / "experiments"))
+import superglue  # noqa: E402
+import template_rationales  # noqa: E402
+
+
+def test_train_table1_paper_averaging():
+    """CB's F1/acc and MultiRC's F1a/EM are averaged first, then the tasks; gains relative to pooled."""
+    vals = {"cb": {"pooled": {"f1": 0.8, "accuracy": 0.9}, "dhrd": {"f1": 0.9, "accuracy": 0.9}},
+            "multirc": {"pooled": {"f1a": 0.7, "em": 0.3}, "dhrd": {"f1a": 0.7, "em": 0.5}},
+            "rte": {"pooled": {"accuracy": 0.6}, "dhrd": {"accuracy": 0.6}}}
+    t = superglue.table1(vals)
+    assert t["tasks"]["cb"]["score"] == pytest.approx({"pooled": 0.85, "dhrd": 0.9})
+    assert t["tasks"]["multirc"]["gain_pct"] == pytest.approx(20.0)  # 0.5 -> 0.6
+    assert t["avg"]["pooled"] == pytest.approx((0.85 + 0.5 + 0.6) / 3)
+    assert t["avg"]["dhrd"] == pytest.approx((0.9 + 0.6 + 0.6) / 3)
+    assert t["avg"]["gain_pct"] == pytest.approx(100 * (2.1 - 1.95) / 1.95)
+    assert superglue.relative_gain(0.8752, 0.8629) == pytest.approx(1.425, abs=1e-3)  # paper: Llama-3.1-8B
+    md = superglue.markdown(t, "title", "DHRD").splitlines()
+    assert md[2] == "| | CB F1/acc | MultiRC F1a/EM | RTE | Avg (3 of 7 tasks) |"
+    assert md[4] == "| pooled baseline (alpha 0) | 80.00/90.00 | 70.00/30.00 | 60.00 | 65.00 |"
+    assert md[6] == "| relative gain | +5.88% | +20.00% | +0.00% | +7.69% |"
+
+
+def test_train_superglue_driver_end_to_end_rerun_and_torchrun(tmp_path, capsys):
+    """experiments/superglue.py on two tiny tasks (CB, COPA), the tiny Llama fixture, template rationales made
+    locally: prepares both, trains pooled then DHRD per task (2 steps each), writes Table 1 from the runs'
+    results.json; a rerun skips everything, a run without results.json but with ckpt.pt resumes, 2 torchrun
+    processes give the same table; a missing rationale source or a pooled preset is one clear error."""
+    sg = _prep_write_sg(tmp_path / "sg")
+    template_rationales.main(["--tasks=cb,copa", f"--data_dir={sg}", f"--out={tmp_path / 'r.jsonl'}"])
+    args = [str(ROOT / "config" / "cpu-demo.json"), f"--init_from={FIX / 'llama_base'}", "--tasks=copa,cb",
+            f"--rationales={tmp_path / 'r.jsonl'}", f"--data_dir={sg}", "--max_epochs=2", "--batch_size=2",
+            "--gradient_accumulation_steps=2", "--eval_interval=epoch", "--lora_dropout=0"]  # 0: ranks' masks
+    out = tmp_path / "one"
+    superglue.main([*args, f"--out_dir={out}"])
+    printed = capsys.readouterr().out
+    for task, rows in (("cb", 3), ("copa", 4)):
+        meta = json.loads((out / "data" / task / "meta.json").read_text())
+        assert meta["counts"]["train"] == rows and meta["rationale_source"] == "file:r.jsonl", meta
+        assert meta["dropped"] == {}  # every template rationale names the gold label
+        for arm, alpha in (("pooled", 0.0), ("dhrd", 1.0)):
+            saved = json.loads((out / f"{task}-{arm}" / "config.json").read_text())
+            assert (saved["alpha"], saved["max_iters"], saved["eval_interval"]) == (alpha, 2, 1), saved
+            assert saved["lora_rank"] == 4 and saved["head"] == "mlp"  # the preset, under the flags
+    assert printed.index("cb pooled") < printed.index("cb dhrd") < printed.index("copa pooled")
+    table = json.loads((out / "table1.json").read_text())
+    assert list(table["tasks"]) == ["cb", "copa"] and table["avg"]["n_tasks"] == 2
+    for task in ("cb", "copa"):
+        for arm in ("pooled", "dhrd"):
+            val = json.loads((out / f"{task}-{arm}" / "results.json").read_text())["val"]
+            assert table["tasks"][task][arm] == val
+    assert "| | CB F1/acc | COPA | Avg (2 of 7 tasks) |" in (out / "table1.md").read_text()
+    assert (out / "table1.md").read_text() in printed
+    # rerun: nothing is prepared or trained again
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.suffix != ".md"
+              and p.name != "table1.json"}
+    superglue.main([*args, f"--out_dir={out}"])
+    printed = capsys.readouterr().out
+    assert printed.count("(done)") == 4 and printed.count("prepared before, kept") == 2, printed
+    assert stamps == {p: p.stat().st_mtime_ns for p in stamps}
+    # an interrupted run (ckpt.pt, no results.json) resumes: here at its end, so it writes the same results
+    before = (out / "cb-dhrd" / "results.json").read_text()
+    (out / "cb-dhrd" / "results.json").unlink()
+    superglue.main([*args, f"--out_dir={out}"])
+    assert f"cb dhrd: {out / 'cb-dhrd'} (resume)" in capsys.readouterr().out
+    assert json.loads((out / "cb-dhrd" / "results.json").read_text())["val"] == json.loads(before)["val"]
+    # 2 processes x 1 micro-batch == 1 process x 2: the same table
+    r = _torchrun_n(2, ROOT / "experiments" / "superglue.py", *args, f"--out_dir={tmp_path / 'two'}",
+                    cwd=tmp_path)
+    assert "2 processes x 1 micro-batches x 2" in r.stdout
+    two = json.loads((tmp_path / "two" / "table1.json").read_text())
+    assert (two["tasks"], two["avg"]) == (table["tasks"], table["avg"])
+    for run in ("cb-pooled", "cb-dhrd", "copa-pooled", "copa-dhrd"):
+        for a, b in zip(_train_log(out / run), _train_log(tmp_path / "two" / run), strict=True):
+            assert abs(a["loss"] - b["loss"]) < 1e-5, (run, a, b)
+    no_source = [a for a in args if not a.startswith("--rationales")]
+    for argv, msg in [(no_source, "DHRD needs a rationale source: --rationales=FILE.jsonl"),
+                      ([*args, "--alpha=0"], "the preset is a pooled baseline (alpha 0)"),
+                      ([*args, "--tasks=cb,mnli"], "--tasks=cb,mnli: use a comma list of boolq, cb"),
+                      ([*args, "--task=cb"], "unknown config key 'task'; did you mean tasks")]:
+        with pytest.raises(dhrd.ConfigError, match=re.escape(msg)):
+            superglue.main([*argv, f"--out_dir={tmp_path / 'bad'}"])
+    assert not (tmp_path / "bad").exists()
+
+
 # ============================================================================================================
 # bench.py: the JSON contract on a tiny model, flag errors
 # ============================================================================================================
@@ -2632,7 +2878,7 @@ def test_bench_end_to_end_json(lora_rank, tmp_path):
                    *BENCH_TINY)  # default dtype: auto
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads(out.read_text())
-    # every key of SPEC §5, with the shapes that were asked for
+    # every key of the bench JSON (README, bench.py), with the shapes that were asked for
     assert r["device"] == "cpu" and r["model"] == str(model_dir)
     # bf16 only where the CPU has it natively
     assert (r["dtype"], r["dtype_reason"]) == gpt.native_dtype("cpu")
@@ -2957,7 +3203,7 @@ def test_cuda_compile_graphs_stay_bounded_over_varying_lengths(tmp_path, monkeyp
 @cuda
 def test_cuda_bench_tiny_llama_lora_on_the_device(tmp_path):
     """bench.py's device path on a tiny Llama, LoRA step: weights built in bf16 on the device, the JSON of
-    SPEC §5 with the GPU's name and, on a card of GPU_PEAK_TFLOPS, the MFU against its bf16 dense peak."""
+    the bench JSON with the GPU's name and, on a card of GPU_PEAK_TFLOPS, the MFU against its bf16 dense peak."""
     out = tmp_path / "bench.json"
     p = _bench_run("--init_from=llama-tiny", f"--device={DEV}", "--dtype=bfloat16", "--train_lora_rank=4",
                    f"--out={out}", *BENCH_TINY)

@@ -20,9 +20,7 @@ RES=experiments/results/esnli
 OUT=${OUT:-out-budget}
 [ -f data/esnli/meta.json ] || python prepare.py --task=esnli --data_dir="$DATA" --model="$MODEL" --out_dir=data/esnli
 [ -f data/esnli-test2k/meta.json ] || python experiments/subset_split.py data/esnli data/esnli-test2k test 2000
-COMMON=(--task=esnli --data_dir=data/esnli --init_from="$MODEL" --batch_size=8 --max_iters=400
-        --learning_rate=3e-5 --warmup_iters=10 --lr_decay=cosine --weight_decay=0.0 --eval_interval=100
-        --log_interval=10 --eval_batch_size=32 --grad_stats=True)
+COMMON=(config/esnli-budget.json --init_from="$MODEL")  # the preset: task, data, steps, optimiser, logs
 declare -A FLAGS=(
   [pooled]="--alpha=0"
   [dhrd]="--alpha=1"

@@ -21,8 +21,8 @@ SEEDS=${SEEDS:-"1 2 3"}
 ITERS=${ITERS:-100}
 OUT=${OUT:-out-real/$TASK}
 TEST=${TEST:-1}
-COMMON=(--task="$TASK" --init_from="$MODEL" --batch_size=8 --max_iters="$ITERS" --learning_rate=3e-5 --warmup_iters=10
-        --weight_decay=0.0 --eval_interval="$ITERS" --log_interval=10 --eval_batch_size=32)
+COMMON=(config/real-rationales.json --task="$TASK" --init_from="$MODEL" --max_iters="$ITERS"
+        --eval_interval="$ITERS")
 for abl in none only_label shuffle_reasoning; do
   [ -f "data/$TASK-real-$abl/meta.json" ] || python prepare.py --task="$TASK" --data_dir="$DATA" --model="$MODEL" \
       --ablation="$abl" --out_dir="data/$TASK-real-$abl"
