@@ -9,10 +9,11 @@ selects exactly one section; the short `-k train` also takes the few other names
   -k prep   prepare.py: synth, SuperGLUE templates, custom data, rationale import, teachers (a loopback
             API, a local model), the flag parser every script uses, bad input
   -k train  dhrd.py: metrics, config errors, DDP and FSDP == one process (and their checkpoints
-            interchangeable), exact resume after a kill, distillation from a teacher (--kd_teacher),
-            gradient statistics and alpha=auto, eval_only / predict, a non-finite loss, compile, CoT
-            decoding, LoRA training, --max_epochs with 1-3 processes, the config/ presets, the Table 1
-            driver (experiments/superglue.py); at its end the tests of gpt.py's LoRA modules (`-k test_lora`)
+            interchangeable; evaluation shared by 2-3 ranks == one process's), exact resume after a kill,
+            distillation from a teacher (--kd_teacher), gradient statistics and alpha=auto, eval_only /
+            predict, a non-finite loss, compile, CoT decoding, LoRA training, --max_epochs with 1-3
+            processes, the config/ presets, the Table 1 driver (experiments/superglue.py); at its end the
+            tests of gpt.py's LoRA modules (`-k test_lora`)
   -k bench  bench.py: the JSON contract on a tiny model, flag errors, the named shapes' parameter counts,
             the LoRA step's FLOPs
   -k cuda   the checks a GPU can break (parity, bf16, decoding, the fused loss, torchrun + compile,
