@@ -322,7 +322,7 @@ def test_gpt_bf16_autocast_cpu():
     m = _gpt_tiny("gpt2", num_labels=2)
     idx = torch.randint(0, 61, (2, 12))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        cls, loss, _, _ = m(idx, lm_targets=idx)
+        cls, loss, _ = m(idx, lm_targets=idx)
         loss.backward()
         out = m.generate(idx[:, :4], 3)
     assert torch.isfinite(loss) and cls.shape == (2, 2) and out.shape == (2, 7)
