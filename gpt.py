@@ -12,7 +12,7 @@ Reading and writing Hugging Face folders (safetensors, config.json, tokenizers, 
 - DualOutput (what forward returns, always) and dual_loss (Eq. 4, the one place it is written; extra terms
   such as the KL ones enter through forward's `terms` and dual_loss's `weights`, nowhere else)
 - _sample: greedy, temperature and nucleus sampling for generate, no host sync on a GPU; PackedLinear: the
-  CPU decode's bf16 weights in oneDNN's layout
+  CPU decode's weights in oneDNN's blocked layout
 - LoRA (paper App. E.4): add_lora, lora_disabled, merged export, save_lora / load_lora
 - GPT: embeddings, blocks (grad_checkpoint: recomputed in backward), both heads, pooling, generate (prefill,
   then a one-token decode step on a static cache that torch.compile captures whole) and generate_reference
@@ -439,34 +439,38 @@ def _draw(probs, generator):
 
 
 class PackedLinear(nn.Module):
-    """A Linear with its weight in oneDNN's blocked bf16 layout for `rows`-row inputs: generate's matmuls on a
-    CPU with native bf16 (inductor's freezing packs a frozen graph's weights the same way). Unpacked, oneDNN
-    reorders the weight at every call: a skinny matmul reads it twice and writes it once. The same products.
-    GPT-2-124M's 73 decode matmuls timed alone, batch 1 / 8, one thread, 2-core EPYC (AVX-512-BF16), torch
-    2.13: F.linear bf16 43.5 / 53.7 ms, pre-transposed x @ W^T 46.4 / 59.5, torch.utils.mkldnn 53.4 / 60.1,
-    fp32 F.linear 57.7 / 104.4, fp32 MKL-packed 46.3 / 106.2, packed 23.9 / 31.6 ms (10.3 / 7.8 GB/s). The
-    whole decode step compiled instead (inductor takes no packed weight; freezing would keep stale ones
-    after a training step) 34.9 / 43.1 ms, eager packed 23.9 / 40.6 ms."""
+    """A Linear with its weight in oneDNN's blocked layout for `rows`-row inputs, in `dtype`: generate's
+    decode matmuls on a CPU (inductor's freezing packs a frozen graph's weights the same way). Unpacked, oneDNN
+    reorders a bf16 weight at every call (a skinny matmul reads it twice and writes it once: packed, the same
+    products), and MKL's fp32 GEMM of a few rows reads the weight slowly (packed: products within rounding,
+    ~1e-6, of F.linear's). GPT-2-124M's 73 decode matmuls timed alone, batch 1 / 8, one thread, 2-core EPYC
+    (AVX-512-BF16), torch 2.13: bf16 F.linear 43.5 / 53.7 ms, pre-transposed x @ W^T 46.4 / 59.5,
+    torch.utils.mkldnn 53.4 / 60.1, packed 23.9 / 31.6 ms (10.3 / 7.8 GB/s); fp32 F.linear 57.7 / 104.4,
+    MKL-packed 46.3 / 106.2, packed 47.3 / 52.9 ms (oneDNN capped to AVX2: F.linear 51.8 / 67.7, packed
+    47.1 / 48.8): fp32 packs for more than one row only. The whole decode step compiled instead (inductor
+    takes no packed weight; freezing would keep stale ones after a training step): bf16 34.9 / 43.1 ms, eager
+    packed 23.9 / 40.6 ms."""
 
-    def __init__(self, linear, rows):
+    def __init__(self, linear, rows, dtype):
         super().__init__()
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach().bfloat16(), rows)
+        self.dtype = dtype
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach().to(dtype), rows)
         self.bias = None
         if linear.bias is not None:
-            self.bias = linear.bias.detach().bfloat16()
+            self.bias = linear.bias.detach().to(dtype)
 
     def forward(self, x):
-        return torch.ops.mkldnn._linear_pointwise(x.bfloat16(), self.weight, self.bias, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.weight, self.bias, "none", [], "")
 
 
 @contextmanager
-def packed_linears(model, rows):
+def packed_linears(model, rows, dtype):
     """Every nn.Linear of `model` swapped for its PackedLinear for the duration: one pass over the weights
-    (GPT-2-124M: ~0.1 s a call)."""
+    (GPT-2-124M: ~0.15 s a call in bf16, ~0.4 s in fp32)."""
     swaps = [(m, name, child) for m in model.modules() for name, child in m.named_children()
              if type(child) is nn.Linear]
     for m, name, linear in swaps:
-        setattr(m, name, PackedLinear(linear, rows))
+        setattr(m, name, PackedLinear(linear, rows, dtype))
     try:
         yield model
     finally:
@@ -759,8 +763,9 @@ class GPT(nn.Module):
         decodes: the prompt's forward (prefill) as generate_reference runs it, then one _decode_step per token
         on StaticKVCaches, the same shapes at every step; compile=True compiles that step, no graph breaks
         (CUDA: mode reduce-overhead, CUDA graphs). Sampling and EOS stay on the device: the host reads `done`
-        once per EOS_CHECK tokens. On a CPU with native bf16 the matmuls use packed weights (PackedLinear).
-        The tokens are generate_reference's (the tests hold them equal)."""
+        once per EOS_CHECK tokens. On a CPU the decode step's matmuls use packed weights (PackedLinear).
+        The tokens are generate_reference's (the tests hold them equal; fp32 packed products differ from
+        F.linear's by rounding)."""
         B, T = idx.shape
         lm_head = self._check_generate(T, max_new_tokens)
         dev = idx.device
@@ -781,18 +786,19 @@ class GPT(nn.Module):
                 mode = "reduce-overhead"
             step = torch.compile(self._decode_step, fullgraph=True, mode=mode)
         packed = nullcontext()
-        if dev.type == "cpu" and cpu_bf16_matmuls(self) and not compile:  # inductor takes no packed weights
-            packed = packed_linears(self, B)
+        pack_dtype = cpu_packed_dtype(self, B)
+        if dev.type == "cpu" and pack_dtype is not None and not compile:  # inductor takes no packed weights
+            packed = packed_linears(self, B, pack_dtype)
         out = F.pad(idx, (0, max_new_tokens))
         pad = self.config.pad_token_id if self.config.pad_token_id is not None else eos_token_id
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         n = T
+        pos, mask = self._mask(attention_mask, T, causal_ok=False)
+        prompt = [KVCache(T) for _ in self.h]
+        logits = lm_head(self._final(self._blocks(idx, pos, mask, prompt)[:, -1])).float()
+        caches = self._static_caches(prompt, n_slots, keep=compile)
+        pos = pos[:, -1] + 1
         with packed:
-            pos, mask = self._mask(attention_mask, T, causal_ok=False)
-            prompt = [KVCache(T) for _ in self.h]
-            logits = lm_head(self._final(self._blocks(idx, pos, mask, prompt)[:, -1])).float()
-            caches = self._static_caches(prompt, n_slots, keep=compile)
-            pos = pos[:, -1] + 1
             while True:
                 tok = _sample(logits, temperature, top_p, generator)
                 if eos_token_id is not None:
@@ -963,13 +969,19 @@ class GPT(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 # The device.
 
-def cpu_bf16_matmuls(model):
-    """Whether the model's matmuls on a CPU run in native bf16: bf16 weights or bf16 autocast, on a CPU with
-    the instructions (elsewhere bf16 is emulated, ~60x slower, and nothing is gained by packing it)."""
-    bf16 = model.wte.weight.dtype == torch.bfloat16
-    if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16:
-        bf16 = True
-    return bf16 and native_dtype("cpu")[0] == "bfloat16"
+def cpu_packed_dtype(model, rows):
+    """The dtype a CPU decode of `rows` rows packs the model's weights in (PackedLinear), or None: bfloat16
+    where its matmuls run in native bf16 (bf16 weights or bf16 autocast, on a CPU with the instructions;
+    elsewhere bf16 is emulated, ~60x slower, and packing gains nothing), float32 for fp32 matmuls of more than
+    one row (one row: packed no faster than F.linear), else None."""
+    dtype = model.wte.weight.dtype
+    if torch.is_autocast_enabled("cpu"):
+        dtype = torch.get_autocast_dtype("cpu")
+    if dtype == torch.bfloat16 and native_dtype("cpu")[0] == "bfloat16":
+        return torch.bfloat16
+    if dtype == torch.float32 and rows > 1:
+        return torch.float32
+    return None
 
 
 def native_dtype(device):

@@ -336,7 +336,9 @@ def one_thread():
 def test_gpt_generate_equals_reference_on_fixtures(name, one_thread):
     """generate (prefill, then StaticKVCache decode steps; EOS read every EOS_CHECK tokens) gives the tokens
     of generate_reference (the plain loop) on every parity fixture in fp32: one prompt, the left-padded
-    batch, EOS, and sampling with a fixed seed. The draws are identical, not only alike: both call _sample."""
+    batch, EOS, and sampling with a fixed seed. The draws are identical, not only alike: both call _sample.
+    The batch of 3 decodes through fp32 PackedLinear weights (products within ~1e-6 of F.linear's): the tokens
+    still agree on every fixture."""
     r, m = _gpt_ref(name), GPT.from_pretrained(FIX / name).eval()
     ids, am = r["genb_input_ids"], r["genb_attention_mask"]
     m.config.pad_token_id = int(ids[2, 0])
@@ -411,12 +413,39 @@ def test_gpt_packed_bf16_decode_equals_unpacked(one_thread):
     linears = [mod for mod in m.modules() if type(mod) is torch.nn.Linear]
     with torch.no_grad():
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert gpt.cpu_bf16_matmuls(m)
+            assert gpt.cpu_packed_dtype(m, 3) == torch.bfloat16
             assert torch.equal(m.generate(ids, 12), m.generate_reference(ids, 12))
         m = m.bfloat16()
         assert torch.equal(m.generate(ids, 12, temperature=1.0, generator=torch.Generator().manual_seed(0)),
                            m.generate_reference(ids, 12, temperature=1.0,
                                                 generator=torch.Generator().manual_seed(0)))
+    assert [mod for mod in m.modules() if type(mod) is torch.nn.Linear] == linears
+
+
+def test_gpt_packed_fp32_decode(monkeypatch, one_thread):
+    """fp32 decoding of more than one row packs its weights too (oneDNN's fp32 kernel streams them faster than
+    MKL's few-row GEMM): products within rounding of F.linear's, and here the tokens of generate_reference;
+    one row is not packed (no faster). The model's own Linear modules are back afterwards."""
+    lin = torch.nn.Linear(64, 192)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        assert (gpt.PackedLinear(lin, 3, torch.float32)(x) - lin(x)).abs().max() < 1e-5
+    m = _gpt_tiny("gpt2")
+    assert gpt.cpu_packed_dtype(m, 3) == torch.float32 and gpt.cpu_packed_dtype(m, 1) is None
+    packs = []
+    real = gpt.PackedLinear.__init__
+
+    def spy(self, linear, rows, dtype):
+        packs.append((rows, dtype))
+        real(self, linear, rows, dtype)
+    monkeypatch.setattr(gpt.PackedLinear, "__init__", spy)
+    ids = torch.randint(0, 61, (3, 6))
+    linears = [mod for mod in m.modules() if type(mod) is torch.nn.Linear]
+    with torch.no_grad():
+        assert torch.equal(m.generate(ids, 12), m.generate_reference(ids, 12))
+        assert set(packs) == {(3, torch.float32)} and len(packs) == len(linears)
+        m.generate(ids[:1], 4)
+    assert len(packs) == len(linears)
     assert [mod for mod in m.modules() if type(mod) is torch.nn.Linear] == linears
 
 
@@ -2503,7 +2532,7 @@ class _TrainFakeLM:
 
     train = eval
 
-    def generate(self, idx, n, eos_token_id=None, attention_mask=None):
+    def generate(self, idx, n, eos_token_id=None, attention_mask=None, compile=False):
         outs = [self.tok.encode(a) + [eos_token_id] * n for a in self.answers[:len(idx)]]
         return torch.cat([idx, torch.tensor([o[:n] for o in outs])], 1)
 
