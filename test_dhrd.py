@@ -20,6 +20,7 @@ selects exactly one section; the short `-k train` also takes the few other names
             recompilations, bench.py on the device): skipped without a GPU; DHRD_TEST_DEVICE=cpu runs
             them on the CPU
 """
+import dataclasses
 import datetime
 import email.utils
 import hashlib
@@ -2526,6 +2527,8 @@ class _TrainFakeLM:
     def __init__(self, tok, answers):
         self.tok = tok
         self.answers = answers
+        self.compiled = []
+        self.decode_caches = "kept"
 
     def eval(self):
         pass
@@ -2533,13 +2536,15 @@ class _TrainFakeLM:
     train = eval
 
     def generate(self, idx, n, eos_token_id=None, attention_mask=None, compile=False):
+        self.compiled.append(compile)
         outs = [self.tok.encode(a) + [eos_token_id] * n for a in self.answers[:len(idx)]]
         return torch.cat([idx, torch.tensor([o[:n] for o in outs])], 1)
 
 
 def test_train_cot_answer_parsing(monkeypatch, capsys):
     """beta=0 evaluation: the verbalised label after the last "Final Answer:" line; anything else = no
-    prediction. Evaluation that takes long shows its progress (here: always)."""
+    prediction. Evaluation that takes long shows its progress (here: always). With --compile on CUDA (not
+    FSDP) it decodes with the compiled step and then drops the model's static caches."""
     meta = dict(labels=["No", "Yes"], verbalizers={"No": "No", "Yes": "Yes"}, pad_id=40, eos_id=39)
     tok = prepare.CharTokenizer("\n +,-0123456789:;=>?AFNRYabcdegilnorsw")
     answers = ["\nReasoning:\nb=1+2=3\nFinal Answer:\nYes", "\nReasoning:\nb=9\nFinal Answer:\nNo",
@@ -2553,6 +2558,17 @@ def test_train_cot_answer_parsing(monkeypatch, capsys):
     err = capsys.readouterr().err.splitlines()
     assert err[0].startswith("dhrd.py: evaluating: 0/4 (0%)")
     assert err[-1].startswith("dhrd.py: evaluating: 4/4 (100%)")
+    assert set(model.compiled) == {False} and model.decode_caches == "kept"
+    # --compile on CUDA: the compiled decode step, its static caches freed for the training that follows
+    rt = dhrd.Runtime(ddp=False, rank=0, local_rank=0, world=1, master=True, device="cuda", dev_type="cuda",
+                      dtype="bfloat16", dtype_why="", ctx=None, micro=1, host_group=None)
+    compiled = dhrd.decode_compiled(dhrd.Config(compile=True), rt)
+    assert compiled and not dhrd.decode_compiled(dhrd.Config(compile=True, fsdp=True), rt)
+    on_cpu = dataclasses.replace(rt, device="cpu", dev_type="cpu")
+    assert not dhrd.decode_compiled(dhrd.Config(compile=True), on_cpu)
+    probs = dhrd.class_probs(model, seqs, meta, True, "cpu", torch.no_grad(), 8, 60, tok, compile=compiled)
+    assert probs.tolist() == [[0, 1], [1, 0], [0, 0], [0, 0]]
+    assert model.compiled[-1] is True and model.decode_caches is None
 
 
 def test_train_class_report_handmade():
