@@ -36,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import prepare
 from gpt import (GPT, GPTConfig, CheckpointError, add_lora, dual_loss, load_tokenizer, lora_disabled,
                  native_dtype, save_lora, token_kl)
-from hf import resolve_model_dir
+from hf import COMMIT, hub_commit, resolve_model_dir
 from plumbing import ConfigError, Progress, atomic_write, parse_flags
 
 
@@ -48,6 +48,8 @@ class Config:
     out_dir: str = ""               # default: out-<task>
     init_from: str = ""             # 'scratch' (small GPT) | 'resume' | hub name | HF folder | dhrd out_dir;
                                     # default: the model data_dir was prepared with (scratch for synth)
+    revision: str = "main"          # of a hub init_from: branch, tag or commit sha; config.json and
+                                    # results.json record the commit sha it resolved to
     eval_only: bool = False         # evaluate init_from on eval_split, print the metrics, exit
     eval_split: str = "val"
     predict: str = ""               # in.jsonl: rows with "text" (a formatted x) or raw task rows
@@ -656,7 +658,8 @@ def wait_for_rank0(rt):
 
 
 def download_once_per_node(rt, names):
-    """Under torchrun, local rank 0 of each node resolves the hub names first (downloads them into the cache)
+    """Under torchrun, local rank 0 of each node resolves the hub names ((name, revision) pairs) first
+    (downloads them into the cache)
     while the others wait; then every rank finds the files in the cache, so no two processes of a node write
     the same files. Local folders pass through. A failure stops every rank with that rank's one line."""
     if not rt.ddp:
@@ -664,8 +667,8 @@ def download_once_per_node(rt, names):
     error = None
     if rt.local_rank == 0:
         try:
-            for name in names:
-                resolve_model_dir(name)
+            for name, revision in names:
+                resolve_model_dir(name, revision=revision)
         except (ValueError, OSError) as e:  # CheckpointError, DownloadError: no such model, offline, ...
             error = str(e)
     errors = [None] * rt.world
@@ -688,7 +691,7 @@ def load_exported(cfg, rt):
     if not meta_path.exists():
         meta_path = Path(cfg.data_dir, "meta.json")
     meta = _read_json(meta_path, "meta")
-    download_once_per_node(rt, [str(folder)])
+    download_once_per_node(rt, [(str(folder), "main")])
     model = GPT.from_pretrained(folder, pooling=meta.get("pooling", cfg.pooling)).to(rt.device)
     cot = meta.get("eval") == "cot" or cfg.beta == 0
     K = len(meta["labels"])
@@ -911,7 +914,8 @@ def prepare_on_the_fly(cfg, rt):
     error = [None]
     if rt.master:
         try:
-            prepare.prepare(task=cfg.task, out_dir=cfg.data_dir, model="char" if scratch else cfg.init_from)
+            prepare.prepare(task=cfg.task, out_dir=cfg.data_dir, model="char" if scratch else cfg.init_from,
+                            revision=cfg.revision)
         except ValueError as e:  # PrepareError / ConfigError: the task's files are not to be had
             error[0] = (f"{cfg.data_dir}/meta.json: not found, and preparing {cfg.task} with the tokenizer "
                         f"of {cfg.init_from} failed: {e}")
@@ -958,7 +962,9 @@ def build_model(cfg, meta, use_lm, ckpt):
     elif cfg.init_from == "scratch":
         model = GPT(scratch_config(cfg, meta))
     else:
-        model = GPT.from_pretrained(cfg.init_from, num_labels=len(meta["labels"]), head=cfg.head,
+        folder = resolve_model_dir(cfg.init_from, revision=cfg.revision)
+        cfg.revision = hub_commit(folder) or cfg.revision  # the commit, for config.json and results.json
+        model = GPT.from_pretrained(folder, num_labels=len(meta["labels"]), head=cfg.head,
                                     pooling=cfg.pooling, dropout=cfg.dropout)
     if meta["vocab_size"] > model.config.vocab_size:
         raise ConfigError(f"{cfg.data_dir}: tokenized with {meta['tokenizer']} ({meta['vocab_size']} ids), "
@@ -1342,7 +1348,8 @@ def out_of_patience(best, cfg):
 def write_results(cfg, meta, best, it, seconds):
     out_dir = Path(cfg.out_dir)
     res = {"task": cfg.task, "metric": meta["metric"], "val": best["val"], "best_iter": best["iter"],
-           "report": best["report"], "stopped_early_at": None}
+           "report": best["report"], "stopped_early_at": None,
+           "revision": cfg.revision if COMMIT.match(cfg.revision) else None}  # the hub commit trained from
     if out_of_patience(best, cfg):
         res["stopped_early_at"] = it
     write_text(out_dir / "results.json", json.dumps(res, indent=1) + "\n")
@@ -1368,7 +1375,8 @@ def train(cfg, rt):
     pad = pad_id(meta)
     check_fsdp(cfg, rt)
     ckpt = read_checkpoint(out_dir) if cfg.init_from == "resume" else None
-    hub = [name for name in (cfg.init_from, cfg.kd_teacher) if name not in ("", "scratch", "resume")]
+    hub = [(cfg.init_from, cfg.revision), (cfg.kd_teacher, "main")]
+    hub = [(name, rev) for name, rev in hub if name not in ("", "scratch", "resume")]
     download_once_per_node(rt, hub)  # local rank 0 first; the others then find the files in the cache
     raw = build_model(cfg, meta, use_lm, ckpt)  # what trains; eval, checkpoints and export: full_state
     check_context(cfg.data_dir, "train", train_split[1], raw.config.block_size, x_only=not use_lm)

@@ -36,7 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gpt import GPT, download, load_tokenizer, native_dtype
+from gpt import GPT, CheckpointError, download, load_tokenizer, native_dtype
+from hf import Tokenizer, hub_commit, resolve_model_dir
 from plumbing import ConfigError, Progress, parse_flags
 
 # synth, the embedded default: modular arithmetic, "a=79,b=a-74;b>49?" -> No, rationale "b=79-74=5". The
@@ -92,7 +93,7 @@ def tokenizer_from_meta(meta):
     t = meta["tokenizer"]
     if t["type"] == "char":
         return CharTokenizer(t["chars"])
-    return load_tokenizer(t["name"])
+    return load_tokenizer(t["name"], revision=t.get("revision") or "main")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1002,7 +1003,7 @@ def prepare(task="synth", out_dir=None, model=None, data_dir=None, fmt="paper", 
             teacher_url=None, teacher_model=None, api_key_env="OPENAI_API_KEY", teacher_batch=8,
             teacher_workers=4, teacher_max_new_tokens=160, teacher_timeout=60.0, teacher_dtype="auto",
             allow_http=False, train_file=None, val_file=None, test_file=None, text_field="text", filter=None,
-            seed=1337, quiet=False):
+            seed=1337, revision="main", quiet=False):
     """Python entry point (dhrd.py calls prepare(task="synth", out_dir=...)). Returns the meta dict."""
     out_dir = Path(out_dir or f"data/{task}")
     if not model:
@@ -1044,9 +1045,10 @@ def prepare(task="synth", out_dir=None, model=None, data_dir=None, fmt="paper", 
         chars = char_vocabulary(splits, verb)
         tok = CharTokenizer(chars)
         tok_meta = dict(type="char", chars=chars)
-    else:
-        tok = load_tokenizer(model)
-        tok_meta = dict(type="bpe", name=str(model))
+    else:  # a hub model's tokenizer at `revision`; meta.json records the commit it resolved to
+        folder = resolve_model_dir(model, weights=False, revision=revision)
+        tok = Tokenizer(folder, name=str(model))
+        tok_meta = dict(type="bpe", name=str(model), revision=hub_commit(folder))
     stats = write_splits(out_dir, splits, D["labels"], verb, tok, int(max_len), int(max_rationale))
     meta = dict(task=task, format=fmt, labels=D["labels"], verbalizers=verb, metric=D["metric"],
                 tokenizer=tok_meta, vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id,
@@ -1078,7 +1080,7 @@ if __name__ == "__main__":
     except ConfigError as e:   # a bad flag: one line, no traceback; exit status 2 (usage error, as argparse)
         print(f"prepare.py: error: {e}", file=sys.stderr)
         sys.exit(2)
-    except PrepareError as e:   # bad input data (file, line, field): one line, exit status 1
+    except (PrepareError, CheckpointError) as e:   # bad input (file, line, field; a model): one line, 1
         print(f"prepare.py: error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:   # Ctrl-C: what is written stays (whole lines); leave now, not after the

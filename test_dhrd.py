@@ -803,39 +803,82 @@ def test_gpt_bad_sharded_index(tmp_path):
 
 
 class _GPTHandler(http.server.BaseHTTPRequestHandler):
-    files = {}  # url path -> bytes
-    hits = []
+    """A loopback file server and hub: byte ranges with If-Range, and knobs a test sets per url path."""
+    files = {}     # url path (query included) -> bytes
+    etags = {}     # url path -> its ETag; an If-Range naming another one gets the whole file (200)
+    redirect = {}  # url path -> where a 302 sends the client
+    fail = {}      # url path -> statuses answered first, one per request (with Retry-After: 0)
+    cut = {}       # url path -> the byte where the body stops, though Content-Length promised all of it
+    lie = set()    # url paths whose 206 answers start at byte 0, whatever the Range asked for
+    hold = {}      # url path -> a threading.Event the answer waits for
+    private = ()   # url path prefixes that need "Authorization: Bearer <token>": 401 without, 403 if wrong
+    token = None
+    hits = []      # (url path, the request's headers)
 
     def log_message(self, *a):
         pass
 
-    def do_GET(self):
-        self.hits.append((self.path, self.headers.get("Range")))
-        body = self.files.get(self.path)
-        if body is None:
-            self.send_response(404)
-            self.end_headers()
-            return
-        start = int(self.headers["Range"].split("=")[1].split("-")[0]) if self.headers.get("Range") else 0
-        if start >= len(body) and start:
-            self.send_response(416)
-            self.end_headers()
-            return
-        self.send_response(206 if start else 200)
-        self.send_header("Content-Length", str(len(body) - start))
+    def answer(self, code, headers=(), body=b""):
+        self.send_response(code)
+        for k, v in headers:
+            self.send_header(k, v)
         self.end_headers()
-        self.wfile.write(body[start:])
+        self.wfile.write(body)
+
+    def do_GET(self):
+        path = self.path
+        self.hits.append((path, self.headers))
+        if path in self.hold:
+            self.hold[path].wait(60)
+        if self.fail.get(path):
+            return self.answer(self.fail[path].pop(0), [("Retry-After", "0")])
+        auth = self.headers.get("Authorization")
+        if path.startswith(self.private) and auth != f"Bearer {self.token}":
+            return self.answer(403 if auth else 401)
+        if path in self.redirect:
+            return self.answer(302, [("Location", self.redirect[path])])
+        body = self.files.get(path)
+        if body is None:
+            return self.answer(404)
+        etag = self.etags.get(path)
+        rng = self.headers.get("Range")
+        start = int(rng.split("=")[1].split("-")[0]) if rng else 0
+        if self.headers.get("If-Range") not in (None, etag):
+            start = 0  # the file changed since the part was fetched: all of it
+        if start >= len(body) and start:
+            return self.answer(416, [("Content-Range", f"bytes */{len(body)}")])
+        first = 0 if path in self.lie else start
+        headers = [("Content-Length", str(len(body) - first))]
+        if etag:
+            headers.append(("ETag", etag))
+        if start:
+            headers.append(("Content-Range", f"bytes {first}-{len(body) - 1}/{len(body)}"))
+        self.answer(206 if start else 200, headers, body[first:self.cut.get(path, len(body))])
 
 
 @pytest.fixture
-def _gpt_server():
-    _GPTHandler.files, _GPTHandler.hits = {}, []
+def _gpt_server(monkeypatch):
+    knobs = dict(files={}, etags={}, redirect={}, fail={}, cut={}, lie=set(), hold={}, private=(), token=None,
+                 hits=[])
+    for k, v in knobs.items():
+        setattr(_GPTHandler, k, v)
+    monkeypatch.setattr(hf, "RETRY_DELAYS", (0.0, 0.0, 0.0))  # retries without the waits
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _GPTHandler)
     th = threading.Thread(target=srv.serve_forever, daemon=True)
     th.start()
     yield f"http://127.0.0.1:{srv.server_address[1]}"
+    for event in _GPTHandler.hold.values():
+        event.set()
     srv.shutdown()
     srv.server_close()
+
+
+def _gpt_dead_url():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens here: looks offline
+    return f"http://127.0.0.1:{port}"
 
 
 def test_gpt_download_resume_and_checks(_gpt_server, tmp_path):
@@ -843,24 +886,53 @@ def test_gpt_download_resume_and_checks(_gpt_server, tmp_path):
     _GPTHandler.files["/f.bin"] = body
     sha = hashlib.sha256(body).hexdigest()
     dest = tmp_path / "f.bin"
-    (tmp_path / "f.bin.part").write_bytes(body[:123_456])  # an interrupted earlier download
+    (tmp_path / "f.bin.0.part").write_bytes(body[:123_456])  # an interrupted earlier download
     download(f"{_gpt_server}/f.bin", dest, expected_size=len(body), sha256=sha)
-    assert dest.read_bytes() == body and not (tmp_path / "f.bin.part").exists()
-    assert _GPTHandler.hits[-1] == ("/f.bin", "bytes=123456-")
+    assert dest.read_bytes() == body and not list(tmp_path.glob("*.part"))
+    assert _GPTHandler.hits[-1][1]["Range"] == "bytes=123456-"
     with pytest.raises(DownloadError, match="expected 999"):
         download(f"{_gpt_server}/f.bin", tmp_path / "g.bin", expected_size=999)
-    assert not (tmp_path / "g.bin").exists() and not (tmp_path / "g.bin.part").exists()
     with pytest.raises(DownloadError, match="sha256"):
         download(f"{_gpt_server}/f.bin", tmp_path / "h.bin", sha256="0" * 64)
-    assert not (tmp_path / "h.bin").exists() and not (tmp_path / "h.bin.part").exists()
+    assert not list(tmp_path.glob("[gh].bin*"))  # neither the file nor a part
     with pytest.raises(DownloadError, match="HTTP 404"):
         download(f"{_gpt_server}/missing", tmp_path / "m.bin")
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()  # nothing listens here: looks offline
-    with pytest.raises(DownloadError, match=f"127.0.0.1:{port}/x.*local folder"):
-        download(f"http://127.0.0.1:{port}/x", tmp_path / "x.bin")
+    dead = _gpt_dead_url()
+    with pytest.raises(DownloadError, match=f"{dead}/x.*local folder.*after 4 tries"):
+        download(f"{dead}/x", tmp_path / "x.bin")
+    (tmp_path / "n.bin.0.part").write_bytes(b"x" * 1000)  # nothing (ETag, hash) could tell a splice: anew
+    download(f"{_gpt_server}/f.bin", tmp_path / "n.bin")
+    assert (tmp_path / "n.bin").read_bytes() == body and _GPTHandler.hits[-1][1]["Range"] is None
+
+
+def test_gpt_download_truncation_etag_and_content_range(_gpt_server, tmp_path):
+    """A body shorter than its Content-Length is retried, then reported, and its part kept; the next run
+    resumes it with If-Range = its ETag. A changed ETag gets the new file whole; a 206 that starts at
+    another byte than asked restarts the file."""
+    old, new = os.urandom(300_000), os.urandom(300_000)
+    for f in ("f", "g", "h"):
+        _GPTHandler.files[f"/{f}.bin"] = old
+        _GPTHandler.etags[f"/{f}.bin"] = '"v1"'
+        _GPTHandler.cut[f"/{f}.bin"] = 100_000
+        with pytest.raises(DownloadError, match=r"after 100000 of 300000 bytes \(truncated\) \(after 4"):
+            download(f"{_gpt_server}/{f}.bin", tmp_path / f"{f}.bin")
+        parts = list(tmp_path.glob(f"{f}.bin.*.part"))
+        assert len(parts) == 1 and parts[0].stat().st_size == 100_000 and not (tmp_path / f"{f}.bin").exists()
+        del _GPTHandler.cut[f"/{f}.bin"]
+    assert [h.get("If-Range") for _, h in _GPTHandler.hits[:4]] == [None, '"v1"', '"v1"', '"v1"']
+    download(f"{_gpt_server}/f.bin", tmp_path / "f.bin")  # resumed
+    assert (tmp_path / "f.bin").read_bytes() == old
+    last = _GPTHandler.hits[-1][1]
+    assert (last["Range"], last["If-Range"]) == ("bytes=100000-", '"v1"')
+    _GPTHandler.files["/g.bin"] = new  # changed on the server since the part was fetched
+    _GPTHandler.etags["/g.bin"] = '"v2"'
+    download(f"{_gpt_server}/g.bin", tmp_path / "g.bin")
+    assert (tmp_path / "g.bin").read_bytes() == new and _GPTHandler.hits[-1][1]["If-Range"] == '"v1"'
+    _GPTHandler.lie.add("/h.bin")
+    download(f"{_gpt_server}/h.bin", tmp_path / "h.bin")
+    assert (tmp_path / "h.bin").read_bytes() == old
+    assert [h["Range"] for _, h in _GPTHandler.hits[-2:]] == ["bytes=100000-", None]
+    assert not list(tmp_path.glob("*.part")) and not list(tmp_path.glob("*.etag"))
 
 
 class _GPTFakeTerminal(io.StringIO):
@@ -902,52 +974,228 @@ def test_gpt_progress_line_log_and_terminal(_gpt_server, tmp_path, monkeypatch, 
         assert stream.getvalue() == ""
     body = os.urandom(3_000_000)
     _GPTHandler.files["/f.bin"] = body
-    (tmp_path / "f.bin.part").write_bytes(body[:1_000_000])
+    (tmp_path / "f.bin.0.part").write_bytes(body[:1_000_000])
     capsys.readouterr()
-    download(f"{_gpt_server}/f.bin", tmp_path / "f.bin", expected_size=len(body), desc="f.bin")
+    download(f"{_gpt_server}/f.bin", tmp_path / "f.bin", expected_size=len(body),
+             sha256=hashlib.sha256(body).hexdigest(), desc="f.bin")
     err = capsys.readouterr().err
     assert re.search(r"f.bin: 3.0/3.0 MB \(100%\), 1.0 MB from an earlier run, [\d.]+ MB/s", err), err
 
-
-def _gpt_serve_repo(name, folder, with_api=True):
-    tree = []
-    for f in sorted(folder.iterdir()):
-        body = f.read_bytes()
-        _GPTHandler.files[f"/{name}/resolve/main/{f.name}"] = body
-        tree.append({"type": "file", "path": f.name, "size": len(body)} if f.suffix != ".safetensors" else
-                    {"type": "file", "path": f.name, "size": 134,
-                     "lfs": {"oid": hashlib.sha256(body).hexdigest(), "size": len(body)}})
-    if with_api:
-        _GPTHandler.files[f"/api/models/{name}/tree/main"] = json.dumps(tree).encode()
+# -- the hub: model info listing, the Hugging Face hub cache, tokens ------------------------------
 
 
-def test_gpt_hub_names_resolve_into_cache(_gpt_server, tmp_path, monkeypatch):
-    monkeypatch.setenv("DHRD_HUB_URL", _gpt_server)
+@pytest.fixture
+def _gpt_hub(_gpt_server, tmp_path, monkeypatch):
+    """The hub at the loopback server, an empty hub cache under tmp_path/hub, no token, online."""
+    for v in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+              "DHRD_HUB_URL", "DHRD_CACHE", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", _gpt_server)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    return _gpt_server
+
+
+def _gpt_git_sha1(body):  # the hub's id of a file kept in git (not LFS)
+    return hashlib.sha1(b"blob %d\0" % len(body) + body).hexdigest()
+
+
+def _gpt_blob_name(file, body):  # what huggingface_hub names a blob: LFS files by sha256, others by git sha1
+    return hashlib.sha256(body).hexdigest() if file.endswith(".safetensors") else _gpt_git_sha1(body)
+
+
+def _gpt_folder(folder):
+    return {f.name: f.read_bytes() for f in sorted(folder.iterdir())}
+
+
+def _gpt_serve_repo(name, files, cdn=None):
+    """{file: bytes} as hub repo `name` at one commit, also branch main: the model info listing with sizes
+    and hashes, resolve URLs, *.safetensors as LFS files (redirected to `cdn` when given). -> the sha."""
+    sha = hashlib.sha1(name.encode()).hexdigest()
+    siblings = []
+    for f, body in files.items():
+        path = f"/{name}/resolve/{sha}/{f}"
+        _GPTHandler.files[path] = body
+        if not f.endswith(".safetensors"):
+            siblings.append({"rfilename": f, "size": len(body), "blobId": _gpt_git_sha1(body)})
+            continue
+        oid = hashlib.sha256(body).hexdigest()
+        siblings.append({"rfilename": f, "size": 134, "blobId": _gpt_git_sha1(oid.encode()),
+                         "lfs": {"sha256": oid, "size": len(body), "pointerSize": 134}})
+        if cdn:
+            _GPTHandler.redirect[path] = f"{cdn}/cdn/{oid}"
+            _GPTHandler.files[f"/cdn/{oid}"] = body
+    info = json.dumps({"id": name, "sha": sha, "siblings": siblings}).encode()
+    for rev in ("main", sha):
+        _GPTHandler.files[f"/api/models/{name}/revision/{rev}?blobs=true"] = info
+    return sha
+
+
+def _gpt_hf_cache(cache, name, files, sha):
+    """A hub cache as huggingface_hub's `hf download` leaves it (file_download.py): blobs by hash, relative
+    links in snapshots/<sha>/, refs/main holding the sha without a newline."""
+    repo = cache / ("models--" + name.replace("/", "--"))
+    for d in ("refs", "blobs", f"snapshots/{sha}"):
+        (repo / d).mkdir(parents=True)
+    (repo / "refs" / "main").write_text(sha)
+    for f, body in files.items():
+        blob = _gpt_blob_name(f, body)
+        (repo / "blobs" / blob).write_bytes(body)
+        (repo / "snapshots" / sha / f).symlink_to(f"../../blobs/{blob}")
+    return repo
+
+
+def _gpt_tree(root):
+    """{path: link target, or the sha256 of a file's bytes} under root."""
+    tree = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_symlink():
+            tree[str(p.relative_to(root))] = "-> " + os.readlink(p)
+        elif p.is_file():
+            tree[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return tree
+
+
+def _gpt_matches_ref(m, ref):
+    r = _gpt_ref(ref)
+    n = r["lengths"][0]
+    return (m.eval().lm_logits(r["input_ids"][:1, :n]) - r["logits"][:1, :n]).abs().max() < 1e-4
+
+
+def test_gpt_hub_names_resolve_into_cache(_gpt_hub, tmp_path, monkeypatch):
+    """Hub names -> snapshots of the hub cache; the project's own DHRD_HUB_URL / DHRD_CACHE still name the
+    hub and the cache; sharded weights; pickle-only and missing repositories, an unknown revision."""
+    for v in ("HF_ENDPOINT", "HF_HUB_CACHE"):
+        monkeypatch.delenv(v)
+    monkeypatch.setenv("DHRD_HUB_URL", _gpt_hub)
     monkeypatch.setenv("DHRD_CACHE", str(tmp_path / "cache"))
-    _gpt_serve_repo("tiny/gpt2", FIX / "gpt2_hub")
-    _gpt_serve_repo("tiny/opt350", FIX / "opt350_hub", with_api=False)  # plain file server: no listing
-    r = _gpt_ref("gpt2")
-    m = GPT.from_pretrained("tiny/gpt2").eval()
-    assert (m.lm_logits(r["input_ids"][:1, :r["lengths"][0]])
-            - r["logits"][:1, :r["lengths"][0]]).abs().max() < 1e-4
-    assert resolve_model_dir("tiny/gpt2") == tmp_path / "cache" / "tiny--gpt2"
+    sha = _gpt_serve_repo("tiny/gpt2", _gpt_folder(FIX / "gpt2_hub"))
+    _gpt_serve_repo("tiny/opt350", _gpt_folder(FIX / "opt350_hub"))
+    assert _gpt_matches_ref(GPT.from_pretrained("tiny/gpt2"), "gpt2")
+    assert resolve_model_dir("tiny/gpt2") == tmp_path / "cache" / "models--tiny--gpt2" / "snapshots" / sha
+    assert hf.hub_commit(resolve_model_dir("tiny/gpt2")) == sha
     n = len(_GPTHandler.hits)
     assert load_tokenizer("tiny/gpt2").encode("Hello") == load_tokenizer(FIX / "gpt2_hub").encode("Hello")
     assert len(_GPTHandler.hits) == n  # second use: served from the cache, no network
-    m = GPT.from_pretrained("tiny/opt350").eval()  # sharded, fp16, found without the tree API
-    r = _gpt_ref("opt350")
-    assert (m.lm_logits(r["input_ids"][:1, :r["lengths"][0]])
-            - r["logits"][:1, :r["lengths"][0]]).abs().max() < 1e-4
-    _GPTHandler.files["/api/models/tiny/pickle/tree/main"] = json.dumps(
-        [{"type": "file", "path": "config.json"},
-         {"type": "file", "path": "pytorch_model.bin", "size": 9}]).encode()
-    for f in ("config.json", "vocab.json", "merges.txt"):
-        _GPTHandler.files[f"/tiny/pickle/resolve/main/{f}"] = (FIX / "gpt2" / f).read_bytes()
+    assert _gpt_matches_ref(GPT.from_pretrained("tiny/opt350"), "opt350")  # sharded, fp16
+    pickle = {f: (FIX / "gpt2" / f).read_bytes() for f in ("config.json", "vocab.json", "merges.txt")}
+    _gpt_serve_repo("tiny/pickle", {**pickle, "pytorch_model.bin": b"\x80\x02"})
     with pytest.raises(CheckpointError, match="no model.safetensors"):
         GPT.from_pretrained("tiny/pickle")
-    with pytest.raises(CheckpointError, match="tiny/absent: no such local folder.*404"):
+    with pytest.raises(CheckpointError, match="tiny/absent: no such local folder, and no model tiny/absent "
+                                              r"with revision 'main' on http://127.0.0.1:\d+ \(HTTP 404"):
         GPT.from_pretrained("tiny/absent")
+    with pytest.raises(CheckpointError, match="no model tiny/gpt2 with revision 'v9'"):
+        resolve_model_dir("tiny/gpt2", revision="v9")
 
+
+def test_gpt_hub_listing_retried_then_reported(_gpt_hub, tmp_path):
+    """HTTP 429 then success: the listing is asked again and the model loads. A listing that keeps failing
+    is reported after 4 tries, never skipped (the sizes and hashes come from it)."""
+    listing = "/api/models/tiny/gpt2/revision/main?blobs=true"
+    _GPTHandler.fail[listing] = [429]
+    sha = _gpt_serve_repo("tiny/gpt2", _gpt_folder(FIX / "gpt2_hub"))
+    assert hf.hub_commit(resolve_model_dir("tiny/gpt2")) == sha
+    assert [p for p, _ in _GPTHandler.hits[:2]] == [listing, listing]
+    _gpt_serve_repo("tiny/opt350", _gpt_folder(FIX / "opt350_hub"))
+    _GPTHandler.fail["/api/models/tiny/opt350/revision/main?blobs=true"] = [503] * 4
+    with pytest.raises(CheckpointError, match=r"tiny/opt350: .*HTTP 503 .*\(after 4 tries\)"):
+        resolve_model_dir("tiny/opt350")
+    assert not (tmp_path / "hub" / "models--tiny--opt350").exists()
+
+
+def test_gpt_hub_token_gated_and_cross_host_redirect(_gpt_hub, tmp_path, monkeypatch):
+    """A gated repo: no token and a wrong token give the one gated/private line; the token file that `hf
+    auth login` writes (or HF_TOKEN) gets it. The token goes to the hub's host, also across a redirect on
+    it, never to the CDN host a redirect names, and it is written nowhere."""
+    cdn = _gpt_hub.replace("127.0.0.1", "localhost")  # another host name: the token must not go there
+    sha = _gpt_serve_repo("gated/gpt2", _gpt_folder(FIX / "gpt2_hub"), cdn=cdn)
+    moved = "/gated/moved/config.json"  # a redirect on the hub itself keeps the token
+    _GPTHandler.redirect[f"/gated/gpt2/resolve/{sha}/config.json"] = _gpt_hub + moved
+    _GPTHandler.files[moved] = (FIX / "gpt2_hub" / "config.json").read_bytes()
+    _GPTHandler.private = ("/api/models/gated/", "/gated/")
+    _GPTHandler.token = "hf_right"
+    with pytest.raises(CheckpointError, match=r"gated/gpt2: HTTP 401: the model is gated or private .*no "
+                       rf"token was found .*Accept its licence at {_gpt_hub}/gated/gpt2 .*set HF_TOKEN"):
+        GPT.from_pretrained("gated/gpt2")
+    monkeypatch.setenv("HF_TOKEN", "hf_wrong")
+    with pytest.raises(CheckpointError, match=r"HTTP 403: the model is gated .*the token sent .*was refused"
+                       ) as e:
+        GPT.from_pretrained("gated/gpt2")
+    assert "hf_wrong" not in str(e.value) and "\n" not in str(e.value)
+    monkeypatch.delenv("HF_TOKEN")
+    (tmp_path / "hf_home").mkdir()
+    (tmp_path / "hf_home" / "token").write_text("hf_right\n")  # as `hf auth login` writes it
+    _GPTHandler.hits.clear()
+    assert _gpt_matches_ref(GPT.from_pretrained("gated/gpt2"), "gpt2")
+    auth = {p: h.get("Authorization") for p, h in _GPTHandler.hits}
+    assert auth[moved] == "Bearer hf_right" and auth["/api/models/gated/gpt2/revision/main?blobs=true"]
+    assert {v for p, v in auth.items() if p.startswith("/gated/")} == {"Bearer hf_right"}
+    cdn_hits = [p for p in auth if p.startswith("/cdn/")]
+    assert cdn_hits and not any(auth[p] for p in cdn_hits)
+    assert not any(b"hf_right" in f.read_bytes() for f in (tmp_path / "hub").rglob("*") if f.is_file())
+
+
+def test_gpt_hub_cache_shared_with_huggingface_hub(_gpt_hub, tmp_path, monkeypatch):
+    """Downloads land in the hub cache exactly as huggingface_hub lays it out (compared with a cache built
+    here as `hf download` leaves it); such a cache loads with no server running; HF_HUB_OFFLINE never asks
+    the hub, and a file missing there is one line."""
+    files = _gpt_folder(FIX / "gpt2_hub")
+    sha = _gpt_serve_repo("tiny/gpt2", files)
+    assert _gpt_matches_ref(GPT.from_pretrained("tiny/gpt2"), "gpt2")
+    built = _gpt_hf_cache(tmp_path / "built", "tiny/gpt2", files, sha)
+    assert _gpt_tree(tmp_path / "hub" / "models--tiny--gpt2") == _gpt_tree(built)
+    assert list((tmp_path / "hub" / ".locks" / "models--tiny--gpt2").iterdir())  # huggingface_hub's locks
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "built"))
+    monkeypatch.setenv("HF_ENDPOINT", _gpt_dead_url())  # no server
+    for rev in ("main", sha):
+        assert resolve_model_dir("tiny/gpt2", revision=rev) == built / "snapshots" / sha
+    assert _gpt_matches_ref(GPT.from_pretrained("tiny/gpt2"), "gpt2")
+    assert load_tokenizer("tiny/gpt2").encode("Hello") == load_tokenizer(FIX / "gpt2_hub").encode("Hello")
+    monkeypatch.setenv("HF_ENDPOINT", _gpt_hub)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (built / "snapshots" / sha / "model.safetensors").unlink()
+    _GPTHandler.hits.clear()
+    assert load_tokenizer("tiny/gpt2").encode("Hello")  # the tokenizer is all there
+    with pytest.raises(CheckpointError, match=r"tiny/gpt2: HF_HUB_OFFLINE is set and the hub cache has no "
+                       rf"complete copy of revision 'main' in {built}/snapshots/{sha} "):
+        GPT.from_pretrained("tiny/gpt2")
+    with pytest.raises(CheckpointError, match=rf"revision 'v2' in {built} "):
+        load_tokenizer("tiny/gpt2", revision="v2")
+    assert _GPTHandler.hits == []
+
+
+def test_gpt_hub_two_processes_one_copy(_gpt_hub, tmp_path):
+    """Two processes fetch one model at once: each file is downloaded once, the other process waits at its
+    lock and uses it; one intact copy, no temporary files. The weights' answer is held until a process says
+    that it waits for them, so the two overlap by construction."""
+    files = _gpt_folder(FIX / "gpt2_hub")
+    sha = _gpt_serve_repo("tiny/gpt2", files)
+    weights = f"/tiny/gpt2/resolve/{sha}/model.safetensors"
+    _GPTHandler.hold[weights] = threading.Event()
+    code = "import hf; print(hf.resolve_model_dir('tiny/gpt2'))"
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    waits = threading.Event()
+    errs = [[], []]
+
+    def read(p, out):
+        for line in p.stderr:
+            out.append(line)
+            if "waiting for another process to finish downloading tiny/gpt2/model.safetensors" in line:
+                waits.set()
+    readers = [threading.Thread(target=read, args=(p, e), daemon=True) for p, e in zip(procs, errs)]
+    for r in readers:
+        r.start()
+    assert waits.wait(120), errs
+    _GPTHandler.hold[weights].set()
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    assert outs == [f"{tmp_path / 'hub' / 'models--tiny--gpt2' / 'snapshots' / sha}\n"] * 2
+    got = [p for p, _ in _GPTHandler.hits if "/resolve/" in p]
+    assert sorted(got) == sorted(f"/tiny/gpt2/resolve/{sha}/{f}" for f in files)  # each file once
+    built = _gpt_hf_cache(tmp_path / "built", "tiny/gpt2", files, sha)
+    assert _gpt_tree(tmp_path / "hub" / "models--tiny--gpt2") == _gpt_tree(built)
 
 # ============================================================================================================
 # prepare.py: synth, SuperGLUE templates, custom data, rationales, teachers, bad input
@@ -1622,7 +1870,8 @@ def test_prep_bpe_tokenizers_bos_and_truncation(tmp_path):
         folder = ROOT / "tests" / "fixtures" / name
         m = prepare.prepare(task="rte", data_dir=sg, out_dir=tmp_path / name, model=str(folder), max_len=128,
                             quiet=True)
-        assert m["tokenizer"] == {"type": "bpe", "name": str(folder)} and m["token_dtype"] == "uint16"
+        assert m["tokenizer"] == {"type": "bpe", "name": str(folder), "revision": None}  # not from the hub
+        assert m["token_dtype"] == "uint16"
         meta, tok, idx, exs = _prep_decode(tmp_path / name, "train")
         assert (m["bos_id"] is not None) == has_bos and m["shortened"] == 1 and idx[2, prepare.X_LEN] == 128
         rows = _prep_rows(tmp_path / name, "train")
@@ -2203,7 +2452,25 @@ BAD_INPUTS = [
      r"malformed response, no choices\[0\].message.content in {\"choices\": \[\]}"),
     ("teacher", "{srv}/v1", (429, {"Retry-After": "86400"}, b""),
      r"HTTP 429 with Retry-After 86400: the server asks for \d+ s, more than the 300 s this client waits"),
+    # token ids are bounded (0 to 2 x the tokens) before decode's id -> bytes table is allocated
+    ("tokenizer", "tokenizer.json", lambda good: _bad_token_id(good, "model", 2e9),
+     r"tokenizer.json model.vocab: token 'A' has id 2000000000.0; ids must be ints from 0 to 1399 "
+     r"\(twice the 700 tokens\)"),
+    ("tokenizer", "tokenizer.json", lambda good: _bad_token_id(good, "model", 2100),
+     r"tokenizer.json model.vocab: token 'A' has id 2100; ids must be ints from 0 to 1399"),
+    ("tokenizer", "tokenizer.json", lambda good: _bad_token_id(good, "added_tokens", -1),
+     r"tokenizer.json: token '<\|begin_of_text\|>' has id -1; ids must be ints"),
 ]
+
+
+def _bad_token_id(good, where, bad):
+    """tokenizer.json with one id replaced: of 'A' in model.vocab, or of the first added token."""
+    t = json.loads(good)
+    if where == "model":
+        t["model"]["vocab"]["A"] = bad
+    else:
+        t["added_tokens"][0]["id"] = bad
+    return json.dumps(t).encode()
 
 
 def _torch_bytes(obj):
@@ -2235,7 +2502,7 @@ def _bad_teacher_call(url, reply, tmp_path, monkeypatch):
 def _bad_input_call(entry, path, run, tmp_path):
     """Feed the bad file at path to its entry point: dhrd.py (config file, --predict, resume from a
     checkpoint, training or --eval_only on prepared data) or prepare.py (a custom task's data file, a
-    rationale file)."""
+    rationale file, the tokenizer of --model).
     if entry == "config":
         return dhrd.main([str(path)])
     if entry in ("predict", "predict_no_bos"):
@@ -2253,7 +2520,8 @@ def _bad_input_call(entry, path, run, tmp_path):
     if entry == "data":
         files[f"{path.stem}_file"] = path
     rationales = path if entry == "rationales" else None
-    return prepare.prepare(task="custom", out_dir=tmp_path / "o", model="char", rationales=rationales,
+    model = str(path.parent) if entry == "tokenizer" else "char"
+    return prepare.prepare(task="custom", out_dir=tmp_path / "o", model=model, rationales=rationales,
                            quiet=True, **files)
 
 
@@ -2271,6 +2539,8 @@ def test_train_bad_input_table(trained_run, train_data, tmp_path, monkeypatch, e
         folder = run
     if entry in ("train", "eval"):  # a copy of the prepared data
         shutil.copytree(train_data, folder)
+    if entry == "tokenizer":  # a copy of a good tokenizer folder (Llama-3's tokenizer.json)
+        shutil.copytree(FIX / "tok_llama3", folder)
     folder.mkdir(exist_ok=True)
     path = folder / name
     if callable(content) and entry != "teacher":
@@ -2347,6 +2617,24 @@ def test_train_from_untied_classifier_pooled_only(train_data, tmp_path):
     assert not (tmp_path / "dhrd" / "log.jsonl").exists()  # stopped while building the model
     assert re.fullmatch(r"dhrd.py: error: .*qwen2_cls: --alpha=1.0 .* needs the LM head \(lm_head.weight\).*"
                         r"Start from the base model.*", lines[-1]), r.stderr
+
+
+def test_train_records_the_hub_commit(_gpt_hub, tmp_path):
+    """--revision pins a hub commit; prepare.py's meta.json, dhrd.py's config.json and results.json record
+    the commit sha that the revision resolved to."""
+    sha = _gpt_serve_repo("tiny/gpt2", _gpt_folder(FIX / "gpt2_hub"))
+    meta = prepare.prepare(task="synth", out_dir=tmp_path / "data", model="tiny/gpt2", revision="main",
+                           quiet=True)
+    assert meta["tokenizer"] == {"type": "bpe", "name": "tiny/gpt2", "revision": sha}
+    out = tmp_path / "out"
+    dhrd.main(["--init_from=tiny/gpt2", "--revision=main", f"--data_dir={tmp_path / 'data'}",
+               f"--out_dir={out}", "--alpha=0", "--max_iters=1", "--eval_interval=1", "--batch_size=4",
+               "--dtype=float32"])
+    assert json.loads((out / "config.json").read_text())["revision"] == sha
+    assert json.loads((out / "results.json").read_text())["revision"] == sha
+    with pytest.raises(CheckpointError, match="no model tiny/gpt2 with revision 'v9'"):
+        dhrd.main(["--init_from=tiny/gpt2", "--revision=v9", f"--data_dir={tmp_path / 'data'}",
+                   f"--out_dir={tmp_path / 'v9'}", "--alpha=0", "--max_iters=1"])
 
 
 def test_train_export_writes_the_training_pad(tmp_path):
@@ -2514,7 +2802,8 @@ def test_train_task_prepared_on_the_fly_and_init_from_defaults(tmp_path, monkeyp
     flags = ["--max_iters=2", "--eval_interval=2", "--batch_size=2", "--dtype=float32", "--alpha=0"]
     dhrd.main(["--task=cb", f"--init_from={model}", *flags])
     meta = json.loads((tmp_path / "data" / "cb" / "meta.json").read_text())
-    assert meta["tokenizer"] == {"type": "bpe", "name": str(model)} and meta["counts"]["train"] == 3
+    assert meta["tokenizer"] == {"type": "bpe", "name": str(model), "revision": None}
+    assert meta["counts"]["train"] == 3
     assert dhrd.parse_config(["--task=cb"]).init_from == str(model)
     assert dhrd.parse_config([]).init_from == "scratch"
     dhrd.main(["--task=cb", *flags, "--out_dir=out-again"])
