@@ -659,9 +659,9 @@ def wait_for_rank0(rt):
 
 def download_once_per_node(rt, names):
     """Under torchrun, local rank 0 of each node resolves the hub names ((name, revision) pairs) first
-    (downloads them into the cache)
-    while the others wait; then every rank finds the files in the cache, so no two processes of a node write
-    the same files. Local folders pass through. A failure stops every rank with that rank's one line."""
+    (downloads them into the cache) while the others wait; then every rank finds the files in the cache, so
+    no two processes of a node write the same files. Local folders pass through. A failure stops every rank
+    with that rank's one line."""
     if not rt.ddp:
         return
     error = None

@@ -1079,7 +1079,8 @@ def hf_home():
 
 
 def hub_cache():
-    cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("DHRD_CACHE") or hf_home() / "hub"
+    cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")  # (its older name)
+    cache = cache or os.environ.get("DHRD_CACHE") or hf_home() / "hub"
     return Path(cache).expanduser()
 
 

@@ -988,7 +988,7 @@ def test_gpt_progress_line_log_and_terminal(_gpt_server, tmp_path, monkeypatch, 
 def _gpt_hub(_gpt_server, tmp_path, monkeypatch):
     """The hub at the loopback server, an empty hub cache under tmp_path/hub, no token, online."""
     for v in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
-              "DHRD_HUB_URL", "DHRD_CACHE", "XDG_CACHE_HOME"):
+              "HUGGINGFACE_HUB_CACHE", "DHRD_HUB_URL", "DHRD_CACHE", "XDG_CACHE_HOME"):
         monkeypatch.delenv(v, raising=False)
     monkeypatch.setenv("HF_ENDPOINT", _gpt_server)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
@@ -2502,7 +2502,7 @@ def _bad_teacher_call(url, reply, tmp_path, monkeypatch):
 def _bad_input_call(entry, path, run, tmp_path):
     """Feed the bad file at path to its entry point: dhrd.py (config file, --predict, resume from a
     checkpoint, training or --eval_only on prepared data) or prepare.py (a custom task's data file, a
-    rationale file, the tokenizer of --model).
+    rationale file, the tokenizer of --model)."""
     if entry == "config":
         return dhrd.main([str(path)])
     if entry in ("predict", "predict_no_bos"):
