@@ -691,8 +691,9 @@ def load_exported(cfg, rt):
     if not meta_path.exists():
         meta_path = Path(cfg.data_dir, "meta.json")
     meta = _read_json(meta_path, "meta")
-    download_once_per_node(rt, [(str(folder), "main")])
-    model = GPT.from_pretrained(folder, pooling=meta.get("pooling", cfg.pooling)).to(rt.device)
+    download_once_per_node(rt, [(str(folder), cfg.revision)])  # a hub name at --revision; a folder as is
+    model = GPT.from_pretrained(folder, revision=cfg.revision, pooling=meta.get("pooling", cfg.pooling))
+    model = model.to(rt.device)
     cot = meta.get("eval") == "cot" or cfg.beta == 0
     K = len(meta["labels"])
     if not cot and model.config.num_labels != K:

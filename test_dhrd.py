@@ -5,15 +5,16 @@ The sections, in this order. A section's tests share a name prefix: `pytest -k t
 selects exactly one section; the short `-k train` also takes the few other names that contain the word.
   -k gpt    gpt.py: parity with transformers, the fused LM loss, the chunked KL (--kl_coef, --kd_coef), the
             one-pass property, sampling and the KV cache, native dtypes, checkpoints and safetensors,
-            tokenizers, downloads (loopback hub)
+            tokenizers, downloads and the Hugging Face hub cache (a loopback hub: tokens, redirects, retries,
+            resume, offline, two processes at once)
   -k prep   prepare.py: synth, SuperGLUE templates, custom data, rationale import, teachers (a loopback
             API, a local model), the flag parser every script uses, bad input
   -k train  dhrd.py: metrics, config errors, DDP and FSDP == one process (and their checkpoints
             interchangeable; evaluation shared by 2-3 ranks == one process's), exact resume after a kill,
             distillation from a teacher (--kd_teacher), gradient statistics and alpha=auto, eval_only /
             predict, a non-finite loss, compile, CoT decoding, LoRA training, --max_epochs with 1-3
-            processes, the config/ presets, the Table 1 driver (experiments/superglue.py); at its end the
-            tests of gpt.py's LoRA modules (`-k test_lora`)
+            processes, the config/ presets, the Table 1 driver (experiments/superglue.py), --revision's commit
+            recorded; at its end the tests of gpt.py's LoRA modules (`-k test_lora`)
   -k bench  bench.py: the JSON contract on a tiny model, flag errors, the named shapes' parameter counts,
             the LoRA step's FLOPs
   -k cuda   the checks a GPU can break (parity, bf16, decoding, the fused loss, torchrun + compile,
@@ -1082,6 +1083,12 @@ def test_gpt_hub_names_resolve_into_cache(_gpt_hub, tmp_path, monkeypatch):
     _gpt_serve_repo("tiny/pickle", {**pickle, "pytorch_model.bin": b"\x80\x02"})
     with pytest.raises(CheckpointError, match="no model.safetensors"):
         GPT.from_pretrained("tiny/pickle")
+    bad = _gpt_serve_repo("tiny/bad", pickle)
+    _GPTHandler.files[f"/tiny/bad/resolve/{bad}/config.json"] = b" " * len(pickle["config.json"])
+    with pytest.raises(CheckpointError, match=r"tiny/bad: .*config.json: git blob sha1 \w+ is not the "
+                       rf"expected {_gpt_git_sha1(pickle['config.json'])}; the file was removed"):
+        load_tokenizer("tiny/bad")  # a file kept in git (not LFS) is checked by its blob id
+    assert list((tmp_path / "cache" / "models--tiny--bad" / "blobs").iterdir()) == []  # no blob, no part
     with pytest.raises(CheckpointError, match="tiny/absent: no such local folder, and no model tiny/absent "
                                               r"with revision 'main' on http://127.0.0.1:\d+ \(HTTP 404"):
         GPT.from_pretrained("tiny/absent")
@@ -2619,10 +2626,14 @@ def test_train_from_untied_classifier_pooled_only(train_data, tmp_path):
                         r"Start from the base model.*", lines[-1]), r.stderr
 
 
-def test_train_records_the_hub_commit(_gpt_hub, tmp_path):
+def test_train_records_the_hub_commit(_gpt_hub, tmp_path, monkeypatch, capfd):
     """--revision pins a hub commit; prepare.py's meta.json, dhrd.py's config.json and results.json record
-    the commit sha that the revision resolved to."""
+    the commit sha that the revision resolved to. The repository is private: its token is sent, and it is
+    in none of those files nor in the output."""
     sha = _gpt_serve_repo("tiny/gpt2", _gpt_folder(FIX / "gpt2_hub"))
+    _GPTHandler.private = ("/api/models/tiny/", "/tiny/")
+    _GPTHandler.token = "hf_secret_9f3"
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_9f3")
     meta = prepare.prepare(task="synth", out_dir=tmp_path / "data", model="tiny/gpt2", revision="main",
                            quiet=True)
     assert meta["tokenizer"] == {"type": "bpe", "name": "tiny/gpt2", "revision": sha}
@@ -2632,6 +2643,11 @@ def test_train_records_the_hub_commit(_gpt_hub, tmp_path):
                "--dtype=float32"])
     assert json.loads((out / "config.json").read_text())["revision"] == sha
     assert json.loads((out / "results.json").read_text())["revision"] == sha
+    written = [f for d in (tmp_path / "data", out) for f in d.rglob("*") if f.is_file()]
+    assert {tmp_path / "data" / "meta.json", out / "config.json", out / "results.json"} <= set(written)
+    assert not any(b"hf_secret_9f3" in f.read_bytes() for f in written)
+    assert "hf_secret_9f3" not in "".join(capfd.readouterr())
+    assert {h.get("Authorization") for p, h in _GPTHandler.hits} == {"Bearer hf_secret_9f3"}
     with pytest.raises(CheckpointError, match="no model tiny/gpt2 with revision 'v9'"):
         dhrd.main(["--init_from=tiny/gpt2", "--revision=v9", f"--data_dir={tmp_path / 'data'}",
                    f"--out_dir={tmp_path / 'v9'}", "--alpha=0", "--max_iters=1"])
