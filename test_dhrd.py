@@ -2080,8 +2080,7 @@ def test_train_ddp_and_fsdp_two_processes_match_one(train_data, tmp_path):
         assert dhrd.main([f"--init_from={tmp_path / run}", "--eval_only=True"]) == res["val"], run
 
 
-def test_train_torchrun_evaluation_equals_one_process(trained_run, train_data, _gpt_server, tmp_path,
-                                                      monkeypatch, capsys):
+def test_train_torchrun_evaluation_equals_one_process(trained_run, train_data, _gpt_hub, tmp_path, capsys):
     """Evaluation under torchrun (each rank its share of the length-sorted batches, gathered in input order)
     equals one process's exactly (fp32, CPU): --eval_only of a 1-process run in 2 processes (its config.json
     recorded gradient_accumulation_steps=1: no training layout to check) prints the run's metrics and report;
@@ -2117,9 +2116,7 @@ def test_train_torchrun_evaluation_equals_one_process(trained_run, train_data, _
     shutil.copytree(cot / "model", repo)
     for f in ("vocab.json", "merges.txt"):  # what a hub repo has; the model reads meta.json's char tokenizer
         shutil.copy(FIX / "gpt2" / f, repo)
-    _gpt_serve_repo("tiny/cot", repo)
-    monkeypatch.setenv("DHRD_HUB_URL", _gpt_server)
-    monkeypatch.setenv("DHRD_CACHE", str(tmp_path / "cache"))
+    sha = _gpt_serve_repo("tiny/cot", _gpt_folder(repo))
     _train_torchrun("--init_from=tiny/cot", *flags, f"--predictions={tmp_path / 'three.jsonl'}", cwd=tmp_path,
                     nproc=3)
     one = (tmp_path / "one.jsonl").read_text()
@@ -2127,7 +2124,7 @@ def test_train_torchrun_evaluation_equals_one_process(trained_run, train_data, _
     labels = [json.loads(l)["label"] for l in one.splitlines()]
     assert len(labels) == 500 and None in labels and {"No", "Yes"} & set(labels)
     paths = [p for p, _ in _GPTHandler.hits]
-    assert paths.count("/tiny/cot/resolve/main/model.safetensors") == 1 and len(paths) == len(set(paths))
+    assert paths.count(f"/tiny/cot/resolve/{sha}/model.safetensors") == 1 and len(paths) == len(set(paths))
 
 
 def test_train_fsdp_resume_after_kill_and_across_ddp(train_data, tmp_path):
