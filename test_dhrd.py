@@ -1982,7 +1982,7 @@ BAD_INPUTS = [
      r"r.jsonl:1: missing field 'idx'"),
     ("checkpoint", "ckpt.pt", lambda good: good[:len(good) // 2],
      r"ckpt.pt: cannot be read, it is truncated or corrupt .*the best model so far is intact in .*/model/: "
-     r"start a new run from it with --init_from=.*/model"),
+     r"start a new run from it in a new folder, --init_from=.*/model --out_dir=<a new folder>"),
     ("checkpoint", "ckpt.pt", b"not a checkpoint", r"ckpt.pt: cannot be read, it is truncated or corrupt"),
     ("checkpoint", "ckpt.pt", lambda good: _torch_bytes({"model": {}}),
      r"ckpt.pt: not a dhrd.py checkpoint \(no model_config, optimizer, .*\); the best model so far is "
@@ -2261,7 +2261,7 @@ def test_train_task_prepared_on_the_fly_and_init_from_defaults(tmp_path, monkeyp
     dhrd.main(["--task=cb", f"--init_from={model}", *flags])
     meta = json.loads((tmp_path / "data" / "cb" / "meta.json").read_text())
     assert meta["tokenizer"] == {"type": "bpe", "name": str(model)} and meta["counts"]["train"] == 3
-    assert dhrd.parse_config(["--task=cb"]).init_from == str(model)
+    assert dhrd.parse_config(["--task=cb", "--out_dir=new"]).init_from == str(model)  # out-cb: the run above
     assert dhrd.parse_config([]).init_from == "scratch"
     dhrd.main(["--task=cb", *flags, "--out_dir=out-again"])
     assert json.loads((tmp_path / "out-again" / "config.json").read_text())["init_from"] == str(model)
@@ -2353,15 +2353,15 @@ def test_train_kd_teacher_hf_folder_and_tokenizer_check(lora_data, tmp_path):
     (swapped / "vocab.json").write_text(json.dumps(vocab))
     with pytest.raises(dhrd.ConfigError, match=r"the teacher's tokenizer \(.*swapped, 897 ids\) is not the "
                        r"one .*first differ at id 500"):
-        dhrd.main([*flags, f"--kd_teacher={swapped}", "--kd_coef=1", f"--out_dir={out}"])
+        dhrd.main([*flags, f"--kd_teacher={swapped}", "--kd_coef=1", f"--out_dir={tmp_path / 'o1'}"])
     with pytest.raises(dhrd.ConfigError, match="the teacher's vocab_size is 61, the student's"):
         small = tmp_path / "small"
         _gpt_tiny("llama").save_pretrained(small)
         hf.copy_tokenizer_files(d / "base", small)
-        dhrd.main([*flags, f"--kd_teacher={small}", "--kd_coef=1", f"--out_dir={out}"])
+        dhrd.main([*flags, f"--kd_teacher={small}", "--kd_coef=1", f"--out_dir={tmp_path / 'o2'}"])
     no_head = r"--kd_teacher=.*qwen2_cls: .*needs the LM head \(lm_head.weight\)"  # an untied classifier
     with pytest.raises(dhrd.ConfigError, match=no_head):
-        dhrd.main([*flags, f"--kd_teacher={FIX / 'qwen2_cls'}", "--kd_coef=1", f"--out_dir={out}"])
+        dhrd.main([*flags, f"--kd_teacher={FIX / 'qwen2_cls'}", "--kd_coef=1", f"--out_dir={tmp_path / 'c'}"])
 
 
 # ------------------------------------------------------------------------------------------------------------
