@@ -169,8 +169,8 @@ def parse_config(argv):
     d["init_from"] = d["init_from"] or prepared_with(d["data_dir"])
     interval = 1 if d["eval_interval"] == "epoch" else d["eval_interval"]  # 'epoch': resolve_epochs
     if min(d["batch_size"], interval, d["log_interval"]) < 1 or d["ckpt_interval"] < 0:
-        raise ConfigError("batch_size, eval_interval and log_interval must be >= 1 (eval_interval: or epoch), "
-                          "ckpt_interval >= 0")
+        raise ConfigError("batch_size, eval_interval and log_interval must be >= 1 (eval_interval: or "
+                          "epoch), ckpt_interval >= 0")
     if d["max_epochs"] < 0:
         raise ConfigError(f"max_epochs={d['max_epochs']}: use a number of epochs > 0, or 0 to count "
                           "max_iters")
