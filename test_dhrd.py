@@ -25,6 +25,7 @@ import io
 import json
 import os
 import pathlib
+import random
 import re
 import shutil
 import socket
@@ -1628,6 +1629,125 @@ def test_prep_local_teacher_batched_generate_and_resume(tmp_path, monkeypatch):
     assert len((tmp_path / "bf16" / "rationales.jsonl").read_text().splitlines()) == 3
 
 
+# The crash tests (SQLite's way): a script runs under _CRASH, which SIGKILLs it (or sends a signal) at points
+# the test names, counted per process: the n-th optimizer step ("step"), pooled-head forward of an evaluation
+# ("classify"), os.replace onto a file named `name` ("replace", or "replaced": just after it), or os.replace /
+# os.fsync of any file ("io"). Then the test starts it again and compares bytes. The script itself has no test
+# hook; n = 0 counts: "crash-count <n>" on stderr at the end.
+_CRASH = r"""
+import atexit, json, os, runpy, signal, sys, time
+from pathlib import Path
+root, script = sys.argv[1], sys.argv[2]
+sys.path.insert(0, root)
+import torch, gpt
+specs = [s for s in json.loads(os.environ["DHRD_CRASH"])
+         if str(s.get("rank", os.environ.get("RANK", "0"))) == os.environ.get("RANK", "0")
+         and str(s.get("attempt", "0")) == os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")]
+counts = [0] * len(specs)
+
+def reached(at, name=None):
+    for i, s in enumerate(specs):
+        if s["at"] == at and s.get("name") in (None, name):
+            counts[i] += 1
+            if counts[i] == s["n"]:
+                act(s)
+
+def act(s):
+    sig = s.get("signal", "SIGKILL")
+    if sig == "SIGTERM_PARENT":  # torchrun forwards it to every worker; wait until it reached this one
+        os.kill(os.getppid(), signal.SIGTERM)
+        t0 = time.time()
+        while sys.modules["__main__"].PREEMPTION.signal == 0 and time.time() - t0 < 120:
+            time.sleep(0.01)
+        return
+    os.kill(os.getpid(), getattr(signal, sig))
+
+def patch(owner, attr, at, named=False, after=None):
+    real = getattr(owner, attr)
+    def wrapped(*a, **k):
+        name = Path(a[1]).name if named else None
+        reached(at, name)
+        out = real(*a, **k)
+        if after is not None:
+            reached(after, name)
+        return out
+    setattr(owner, attr, wrapped)
+
+patch(torch.optim.AdamW, "step", "step")
+patch(gpt.GPT, "classify", "classify")
+patch(os, "replace", "replace", named=True, after="replaced")
+patch(os, "replace", "io")
+patch(os, "fsync", "io")
+if any(s["n"] == 0 for s in specs):
+    atexit.register(lambda: print(f"crash-count {counts[0]}", file=sys.stderr, flush=True))
+sys.argv = [script, *sys.argv[3:]]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+@pytest.fixture(scope="module")
+def crash_script(tmp_path_factory):
+    path = tmp_path_factory.mktemp("crash") / "crash.py"
+    path.write_text(_CRASH)
+    return path
+
+
+def _crash_run(crash_script, script, args, specs, cwd, torchrun=False):
+    """script (dhrd.py / prepare.py) with args under _CRASH with these kill specs -> CompletedProcess."""
+    cmd = [sys.executable, str(crash_script), str(ROOT), str(ROOT / script), *args]
+    if torchrun:
+        cmd = [*TORCHRUN, "--max-restarts=2", str(crash_script), str(ROOT), str(ROOT / script), *args]
+    env = {**os.environ, "DHRD_CRASH": json.dumps(specs), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _crash_files(folder):
+    """{relative path: bytes} of every file under folder."""
+    folder = pathlib.Path(folder)
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def test_prep_crash_at_random_points_then_rerun_is_byte_identical(crash_script, tmp_path, monkeypatch):
+    """A re-prepare (new settings over an old prepare, a teacher's rationales.jsonl beside it) SIGKILLed at 3
+    seeded random points among its fsyncs and renames and once between the two renames of its swap, each time
+    started again: after every kill the old outputs or the new ones are whole (a cut swap: the new ones in
+    data.tmp, which the next start puts in place), never a mix; the last run's are byte-identical to an
+    uninterrupted prepare's, and rationales.jsonl is untouched."""
+    prepare.prepare(task="synth", out_dir=tmp_path / "clean", quiet=True)
+    want = _crash_files(tmp_path / "clean")
+    out = tmp_path / "data"
+    prepare.prepare(task="synth", out_dir=out, max_rationale=8, quiet=True)  # the old settings
+    before = _crash_files(out)
+    assert before != want
+    rationales = b'{"task": "synth", "split": "train", "idx": 0, "rationale": "r", "label": "No"}\n'
+    (out / "rationales.jsonl").write_bytes(rationales)  # not an output of this prepare: it must stay
+    calls = []  # an uninterrupted re-prepare's fsyncs and renames, the points to kill at
+    for name in ("fsync", "replace"):
+        real = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda *a, real=real: calls.append(a) or real(*a))
+    shutil.copytree(out, tmp_path / "count")
+    prepare.prepare(task="synth", out_dir=tmp_path / "count", quiet=True)
+    monkeypatch.undo()
+    assert len(calls) == 15  # 10 outputs + rationales.jsonl, data.tmp, 2 renames, data's parent folder
+    points = [{"at": "io", "n": n} for n in sorted(random.Random(0).sample(range(1, len(calls) + 1), 3))]
+    points.insert(1, {"at": "replace", "name": "data", "n": 1})  # data.tmp -> data, after data -> data.old
+    for spec in points:
+        r = _crash_run(crash_script, "prepare.py", ["--task=synth", f"--out_dir={out}"], [spec], tmp_path)
+        assert r.returncode == -9, (spec, r.stderr)
+        if out.exists():
+            seen = _crash_files(out)
+        else:  # cut between the renames: the new outputs are whole in data.tmp, the old ones in data.old
+            seen = _crash_files(out.with_name("data.tmp"))
+            old_meta = _crash_files(out.with_name("data.old"))["meta.json"]
+            assert old_meta in (before["meta.json"], want["meta.json"])
+        assert seen.pop("rationales.jsonl") == rationales, spec
+        assert seen in (before, want), spec
+    prepare.prepare(task="synth", out_dir=out, quiet=True)
+    got = _crash_files(out)
+    assert got.pop("rationales.jsonl") == rationales and got == want
+    assert not out.with_name("data.tmp").exists() and not out.with_name("data.old").exists()
+
+
 # ============================================================================================================
 # dhrd.py: metrics, config errors, DDP == single process, exact resume, grad stats, eval/predict, compile
 # ============================================================================================================
@@ -1636,9 +1756,9 @@ TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--batch_size=8", "--dtype=f
         "--eval_batch_size=256", "--warmup_iters=2", "--learning_rate=3e-3"]
 
 
-def _train_run(*args, cwd, timeout=600, check=True):
+def _train_run(*args, cwd, timeout=600, check=True, env=None):
     r = subprocess.run([sys.executable, str(ROOT / "dhrd.py"), *args], cwd=cwd, capture_output=True,
-                       text=True, timeout=timeout)
+                       text=True, timeout=timeout, env={**os.environ, **(env or {})})
     if check:
         assert r.returncode == 0, r.stdout + r.stderr
     return r
@@ -2365,6 +2485,113 @@ def test_train_kd_teacher_hf_folder_and_tokenizer_check(lora_data, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------------
+# runs that survive: reruns, restarts, SIGTERM / SIGUSR1, kills at every write point, a full disk
+
+@pytest.fixture(scope="module")
+def crash_data(tmp_path_factory):
+    """A task a 1-layer model learns in 6 steps (an x or a y in the text), so that val improves 3 times and
+    the export is replaced twice; and its uninterrupted run: 8 steps, evaluations at 2, 4, 6, 8 (exports at
+    2, 4, 6), checkpoints at those and at 3 (--ckpt_interval=3)."""
+    d = tmp_path_factory.mktemp("crash-data")
+    rng = random.Random(0)
+    for split, n in (("train", 64), ("val", 40)):
+        with open(d / f"{split}.jsonl", "w") as f:
+            for _ in range(n):
+                label = rng.choice(["pos", "neg"])
+                ch = "x" if label == "pos" else "y"
+                text = "".join(rng.choice("abc" + ch * 2) for _ in range(12))
+                f.write(json.dumps({"text": text, "label": label, "rationale": f"it has {ch}"}) + "\n")
+    prepare.prepare(task="custom", train_file=d / "train.jsonl", val_file=d / "val.jsonl",
+                    out_dir=d / "data", model="char", quiet=True)
+    flags = [*TINY, "--task=custom", f"--data_dir={d / 'data'}", "--learning_rate=1e-2", "--max_iters=8",
+             "--eval_batch_size=16", "--eval_interval=2", "--ckpt_interval=3", "--log_interval=1",
+             "--dropout=0.1"]
+    _train_run(*flags, f"--out_dir={d / 'full'}", cwd=d, env={"OMP_NUM_THREADS": "1"})
+    accuracy = [l["val"]["accuracy"] for l in _train_log(d / "full", "val")]
+    assert len(accuracy) == 4 and accuracy[0] < accuracy[1]  # (0.425, 0.625, 1, 1 here): model/ replaced
+    return d, flags
+
+
+def _crash_outputs(out_dir):
+    """What a run leaves that must not depend on its interruptions: ckpt.pt, the export, results.json, the
+    log, the config (but for its out_dir); and no temporary."""
+    files = _crash_files(out_dir)
+    assert not [f for f in files if f.endswith((".tmp", ".old")) or "model." in f.split("/")[0]], list(files)
+    config = json.loads(files["config.json"])
+    files["config.json"] = {**config, "out_dir": None}
+    return files
+
+
+def test_train_crash_at_each_write_point_then_rerun_is_bitwise_identical(crash_data, crash_script):
+    """One run SIGKILLed at 6 points, each time started again with the same command: before its 2nd step,
+    before the rename of its 1st ckpt.pt, in the middle of its 1st evaluation, just after the rename of its
+    2nd ckpt.pt (iter 3), between the two renames of an export that replaces model/ (iter 4), and before the
+    rename of results.json (after the last checkpoint). The last start ends the run; every file it leaves
+    (ckpt.pt, model/, results.json, log.jsonl, config.json) is bitwise that of the uninterrupted run (fp32,
+    CPU, dropout on), and one more start says 'finished', exits 0 and changes nothing."""
+    d, flags = crash_data
+    out = d / "crashed"
+    points = [{"at": "step", "n": 2}, {"at": "replace", "name": "ckpt.pt", "n": 1},
+              {"at": "classify", "n": 2}, {"at": "replaced", "name": "ckpt.pt", "n": 2},
+              {"at": "replace", "name": "model", "n": 1}, {"at": "replace", "name": "results.json", "n": 1}]
+    for spec in points:
+        r = _crash_run(crash_script, "dhrd.py", [*flags, f"--out_dir={out}"], [spec], d)
+        assert r.returncode == -9, (spec, r.stdout, r.stderr)
+        if spec.get("name") == "model":
+            assert not (out / "model").exists() and (out / "model.old").is_dir()  # cut between the renames
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter"] == 8 and not (out / "results.json").exists()
+    r = _train_run(*flags, f"--out_dir={out}", cwd=d, env={"OMP_NUM_THREADS": "1"})
+    assert "continuing the run in" in r.stdout and "from its ckpt.pt at iter 8" in r.stdout
+    full = _crash_outputs(d / "full")
+    assert _crash_outputs(out) == full
+    r = _train_run(*flags, f"--out_dir={out}", cwd=d, env={"OMP_NUM_THREADS": "1"})
+    assert r.stdout.startswith(f"dhrd.py: {out} holds a finished run (iter 8, val accuracy ")
+    assert _crash_outputs(out) == full
+
+
+def test_train_sigusr1_checkpoints_at_the_next_step_and_the_rerun_is_exact(crash_data, crash_script):
+    """SIGUSR1 (SLURM's warning; SIGTERM takes the same path) during step 4: the run writes ckpt.pt at the end
+    of step 5, a step that neither evaluates nor checkpoints, says so in one line, and exits with 143
+    (requeue me); the same command continues it to the uninterrupted run's files, bit for bit."""
+    d, flags = crash_data
+    out = d / "signalled"
+    r = _crash_run(crash_script, "dhrd.py", [*flags, f"--out_dir={out}"],
+                   [{"at": "step", "n": 4, "signal": "SIGUSR1"}], d)
+    assert r.returncode == dhrd.REQUEUE_EXIT == 143, r.stderr
+    assert r.stderr.splitlines()[-1] == (f"dhrd.py: stopped by SIGUSR1 at iter 5, after writing "
+                                         f"{out}/ckpt.pt: the same command continues the run (exit status "
+                                         "143: requeue me)")
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter"] == 5
+    assert [l["iter"] for l in _train_log(out)] == [1, 2, 3, 4, 5] and not (out / "results.json").exists()
+    r = _train_run(*flags, f"--out_dir={out}", cwd=d, env={"OMP_NUM_THREADS": "1"})
+    assert "from its ckpt.pt at iter 5" in r.stdout
+    assert _crash_outputs(out) == _crash_outputs(d / "full")
+
+
+def test_train_torchrun_restart_after_a_kill_and_sigterm_continue_exactly(crash_data, crash_script):
+    """torchrun --nproc_per_node=2 --max-restarts=2, Gloo, 2 kill points. Rank 1 SIGKILLed before its 4th
+    optimizer update (after the step's all-reduces: rank 0 ends step 4 and writes ckpt.pt at its evaluation);
+    torchrun restarts both workers, which meet in the store again (a prefix per attempt) and continue from
+    iter 4. In that attempt's 2nd step rank 0 sends SIGTERM to torchrun, which passes it to both workers: both
+    stop after step 7 (no evaluation, no --ckpt_interval) with ckpt.pt written, exit 143. The same torchrun
+    command then ends the run: ckpt.pt, model/, results.json and the log bitwise those of the uninterrupted
+    2-process run."""
+    d, flags = crash_data
+    flags = [*flags, "--gradient_accumulation_steps=2", "--dropout=0.0"]  # 0: rank 1 is reseeded on resume
+    _train_torchrun(*flags, f"--out_dir={d / 'two'}", cwd=d)
+    out = d / "two-crashed"
+    specs = [{"at": "step", "n": 4, "rank": 1, "attempt": 0},
+             {"at": "step", "n": 2, "rank": 0, "attempt": 1, "signal": "SIGTERM_PARENT"}]
+    r = _crash_run(crash_script, "dhrd.py", [*flags, f"--out_dir={out}"], specs, d, torchrun=True)
+    assert r.returncode != 0, r.stderr
+    assert f"continuing the run in {out} from its ckpt.pt at iter 4" in r.stdout, r.stdout + r.stderr
+    assert f"dhrd.py: stopped by SIGTERM at iter 7, after writing {out}/ckpt.pt" in r.stderr, r.stderr
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter"] == 7
+    r = _train_torchrun(*flags, f"--out_dir={out}", cwd=d)
+    assert "from its ckpt.pt at iter 7" in r.stdout
+    assert _crash_outputs(out) == _crash_outputs(d / "two")
+
+
 # epochs (--max_epochs, --eval_interval=epoch), the presets in config/, the Table 1 driver (experiments/)
 
 def test_train_epochs_resolved_and_their_errors(tmp_path):
