@@ -184,6 +184,15 @@ def parse_config(argv):
     return Config(**d)
 
 
+def same_value(key, saved, now):
+    """A key of a run's config.json and of this command mean the same: equal, or for a path the same folder
+    (data/cb and /home/me/data/cb)."""
+    if saved == now:
+        return True
+    paths = key in ("data_dir", "init_from", "kd_teacher") and isinstance(saved, str) and isinstance(now, str)
+    return paths and bool(saved) and bool(now) and Path(saved).resolve() == Path(now).resolve()
+
+
 def check_rerun(d, resume):
     """The rule for an out_dir that already holds a run (its config.json): a training command with the same
     config, RERUN_SAFE_KEYS aside, continues from its ckpt.pt or finds it finished (train); --init_from=resume
@@ -211,9 +220,9 @@ def check_rerun(d, resume):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     # gradient_accumulation_steps as setup resolves it (0: one micro-batch per rank)
     now = {**d, "gradient_accumulation_steps": d["gradient_accumulation_steps"] or world}
-    ignored = set(RERUN_SAFE_KEYS) | set(COMMAND_KEYS)
+    ignored = set(RERUN_SAFE_KEYS) | set(COMMAND_KEYS) | {"out_dir"}  # out_dir: where the run is now
     ignored.discard("init_from")  # what it starts from is part of what the run is
-    differ = [k for k in saved if k in now and k not in ignored and saved[k] != now[k]]
+    differ = [k for k in saved if k in now and k not in ignored and not same_value(k, saved[k], now[k])]
     if not differ:
         return
     changes = ", ".join(f"{k} {saved[k]!r} -> {now[k]!r}" for k in differ)

@@ -19,6 +19,7 @@ selects exactly one section; the short `-k train` also takes the few other names
             recompilations, bench.py on the device): skipped without a GPU; DHRD_TEST_DEVICE=cpu runs
             them on the CPU
 """
+import errno
 import hashlib
 import http.server
 import io
@@ -1629,6 +1630,53 @@ def test_prep_local_teacher_batched_generate_and_resume(tmp_path, monkeypatch):
     assert len((tmp_path / "bf16" / "rationales.jsonl").read_text().splitlines()) == 3
 
 
+def test_prep_durable_writes_full_disk_and_cut_swaps(tmp_path, monkeypatch):
+    """plumbing.atomic_write: a full disk (ENOSPC) removes the temporary and raises WriteError naming the
+    file, the old file intact; a download cut off (DownloadError, an OSError without errno) keeps its .part to
+    resume. recover_dir after each state a killed replace_dir can leave. prepare.py on a full disk: one
+    line, no data.tmp, the old outputs intact."""
+    path = tmp_path / "f.txt"
+    path.write_text("old")
+
+    def full(tmp):
+        tmp.write_text("half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    with pytest.raises(plumbing.WriteError, match=r"f.txt: cannot be written \(No space left on device\); "
+                                                  r"the partial f.txt.tmp was removed") as e:
+        plumbing.atomic_write(path, full)
+    assert "\n" not in str(e.value) and path.read_text() == "old" and not (tmp_path / "f.txt.tmp").exists()
+
+    def cut(part):
+        part.write_text("first half")
+        raise DownloadError("http://x/f: connection reset")
+    with pytest.raises(DownloadError):
+        plumbing.atomic_write(path, cut, suffix=".part")
+    assert (tmp_path / "f.txt.part").read_text() == "first half" and path.read_text() == "old"
+    # recover_dir: (no d, d.old, d.tmp) = cut between the renames -> d.tmp is d; (no d, d.old) -> d.old is d;
+    # (d, d.tmp, d.old) -> both stale
+    d = tmp_path / "d"
+    for present, kept in [(("old", "tmp"), "tmp"), (("old",), "old"), (("", "tmp", "old"), "")]:
+        for suffix in present:
+            (tmp_path / f"d{'.' + suffix if suffix else ''}").mkdir()
+            (tmp_path / f"d{'.' + suffix if suffix else ''}" / "which").write_text(suffix)
+        plumbing.recover_dir(d)
+        assert (d / "which").read_text() == kept and sorted(p.name for p in tmp_path.glob("d*")) == ["d"]
+        shutil.rmtree(d)
+    out = tmp_path / "data"
+    prepare.prepare(task="synth", out_dir=out, quiet=True)
+    before = _crash_files(out)
+    real = np.save
+
+    def no_space(*a, **k):
+        real(*a, **k)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(np, "save", no_space)
+    with pytest.raises(plumbing.WriteError, match=r"data: cannot be written \(No space left on device\); the "
+                                                  r"partial data.tmp was removed") as e:
+        prepare.prepare(task="synth", out_dir=out, max_rationale=8, quiet=True)
+    assert "\n" not in str(e.value) and _crash_files(out) == before and not (tmp_path / "data.tmp").exists()
+
+
 # The crash tests (SQLite's way): a script runs under _CRASH, which SIGKILLs it (or sends a signal) at points
 # the test names, counted per process: the n-th optimizer step ("step"), pooled-head forward of an evaluation
 # ("classify"), os.replace onto a file named `name` ("replace", or "replaced": just after it), or os.replace /
@@ -2520,6 +2568,75 @@ def _crash_outputs(out_dir):
     config = json.loads(files["config.json"])
     files["config.json"] = {**config, "out_dir": None}
     return files
+
+
+def test_train_rerun_rule_refusals_resume_and_overwrite(crash_data, tmp_path, monkeypatch):
+    """The rule for an out_dir that holds a run (here a copy: out_dir itself does not count): another config
+    is refused in one line naming the keys and the choices (the --init_from=resume one spelled out, none for
+    another init_from); an out_dir that is or holds init_from or kd_teacher is refused (also when
+    read_checkpoint's hint is followed without its --out_dir); a run's files without config.json are refused;
+    safe keys and another spelling of data_dir continue; --init_from=resume takes the run's config under the
+    flags, and on a first launch starts a new run; --overwrite=True starts over."""
+    d, flags = crash_data
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "out-custom"  # where this task's runs go by default
+    shutil.copytree(d / "full", run)
+    here = [*flags, f"--out_dir={run}"]
+    r = _train_run(*here, "--seed=7", cwd=tmp_path, check=False)
+    assert r.returncode == 1 and len(r.stderr.splitlines()) == 1 and r.stdout == "", r.stderr
+    assert r.stderr == (f"dhrd.py: error: {run}/config.json: {run} holds a run with another config (seed "
+                        f"1337 -> 7). To keep it, pass a new --out_dir; to continue it with these values: "
+                        f"--init_from=resume --out_dir={run} --seed=7; to delete it and start this run "
+                        f"there: --overwrite=True\n")
+    shutil.copytree(run / "model", tmp_path / "copied" / "model")
+    refusals = [([*here, "--seed=7", "--lora_rank=2"], r"\(lora_rank 0 -> 2, seed 1337 -> 7\)\..*"
+                                                       r"--lora_rank=2 --seed=7;"),
+                ([*here, f"--init_from={FIX / 'llama'}"], r"\(init_from 'scratch' -> .*llama'\)\. To keep "
+                                                          r"it, pass a new --out_dir; to delete it"),
+                ([*here, f"--init_from={run / 'model'}"], r"--init_from=.*out-custom/model is inside "
+                                                          r"--out_dir=.*out-custom: the run would overwrite"),
+                ([*flags, "--init_from=out-custom/model"], r"is inside --out_dir=out-custom"),  # hint, cut
+                ([*here, f"--kd_teacher={run}", "--kd_coef=1"], r"--kd_teacher=.* is inside --out_dir"),
+                ([*flags, f"--out_dir={tmp_path / 'copied'}"], r"copied: holds model but no config.json")]
+    for argv, msg in refusals:
+        with pytest.raises(dhrd.ConfigError, match=msg) as e:
+            dhrd.parse_config(argv)
+        assert "\n" not in str(e.value)
+    data = os.path.relpath(d / "data", tmp_path)
+    for argv in ([*here, "--max_iters=20", "--eval_interval=5", "--patience=3", "--ckpt_interval=1"],
+                 [*flags, "--out_dir=out-custom", "--device=cpu", "--compile=True", f"--data_dir={data}"]):
+        assert dhrd.parse_config(argv).max_iters in (8, 20)  # the same run: it continues
+    cfg = dhrd.parse_config(["--init_from=resume", f"--out_dir={run}", "--seed=7"])
+    assert (cfg.seed, cfg.init_from, cfg.max_iters, cfg.task) == (7, "scratch", 8, "custom")
+    cfg = dhrd.parse_config([*flags, "--init_from=resume", f"--out_dir={tmp_path / 'first'}"])
+    assert cfg.init_from == "scratch"  # a first launch: nothing to resume, a new run
+    _train_run(*here, "--seed=7", "--max_iters=2", "--overwrite=True", cwd=tmp_path,
+               env={"OMP_NUM_THREADS": "1"})
+    assert [l["iter"] for l in _train_log(run)] == [1, 2]  # the old run's lines went with it
+    assert json.loads((run / "results.json").read_text())["best_iter"] == 2
+    assert torch.load(run / "ckpt.pt", weights_only=True)["iter"] == 2
+    assert json.loads((run / "config.json").read_text())["seed"] == 7
+
+
+def test_train_full_disk_is_one_line_and_the_temporary_goes(crash_data, tmp_path):
+    """ckpt.pt.tmp on a full disk (a link to /dev/full: the kernel's ENOSPC through torch.save): one
+    'dhrd.py: error:' line naming the file, exit status 1, the temporary removed; once there is room the
+    same command runs again from its last checkpoint (none yet here) to the uninterrupted run's files."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    d, flags = crash_data
+    out = tmp_path / "full-disk"
+    out.mkdir()
+    (out / "ckpt.pt.tmp").symlink_to("/dev/full")
+    r = _train_run(*flags, f"--out_dir={out}", cwd=tmp_path, check=False, env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.splitlines()[-1] == (f"dhrd.py: error: {out}/ckpt.pt: cannot be written (No space left "
+                                         "on device); the partial ckpt.pt.tmp was removed and the ckpt.pt "
+                                         "there before, if any, is intact: free space on that disk (or write "
+                                         "elsewhere) and run the command again")
+    assert not os.path.lexists(out / "ckpt.pt.tmp") and not (out / "ckpt.pt").exists()
+    _train_run(*flags, f"--out_dir={out}", cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert _crash_outputs(out) == _crash_outputs(d / "full")
 
 
 def test_train_crash_at_each_write_point_then_rerun_is_bitwise_identical(crash_data, crash_script):
