@@ -6,7 +6,8 @@ At test time only the pooled head runs: one forward pass over x, no decoding.
     python dhrd.py                                          # synth task, small scratch GPT, CPU, minutes
     python dhrd.py --task=cb --init_from=gpt2 --alpha=1 --beta=1
     torchrun --nproc_per_node=8 dhrd.py --task=cb --init_from=gpt2
-    python dhrd.py --init_from=resume --out_dir=out-cb      # continue after an interruption
+    python dhrd.py --init_from=resume --out_dir=out-cb      # continue after an interruption (as does the same
+                                                            # command again: check_rerun)
     python dhrd.py --init_from=out-cb --eval_only=True
     python dhrd.py --init_from=out-cb --predict=inputs.jsonl --predictions=preds.jsonl
 Config: the defaults below <- JSON config files (positional) <- --key=value. Data: prepare.py.

@@ -7,12 +7,15 @@ selects exactly one section; the short `-k train` also takes the few other names
             one-pass property, sampling and the KV cache, native dtypes, checkpoints and safetensors,
             tokenizers, downloads (loopback hub)
   -k prep   prepare.py: synth, SuperGLUE templates, custom data, rationale import, teachers (a loopback
-            API, a local model), the flag parser every script uses, bad input
+            API, a local model), the flag parser every script uses, bad input, durable writes (a full disk,
+            cut folder swaps), a re-prepare killed at random write points
   -k train  dhrd.py: metrics, config errors, DDP and FSDP == one process (and their checkpoints
             interchangeable), exact resume after a kill, distillation from a teacher (--kd_teacher),
             gradient statistics and alpha=auto, eval_only / predict, a non-finite loss, compile, CoT
             decoding, LoRA training, --max_epochs with 1-3 processes, the config/ presets, the Table 1
-            driver (experiments/superglue.py); at its end the tests of gpt.py's LoRA modules (`-k test_lora`)
+            driver (experiments/superglue.py), runs that survive (the rerun rule, kills at every write
+            point, SIGUSR1, torchrun --max-restarts + SIGTERM, a full disk); at its end the tests of gpt.py's
+            LoRA modules (`-k test_lora`)
   -k bench  bench.py: the JSON contract on a tiny model, flag errors, the named shapes' parameter counts,
             the LoRA step's FLOPs
   -k cuda   the checks a GPU can break (parity, bf16, decoding, the fused loss, torchrun + compile,
