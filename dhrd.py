@@ -13,6 +13,8 @@ At test time only the pooled head runs: one forward pass over x, no decoding.
 Config: the defaults below <- JSON config files (positional) <- --key=value. Data: prepare.py.
 """
 import copy
+import datetime
+import functools
 import importlib
 import json
 import math
@@ -35,7 +37,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import prepare
 from gpt import (GPT, GPTConfig, CheckpointError, add_lora, dual_loss, load_tokenizer, lora_disabled,
-                 native_dtype, save_lora)
+                 native_dtype, save_lora, token_kl)
+from hf import resolve_model_dir
 from plumbing import (ConfigError, Progress, WriteError, atomic_write, begin_dir, fsync, parse_flags,
                       recover_dir, replace_dir)
 
@@ -109,6 +112,8 @@ class Config:
     dtype: str = "auto"             # 'auto' (gpt.native_dtype) | 'float32' | 'bfloat16' | 'float16'
     compile: bool = False
     fsdp: bool = False              # under torchrun: FSDP2 (fully_shard per block, then the root), not DDP
+    dist_timeout_s: int = 1800      # under torchrun: the longest wait of a rank for the others (collectives,
+                                    # rank 0's export + ckpt.pt: an 8B model's are 128 GB, 30 min at 71 MB/s)
 
 
 # the values a str key may take; alpha, a float, may also be 'auto' (plumbing.flag_value has the rules)
@@ -293,6 +298,49 @@ def load_split(data_dir, split, meta):
     return np.memmap(Path(data_dir, f"{split}.bin"), dtype=meta["token_dtype"], mode="r"), np.load(idx)
 
 
+def check_split(data_dir, name, rows, meta):
+    """A split that would fail mid-run, refused at startup in one line naming the file, row and value: no
+    examples, an input x without a token, a label id outside meta's labels, an example without a label (train,
+    val and an --eval_only split are scored). Row i is line i + 1 of S.jsonl, the readable copy of the split
+    that prepare.py writes beside its token files."""
+    if len(rows) == 0:
+        raise ConfigError(f"{data_dir}/{name}.idx.npy: the {name} split has no examples; prepare it again "
+                          f"from a {name} file with examples")
+    where = f"{data_dir}/{name}.jsonl"
+    empty = rows[:, prepare.X_LEN] < 1
+    if empty.any():
+        i = int(np.argmax(empty))
+        raise ConfigError(f"{where}:{i + 1}: the input x has no tokens (an empty text, a tokenizer without "
+                          f"BOS): the pooled head has none to read; drop the row or give it text")
+    labels = meta["labels"]
+    y = rows[:, prepare.LABEL]
+    bad = (y < 0) | (y >= len(labels))
+    if bad.any():
+        i = int(np.argmax(bad))
+        if y[i] == -1:
+            raise ConfigError(f"{where}:{i + 1}: no label, and the {name} split is trained on or scored; use "
+                              f"a labelled split (an unlabelled test split: --predict)")
+        raise ConfigError(f"{where}:{i + 1}: label id {y[i]} is not one of the {len(labels)} labels "
+                          f"({', '.join(labels)}); prepare the data again")
+
+
+def check_context(data_dir, name, rows, context, x_only):
+    """The longest example of a split against the model's context (block_size), at startup: x alone for
+    evaluation and the pooled baseline (alpha=0), x + rationale + answer where the LM loss reads them."""
+    n = rows[:, prepare.X_LEN] if x_only else rows[:, prepare.N]
+    i = int(np.argmax(n))
+    if n[i] <= context:
+        return
+    x = int(rows[i, prepare.X_LEN])
+    what = "x"
+    fix = "prepare the data again with a smaller --max_len"
+    if not x_only:
+        what = f"x {x} + rationale and answer {n[i] - x}"
+        fix += " or --max_rationale, or train with --alpha=0 (x alone)"
+    raise ConfigError(f"{data_dir}/{name}.jsonl:{i + 1}: {n[i]} tokens ({what}), longer than the model's "
+                      f"context of {context} positions; {fix}")
+
+
 def stream(n, seed, start, count):
     """Example ids [start, start + count) of an endless stream of seeded epoch permutations of n."""
     first = start // n
@@ -371,35 +419,51 @@ def _answer(tokens, eos, tok):
 
 
 @torch.no_grad()
-def class_probs(model, seqs, meta, cot, device, ctx, bs, cot_tokens, tok=None):
+def class_probs(model, seqs, meta, cot, device, ctx, bs, cot_tokens, tok=None, rt=None):
     """[N, K] per token list x: the pooled head's probabilities, or (cot) a one-hot of the decoded label,
-    a zero row when the decoded text names none."""
+    a zero row when the decoded text names none. Under torchrun (rt) the ranks share the work: the
+    length-sorted batches are dealt out in turn (batch j to rank j % world), so the shares cost about the same
+    and each batch is the very one a single process runs (the same rows, padding and numbers: bitwise equal
+    results); each rank fills its rows and a sum over the ranks puts every row in input order (a row is
+    nonzero on one rank only: exact). Every rank returns the whole [N, K]."""
     model.eval()
     out = np.zeros((len(seqs), len(meta["labels"])))
     verbal = {meta["verbalizers"][l]: i for i, l in enumerate(meta["labels"])}
     pad = pad_id(meta)
     order = np.argsort([len(s) for s in seqs], kind="stable")
-    progress = Progress("dhrd.py: evaluating", len(seqs))  # silent unless it takes seconds (CoT, big splits)
-    for i in range(0, len(seqs), bs):
-        chunk = order[i:i + bs]
-        progress.update(i)
+    batches = [order[i:i + bs] for i in range(0, len(seqs), bs)]
+    rank, world = 0, 1
+    if rt is not None and rt.ddp:
+        rank, world = rt.rank, rt.world
+    mine = batches[rank::world]
+    label = "dhrd.py: evaluating"
+    if world > 1:
+        label += f" (rank 0's share of {len(seqs)})"
+    # silent unless it takes seconds (CoT, big splits); rank 0 speaks for all
+    progress = Progress(label, sum(len(c) for c in mine), quiet=rank != 0)
+    done = 0
+    for chunk in mine:
+        progress.update(done)
         ids, mask = _padded([seqs[j] for j in chunk], pad, left=cot)
         L = ids.shape[1]
         ids = torch.from_numpy(ids).to(device)
         mask = torch.from_numpy(mask).to(device)
         with ctx:
-            if not cot:
+            if cot:
+                new = min(cot_tokens, model.config.block_size - L)
+                gen = model.generate(ids, new, eos_token_id=meta["eos_id"], attention_mask=mask)
+            else:
                 out[chunk] = F.softmax(model.classify(ids, mask).float(), -1).cpu().numpy()
-                continue
-            new = min(cot_tokens, model.config.block_size - L)
-            gen = model.generate(ids, new, eos_token_id=meta["eos_id"], attention_mask=mask)[:, L:].tolist()
-        for b, j in enumerate(chunk):
-            y = _answer(gen[b], meta["eos_id"], tok)
-            if y in verbal:
-                out[j, verbal[y]] = 1.0
-    progress.update(len(seqs))
+        if cot:
+            for b, y in enumerate(_answer(row, meta["eos_id"], tok) for row in gen[:, L:].tolist()):
+                if y in verbal:
+                    out[chunk[b], verbal[y]] = 1.0
+        done += len(chunk)
+    progress.update(done)
     progress.close()
     model.train()
+    if world > 1:
+        dist.all_reduce(torch.from_numpy(out), group=rt.host_group)  # in place: the tensor is out's memory
     return out
 
 
@@ -445,11 +509,12 @@ def report_text(report):
     return "\n".join(lines)
 
 
-def evaluate(model, split, meta, cot, device, ctx, cfg, tok):
-    """-> (the task's official metrics, class_report) of model on a split (tokens, index rows)."""
+def evaluate(model, split, meta, cot, cfg, rt, tok):
+    """-> (the task's official metrics, class_report) of model on a split (tokens, index rows); under torchrun
+    every rank evaluates its share and gets the same result."""
     toks, rows = split
     xs = [toks[s:s + x] for s, x in zip(rows[:, prepare.START], rows[:, prepare.X_LEN])]
-    probs = class_probs(model, xs, meta, cot, device, ctx, cfg.eval_batch_size, cfg.cot_tokens, tok)
+    probs = class_probs(model, xs, meta, cot, rt.device, rt.ctx, cfg.eval_batch_size, cfg.cot_tokens, tok, rt)
     gold = rows[:, prepare.LABEL]
     val = metrics(meta["metric"], probs, gold, rows[:, prepare.GROUP], yes_id(meta))
     return val, class_report(probs, gold, meta["labels"])
@@ -560,6 +625,14 @@ def grad_stats(g_cls, g_lm, alpha, beta):
     return stats
 
 
+def step_grad_stats(cfg, rt, step, raw, batch, alpha):
+    """--grad_stats at a logged optimizer step (1-based): grad_stats of this micro-batch on rank 0, else {}."""
+    if not (cfg.grad_stats and rt.master and logged(step, cfg)):
+        return {}
+    g_cls, g_lm = backbone_grads(raw, batch, rt.ctx, rt.device)
+    return grad_stats(g_cls, g_lm, alpha, cfg.beta)
+
+
 def alpha_from_gradients(norms_cls, norms_lm, beta):
     """--alpha=auto, the rule: alpha = beta * mean ||grad L_cls|| / mean ||grad L_lm|| over the backbone at
     the initial weights, on the first ALPHA_AUTO_BATCHES training micro-batches, so that the two terms of
@@ -602,16 +675,21 @@ class Runtime:
     dtype_why: str      # why dtype=auto chose it (gpt.native_dtype), or '--dtype'
     ctx: object         # autocast to dtype, or nullcontext for float32
     micro: int          # micro-batches per optimizer step on this rank
+    host_group: object  # Gloo group: the host-side waits and the evaluation's gather; None: the default one
 
 
 def setup(cfg):
     """DDP under torchrun (NCCL on CUDA, Gloo on CPU), the device and dtype, the seeds per rank (dropout; DDP
-    broadcasts rank 0's initial weights)."""
+    broadcasts rank 0's initial weights). Every wait between ranks is bounded by --dist_timeout_s; the waits
+    for one rank's work on files (preparing data, a download, the export and ckpt.pt) are Gloo collectives on
+    the CPU, outside NCCL and its watchdog, so no GPU sits in a collective while one rank writes."""
     ddp = "RANK" in os.environ
     rank, local, world = 0, 0, 1
     if ddp:
         rank, local, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     accum = cfg.gradient_accumulation_steps or world  # the default 0: one micro-batch per rank
+    if cfg.eval_only or cfg.predict:
+        accum = world  # no training batch: not the layout that the run's config.json recorded for training
     if accum % world:
         raise ConfigError(f"gradient_accumulation_steps={accum} is for the whole job, divided among the "
                           f"{world} processes: use a multiple of {world}, or 0 (one micro-batch per rank)")
@@ -622,15 +700,22 @@ def setup(cfg):
     if ddp and dev_type == "cuda":
         device = f"cuda:{local}"
         torch.cuda.set_device(device)
-    if ddp and not dist.is_initialized():  # initialized: a driver runs several trainings in one job
-        # torchrun --max-restarts starts the new workers on the store of the attempt before (its agent's):
-        # without a prefix per attempt they can read the dead workers' addresses from it, and fail to connect
-        # or wait for them (2 Gloo workers, one killed at step 31, torch 2.13, 2-core CPU: 4 of 8 restarts
-        # failed to connect, 0 of 4 with the prefix)
-        store, _, _ = next(dist.rendezvous("env://"))
-        store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-        dist.init_process_group("nccl" if dev_type == "cuda" else "gloo", store=store, rank=rank,
-                                world_size=world)
+    host_group = None
+    if ddp:
+        timeout = datetime.timedelta(seconds=cfg.dist_timeout_s)
+        if not dist.is_initialized():  # initialized: a driver runs several trainings in one job
+            # torchrun --max-restarts starts the new workers on the store of the attempt before (its
+            # agent's): without a prefix per attempt they can read the dead workers' addresses from it, and
+            # fail to connect or wait for them (2 Gloo workers, one killed at step 31, torch 2.13, 2-core
+            # CPU: 4 of 8 restarts failed to connect, 0 of 4 with the prefix)
+            store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+            store.set_timeout(timeout)  # what init_process_group does with a store it makes itself
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            store = dist.PrefixStore(f"attempt{attempt}", store)
+            dist.init_process_group("nccl" if dev_type == "cuda" else "gloo", store=store, rank=rank,
+                                    world_size=world, timeout=timeout)
+        if dev_type == "cuda":
+            host_group = gloo_group(timeout)
     dtype, why = cfg.dtype, "--dtype"
     if cfg.dtype == "auto":
         dtype, why = native_dtype(device)
@@ -639,7 +724,40 @@ def setup(cfg):
         seed_fn(cfg.seed + rank)
     return Runtime(ddp=ddp, rank=rank, local_rank=local, world=world, master=rank == 0, device=device,
                    dev_type=dev_type, dtype=dtype, dtype_why=why, ctx=ctx,
-                   micro=accum // world)
+                   micro=accum // world, host_group=host_group)
+
+
+@functools.cache
+def gloo_group(timeout):
+    """A Gloo group beside NCCL, made once per process (every rank calls setup alike; a driver calls it per
+    training run)."""
+    return dist.new_group(backend="gloo", timeout=timeout)
+
+
+def wait_for_rank0(rt):
+    """Under torchrun: the other ranks wait here, host-side (Gloo, --dist_timeout_s), while rank 0 writes."""
+    if rt.ddp:
+        dist.barrier(group=rt.host_group)
+
+
+def download_once_per_node(rt, names):
+    """Under torchrun, local rank 0 of each node resolves the hub names first (downloads them into the cache)
+    while the others wait; then every rank finds the files in the cache, so no two processes of a node write
+    the same files. Local folders pass through. A failure stops every rank with that rank's one line."""
+    if not rt.ddp:
+        return
+    error = None
+    if rt.local_rank == 0:
+        try:
+            for name in names:
+                resolve_model_dir(name)
+        except (ValueError, OSError) as e:  # CheckpointError, DownloadError: no such model, offline, ...
+            error = str(e)
+    errors = [None] * rt.world
+    dist.all_gather_object(errors, error, group=rt.host_group)
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise ConfigError(first)
 
 # ------------------------------------------------------------------------------------------------------------
 # preemption: SIGTERM (what torchrun, SLURM, Kubernetes and spot instances send some seconds before SIGKILL)
@@ -690,22 +808,38 @@ def load_exported(cfg, rt):
     if not meta_path.exists():
         meta_path = Path(cfg.data_dir, "meta.json")
     meta = _read_json(meta_path, "meta")
+    download_once_per_node(rt, [str(folder)])
     model = GPT.from_pretrained(folder, pooling=meta.get("pooling", cfg.pooling)).to(rt.device)
     cot = meta.get("eval") == "cot" or cfg.beta == 0
+    K = len(meta["labels"])
+    if not cot and model.config.num_labels != K:
+        raise ConfigError(f"{folder}: the model's pooled head has {model.config.num_labels} labels, "
+                          f"{meta_path} names {K} ({', '.join(meta['labels'])}); use the model's own data")
     tok = prepare.tokenizer_from_meta(meta)
     what = "predict" if cfg.predict else "eval"
-    print(f"dhrd.py: {what} {folder} | {rt.device} {rt.dtype} ({rt.dtype_why})", file=sys.stderr)
+    line = f"dhrd.py: {what} {folder} | {rt.device} {rt.dtype} ({rt.dtype_why})"
+    if rt.ddp:
+        line += f" | {rt.world} processes"
+    if rt.master:
+        print(line, file=sys.stderr)
     return model, meta, cot, tok
 
 
 def eval_only(cfg, rt):
-    """Print the official metrics of the model on eval_split as one JSON line."""
+    """Print the official metrics of the model on eval_split as one JSON line (rank 0; under torchrun every
+    rank evaluates its share)."""
     model, meta, cot, tok = load_exported(cfg, rt)
     split = load_split(cfg.data_dir, cfg.eval_split, meta)
-    val, report = evaluate(model, split, meta, cot, rt.device, rt.ctx, cfg, tok)
-    print(report_text(report), file=sys.stderr)
-    print(json.dumps({"task": meta["task"], "split": cfg.eval_split, "model": str(cfg.init_from),
-                      cfg.eval_split: val, "report": report}))
+    check_split(cfg.data_dir, cfg.eval_split, split[1], meta)
+    check_context(cfg.data_dir, cfg.eval_split, split[1], model.config.block_size, x_only=True)
+    t0 = time.time()
+    val, report = evaluate(model, split, meta, cot, cfg, rt, tok)
+    if rt.master:
+        print(report_text(report), file=sys.stderr)
+        print(f"dhrd.py: {len(split[1])} {cfg.eval_split} examples evaluated in {time.time() - t0:.2f}s",
+              file=sys.stderr)
+        print(json.dumps({"task": meta["task"], "split": cfg.eval_split, "model": str(cfg.init_from),
+                          cfg.eval_split: val, "report": report}))
     return val
 
 
@@ -738,7 +872,8 @@ def read_inputs(path, meta):
 
 
 def predict(cfg, rt):
-    """--predict rows -> one JSON line per x in --predictions: {"line", "text", "label", "probs"}."""
+    """--predict rows -> one JSON line per x in --predictions: {"line", "text", "label", "probs"} (rank 0
+    writes; under torchrun every rank predicts its share)."""
     model, meta, cot, tok = load_exported(cfg, rt)
     lines, texts = read_inputs(cfg.predict, meta)
     bos = [] if meta["bos_id"] is None else [meta["bos_id"]]
@@ -750,8 +885,14 @@ def predict(cfg, rt):
             raise ConfigError(f"{cfg.predict}:{ln}: {e}") from None
         if len(seqs[-1]) > model.config.block_size:
             raise ConfigError(f"{cfg.predict}:{ln}: longer than the model's {model.config.block_size} tokens")
-    probs = class_probs(model, seqs, meta, cot, rt.device, rt.ctx, cfg.eval_batch_size, cfg.cot_tokens, tok)
+        if not seqs[-1]:
+            raise ConfigError(f"{cfg.predict}:{ln}: the text {t!r} has no tokens and the tokenizer no BOS: "
+                              f"the pooled head has none to read; give the row some text")
+    probs = class_probs(model, seqs, meta, cot, rt.device, rt.ctx, cfg.eval_batch_size, cfg.cot_tokens, tok,
+                        rt)
     out = Path(cfg.predictions or Path(cfg.predict).with_suffix(".pred.jsonl"))
+    if not rt.master:  # under torchrun every rank predicted its share; rank 0 writes them all
+        return out
     text = ""
     for ln, t, p in zip(lines, texts, probs):
         label = meta["labels"][int(p.argmax())] if p.max() > 0 else None
@@ -764,11 +905,14 @@ def predict(cfg, rt):
 # ------------------------------------------------------------------------------------------------------------
 # FSDP2 (--fsdp=True under torchrun): full fine-tuning of a model whose weights, gradients and AdamW state do
 # not fit one device together. The blocks and then the root are sharded over the ranks. Evaluation, the export
-# and ckpt.pt work on a plain GPT that rank 0 gathers from the shards (full_state): the same code as with DDP
-# or one process, and ckpt.pt has the same layout (a 1-process checkpoint resumes under FSDP and back;
-# tested). One gathered copy rather than all ranks evaluating through FSDP's hooks: classify and generate
-# reach the root's parameters (embeddings, LM head) outside GPT.forward's hooks, where they are still
-# shards. The cost: one unsharded fp32 copy on rank 0's device while it evaluates and saves.
+# and ckpt.pt work on a plain GPT gathered from the shards onto every rank (full_state): each rank evaluates
+# its share of val as with DDP, rank 0 exports and writes ckpt.pt (the same layout as one process's: a
+# 1-process checkpoint resumes under FSDP and back; tested). A gathered copy rather than evaluating through
+# FSDP's hooks: classify and generate reach the root's parameters (embeddings, LM head) outside
+# GPT.forward's hooks, where they are still shards. The cost: one unsharded fp32 copy per device while it
+# evaluates; rank 0 held that copy for its lone evaluation before, so the peak memory per device is unchanged.
+# --eval_only and --predict load the exported model whole on every rank: weights alone, a quarter of the
+# weights + gradients + AdamW state that needed the sharding.
 # torch.distributed.fsdp and .checkpoint are imported in the functions, not at the top: 1.9 s of imports
 # (2-core Xeon VM, torch 2.13, other jobs running) that only --fsdp runs pay.
 
@@ -824,24 +968,25 @@ def _rekey(osd, keys):
 
 
 def full_state(raw, optimizer, cfg, rt):
-    """(a plain GPT with the full weights, the optimizer's state_dict in ckpt.pt's layout) for rank 0: raw
-    and optimizer.state_dict() themselves, or with FSDP gathered from every rank's shards onto rank 0's CPU (a
-    collective: every rank calls it; the others get (None, None)) and the GPT rebuilt around those tensors."""
+    """(a plain GPT with the full weights, the optimizer's state_dict in ckpt.pt's layout): raw and
+    optimizer.state_dict() themselves, or with FSDP gathered from every rank's shards (a collective: every
+    rank calls it), the weights onto every rank's device (each evaluates its share of val) and the optimizer
+    state onto rank 0's CPU (the others get None), the GPT rebuilt around those tensors."""
     if not cfg.fsdp:
         return raw, optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # cpu_offload: rank 0 only
-    sd = get_model_state_dict(raw, options=options)
-    osd = get_optimizer_state_dict(raw, optimizer, options=options)  # keyed by parameter name
-    if not rt.master:
-        return None, None
+    sd = get_model_state_dict(raw, options=StateDictOptions(full_state_dict=True))  # on every rank
+    offload = StateDictOptions(full_state_dict=True, cpu_offload=True)  # cpu_offload: rank 0 only
+    osd = get_optimizer_state_dict(raw, optimizer, options=offload)  # keyed by parameter name
     with torch.device("meta"):
         plain = GPT(raw.config)
     plain.load_state_dict(sd, assign=True)
     if raw.config.tie_word_embeddings:
         plain.lm_head.weight = plain.wte.weight
     plain.source_dir = raw.source_dir  # the export copies its tokenizer files
+    if not rt.master:
+        return plain.to(rt.device), None
     ids = {name: i for i, name in enumerate(_param_names(raw, optimizer))}
     return plain.to(rt.device), _rekey(osd, ids)
 
@@ -866,10 +1011,9 @@ def load_data(cfg, rt, use_lm):
     meta = _read_json(Path(cfg.data_dir, "meta.json"), "prepared data's meta")
     train = load_split(cfg.data_dir, "train", meta)
     val = load_split(cfg.data_dir, "val", meta)
+    check_split(cfg.data_dir, "train", train[1], meta)
+    check_split(cfg.data_dir, "val", val[1], meta)
     rows = train[1]
-    if (rows[:, prepare.LABEL] < 0).any():
-        line = int(np.argmax(rows[:, prepare.LABEL] < 0)) + 1
-        raise ConfigError(f"{cfg.data_dir}/train.jsonl: line {line} has no label")
     if use_lm and cfg.lm_targets == "rationale" and (rows[:, prepare.N] == rows[:, prepare.X_LEN]).all():
         raise ConfigError(f"{cfg.data_dir}: no training example has a rationale/answer suffix; use --alpha=0")
     return meta, train, val
@@ -892,7 +1036,7 @@ def prepare_on_the_fly(cfg, rt):
             error[0] = (f"{cfg.data_dir}/meta.json: not found, and preparing {cfg.task} with the tokenizer "
                         f"of {cfg.init_from} failed: {e}")
     if rt.ddp:
-        dist.broadcast_object_list(error, src=0)
+        dist.broadcast_object_list(error, src=0, group=rt.host_group)  # host-side: preparing may take minutes
     if error[0] is not None:
         raise ConfigError(error[0])
 
@@ -1040,6 +1184,72 @@ def load_teacher(cfg, meta, tok, student, use_lm, rt):
     return teacher.to(rt.device)
 
 
+# ------------------------------------------------------------------------------------------------------------
+# extra loss terms, the one seam for what the loop adds to Eq. 4. A term is an object with a `name` (logged as
+# loss_<name>), a `weight` (its coefficient in the loss), `about` (words for the startup line, or ""),
+# given(idx, mask, lm_targets): the term's no-grad work on one micro-batch (a tuple of tensors), and
+# value(h, w, *given): what GPT.forward computes in the same pass from the model's hidden states at the valid
+# LM targets and its LM head weight, a scalar (a method, not a fresh closure per step: torch.compile keeps one
+# graph). extra_terms maps the flags to terms: a new term is one class and one line there (and its flag in
+# Config); forward, dual_loss, the logged sums and the startup line take it as it is.
+
+class KLToBase:
+    """--kl_coef: kl_coef * KL(p_model || p_base) at the LM targets. The base (kl_reference) is the model with
+    its LoRA adapters off, or a frozen copy of the initial weights; its hidden states come with no grad and no
+    dropout."""
+    name = "kl"
+    about = ""
+
+    def __init__(self, ref, model, coef, ctx):
+        self.ref = ref
+        self.model = model
+        self.weight = coef
+        self.ctx = ctx
+
+    def given(self, idx, mask, lm_targets):
+        with torch.no_grad(), self.ctx, lora_disabled(self.ref):
+            h_base = self.ref.eval().hidden_states(idx, mask)[lm_targets != -100]
+        self.model.train()  # under LoRA the base is the model itself, which eval() above switched
+        return h_base, self.ref.lm_head.weight
+
+    def value(self, h, w, h_base, w_base):
+        return token_kl(h, w, h_base, w_base)
+
+
+class DistillFromTeacher:
+    """--kd_teacher, --kd_coef: the soft-target distillation of the reasoning head (paper App. F, future
+    work), kd_coef * T^2 * KL(p_teacher^T || p_model^T) at the LM targets; T^2 keeps its gradients the size of a T=1
+    term's (Hinton et al. 2015, §2). The teacher side first, as distillation has it."""
+    name = "kd"
+
+    def __init__(self, teacher, cfg, ctx):
+        self.teacher = teacher
+        self.temperature = cfg.kd_temperature
+        self.weight = cfg.kd_coef * cfg.kd_temperature ** 2
+        self.ctx = ctx
+        params = sum(p.numel() for p in teacher.parameters()) / 1e6
+        self.about = (f"kd teacher {cfg.kd_teacher} {params:.2f}M params, coef {cfg.kd_coef} "
+                      f"T {cfg.kd_temperature}")
+
+    def given(self, idx, mask, lm_targets):
+        with torch.no_grad(), self.ctx:  # the teacher is frozen and in eval mode
+            h_teacher = self.teacher.hidden_states(idx, mask)[lm_targets != -100]
+        return h_teacher, self.teacher.lm_head.weight
+
+    def value(self, h, w, h_teacher, w_teacher):
+        return token_kl(h_teacher, w_teacher, h, w, self.temperature)
+
+
+def extra_terms(cfg, raw, ref, teacher, ctx):
+    """The extra loss terms the flags ask for, in the order they are added to the loss and logged."""
+    terms = []
+    if ref is not None:
+        terms.append(KLToBase(ref, raw, cfg.kl_coef, ctx))
+    if teacher is not None:
+        terms.append(DistillFromTeacher(teacher, cfg, ctx))
+    return terms
+
+
 def resume(ckpt, raw, optimizer, scaler, cfg, rank):
     """-> (iter, data position, best) of ckpt, with the optimizer, the scaler and the RNG restored (the
     weights: build_model). The lr schedule is a function of iter, the data order of the position; rank 0's
@@ -1175,7 +1385,7 @@ class Log:
             self.wandb_run.finish()
 
 
-def startup_line(cfg, meta, model, rt, teacher):
+def startup_line(cfg, meta, model, rt, terms):
     params = sum(p.numel() for p in model.parameters()) / 1e6  # a DTensor shard counts its full size
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
     line = (f"dhrd.py: {cfg.task} {meta['counts']} | {cfg.init_from} {params:.2f}M params "
@@ -1183,10 +1393,9 @@ def startup_line(cfg, meta, model, rt, teacher):
             f"global batch {rt.world * rt.micro * cfg.batch_size} = {rt.world} processes x {rt.micro} "
             f"micro-batches x {cfg.batch_size}{' (fsdp)' if cfg.fsdp else ''} | "
             f"alpha {cfg.alpha} beta {cfg.beta} | {schedule_text(cfg, meta['counts']['train'])}")
-    if teacher is not None:
-        t_params = sum(p.numel() for p in teacher.parameters()) / 1e6
-        line += (f" | kd teacher {cfg.kd_teacher} {t_params:.2f}M params, coef {cfg.kd_coef} "
-                 f"T {cfg.kd_temperature}")
+    for term in terms:
+        if term.about:
+            line += f" | {term.about}"
     return line
 
 
@@ -1271,18 +1480,21 @@ def optimizer_step(model, optimizer, scaler, grad_clip):
 
 
 def validate(raw, it, best, split, meta, tok, cfg, rt, log):
-    """Evaluate on val and log it; a better mean of the task's metrics (SuperGLUE's score) is exported to
-    out_dir/model/ (and the adapters alone to out_dir/adapter/). -> the best so far."""
+    """Evaluate on val (under torchrun every rank its share, all with the same metrics) and log it; rank 0
+    exports a better mean of the task's metrics (SuperGLUE's score) to out_dir/model/ (and the adapters alone
+    to out_dir/adapter/). -> the best so far, the same on every rank."""
     out_dir = Path(cfg.out_dir)
-    val, report = evaluate(raw, split, meta, cfg.beta == 0, rt.device, rt.ctx, cfg, tok)
-    print(f"iter {it}: val " + " ".join(f"{k} {v:.4f}" for k, v in val.items()), flush=True)
-    log.write(dict(iter=it, val=val))
+    val, report = evaluate(raw, split, meta, cfg.beta == 0, cfg, rt, tok)
+    if rt.master:
+        print(f"iter {it}: val " + " ".join(f"{k} {v:.4f}" for k, v in val.items()), flush=True)
+        log.write(dict(iter=it, val=val))
     score = float(np.mean(list(val.values())))
     if score <= best["score"]:
         return {**best, "stale": best["stale"] + 1}  # --patience counts these (kept on resume)
-    export(raw, out_dir / "model", meta, cfg)  # LoRA merged in: a plain HF folder
-    if cfg.lora_rank:
-        save_lora(raw, out_dir / "adapter")  # + the adapters alone (megabytes)
+    if rt.master:
+        export(raw, out_dir / "model", meta, cfg)  # LoRA merged in: a plain HF folder
+        if cfg.lora_rank:
+            save_lora(raw, out_dir / "adapter")  # + the adapters alone (megabytes)
     return {"score": score, "iter": it, "val": val, "report": report, "stale": 0}
 
 
@@ -1293,16 +1505,13 @@ def ckpt_every(cfg):
 
 def checkpoint(raw, optim_state, scaler, it, pos, best, alpha, ref, log, cfg, rt):
     """ckpt.pt at step `it`, which every rank reached together (an evaluation, --ckpt_interval, a stop
-    signal): rank 0 writes it, with the log up to it on the disk first; every rank leaves once it is in place,
-    with rank 0's best evaluation. raw, optim_state: full_state's (None on the other ranks). -> best"""
+    signal): rank 0 writes it, with the log up to it on the disk first; every rank leaves once it is in place
+    (best is the same on every rank: validate). raw, optim_state: full_state's (optim_state: None on the
+    other ranks under FSDP)."""
     if rt.master:
         fsync(log.path)
         save_checkpoint(Path(cfg.out_dir) / "ckpt.pt", raw, optim_state, scaler, it, pos, best, alpha, ref)
-    if rt.ddp:  # the other ranks wait for rank 0's evaluation and checkpoint, then share its result
-        shared = [best]
-        dist.broadcast_object_list(shared, src=0)
-        best = shared[0]
-    return best
+    wait_for_rank0(rt)  # for its export and ckpt.pt, host-side: not in the next step's all-reduce
 
 
 def out_of_patience(best, cfg):
@@ -1343,9 +1552,15 @@ def train(cfg, rt):
     tok = prepare.tokenizer_from_meta(meta)
     pad = pad_id(meta)
     check_fsdp(cfg, rt)
+    hub = [name for name in (cfg.init_from, cfg.kd_teacher) if name not in ("", "scratch", "resume")]
+    download_once_per_node(rt, hub)  # local rank 0 first; the others then find the files in the cache
     raw = build_model(cfg, meta, use_lm, ckpt)  # what trains; eval, checkpoints and export: full_state
+    check_context(cfg.data_dir, "train", train_split[1], raw.config.block_size, x_only=not use_lm)
+    check_context(cfg.data_dir, "val", val_split[1], raw.config.block_size, x_only=True)
     ref = kl_reference(cfg, raw, ckpt)
     teacher = load_teacher(cfg, meta, tok, raw, use_lm, rt)
+    terms = extra_terms(cfg, raw, ref, teacher, rt.ctx)  # what Eq. 4 gets beyond its two terms
+    weights = {t.name: t.weight for t in terms}
     if cfg.fsdp:
         shard(raw, rt)  # in place: DTensor shards, on rt.device
     else:
@@ -1363,7 +1578,7 @@ def train(cfg, rt):
     log = Log(out_dir / "log.jsonl")
     if rt.master:
         start_run_files(cfg, out_dir, it, resumed=ckpt is not None)
-        print(startup_line(cfg, meta, raw, rt, teacher), flush=True)
+        print(startup_line(cfg, meta, raw, rt, terms), flush=True)
         if ckpt is not None:
             print(f"dhrd.py: continuing the run in {out_dir} from its ckpt.pt at iter {it}", flush=True)
         log = Log(out_dir / "log.jsonl", *start_tracking(cfg, trackers))
@@ -1384,46 +1599,30 @@ def train(cfg, rt):
             g["lr"] = lr
         alpha = alpha_at(it, cfg, alpha_base)
         stats = {}
-        sums = torch.zeros(5, device=rt.device)
+        sums = torch.zeros(3 + len(terms), device=rt.device)  # loss, L_cls, L_lm, each extra term
         for m in range(micro):
             start = pos + (rt.rank * micro + m) * cfg.batch_size
-            idx, mask, x_len, y, lm_targets = micro_batch(train_split, start, cfg, pad, use_lm, rt.device)
-            if cfg.grad_stats and m == 0 and rt.master and logged(it + 1, cfg):
-                g_cls, g_lm = backbone_grads(raw, (idx, mask, x_len, y, lm_targets), ctx, rt.device)
-                stats = grad_stats(g_cls, g_lm, alpha, cfg.beta)
-                del g_cls, g_lm
+            batch = micro_batch(train_split, start, cfg, pad, use_lm, rt.device)
+            idx, mask, x_len, y, lm_targets = batch
+            if m == 0:
+                stats = step_grad_stats(cfg, rt, it + 1, raw, batch, alpha)  # --grad_stats, at log steps
             # DDP: all-reduce on the last micro-step only; FSDP reduce-scatters every one (keeps shards only)
             model.require_backward_grad_sync = m == micro - 1
-            kl_ref = None
-            if ref is not None:  # the base model's hidden states at the valid LM targets: no grad, no dropout
-                with torch.no_grad(), ctx, lora_disabled(ref):
-                    kl_ref = (ref.eval().hidden_states(idx, mask)[lm_targets != -100], ref.lm_head.weight)
-                raw.train()
-            kd_ref = None
-            if teacher is not None:  # the teacher's hidden states at the valid LM targets: eval mode, no grad
-                with torch.no_grad(), ctx:
-                    h_teacher = teacher.hidden_states(idx, mask)[lm_targets != -100]
-                kd_ref = (h_teacher, teacher.lm_head.weight, cfg.kd_temperature)
+            given = {t.name: (t.value, t.given(idx, mask, lm_targets)) for t in terms}  # their no-grad side
             with ctx:
                 # ONE forward over s = [x, rationale, answer]: pooled logits at x_len, the LM loss on s
-                out = model(idx, mask, x_len, lm_targets, kl_ref, kd_ref)
-                # paper Eq. 4: beta L_cls + alpha L_lm (+ kl_coef * KL(p_model || p_base) with --kl_coef)
-                # (+ kd_coef * T^2 * KL(p_teacher^T || p_model^T) with --kd_teacher)
-                loss, loss_cls = dual_loss(out, y, alpha, cfg.beta, cfg.kl_coef, cfg.kd_coef,
-                                           cfg.kd_temperature)
-                loss_lm = out.loss_lm
-                loss_kl = out.loss_kl if out.loss_kl is not None else loss_cls.new_zeros(())
-                loss_kd = out.loss_kd if out.loss_kd is not None else loss_cls.new_zeros(())
+                out = model(idx, mask, x_len, lm_targets, given)
+                loss, loss_cls = dual_loss(out, y, alpha, cfg.beta, weights)  # paper Eq. 4
             scaler.scale(loss / micro).backward()
-            lm_term = loss_lm if use_lm else loss.new_zeros(())
-            sums += torch.stack([loss, loss_cls, lm_term, loss_kl, loss_kd]).detach().float()
+            lm_term = out.loss_lm if use_lm else loss.new_zeros(())
+            sums += torch.stack([loss, loss_cls, lm_term, *out.extra.values()]).detach().float()
         pos += cfg.batch_size * cfg.gradient_accumulation_steps
         # + whether a signal asked this rank to stop: summed with the losses, so every rank stops at this step
         sums = torch.cat([sums, torch.tensor([float(PREEMPTION.signal > 0)], device=rt.device)])
         if rt.ddp:
             dist.all_reduce(sums)  # the job's mean over all its micro-batches: identical on every rank
-        loss_v, cls_v, lm_v, kl_v, kd_v, stop = torch.cat([sums[:5] / cfg.gradient_accumulation_steps,
-                                                           sums[5:]]).tolist()
+        *means, stop = torch.cat([sums[:-1] / cfg.gradient_accumulation_steps, sums[-1:]]).tolist()
+        loss_v, cls_v, lm_v, *extra_v = means
         check_finite(loss_v, cls_v, lm_v, it, lr, out_dir, saved)
         optimizer_step(model, optimizer, scaler, cfg.grad_clip)
         it += 1
@@ -1432,19 +1631,15 @@ def train(cfg, rt):
             t_last = time.time()
             print(f"iter {it}: loss {loss_v:.4f} (cls {cls_v:.4f}, lm {lm_v:.4f}) lr {lr:.2e} "
                   f"{dt * 1000:.0f}ms/it", flush=True)
-            extra = {}
-            if ref is not None:
-                extra["loss_kl"] = kl_v
-            if teacher is not None:
-                extra["loss_kd"] = kd_v
+            extra = {f"loss_{t.name}": v for t, v in zip(terms, extra_v)}
             log.write(dict(iter=it, loss=loss_v, loss_cls=cls_v, loss_lm=lm_v if use_lm else None, lr=lr,
                            alpha=alpha, **extra, **stats))
         at_eval = it % cfg.eval_interval == 0 or it == cfg.max_iters
         if at_eval or it % every == 0 or stop:
             plain, optim_state = full_state(raw, optimizer, cfg, rt)  # FSDP: every rank takes part
-            if at_eval and rt.master:
-                best = validate(plain, it, best, val_split, meta, tok, cfg, rt, log)
-            best = checkpoint(plain, optim_state, scaler, it, pos, best, alpha_base, ref, log, cfg, rt)
+            if at_eval:
+                best = validate(plain, it, best, val_split, meta, tok, cfg, rt, log)  # every rank: its share
+            checkpoint(plain, optim_state, scaler, it, pos, best, alpha_base, ref, log, cfg, rt)
             del plain, optim_state
             saved = it
         if stop and it < cfg.max_iters:  # at the last step the run just ends

@@ -8,7 +8,8 @@ Reading and writing Hugging Face folders (safetensors, config.json, tokenizers, 
 - RMSNorm, rope, KVCache, CausalSelfAttention, MLP, Block: one module per idea, switches instead of copies
 - fused_lm_loss (the fused masked LM loss, Eq. 3) and reference_lm_loss (the same, plain, to edit)
 - token_kl: KL between two models' next-token distributions at the LM targets (dhrd's --kl_coef, --kd_coef)
-- DualOutput (what forward returns, always) and dual_loss (Eq. 4, the one place it is written)
+- DualOutput (what forward returns, always) and dual_loss (Eq. 4, the one place it is written; extra terms
+  such as the KL ones enter through forward's `terms` and dual_loss's `weights`, nowhere else)
 - _sample: greedy, temperature and nucleus sampling for generate
 - LoRA (paper App. E.4): add_lora, lora_disabled, merged export, save_lora / load_lora
 - GPT: embeddings, blocks (grad_checkpoint: recomputed in backward), both heads, pooling, generate with a KV
@@ -347,24 +348,20 @@ def token_kl(h_p, w_p, h_q, w_q, temperature=1.0, rows=256):
 class DualOutput(NamedTuple):
     cls_logits: torch.Tensor | None  # [B, K] the pooled head at the last token of x (Eq. 2); None: no head
     loss_lm: torch.Tensor | None     # L_lm, the reasoning head's loss (Eq. 3); None: no lm_targets given
-    loss_kl: torch.Tensor | None     # KL(p_model || p_ref) at the LM targets; None: no kl_ref given
-    loss_kd: torch.Tensor | None     # KL(p_teacher^T || p_model^T) at the LM targets; None: no kd_ref given
+    extra: dict                      # name -> value of each extra term forward was given; {} without
 
 
-def dual_loss(out, y, alpha, beta, kl_coef=0.0, kd_coef=0.0, kd_temperature=1.0):
-    """Paper Eq. 4: L = beta * L_cls + alpha * L_lm, from one forward's DualOutput and the labels y; plus
-    kl_coef * KL when out carries it (dhrd's --kl_coef), and the soft-target distillation of the reasoning
-    head (paper App. F, future work; dhrd's --kd_coef) kd_coef * T^2 * KL(p_teacher^T || p_model^T): T^2 keeps
-    its gradients the size of a T=1 term's (Hinton et al. 2015, §2). -> (loss, loss_cls). A pooled baseline
-    (alpha=0) passes no LM targets, so loss_lm is None and no LM work was done at all."""
+def dual_loss(out, y, alpha, beta, weights=None):
+    """Paper Eq. 4: L = beta * L_cls + alpha * L_lm, from one forward's DualOutput and the labels y, plus
+    weights[name] * value for each extra term out carries (dhrd's --kl_coef and --kd_coef, or a fork's own).
+    -> (loss, loss_cls). A pooled baseline (alpha=0) passes no LM targets, so loss_lm is None and no LM work
+    was done at all."""
     loss_cls = F.cross_entropy(out.cls_logits.float(), y)
     loss = beta * loss_cls
     if out.loss_lm is not None:
         loss = loss + alpha * out.loss_lm
-    if out.loss_kl is not None:
-        loss = loss + kl_coef * out.loss_kl
-    if out.loss_kd is not None:
-        loss = loss + kd_coef * kd_temperature ** 2 * out.loss_kd
+    for name, value in out.extra.items():
+        loss = loss + weights[name] * value
     return loss, loss_cls
 
 # ----------------------------------------------------------------------------------------------------------
@@ -639,17 +636,16 @@ class GPT(nn.Module):
                              "from_pretrained/GPTConfig")
         return self.forward(idx, attention_mask).cls_logits
 
-    def forward(self, idx, attention_mask=None, x_len=None, lm_targets=None, kl_ref=None, kd_ref=None):
+    def forward(self, idx, attention_mask=None, x_len=None, lm_targets=None, terms=None):
         """THE training forward: one pass over s = [x, rationale, answer] feeds both losses of Eq. 4 (and
         keeps DDP's and FSDP's hooks simple: the LM head is gathered only inside forward). Causal attention
-        makes h at x's last token independent of what follows: pooling there = x alone (§3). kl_ref = (the
-        frozen reference's hidden states at the valid targets, its LM head); kd_ref = (the teacher's hidden
-        states there, its LM head, the temperature). -> DualOutput, None for each term not asked for."""
+        makes h at x's last token independent of what follows: pooling there = x alone (§3).
+        terms: {name: (fn, args)}, extra loss terms computed in this same pass, each fn(h at the valid LM
+        targets, the LM head's weight, *args) -> a scalar (dhrd's KL terms).
+        -> DualOutput, None for each head's term not asked for."""
         h = self.hidden_states(idx, attention_mask)
         cls_logits = None
         loss_lm = None
-        loss_kl = None
-        loss_kd = None
         if self.score is not None:
             if x_len is None:  # x alone: the real length of each right-padded row
                 real = torch.ones_like(idx) if attention_mask is None else attention_mask
@@ -657,13 +653,10 @@ class GPT(nn.Module):
             cls_logits = self.score(self.pool(h, x_len))
         if lm_targets is not None:
             loss_lm = self.lm_loss(h, self.require_lm_head("the LM loss L_lm (alpha > 0)").weight, lm_targets)
-        if kl_ref is not None:
-            loss_kl = token_kl(h[lm_targets != -100], self.require_lm_head("the KL term").weight, *kl_ref)
-        if kd_ref is not None:  # the teacher's side first: KL(p_teacher || p_model), as distillation has it
-            h_teacher, w_teacher, temperature = kd_ref
-            w_student = self.require_lm_head("distillation (--kd_coef)").weight
-            loss_kd = token_kl(h_teacher, w_teacher, h[lm_targets != -100], w_student, temperature)
-        return DualOutput(cls_logits, loss_lm, loss_kl, loss_kd)
+        extra = {}
+        for name, (fn, args) in (terms or {}).items():
+            extra[name] = fn(h[lm_targets != -100], self.require_lm_head(f"the {name} term").weight, *args)
+        return DualOutput(cls_logits, loss_lm, extra)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=0.0, top_p=1.0, eos_token_id=None,

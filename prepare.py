@@ -15,17 +15,22 @@ out_dir.tmp (with links to the other files of out_dir, such as a teacher's ratio
 whole: a kill leaves the old outputs or the new ones, never a mix (the next run completes a cut swap).
 """
 import csv
+import email.utils
 import hashlib
+import http.client
 import inspect
 import io
+import ipaddress
 import json
 import operator
 import os
 import random
 import shutil
 import sys
+import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -50,7 +55,7 @@ SUFFIX_R = "\nReasoning:\n"
 SUFFIX_Y = "\nFinal Answer:\n"
 SPLITS = ("train", "val", "test")
 
-# S.idx.npy holds one int64 row of 5 per example (the file format of SPEC §3, read by dhrd.py); its columns:
+# S.idx.npy holds one int64 row of 5 per example (the file format dhrd.py reads); its columns:
 # the example is bin[START:START + N], its first X_LEN tokens are x; LABEL = index into meta["labels"], -1
 # when unknown (test); GROUP = the question (MultiRC) or pair (COPA) it belongs to, else its own index.
 START, X_LEN, N, LABEL, GROUP = range(5)
@@ -591,7 +596,7 @@ def load_custom(files, text_field="text", filter=None):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Rationales. File format (SPEC §3), one JSON object per line: {"task", "split", "idx", "rationale",
+# Rationales. File format, one JSON object per line: {"task", "split", "idx", "rationale",
 # "label"}, idx = position of the example in the prepared split (S.jsonl "idx"). Teachers append to such a
 # file.
 
@@ -602,6 +607,7 @@ TEACHER_PROMPT = ("Here is a task and its correct answer. Explain step by step, 
                   "True or False in your reasoning. After the reasoning write [END OF REASONING] on its own "
                   "line, then \"Answer: \" followed by the correct answer.\n\n{x}\n\nCorrect answer: {y}\n")
 RETRY_BASE = 1.0   # seconds; backoff RETRY_BASE * 2**attempt on 429/5xx/timeouts (tests lower it)
+RETRY_AFTER_MAX = 300.0  # seconds: a server that asks to wait longer (Retry-After) fails the request now
 
 
 def parse_teacher(text):
@@ -654,46 +660,151 @@ def attach_rationales(splits, task, path, verbalizers):
     return dropped
 
 
-def chat(url, model, prompt, key, max_tokens, timeout, tries=6):
-    """One OpenAI-compatible /chat/completions call with retries on 429/5xx/network errors (never logs the
-    key)."""
+def _loopback(host):
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name, or none
+        return False
+
+
+def check_teacher_url(url, allow_http):
+    """https anywhere; plain http only to this machine, or anywhere with --allow_http=True: every request
+    carries the API key and the task's data."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        fail(f"{url}: --teacher_url must be an http(s) URL such as https://api.openai.com/v1")
+    if parts.scheme == "https" or allow_http or _loopback(parts.hostname):
+        return
+    fail(f"{url}: plain http to {parts.hostname}, not this machine, would send the API key and the data "
+         "unencrypted; use https, or --allow_http=True on a network you trust")
+
+
+class TeacherRedirects(urllib.request.HTTPRedirectHandler):
+    """The API's redirects: 307/308 keep the POST and its body (301/302/303 would turn it into a GET that no
+    chat API answers: an HTTP error naming the new address); the key goes to the host the user named only;
+    the new address must pass check_teacher_url."""
+
+    def __init__(self, allow_http):
+        self.allow_http = allow_http
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if code not in (307, 308):
+            return None
+        check_teacher_url(newurl, self.allow_http)
+        same = urllib.parse.urlsplit(newurl)[:2] == urllib.parse.urlsplit(req.full_url)[:2]  # scheme, host
+        kept = {k: v for k, v in req.headers.items() if same or k.lower() != "authorization"}
+        return urllib.request.Request(newurl, req.data, kept, method=req.get_method())
+
+
+def retry_delay(attempt, retry_after):
+    """Seconds before try attempt + 2: the server's Retry-After (seconds or an HTTP date) and up to 20% more,
+    else RETRY_BASE * 2**attempt times 0.5..1.5; the random part keeps the workers that one 429 stopped
+    together from returning together."""
+    seconds = None
+    if retry_after is not None:
+        try:
+            seconds = float(retry_after)
+        except ValueError:
+            try:
+                seconds = email.utils.parsedate_to_datetime(retry_after).timestamp() - time.time()
+            except (TypeError, ValueError):  # unparsable: ignored
+                seconds = None
+    if seconds is None:
+        return RETRY_BASE * 2 ** attempt * random.uniform(0.5, 1.5)
+    if not seconds >= 0.0:  # negative, a date in the past, nan
+        seconds = 0.0
+    return seconds * random.uniform(1.0, 1.2)
+
+
+def completion_text(doc, url):
+    """The text of an OpenAI-style chat completion; any other JSON is one clear error."""
+    try:
+        content = doc["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError):
+        fail(f"{url}: malformed response, no choices[0].message.content in {json.dumps(doc)[:80]}; is "
+             "--teacher_url an OpenAI-compatible /v1 endpoint?")
+    if content is None:  # a refusal or a tool call: no text, counted as an empty rationale
+        return ""
+    if not isinstance(content, str):
+        fail(f"{url}: malformed response, choices[0].message.content is {type(content).__name__} "
+             f"{json.dumps(content)[:40]}, not a string")
+    return content
+
+
+def chat(url, model, prompt, key, max_tokens, timeout, opener, stop, tries=6):
+    """One OpenAI-compatible /chat/completions call with retries on 429/5xx/network errors and on a body
+    that is not JSON (never logs the key); stop (set by Ctrl-C) ends the retries."""
     messages = [dict(role="user", content=prompt)]
     body = json.dumps(dict(model=model, messages=messages, temperature=0, max_tokens=max_tokens)).encode()
     headers = {"Content-Type": "application/json"}
     if key:
         headers["Authorization"] = f"Bearer {key}"
     for attempt in range(tries):
+        retry_after = None
         try:
-            with urllib.request.urlopen(urllib.request.Request(url, body, headers), timeout=timeout) as f:
-                return json.loads(f.read())["choices"][0]["message"]["content"] or ""
+            with opener.open(urllib.request.Request(url, body, headers), timeout=timeout) as f:
+                raw = f.read()
+            doc = json.loads(raw)
+        except PrepareError:  # a redirect that check_teacher_url refused
+            raise
         except urllib.error.HTTPError as e:
             if e.code != 429 and e.code < 500:
-                raise PrepareError(f"{url}: HTTP {e.code} {e.reason}; check --teacher_url/--teacher_model/"
-                                   "--api_key_env")
+                fail(f"{url}: HTTP {e.code} {e.reason}{_redirected(url, e)}; check --teacher_url/"
+                     "--teacher_model/--api_key_env")
             err = f"HTTP {e.code}"
-        except (urllib.error.URLError, TimeoutError, ConnectionError, KeyError, IndexError, ValueError) as e:
+            retry_after = e.headers.get("Retry-After")
+        except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as e:
             err = f"{type(e).__name__}: {e}"
-        if attempt + 1 < tries:
-            time.sleep(RETRY_BASE * 2 ** attempt)
-    raise PrepareError(f"{url}: gave up after {tries} tries ({err})")
+        except ValueError as e:  # a body that is not JSON (a proxy's error page, a cut-off reply)
+            err = f"malformed response, not JSON ({e})"
+        else:
+            return completion_text(doc, url)
+        delay = retry_delay(attempt, retry_after)
+        if delay > RETRY_AFTER_MAX:
+            fail(f"{url}: {err} with Retry-After {retry_after}: the server asks for {delay:.0f} s, more than "
+                 f"the {RETRY_AFTER_MAX:.0f} s this client waits; rerun later (what is written stays)")
+        if attempt + 1 < tries and stop.wait(delay):
+            fail(f"{url}: cancelled")
+    fail(f"{url}: gave up after {tries} tries ({err})")
+
+
+def _redirected(url, e):
+    """Where an HTTP error came from when the API redirects, and whether the key went along."""
+    if 300 <= e.code < 400:
+        return f" (moved to {e.headers.get('Location')}: pass that address as --teacher_url)"
+    if e.url == url:
+        return ""
+    if urllib.parse.urlsplit(e.url)[:2] != urllib.parse.urlsplit(url)[:2]:
+        return f" from {e.url}, where it redirected (the API key is not sent to another host)"
+    return f" from {e.url}, where it redirected"
 
 
 def teacher_api(todo, prompts, emit, teacher_url, teacher_model, api_key_env, workers, max_new_tokens,
-                timeout):
-    """Rationales from an OpenAI-compatible server, `workers` requests at a time, written as they finish."""
+                timeout, allow_http=False):
+    """Rationales from an OpenAI-compatible server, `workers` requests at a time, written as they finish.
+    Ctrl-C (or any error) cancels the requests not yet sent; those in flight end in the background unread."""
     key = os.environ.get(api_key_env) if api_key_env else None
     url = teacher_url.rstrip("/")
     if not url.endswith("/chat/completions"):
         url += "/chat/completions"
+    check_teacher_url(url, allow_http)
+    opener = urllib.request.build_opener(TeacherRedirects(allow_http))
+    stop = threading.Event()
     failed = []
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        futs = {pool.submit(chat, url, teacher_model, p, key, max_new_tokens, timeout): i
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
+        futs = {pool.submit(chat, url, teacher_model, p, key, max_new_tokens, timeout, opener, stop): i
                 for (i, _), p in zip(todo, prompts)}
         for fut in as_completed(futs):
             try:
                 emit(futs[fut], fut.result())
             except PrepareError as e:
                 failed.append(str(e))
+    finally:
+        stop.set()
+        pool.shutdown(wait=False, cancel_futures=True)
     if failed:   # not written, so a rerun retries exactly these
         print(f"prepare.py: {len(failed)} teacher requests failed (last: {failed[-1]}); rerun to retry them",
               file=sys.stderr)
@@ -730,9 +841,9 @@ def teacher_local(todo, prompts, emit, teacher, batch, max_new_tokens, teacher_d
 
 def run_teacher(splits, task, out_path, verbalizers, teacher=None, teacher_url=None, teacher_model=None,
                 api_key_env="OPENAI_API_KEY", batch=8, workers=4, max_new_tokens=160, timeout=60.0,
-                teacher_dtype="auto", quiet=False):
+                teacher_dtype="auto", quiet=False, allow_http=False):
     """Generate rationales for train: append line by line to out_path, skipping (split, idx) already there.
-    Kill it at any point and rerun: nothing lost, nothing generated twice. Progress on stderr."""
+    Kill it (or Ctrl-C) at any point and rerun: nothing lost, nothing generated twice. Progress on stderr."""
     out_path = Path(out_path)
     done = set()
     if out_path.exists():
@@ -745,20 +856,25 @@ def run_teacher(splits, task, out_path, verbalizers, teacher=None, teacher_url=N
     prompts = [TEACHER_PROMPT.format(x="".join(e["parts"]), y=verbalizers[e["label"]]) for _, e in todo]
     progress = Progress(f"prepare.py: teacher rationales ({out_path.name})", len(labelled),
                         done=len(labelled) - len(todo), quiet=quiet)
-    with open(out_path, "a", encoding="utf-8") as f, progress:
+    try:
+        with open(out_path, "a", encoding="utf-8") as f, progress:
 
-        def emit(i, text):   # one complete line per rationale, flushed at once
-            rat, ans = parse_teacher(text)
-            line = dict(task=task, split="train", idx=i, rationale=rat, label=ans)
-            f.write(json.dumps(line, ensure_ascii=False) + "\n")
-            f.flush()
-            progress.update(progress.done + 1)
+            def emit(i, text):   # one complete line per rationale, flushed at once
+                rat, ans = parse_teacher(text)
+                line = dict(task=task, split="train", idx=i, rationale=rat, label=ans)
+                f.write(json.dumps(line, ensure_ascii=False) + "\n")
+                f.flush()
+                progress.update(progress.done + 1)
 
-        if teacher_url:
-            teacher_api(todo, prompts, emit, teacher_url, teacher_model, api_key_env, workers, max_new_tokens,
-                        timeout)
-        else:
-            teacher_local(todo, prompts, emit, teacher, batch, max_new_tokens, teacher_dtype)
+            if teacher_url:
+                teacher_api(todo, prompts, emit, teacher_url, teacher_model, api_key_env, workers,
+                            max_new_tokens, timeout, allow_http)
+            else:
+                teacher_local(todo, prompts, emit, teacher, batch, max_new_tokens, teacher_dtype)
+    except KeyboardInterrupt:
+        print(f"prepare.py: interrupted: {progress.done} of {len(labelled)} rationales are in {out_path}; a "
+              "rerun asks for the rest", file=sys.stderr)
+        raise
 
 
 def ablate(exs, ablation, seed, verbalizers):
@@ -897,8 +1013,8 @@ def prepare(task="synth", out_dir=None, model=None, data_dir=None, fmt="paper", 
             max_rationale=256, rationales=None, rationale_source="palm", ablation="none", teacher=None,
             teacher_url=None, teacher_model=None, api_key_env="OPENAI_API_KEY", teacher_batch=8,
             teacher_workers=4, teacher_max_new_tokens=160, teacher_timeout=60.0, teacher_dtype="auto",
-            train_file=None, val_file=None, test_file=None, text_field="text", filter=None, seed=1337,
-            quiet=False):
+            allow_http=False, train_file=None, val_file=None, test_file=None, text_field="text", filter=None,
+            seed=1337, quiet=False):
     """Python entry point (dhrd.py calls prepare(task="synth", out_dir=...)). Returns the meta dict."""
     out_dir = Path(out_dir or f"data/{task}")
     recover_dir(out_dir)   # a run killed while swapping in its outputs: completed, before anything reads them
@@ -928,7 +1044,7 @@ def prepare(task="synth", out_dir=None, model=None, data_dir=None, fmt="paper", 
         rationales = rationales or out_dir / "rationales.jsonl"
         run_teacher(splits, task, rationales, verb, teacher, teacher_url, teacher_model, api_key_env,
                     teacher_batch, teacher_workers, teacher_max_new_tokens, float(teacher_timeout),
-                    teacher_dtype, quiet)
+                    teacher_dtype, quiet, allow_http)
         D["rationale_source"] = f"teacher:{teacher_model or teacher}"
     if rationales:
         for k, n in attach_rationales(splits, task, rationales, verb).items():
@@ -993,3 +1109,7 @@ if __name__ == "__main__":
     except (PrepareError, WriteError) as e:   # bad input data (file, line, field), a full disk: one line
         print(f"prepare.py: error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:   # Ctrl-C: what is written stays (whole lines); leave now, not after the
+        sys.stdout.flush()      # teacher requests in flight (the interpreter's exit would join their threads)
+        sys.stderr.flush()
+        os._exit(130)

@@ -10,18 +10,20 @@ selects exactly one section; the short `-k train` also takes the few other names
             API, a local model), the flag parser every script uses, bad input, durable writes (a full disk,
             cut folder swaps), a re-prepare killed at random write points
   -k train  dhrd.py: metrics, config errors, DDP and FSDP == one process (and their checkpoints
-            interchangeable), exact resume after a kill, distillation from a teacher (--kd_teacher),
-            gradient statistics and alpha=auto, eval_only / predict, a non-finite loss, compile, CoT
-            decoding, LoRA training, --max_epochs with 1-3 processes, the config/ presets, the Table 1
-            driver (experiments/superglue.py), runs that survive (the rerun rule, kills at every write
-            point, SIGUSR1, torchrun --max-restarts + SIGTERM, a full disk); at its end the tests of gpt.py's
-            LoRA modules (`-k test_lora`)
+            interchangeable; evaluation shared by 2-3 ranks == one process's), exact resume after a kill,
+            distillation from a teacher (--kd_teacher), gradient statistics and alpha=auto, eval_only /
+            predict, a non-finite loss, compile, CoT decoding, LoRA training, --max_epochs with 1-3
+            processes, the config/ presets, the Table 1 driver (experiments/superglue.py), runs that survive
+            (the rerun rule, kills at every write point, SIGUSR1, torchrun --max-restarts + SIGTERM, a full
+            disk); at its end the tests of gpt.py's LoRA modules (`-k test_lora`)
   -k bench  bench.py: the JSON contract on a tiny model, flag errors, the named shapes' parameter counts,
             the LoRA step's FLOPs
   -k cuda   the checks a GPU can break (parity, bf16, decoding, the fused loss, torchrun + compile,
             recompilations, bench.py on the device): skipped without a GPU; DHRD_TEST_DEVICE=cpu runs
             them on the CPU
 """
+import datetime
+import email.utils
 import errno
 import hashlib
 import http.server
@@ -32,6 +34,7 @@ import pathlib
 import random
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -206,36 +209,36 @@ def test_gpt_forward_one_pass_property(model_type):
 
 
 def test_gpt_dual_output_and_dual_loss():
-    """forward always returns DualOutput(cls_logits, loss_lm, loss_kl, loss_kd), None for what was not asked;
-    dual_loss is Eq. 4: beta * CE(cls_logits, y) + alpha * loss_lm (+ kl_coef * loss_kl + kd_coef * T^2 *
-    loss_kd), each term only when present."""
+    """forward always returns DualOutput(cls_logits, loss_lm, extra), None for a head's term not asked for,
+    extra = {name: value} of the terms given; dual_loss is Eq. 4: beta * CE(cls_logits, y) + alpha * loss_lm
+    + weights[name] * value of each extra term."""
     m = _gpt_tiny("llama", num_labels=3)
     idx = torch.randint(0, 61, (2, 10), generator=torch.Generator().manual_seed(0))
     tg = torch.roll(idx, -1, 1)
     y = torch.tensor([2, 0])
     ref = (m.hidden_states(idx).detach()[tg != -100], m.lm_head.weight.detach())
-    outs = [m(idx), m(idx, lm_targets=tg), m(idx, lm_targets=tg, kl_ref=ref),
-            _gpt_tiny("llama")(idx, lm_targets=tg), m(idx, lm_targets=tg, kd_ref=(*ref, 2.0))]
+    kl = (lambda h, w, h_ref, w_ref: gpt.token_kl(h, w, h_ref, w_ref), ref)
+    kd = (lambda h, w, h_t, w_t: gpt.token_kl(h_t, w_t, h, w, 2.0), ref)
+    outs = [m(idx), m(idx, lm_targets=tg), m(idx, lm_targets=tg, terms={"kl": kl}),
+            _gpt_tiny("llama")(idx, lm_targets=tg), m(idx, lm_targets=tg, terms={"kl": kl, "kd": kd})]
     for out in outs:
-        assert (type(out) is DualOutput and len(out) == 4
-                and out._fields == ("cls_logits", "loss_lm", "loss_kl", "loss_kd"))
-    assert [[f is None for f in o] for o in outs] == [[False, True, True, True], [False, False, True, True],
-                                                     [False, False, False, True], [True, False, True, True],
-                                                     [False, False, True, False]]
-    assert outs[0].cls_logits.shape == (2, 3) and abs(outs[2].loss_kl.item()) < 1e-6  # KL to itself
-    assert abs(outs[4].loss_kd.item()) < 1e-6  # the teacher is the student: nothing to distil
+        assert type(out) is DualOutput and out._fields == ("cls_logits", "loss_lm", "extra")
+    assert [(o.cls_logits is None, o.loss_lm is None, list(o.extra)) for o in outs] == [
+        (False, True, []), (False, False, []), (False, False, ["kl"]), (True, False, []),
+        (False, False, ["kl", "kd"])]
+    assert outs[0].cls_logits.shape == (2, 3) and abs(outs[2].extra["kl"].item()) < 1e-6  # KL to itself
+    assert abs(outs[4].extra["kd"].item()) < 1e-6  # the teacher is the student: nothing to distil
     ce = F.cross_entropy(outs[1].cls_logits, y)
     loss, loss_cls = dual_loss(outs[0], y, alpha=0.7, beta=2.0)  # a pooled baseline: no LM term at all
     assert torch.equal(loss_cls, ce) and torch.equal(loss, 2.0 * ce)
-    # no KL in out: kl_coef has nothing to scale
-    loss, _ = dual_loss(outs[1], y, alpha=0.7, beta=2.0, kl_coef=5.0)
+    loss, _ = dual_loss(outs[1], y, alpha=0.7, beta=2.0, weights={"kl": 5.0})  # no KL in out: nothing added
     assert torch.allclose(loss, 2.0 * ce + 0.7 * outs[1].loss_lm)
-    out = outs[2]._replace(loss_kl=torch.tensor(0.25))
-    loss, _ = dual_loss(out, y, alpha=0.7, beta=0.0, kl_coef=2.0)  # beta=0: a CoT-only model
+    out = outs[2]._replace(extra={"kl": torch.tensor(0.25)})
+    loss, _ = dual_loss(out, y, alpha=0.7, beta=0.0, weights={"kl": 2.0})  # beta=0: a CoT-only model
     assert torch.allclose(loss, 0.7 * out.loss_lm + 0.5)
-    out = outs[4]._replace(loss_kd=torch.tensor(0.25))  # + kd_coef * T^2 * KL (Hinton's T^2)
-    loss, _ = dual_loss(out, y, alpha=0.7, beta=2.0, kl_coef=5.0, kd_coef=0.5, kd_temperature=3.0)
-    assert torch.allclose(loss, 2.0 * ce + 0.7 * out.loss_lm + 0.5 * 9.0 * 0.25)
+    out = outs[4]._replace(extra={"kl": torch.tensor(0.5), "kd": torch.tensor(0.25)})
+    loss, _ = dual_loss(out, y, alpha=0.7, beta=2.0, weights={"kl": 5.0, "kd": 4.5})
+    assert torch.allclose(loss, 2.0 * ce + 0.7 * out.loss_lm + 5.0 * 0.5 + 4.5 * 0.25)
 
 
 def test_gpt_kd_chunked_equals_naive_and_trains_the_student_only():
@@ -248,9 +251,11 @@ def test_gpt_kd_chunked_equals_naive_and_trains_the_student_only():
     tg = torch.roll(idx, -1, 1)
     tg[0, 5:] = tg[2, :3] = -100  # only the valid targets count
     with torch.no_grad():
-        kd_ref = (teacher.hidden_states(idx)[tg != -100], teacher.lm_head.weight, 2.0)
-    kd = student(idx, lm_targets=tg, kd_ref=kd_ref).loss_kd  # rows=256: one chunk
-    chunked = gpt.token_kl(*kd_ref[:2], student.hidden_states(idx)[tg != -100], student.lm_head.weight,
+        kd_ref = (teacher.hidden_states(idx)[tg != -100], teacher.lm_head.weight)
+    term = dhrd.DistillFromTeacher(teacher, dhrd.Config(kd_teacher="t", kd_coef=0.5, kd_temperature=2.0), None)
+    assert term.weight == 0.5 * 2.0 ** 2  # kd_coef * T^2 (Hinton's T^2)
+    kd = student(idx, lm_targets=tg, terms={"kd": (term.value, kd_ref)}).extra["kd"]  # rows=256: one chunk
+    chunked = gpt.token_kl(*kd_ref, student.hidden_states(idx)[tg != -100], student.lm_head.weight,
                            temperature=2.0, rows=5)
     g_chunked = torch.autograd.grad(chunked, list(student.parameters()), allow_unused=True)
     q = F.log_softmax(teacher.lm_logits(idx)[tg != -100] / 2.0, -1)
@@ -321,7 +326,7 @@ def test_gpt_bf16_autocast_cpu():
     m = _gpt_tiny("gpt2", num_labels=2)
     idx = torch.randint(0, 61, (2, 12))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        cls, loss, _, _ = m(idx, lm_targets=idx)
+        cls, loss, _ = m(idx, lm_targets=idx)
         loss.backward()
         out = m.generate(idx[:, :4], 3)
     assert torch.isfinite(loss) and cls.shape == (2, 2) and out.shape == (2, 7)
@@ -652,7 +657,8 @@ def test_gpt_lora_kl_to_base(monkeypatch):
         with torch.no_grad(), gpt.lora_disabled(m):
             ref = (m.hidden_states(idx)[tg != -100], m.lm_head.weight)
         h = m.hidden_states(idx)[tg != -100]
-        return gpt.token_kl(h, m.lm_head.weight, *ref, rows=rows), m(idx, lm_targets=tg, kl_ref=ref).loss_kl
+        term = (lambda h, w, *r: gpt.token_kl(h, w, *r), ref)
+        return gpt.token_kl(h, m.lm_head.weight, *ref, rows=rows), m(idx, lm_targets=tg, terms={"kl": term}).extra["kl"]
 
     assert max(abs(v.item()) for v in kl()) < 1e-6  # adapters at zero: the model is the base
     _gpt_lora_perturb(m)
@@ -984,7 +990,7 @@ def test_prep_synth_deterministic_and_layout(tmp_path):
         rows = [json.loads(l) for l in (tmp_path / "a" / f"{split}.jsonl").read_text().splitlines()]
         assert idx.dtype == np.int64 and idx.shape == (len(rows), 5)
         assert (prepare.START, prepare.X_LEN, prepare.N, prepare.LABEL,
-                prepare.GROUP) == (0, 1, 2, 3, 4)  # SPEC
+                prepare.GROUP) == (0, 1, 2, 3, 4)  # the documented layout
         start, n = prepare.START, prepare.N
         assert (idx[1:, start] == idx[:-1, start] + idx[:-1, n]).all()           # contiguous, in order
         for (ids, x, suffix, label, group), r in zip(exs, rows):
@@ -1332,13 +1338,17 @@ def test_prep_distill_downloads_pinned_files(tmp_path, monkeypatch):
 # teacher over an OpenAI-compatible API: a fake /v1/chat/completions on 127.0.0.1
 
 def _prep_server(handler_fn):
+    """A loopback server; handler_fn(path, headers, body) -> (status, payload) or (status, payload,
+    headers)."""
     import http.server, threading
 
     class H(http.server.BaseHTTPRequestHandler):
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            code, payload = handler_fn(self.path, self.headers, body)
+            code, payload, *more = handler_fn(self.path, self.headers, body)
             self.send_response(code)
+            for k, v in (more[0] if more else {}).items():
+                self.send_header(k, v)
             self.end_headers()
             self.wfile.write(payload if isinstance(payload, bytes) else json.dumps(payload).encode())
 
@@ -1353,7 +1363,7 @@ def _prep_server(handler_fn):
             pass
 
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    threading.Thread(target=srv.serve_forever, kwargs=dict(poll_interval=0.05), daemon=True).start()
     return srv, f"http://127.0.0.1:{srv.server_address[1]}"
 
 
@@ -1362,7 +1372,7 @@ def test_prep_teacher_api_retries_drops_and_resume(tmp_path, monkeypatch, capsys
     monkeypatch.setenv("PREP_TEST_KEY", "sk-secret-123")
     rows = [dict(text=f"item {k}", label="pos" if k % 2 == 0 else "neg") for k in range(8)]
     (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    calls, broken = {}, {7}
+    calls, broken, seen = {}, {7}, {}
 
     def handle(path, headers, body):
         assert path == "/v1/chat/completions" and headers["Authorization"] == "Bearer sk-secret-123"
@@ -1376,8 +1386,11 @@ def test_prep_teacher_api_retries_drops_and_resume(tmp_path, monkeypatch, capsys
         ok = lambda txt: (200, {"choices": [{"message": {"content": txt}}]})
         if k in broken:
             return 500, {"error": "down"}
-        if k in (3, 4, 5) and calls[k] == 1:                      # transient: 429, 500, garbage body
-            return {3: (429, {"error": "slow down"}), 4: (500, {"error": "oops"}), 5: (200, b"not json")}[k]
+        seen[k] = seen.get(k, []) + [time.monotonic()]
+        if k == 3 and calls[k] == 1:                              # transient: 429 with Retry-After, 500,
+            return 429, {"error": "slow down"}, {"Retry-After": "1"}  # a body that is not JSON
+        if k in (4, 5) and calls[k] == 1:
+            return {4: (500, {"error": "oops"}), 5: (200, b"not json")}[k]
         return ok({1: f"Reasoning for {k}.\n[END OF REASONING]\nAnswer: {other}",  # disagrees with gold
                    2: "I forgot the marker. Answer: pos",  # answer-less
                    6: "[END OF REASONING]\nAnswer: pos"}.get(
@@ -1394,6 +1407,7 @@ def test_prep_teacher_api_retries_drops_and_resume(tmp_path, monkeypatch, capsys
         assert m["dropped"] == {"rationales/disagree": 1, "rationales/no_answer": 1, "rationales/empty": 1}
         assert m["rationale_source"] == "teacher:tiny-teacher"
         assert calls[3] == calls[4] == calls[5] == 2 and calls[0] == 1 and calls[7] == 6
+        assert seen[3][1] - seen[3][0] >= 1.0  # Retry-After: 1 honoured (the backoff alone: 0.005..0.015 s)
         r = _prep_rows(tmp_path / "o", "train")
         assert (r[0]["rationale"] == "Step one for 0. Step two."
                 and r[5]["rationale"] == "Step one for 5. Step two.")
@@ -1421,6 +1435,63 @@ def test_prep_teacher_api_retries_drops_and_resume(tmp_path, monkeypatch, capsys
         prepare.prepare(**kw)
         assert calls == before  # nothing generated twice
     finally:
+        srv.shutdown()
+
+
+def test_prep_teacher_api_backoff_and_ctrl_c(tmp_path, monkeypatch, capsys):
+    """The backoff: RETRY_BASE * 2**attempt with jitter (x 0.5..1.5), a server's Retry-After in seconds or as
+    an HTTP date (+ up to 20 %). Ctrl-C cancels the queue: the call ends at once although the requests in
+    flight hang, the rationales written so far stay whole, the queued ones were never sent, and a rerun asks
+    only for the rest."""
+    monkeypatch.setattr(prepare, "RETRY_BASE", 1.0)
+    delays = [prepare.retry_delay(3, None) for _ in range(50)]
+    assert all(4.0 <= x <= 12.0 for x in delays) and len(set(delays)) > 40
+    assert 7.0 <= prepare.retry_delay(0, "7") <= 8.4
+    assert 95 <= prepare.retry_delay(0, email.utils.formatdate(time.time() + 100, usegmt=True)) <= 121
+    assert prepare.retry_delay(0, "-5") == prepare.retry_delay(0, "nan") == 0.0
+    assert 0.5 <= prepare.retry_delay(0, "soon") <= 1.5  # unparsable: the backoff
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(dict(text=f"item {k}", label="pos")) + "\n"
+                                              for k in range(8)))
+    rf = tmp_path / "o" / "rationales.jsonl"
+    asked = []
+    release = threading.Event()
+    lock = threading.Lock()
+    main = threading.main_thread().ident
+
+    def handle(path, headers, body):
+        k = int(body["messages"][0]["content"].split("item ")[1].split()[0])
+        with lock:
+            asked.append((body["model"], k))  # the model's name tells the two runs apart
+            n = len(asked)
+        if n > 2:  # the third request: Ctrl-C once the first two are written; it and the 4th hang
+            t0 = time.monotonic()
+            while (not rf.exists() or len(rf.read_text().splitlines()) < 2) and time.monotonic() - t0 < 30:
+                time.sleep(0.01)
+            if n == 3:
+                signal.pthread_kill(main, signal.SIGINT)
+            release.wait(60)
+        return 200, {"choices": [{"message": {"content": f"Why {k}.\n[END OF REASONING]\nAnswer: pos"}}]}
+
+    srv, url = _prep_server(handle)
+    kw = dict(task="custom", train_file=tmp_path / "t.jsonl", val_file=tmp_path / "t.jsonl", model="char",
+              teacher_url=url + "/v1", teacher_model="m", teacher_workers=2, out_dir=tmp_path / "o",
+              quiet=True)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            prepare.prepare(**kw)
+        assert time.monotonic() - t0 < 20  # not the 60 s the hanging requests take
+        assert "prepare.py: interrupted: 2 of 8 rationales are in " in capsys.readouterr().err
+        written = sorted(json.loads(l)["idx"] for l in rf.read_text().splitlines())
+        assert written == sorted(k for _, k in asked[:2])
+        release.set()
+        prepare.prepare(**{**kw, "teacher_model": "again"})
+        assert sorted(json.loads(l)["idx"] for l in rf.read_text().splitlines()) == list(range(8))
+        assert {k for m, k in asked if m == "m"} <= set(range(4))  # 2 written, 2 in flight at most: the
+        assert sorted(k for m, k in asked if m == "again") == sorted(set(range(8)) - set(written))  # rest
+        # was cancelled, never sent
+    finally:
+        release.set()
         srv.shutdown()
 
 
@@ -1876,10 +1947,10 @@ def test_train_config_errors(tmp_path):
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
-def _train_torchrun(*args, cwd, popen=False, check=True):
+def _train_torchrun(*args, cwd, popen=False, check=True, nproc=2):
     """dhrd.py in 2 Gloo processes (one thread each: the test machine has 2 cores); popen: started, not
     waited for, in its own process group (so a kill reaches torchrun's workers too); check: exit status 0."""
-    cmd = [*TORCHRUN, str(ROOT / "dhrd.py"), *args]
+    cmd = [*TORCHRUN[:-1], f"--nproc_per_node={nproc}", str(ROOT / "dhrd.py"), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if popen:
         return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -1917,6 +1988,60 @@ def test_train_ddp_and_fsdp_two_processes_match_one(train_data, tmp_path):
         for k, v in st.items():
             assert (v.float() - ob["state"][i][k].float()).abs().max() < 1e-5, (i, k)
     assert (tmp_path / "fsdp" / "model" / "model.safetensors").exists()
+    for run in ("two", "fsdp"):  # validation, each rank its share of val (FSDP: the model gathered on both)
+        assert [l["iter"] for l in _train_log(tmp_path / run, "val")] == [2, 4]  # logged once, by rank 0
+        res = json.loads((tmp_path / run / "results.json").read_text())
+        assert dhrd.main([f"--init_from={tmp_path / run}", "--eval_only=True"]) == res["val"], run
+
+
+def test_train_torchrun_evaluation_equals_one_process(trained_run, train_data, _gpt_server, tmp_path,
+                                                      monkeypatch, capsys):
+    """Evaluation under torchrun (each rank its share of the length-sorted batches, gathered in input order)
+    equals one process's exactly (fp32, CPU): --eval_only of a 1-process run in 2 processes (its config.json
+    recorded gradient_accumulation_steps=1: no training layout to check) prints the run's metrics and report;
+    a CoT model (--beta=0) trained in 2 processes logs the val metrics that 1 process computes from its
+    export; --predict with it in 3 processes, 8 batches dealt 3 + 3 + 2, loaded by hub name from a loopback
+    hub, writes the bytes 1 process writes, and every file was downloaded once (local rank 0 first)."""
+    run = trained_run[0] / "full"
+    res = json.loads((run / "results.json").read_text())
+    r = _train_torchrun(f"--init_from={run}", "--eval_only=True", cwd=tmp_path)
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert (got["val"], got["report"]) == (res["val"], res["report"])
+    cot = tmp_path / "cot"
+    _train_torchrun(*TINY, f"--data_dir={train_data}", f"--out_dir={cot}", "--beta=0", "--cot_tokens=40",
+                    "--batch_size=16", "--learning_rate=1e-2", "--max_iters=40", "--eval_interval=40",
+                    "--log_interval=40", cwd=tmp_path)
+    res = json.loads((cot / "results.json").read_text())
+    capsys.readouterr()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one process here, one thread as each torchrun worker: quick on a busy machine
+    try:
+        dhrd.main([f"--init_from={cot}", "--eval_only=True"])  # beta=0, cot_tokens=40: the run's config.json
+        got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert (got["val"], got["report"]) == (res["val"], res["report"])
+        assert sum(sum(row[:-1]) for row in res["report"]["confusion"]) > 0  # some decoded answers parse
+        flags = [f"--predict={tmp_path / 'in.jsonl'}", f"--data_dir={train_data}", "--beta=0",
+                 "--cot_tokens=40", "--eval_batch_size=64"]  # 500 rows: 8 batches
+        rows = [json.loads(l) for l in (train_data / "val.jsonl").read_text().splitlines()]
+        (tmp_path / "in.jsonl").write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in rows))
+        dhrd.main([f"--init_from={cot / 'model'}", *flags, f"--predictions={tmp_path / 'one.jsonl'}"])
+    finally:
+        torch.set_num_threads(threads)
+    repo = tmp_path / "repo"
+    shutil.copytree(cot / "model", repo)
+    for f in ("vocab.json", "merges.txt"):  # what a hub repo has; the model reads meta.json's char tokenizer
+        shutil.copy(FIX / "gpt2" / f, repo)
+    _gpt_serve_repo("tiny/cot", repo)
+    monkeypatch.setenv("DHRD_HUB_URL", _gpt_server)
+    monkeypatch.setenv("DHRD_CACHE", str(tmp_path / "cache"))
+    _train_torchrun("--init_from=tiny/cot", *flags, f"--predictions={tmp_path / 'three.jsonl'}", cwd=tmp_path,
+                    nproc=3)
+    one = (tmp_path / "one.jsonl").read_text()
+    assert (tmp_path / "three.jsonl").read_text() == one
+    labels = [json.loads(l)["label"] for l in one.splitlines()]
+    assert len(labels) == 500 and None in labels and {"No", "Yes"} & set(labels)
+    paths = [p for p, _ in _GPTHandler.hits]
+    assert paths.count("/tiny/cot/resolve/main/model.safetensors") == 1 and len(paths) == len(set(paths))
 
 
 def test_train_fsdp_resume_after_kill_and_across_ddp(train_data, tmp_path):
@@ -2004,6 +2129,36 @@ def test_train_resume_after_kill_is_exact(trained_run):
     res = [json.loads((x / "results.json").read_text()) for x in (d / "full", out)]
     assert res[0] == res[1] and res[0]["val"]["accuracy"] > 0
     assert _train_log(d / "full") == _train_log(out)  # the log after the kill was trimmed to the checkpoint
+
+
+def test_train_extra_term_is_one_definition(train_data, tmp_path, monkeypatch, capsys):
+    """The seam for what Eq. 4 gets added: a toy term (the mean square of the hidden states at the LM
+    targets) is one class, listed by extra_terms; the loop, dual_loss, log.jsonl and the startup line take
+    it as it is, and its weight reaches the loss."""
+    class Toy:
+        name = "toy"
+        weight = 0.5
+        about = "toy term, weight 0.5"
+
+        def given(self, idx, mask, lm_targets):
+            return ()
+
+        def value(self, h, w):
+            return h.float().pow(2).mean()
+
+    base = dhrd.extra_terms
+    monkeypatch.setattr(dhrd, "extra_terms", lambda *a: [*base(*a), Toy()])
+    flags = [*TINY, f"--data_dir={train_data}", "--max_iters=3", "--eval_interval=3", "--log_interval=1"]
+    dhrd.main([*flags, f"--out_dir={tmp_path / 'toy'}"])
+    assert "| toy term, weight 0.5" in capsys.readouterr().out
+    log = _train_log(tmp_path / "toy")
+    assert len(log) == 3 and all(l["loss_toy"] > 0 for l in log)
+    assert all(abs(l["loss"] - (l["loss_cls"] + l["loss_lm"] + 0.5 * l["loss_toy"])) < 1e-5 for l in log)
+    monkeypatch.setattr(dhrd, "extra_terms", base)
+    dhrd.main([*flags, f"--out_dir={tmp_path / 'plain'}"])
+    plain = _train_log(tmp_path / "plain")
+    assert "loss_toy" not in plain[0] and plain[0]["loss_cls"] == log[0]["loss_cls"]  # the same first batch
+    assert plain[-1]["loss_cls"] != log[-1]["loss_cls"]  # the term changed the training
 
 
 def test_train_kd_teacher_end_to_end_and_resume(trained_run, tmp_path):
@@ -2122,8 +2277,37 @@ def test_train_eval_only_and_predict(trained_run):
     assert r.returncode != 0 and "bad.jsonl:2" in r.stderr and "'text'" in r.stderr
 
 
+def _idx(edit):
+    """A table entry for a prepared S.idx.npy: the file's bytes -> those of edit(its index rows)."""
+    def change(good):
+        buf = io.BytesIO()
+        np.save(buf, edit(np.load(io.BytesIO(good))))
+        return buf.getvalue()
+    return change
+
+
+def _idx_set(row, column, value):
+    """A table entry: S.idx.npy with rows[row, column] = value."""
+    def edit(rows):
+        rows[row, column] = value
+        return rows
+    return _idx(edit)
+
+
+def _teacher_moves_host(headers):
+    """An API on 127.0.0.1 that moves to localhost, another host: the key stays behind (with it: a 200)."""
+    if headers["Host"].startswith("127.0.0.1"):
+        return 307, {"Location": "{localhost}/v1/chat/completions"}, b""
+    if headers.get("Authorization"):
+        return 200, {}, json.dumps({"choices": [{"message": {"content": "the key leaked"}}]}).encode()
+    return 401, {}, b""
+
+
 # Malformed input, per entry point: (entry point, file name, its bytes or a function of the good file's
-# bytes, the message). A new case is one row. Every message is one line naming the file (and line).
+# bytes, the message). A new case is one row. Every message is one line naming the file (and line). The
+# "train" and "eval" rows change a copy of the prepared synth data; their failures come before step 1. The
+# "teacher" rows name the --teacher_url ({srv}: a loopback server) and its reply to every request: (status,
+# headers, body), or a function of the request's headers giving one.
 BAD_INPUTS = [
     ("config", "c.json", b'{"batch_size": 4,', r"c.json: cannot read the config file"),
     ("config", "c.json", b"[1, 2]", r"c.json: a config file is one JSON object"),
@@ -2160,6 +2344,35 @@ BAD_INPUTS = [
      r"intact"),
     ("checkpoint", "ckpt.pt", lambda good: _torch_bytes(torch.zeros(2)),
      r"ckpt.pt: not a dhrd.py checkpoint"),
+    ("train", "train.idx.npy", _idx_set(5, prepare.N, 1000),
+     r"train.jsonl:6: 1000 tokens \(x \d+ \+ rationale and answer \d+\), longer than the model's context "
+     r"of 64 positions; .*--max_rationale, or train with --alpha=0"),
+    ("train", "val.idx.npy", _idx_set(3, prepare.LABEL, 7),
+     r"val.jsonl:4: label id 7 is not one of the 2 labels \(No, Yes\)"),
+    ("train", "train.idx.npy", _idx(lambda rows: rows[:0]),
+     r"train.idx.npy: the train split has no examples"),
+    ("train", "val.idx.npy", _idx_set(2, prepare.LABEL, -1), r"val.jsonl:3: no label, and the val split is"),
+    ("train", "val.idx.npy", _idx_set(1, prepare.X_LEN, 0), r"val.jsonl:2: the input x has no tokens"),
+    ("eval", "test.idx.npy", _idx_set(0, prepare.LABEL, -1),
+     r"test.jsonl:1: no label, and the test split is trained on or scored; .*--predict"),
+    ("predict_no_bos", "in.jsonl", b'{"text": "a=1;a>4?"}\n{"text": ""}\n',
+     r"in.jsonl:2: the text '' has no tokens and the tokenizer no BOS"),
+    ("teacher", "http://192.0.2.7:8000/v1", (200, {}, b""),
+     r"192.0.2.7:8000/v1/chat/completions: plain http to 192.0.2.7, not this machine, would send the API key "
+     r"and the data unencrypted; use https, or --allow_http=True"),
+    ("teacher", "{srv}/v1", (307, {"Location": "http://192.0.2.7/v1/chat/completions"}, b""),
+     r"http://192.0.2.7/v1/chat/completions: plain http to 192.0.2.7"),
+    ("teacher", "{srv}/v1", _teacher_moves_host,
+     r"HTTP 401 .* from http://localhost:\d+/v1/chat/completions, where it redirected \(the API key is "
+     r"not sent"),
+    ("teacher", "{srv}/v1", (302, {"Location": "{srv}/v2/chat/completions"}, b""),
+     r"HTTP 302 .*moved to http://127.0.0.1:\d+/v2/chat/completions: pass that address as --teacher_url"),
+    ("teacher", "{srv}/v1", (200, {}, b'{"choices": [{"message": {"content": 5}}]}'),
+     r"malformed response, choices\[0\].message.content is int 5, not a string"),
+    ("teacher", "{srv}/v1", (200, {}, b'{"choices": []}'),
+     r"malformed response, no choices\[0\].message.content in {\"choices\": \[\]}"),
+    ("teacher", "{srv}/v1", (429, {"Retry-After": "86400"}, b""),
+     r"HTTP 429 with Retry-After 86400: the server asks for \d+ s, more than the 300 s this client waits"),
 ]
 
 
@@ -2169,15 +2382,43 @@ def _torch_bytes(obj):
     return buf.getvalue()
 
 
+def _bad_teacher_call(url, reply, tmp_path, monkeypatch):
+    """prepare.py's API teacher (with a key) for a custom task, at url; a loopback server gives the reply."""
+    monkeypatch.setenv("DHRD_TEST_KEY", "sk-table")
+    where = {}
+
+    def handle(path, headers, body):
+        code, sent, payload = reply(headers) if callable(reply) else reply
+        sent = {k: v.format(srv=where["srv"], localhost=where["srv"].replace("127.0.0.1", "localhost"))
+                for k, v in sent.items()}
+        return code, payload, sent
+
+    srv, where["srv"] = _prep_server(handle)
+    try:
+        return prepare.prepare(task="custom", out_dir=tmp_path / "o", model="char", quiet=True,
+                               teacher_url=url.format(srv=where["srv"]), teacher_model="m",
+                               api_key_env="DHRD_TEST_KEY", **_prep_custom(tmp_path))
+    finally:
+        srv.shutdown()
+
+
 def _bad_input_call(entry, path, run, tmp_path):
     """Feed the bad file at path to its entry point: dhrd.py (config file, --predict, resume from a
-    checkpoint) or prepare.py (a custom task's data file, a rationale file)."""
+    checkpoint, training or --eval_only on prepared data) or prepare.py (a custom task's data file, a
+    rationale file)."""
     if entry == "config":
         return dhrd.main([str(path)])
-    if entry == "predict":
+    if entry in ("predict", "predict_no_bos"):
         return dhrd.main([f"--init_from={run}", f"--predict={path}", f"--predictions={tmp_path / 'p.jsonl'}"])
     if entry == "checkpoint":
         return dhrd.main(["--init_from=resume", f"--out_dir={path.parent}"])
+    if entry == "train":
+        out = f"--out_dir={tmp_path / 'out'}"
+        return dhrd.main([*TINY, f"--data_dir={path.parent}", out, "--max_iters=1"])
+    if entry == "eval":
+        split = path.name.split(".")[0]
+        return dhrd.main([f"--init_from={run}", "--eval_only=True", f"--data_dir={path.parent}",
+                          f"--eval_split={split}"])
     files = _prep_custom(tmp_path)
     if entry == "data":
         files[f"{path.stem}_file"] = path
@@ -2188,19 +2429,31 @@ def _bad_input_call(entry, path, run, tmp_path):
 
 @pytest.mark.parametrize("entry, name, content, msg", BAD_INPUTS,
                          ids=[f"{e}-{i}" for i, (e, *_) in enumerate(BAD_INPUTS)])
-def test_train_bad_input_table(trained_run, tmp_path, entry, name, content, msg):
+def test_train_bad_input_table(trained_run, train_data, tmp_path, monkeypatch, entry, name, content, msg):
     d, _ = trained_run
     run = tmp_path / "run"  # a copy of a finished run: config.json, ckpt.pt, model/
     shutil.copytree(d / "full", run)
-    folder = run if entry == "checkpoint" else tmp_path / "bad"
+    if entry == "predict_no_bos":  # a model whose tokenizer has no BOS
+        meta = json.loads((run / "model" / "meta.json").read_text())
+        (run / "model" / "meta.json").write_text(json.dumps({**meta, "bos_id": None}))
+    folder = tmp_path / "bad"
+    if entry == "checkpoint":
+        folder = run
+    if entry in ("train", "eval"):  # a copy of the prepared data
+        shutil.copytree(train_data, folder)
     folder.mkdir(exist_ok=True)
     path = folder / name
-    if callable(content):
+    if callable(content) and entry != "teacher":
         content = content(path.read_bytes())
-    path.write_bytes(content)
+    if entry != "teacher":
+        path.write_bytes(content)
     with pytest.raises(ValueError, match=msg) as e:  # ConfigError / PrepareError: __main__ prints one line
-        _bad_input_call(entry, path, run, tmp_path)
+        if entry == "teacher":
+            _bad_teacher_call(name, content, tmp_path, monkeypatch)
+        else:
+            _bad_input_call(entry, path, run, tmp_path)
     assert "\n" not in str(e.value)
+    assert not (tmp_path / "out" / "log.jsonl").exists()  # "train": stopped before step 1
 
 
 def test_train_bad_input_cli_one_line(trained_run, tmp_path):
@@ -2459,6 +2712,32 @@ def test_train_torchrun_defaults_and_one_error_line(train_data, tmp_path):
     assert r.returncode != 0 and (r.stdout + r.stderr).count(msg) == 1, r.stdout + r.stderr
 
 
+def test_train_setup_dist_timeout_and_eval_layout(trained_run, monkeypatch):
+    """setup() under torchrun (RANK set; the rendezvous and init_process_group recorded, not run): the
+    process group and its store wait --dist_timeout_s, and the store's keys go under the restart attempt's
+    prefix; --eval_only of a 1-process run (config.json: gradient_accumulation_steps=1) is no training batch
+    to divide among 2 ranks, while training with that layout is still refused."""
+    calls = []
+    store = dhrd.dist.HashStore()
+    monkeypatch.setattr(dhrd.dist, "rendezvous", lambda url, **kw: iter([(store, 1, 2)]))
+    monkeypatch.setattr(dhrd.dist, "init_process_group", lambda backend, **kw: calls.append((backend, kw)))
+    for k, v in dict(RANK="1", LOCAL_RANK="1", WORLD_SIZE="2", TORCHELASTIC_RESTART_COUNT="3").items():
+        monkeypatch.setenv(k, v)
+    run = trained_run[0] / "full"
+    cfg = dhrd.parse_config([f"--init_from={run}", "--eval_only=True", "--dist_timeout_s=7"])
+    assert cfg.gradient_accumulation_steps == 1
+    rt = dhrd.setup(cfg)
+    assert (rt.ddp, rt.rank, rt.world, rt.micro, rt.host_group) == (True, 1, 2, 1, None)  # CPU: Gloo only
+    [(backend, kw)] = calls
+    prefixed = kw.pop("store")
+    assert (backend, kw) == ("gloo", dict(rank=1, world_size=2, timeout=datetime.timedelta(seconds=7)))
+    prefixed.set("k", "v")
+    assert store.get("attempt3/k") == b"v" and store.timeout == datetime.timedelta(seconds=7)
+    cfg.eval_only = False
+    with pytest.raises(dhrd.ConfigError, match="gradient_accumulation_steps=1 is for the whole job"):
+        dhrd.setup(cfg)
+
+
 @pytest.fixture(scope="module")
 def lora_data(tmp_path_factory):
     """A score-less copy of the tiny Llama fixture and synth data tokenized with its tokenizer."""
@@ -2689,18 +2968,19 @@ def test_train_sigusr1_checkpoints_at_the_next_step_and_the_rerun_is_exact(crash
 
 
 def test_train_torchrun_restart_after_a_kill_and_sigterm_continue_exactly(crash_data, crash_script):
-    """torchrun --nproc_per_node=2 --max-restarts=2, Gloo, 2 kill points. Rank 1 SIGKILLed before its 4th
-    optimizer update (after the step's all-reduces: rank 0 ends step 4 and writes ckpt.pt at its evaluation);
-    torchrun restarts both workers, which meet in the store again (a prefix per attempt) and continue from
-    iter 4. In that attempt's 2nd step rank 0 sends SIGTERM to torchrun, which passes it to both workers: both
-    stop after step 7 (no evaluation, no --ckpt_interval) with ckpt.pt written, exit 143. The same torchrun
-    command then ends the run: ckpt.pt, model/, results.json and the log bitwise those of the uninterrupted
-    2-process run."""
+    """torchrun --nproc_per_node=2 --max-restarts=2, Gloo, 2 kill points. Rank 1 SIGKILLed before its 5th
+    optimizer update (after the step's all-reduces: rank 0 ends step 5, which neither evaluates nor
+    checkpoints, and fails in step 6's); torchrun restarts both workers, which meet in the store again (a
+    prefix per attempt) and continue from the last checkpoint, iter 4's evaluation (both ranks evaluate). In
+    that attempt's 2nd step rank 0 sends SIGTERM to torchrun, which passes it to both workers: both stop after
+    step 7 (no evaluation, no --ckpt_interval) with ckpt.pt written, exit 143. The same torchrun command then
+    ends the run: ckpt.pt, model/, results.json and the log bitwise those of the uninterrupted 2-process
+    run."""
     d, flags = crash_data
     flags = [*flags, "--gradient_accumulation_steps=2", "--dropout=0.0"]  # 0: rank 1 is reseeded on resume
     _train_torchrun(*flags, f"--out_dir={d / 'two'}", cwd=d)
     out = d / "two-crashed"
-    specs = [{"at": "step", "n": 4, "rank": 1, "attempt": 0},
+    specs = [{"at": "step", "n": 5, "rank": 1, "attempt": 0},
              {"at": "step", "n": 2, "rank": 0, "attempt": 1, "signal": "SIGTERM_PARENT"}]
     r = _crash_run(crash_script, "dhrd.py", [*flags, f"--out_dir={out}"], specs, d, torchrun=True)
     assert r.returncode != 0, r.stderr
@@ -2953,7 +3233,7 @@ def test_bench_end_to_end_json(lora_rank, tmp_path):
                    *BENCH_TINY)  # default dtype: auto
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads(out.read_text())
-    # every key of SPEC §5, with the shapes that were asked for
+    # every key of the bench JSON (README, bench.py), with the shapes that were asked for
     assert r["device"] == "cpu" and r["model"] == str(model_dir)
     # bf16 only where the CPU has it natively
     assert (r["dtype"], r["dtype_reason"]) == gpt.native_dtype("cpu")
@@ -3278,7 +3558,7 @@ def test_cuda_compile_graphs_stay_bounded_over_varying_lengths(tmp_path, monkeyp
 @cuda
 def test_cuda_bench_tiny_llama_lora_on_the_device(tmp_path):
     """bench.py's device path on a tiny Llama, LoRA step: weights built in bf16 on the device, the JSON of
-    SPEC §5 with the GPU's name and, on a card of GPU_PEAK_TFLOPS, the MFU against its bf16 dense peak."""
+    the bench JSON with the GPU's name and, on a card of GPU_PEAK_TFLOPS, the MFU against its bf16 dense peak."""
     out = tmp_path / "bench.json"
     p = _bench_run("--init_from=llama-tiny", f"--device={DEV}", "--dtype=bfloat16", "--train_lora_rank=4",
                    f"--out={out}", *BENCH_TINY)
