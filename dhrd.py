@@ -132,12 +132,13 @@ CHOICES = dict(
 COMMAND_KEYS = ("init_from", "eval_only", "predict", "predictions", "eval_split", "overwrite")
 # a rerun in an out_dir that holds a run continues it if its config is the same but for these keys: they
 # change how long it trains and when it evaluates, logs and checkpoints, or what it runs on (device, compile,
-# fsdp, grad_checkpoint: the same math, rounded differently), not the model, the data or the loss, so its
-# ckpt.pt stays valid (max_iters, max_epochs also move the end of the lr decay: the lr of the steps to come).
-# Any other key makes it another run: refused, naming the keys (check_rerun). Trackers: where it logs.
+# fsdp, grad_checkpoint: the same math, rounded differently; dist_timeout_s), not the model, the data or the
+# loss, so its ckpt.pt stays valid (max_iters, max_epochs also move the end of the lr decay: the lr of the
+# steps to come). Any other key makes it another run: refused, naming the keys (check_rerun). Trackers: where
+# it logs.
 RERUN_SAFE_KEYS = ("max_iters", "max_epochs", "eval_interval", "ckpt_interval", "log_interval", "patience",
-                   "eval_batch_size", "device", "compile", "fsdp", "grad_checkpoint", "mlflow", "wandb_log",
-                   "wandb_project", "wandb_run_name")
+                   "eval_batch_size", "device", "compile", "fsdp", "grad_checkpoint", "dist_timeout_s",
+                   "mlflow", "wandb_log", "wandb_project", "wandb_run_name")
 
 
 def _read_json(path, what):
@@ -774,10 +775,12 @@ REQUEUE_EXIT = 143
 
 class Preemption:
     """The stop a signal asked for: its number, 0 = none. install() is the command line's: a program that
-    calls train() itself keeps its own handlers."""
+    calls train() itself keeps its own handlers. Until main arms it for a training run (eval_only and
+    predict have no checkpoint to write) a signal does what it does by default: it ends the process."""
 
     def __init__(self):
         self.signal = 0
+        self.armed = False
 
     def install(self):
         for name in ("SIGTERM", "SIGUSR1"):  # Windows has no SIGUSR1
@@ -785,6 +788,10 @@ class Preemption:
                 signal.signal(getattr(signal, name), self.ask)
 
     def ask(self, signum, frame):
+        if not self.armed:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         self.signal = signum
 
 
@@ -1280,11 +1287,14 @@ def finished(ckpt, cfg, rt):
         return False  # killed between its last checkpoint and results.json: train writes it
     if ckpt["iter"] < cfg.max_iters and not out_of_patience(best, cfg):
         return False
+    longer = "--max_iters"
+    if cfg.max_epochs > 0:
+        longer = "--max_epochs"
     if rt.master:
         vals = " ".join(f"{k} {v:.4f}" for k, v in best["val"].items())
         print(f"dhrd.py: {out_dir} holds a finished run (iter {ckpt['iter']}, val {vals} at iter "
               f"{best['iter']}): nothing to do. Its model: {out_dir}/model, its results: "
-              f"{out_dir}/results.json; to train it further raise --max_iters, for another run pass a new "
+              f"{out_dir}/results.json; to train it further raise {longer}, for another run pass a new "
               f"--out_dir", flush=True)
     return True
 
@@ -1642,9 +1652,11 @@ def train(cfg, rt):
             checkpoint(plain, optim_state, scaler, it, pos, best, alpha_base, ref, log, cfg, rt)
             del plain, optim_state
             saved = it
-        if stop and it < cfg.max_iters:  # at the last step the run just ends
+        if stop and it < cfg.max_iters and not out_of_patience(best, cfg):  # else the run just ends
             log.close()
-            name = signal.Signals(PREEMPTION.signal).name
+            name = "a signal to another rank"  # SLURM's USR1 may reach some ranks only
+            if PREEMPTION.signal:
+                name = signal.Signals(PREEMPTION.signal).name
             raise Preempted(f"stopped by {name} at iter {it}, after writing {out_dir}/ckpt.pt: the same "
                             f"command continues the run (exit status {REQUEUE_EXIT}: requeue me)")
 
@@ -1663,6 +1675,7 @@ def main(argv):
         return predict(cfg, rt)
     if cfg.eval_only:
         return eval_only(cfg, rt)
+    PREEMPTION.armed = True  # a signal now stops the run at a step boundary, after a checkpoint
     return train(cfg, rt)
 
 

@@ -2857,8 +2857,9 @@ def test_train_rerun_rule_refusals_resume_and_overwrite(crash_data, tmp_path, mo
     is refused in one line naming the keys and the choices (the --init_from=resume one spelled out, none for
     another init_from); an out_dir that is or holds init_from or kd_teacher is refused (also when
     read_checkpoint's hint is followed without its --out_dir); a run's files without config.json are refused;
-    safe keys and another spelling of data_dir continue; --init_from=resume takes the run's config under the
-    flags, and on a first launch starts a new run; --overwrite=True starts over."""
+    safe keys and another spelling of data_dir continue; the same run counted in epochs (8 steps = 1 epoch)
+    is finished, and 1.25 epochs continue it to 10 steps as max_iters=10 would; --init_from=resume takes the
+    run's config under the flags, and on a first launch starts a new run; --overwrite=True starts over."""
     d, flags = crash_data
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "out-custom"  # where this task's runs go by default
@@ -2885,11 +2886,20 @@ def test_train_rerun_rule_refusals_resume_and_overwrite(crash_data, tmp_path, mo
             dhrd.parse_config(argv)
         assert "\n" not in str(e.value)
     data = os.path.relpath(d / "data", tmp_path)
-    for argv in ([*here, "--max_iters=20", "--eval_interval=5", "--patience=3", "--ckpt_interval=1"],
+    for argv in ([*here, "--max_iters=20", "--eval_interval=5", "--patience=3", "--ckpt_interval=1",
+                  "--dist_timeout_s=60"],
                  [*flags, "--out_dir=out-custom", "--device=cpu", "--compile=True", f"--data_dir={data}"]):
         assert dhrd.parse_config(argv).max_iters in (8, 20)  # the same run: it continues
+    epochs = [f for f in here if not f.startswith("--max_iters")] + ["--eval_interval=epoch"]
+    r = _train_run(*epochs, "--max_epochs=1", cwd=tmp_path)
+    assert r.stdout.startswith(f"dhrd.py: {run} holds a finished run (iter 8, ") and r.stderr == "", r.stderr
+    assert "to train it further raise --max_epochs" in r.stdout
+    r = _train_run(*epochs, "--max_epochs=1.25", cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert "continuing the run in" in r.stdout and "from its ckpt.pt at iter 8" in r.stdout
+    assert [l["iter"] for l in _train_log(run, "val")] == [2, 4, 6, 8, 10]  # then each epoch: 8 steps
+    assert torch.load(run / "ckpt.pt", weights_only=True)["iter"] == 10
     cfg = dhrd.parse_config(["--init_from=resume", f"--out_dir={run}", "--seed=7"])
-    assert (cfg.seed, cfg.init_from, cfg.max_iters, cfg.task) == (7, "scratch", 8, "custom")
+    assert (cfg.seed, cfg.init_from, cfg.max_epochs, cfg.task) == (7, "scratch", 1.25, "custom")
     cfg = dhrd.parse_config([*flags, "--init_from=resume", f"--out_dir={tmp_path / 'first'}"])
     assert cfg.init_from == "scratch"  # a first launch: nothing to resume, a new run
     _train_run(*here, "--seed=7", "--max_iters=2", "--overwrite=True", cwd=tmp_path,
@@ -2951,7 +2961,8 @@ def test_train_crash_at_each_write_point_then_rerun_is_bitwise_identical(crash_d
 def test_train_sigusr1_checkpoints_at_the_next_step_and_the_rerun_is_exact(crash_data, crash_script):
     """SIGUSR1 (SLURM's warning; SIGTERM takes the same path) during step 4: the run writes ckpt.pt at the end
     of step 5, a step that neither evaluates nor checkpoints, says so in one line, and exits with 143
-    (requeue me); the same command continues it to the uninterrupted run's files, bit for bit."""
+    (requeue me); the same command continues it to the uninterrupted run's files, bit for bit. --eval_only,
+    which has nothing to checkpoint, ends at SIGTERM as a program does by default."""
     d, flags = crash_data
     out = d / "signalled"
     r = _crash_run(crash_script, "dhrd.py", [*flags, f"--out_dir={out}"],
@@ -2965,27 +2976,37 @@ def test_train_sigusr1_checkpoints_at_the_next_step_and_the_rerun_is_exact(crash
     r = _train_run(*flags, f"--out_dir={out}", cwd=d, env={"OMP_NUM_THREADS": "1"})
     assert "from its ckpt.pt at iter 5" in r.stdout
     assert _crash_outputs(out) == _crash_outputs(d / "full")
+    r = _crash_run(crash_script, "dhrd.py", [f"--init_from={out}", "--eval_only=True"],
+                   [{"at": "classify", "n": 1, "signal": "SIGTERM"}], d)
+    assert r.returncode == -signal.SIGTERM and r.stdout == "", (r.returncode, r.stderr)
 
 
 def test_train_torchrun_restart_after_a_kill_and_sigterm_continue_exactly(crash_data, crash_script):
-    """torchrun --nproc_per_node=2 --max-restarts=2, Gloo, 2 kill points. Rank 1 SIGKILLed before its 5th
-    optimizer update (after the step's all-reduces: rank 0 ends step 5, which neither evaluates nor
-    checkpoints, and fails in step 6's); torchrun restarts both workers, which meet in the store again (a
-    prefix per attempt) and continue from the last checkpoint, iter 4's evaluation (both ranks evaluate). In
-    that attempt's 2nd step rank 0 sends SIGTERM to torchrun, which passes it to both workers: both stop after
-    step 7 (no evaluation, no --ckpt_interval) with ckpt.pt written, exit 143. The same torchrun command then
-    ends the run: ckpt.pt, model/, results.json and the log bitwise those of the uninterrupted 2-process
-    run."""
+    """torchrun --nproc_per_node=2 --max-restarts=2, Gloo, 3 kill points in one command. Attempt 0: SIGUSR1
+    to rank 1 alone (SLURM may signal some ranks only) at its 1st optimizer update: both ranks stop after
+    step 2, an evaluation that both ranks share, with ckpt.pt written, and exit 143; torchrun restarts them
+    (they meet in the store again: a prefix per attempt) and they continue from iter 2. Attempt 1: rank 1
+    SIGKILLed before its 5th update (after the step's all-reduces: rank 0 ends step 5, which neither
+    evaluates nor checkpoints, and fails in step 6's); the restart continues from the last checkpoint, iter
+    4. Attempt 2: in its 2nd step rank 0 sends SIGTERM to torchrun, which passes it to both workers: both
+    stop after step 7 (no evaluation, no --ckpt_interval) with ckpt.pt written, exit 143, and torchrun ends.
+    The same torchrun command then ends the run: ckpt.pt, model/, results.json and the log bitwise those of
+    the uninterrupted 2-process run."""
     d, flags = crash_data
     flags = [*flags, "--gradient_accumulation_steps=2", "--dropout=0.0"]  # 0: rank 1 is reseeded on resume
     _train_torchrun(*flags, f"--out_dir={d / 'two'}", cwd=d)
     out = d / "two-crashed"
-    specs = [{"at": "step", "n": 5, "rank": 1, "attempt": 0},
-             {"at": "step", "n": 2, "rank": 0, "attempt": 1, "signal": "SIGTERM_PARENT"}]
+    specs = [{"at": "step", "n": 1, "rank": 1, "attempt": 0, "signal": "SIGUSR1"},
+             {"at": "step", "n": 3, "rank": 1, "attempt": 1},
+             {"at": "step", "n": 2, "rank": 0, "attempt": 2, "signal": "SIGTERM_PARENT"}]
     r = _crash_run(crash_script, "dhrd.py", [*flags, f"--out_dir={out}"], specs, d, torchrun=True)
     assert r.returncode != 0, r.stderr
-    assert f"continuing the run in {out} from its ckpt.pt at iter 4" in r.stdout, r.stdout + r.stderr
-    assert f"dhrd.py: stopped by SIGTERM at iter 7, after writing {out}/ckpt.pt" in r.stderr, r.stderr
+    said = r.stdout + r.stderr
+    stopped = f"dhrd.py: stopped by a signal to another rank at iter 2, after writing {out}/ckpt.pt"
+    assert stopped in said, said
+    for it in (2, 4):
+        assert f"continuing the run in {out} from its ckpt.pt at iter {it}\n" in r.stdout, said
+    assert f"dhrd.py: stopped by SIGTERM at iter 7, after writing {out}/ckpt.pt" in r.stderr, said
     assert torch.load(out / "ckpt.pt", weights_only=True)["iter"] == 7
     r = _train_torchrun(*flags, f"--out_dir={out}", cwd=d)
     assert "from its ckpt.pt at iter 7" in r.stdout
