@@ -6,7 +6,8 @@ At test time only the pooled head runs: one forward pass over x, no decoding.
     python dhrd.py                                          # synth task, small scratch GPT, CPU, minutes
     python dhrd.py --task=cb --init_from=gpt2 --alpha=1 --beta=1
     torchrun --nproc_per_node=8 dhrd.py --task=cb --init_from=gpt2
-    python dhrd.py --init_from=resume --out_dir=out-cb      # continue after an interruption
+    python dhrd.py --init_from=resume --out_dir=out-cb      # continue after an interruption (as does the same
+                                                            # command again: check_rerun)
     python dhrd.py --init_from=out-cb --eval_only=True
     python dhrd.py --init_from=out-cb --predict=inputs.jsonl --predictions=preds.jsonl
 Config: the defaults below <- JSON config files (positional) <- --key=value. Data: prepare.py.
@@ -21,6 +22,7 @@ import os
 import pickle
 import random
 import shutil
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -37,7 +39,8 @@ import prepare
 from gpt import (GPT, GPTConfig, CheckpointError, add_lora, dual_loss, load_tokenizer, lora_disabled,
                  native_dtype, save_lora, token_kl)
 from hf import COMMIT, hub_commit, resolve_model_dir
-from plumbing import ConfigError, Progress, atomic_write, parse_flags
+from plumbing import (ConfigError, Progress, WriteError, atomic_write, begin_dir, fsync, parse_flags,
+                      recover_dir, replace_dir)
 
 
 @dataclass
@@ -50,6 +53,8 @@ class Config:
                                     # default: the model data_dir was prepared with (scratch for synth)
     revision: str = "main"          # of a hub init_from: branch, tag or commit sha; config.json and
                                     # results.json record the commit sha it resolved to
+    overwrite: bool = False         # out_dir holds another run: delete it (ckpt.pt, logs, model/) and start
+                                    # this one; without it a rerun continues or finishes (check_rerun)
     eval_only: bool = False         # evaluate init_from on eval_split, print the metrics, exit
     eval_split: str = "val"
     predict: str = ""               # in.jsonl: rows with "text" (a formatted x) or raw task rows
@@ -100,7 +105,8 @@ class Config:
     grad_checkpoint: bool = False   # recompute each block in backward: activation memory of one block, not
                                     # L, for ~1 extra forward per step (MultiRC --max_len=700, 3-8B models)
     # eval / logging / system
-    eval_interval: int = 100        # also the checkpoint interval; 'epoch': the steps of one epoch
+    eval_interval: int = 100        # every evaluation also writes ckpt.pt; 'epoch': the steps of one epoch
+    ckpt_interval: int = 0          # steps between checkpoints besides those; 0 = eval_interval
     log_interval: int = 20
     eval_batch_size: int = 128
     seed: int = 1337
@@ -125,7 +131,16 @@ CHOICES = dict(
     eval_interval=("epoch",),
 )
 # what one command does, not what the run is: never taken from a run directory's config.json
-COMMAND_KEYS = ("init_from", "eval_only", "predict", "predictions", "eval_split")
+COMMAND_KEYS = ("init_from", "eval_only", "predict", "predictions", "eval_split", "overwrite")
+# a rerun in an out_dir that holds a run continues it if its config is the same but for these keys: they
+# change how long it trains and when it evaluates, logs and checkpoints, or what it runs on (device, compile,
+# fsdp, grad_checkpoint: the same math, rounded differently; dist_timeout_s), not the model, the data or the
+# loss, so its ckpt.pt stays valid (max_iters, max_epochs also move the end of the lr decay: the lr of the
+# steps to come). Any other key makes it another run: refused, naming the keys (check_rerun). Trackers: where
+# it logs.
+RERUN_SAFE_KEYS = ("max_iters", "max_epochs", "eval_interval", "ckpt_interval", "log_interval", "patience",
+                   "eval_batch_size", "device", "compile", "fsdp", "grad_checkpoint", "dist_timeout_s",
+                   "mlflow", "wandb_log", "wandb_project", "wandb_run_name")
 
 
 def _read_json(path, what):
@@ -136,12 +151,14 @@ def _read_json(path, what):
 
 
 def parse_config(argv):
-    """defaults <- (resume / eval of an out_dir: its config.json) <- JSON files <- --key=value."""
+    """defaults <- (resume / eval of an out_dir: its config.json) <- JSON files <- --key=value; a training
+    command then meets the rule for an out_dir that holds a run (check_rerun)."""
     d = asdict(Config())
     flags = parse_flags(argv, d, CHOICES)  # the keys that were set, applied in order, later wins
     d.update(flags)
     # a run directory remembers its config: resume / eval / predict need only --out_dir or --init_from
     resume = d["init_from"] == "resume"
+    training = not (d["eval_only"] or d["predict"])
     if resume:
         run = d["out_dir"] or f"out-{d['task']}"
     else:
@@ -150,14 +167,19 @@ def parse_config(argv):
         saved = _read_json(Path(run, "config.json"), "run config")
         base = {k: v for k, v in saved.items() if k in d and k not in COMMAND_KEYS}
         d = {**d, **base, **flags}
-        if "out_dir" not in flags and not resume:
+        if resume:  # what the run started from: its ckpt.pt holds the rest (none yet: it starts from this)
+            d["init_from"] = saved.get("init_from", "")
+        if "out_dir" not in flags and not training:
             d["out_dir"] = run
+    if resume and d["init_from"] == "resume":  # no run there yet: a first launch is a new run
+        d["init_from"] = ""
     d["data_dir"] = d["data_dir"] or f"data/{d['task']}"
     d["out_dir"] = d["out_dir"] or f"out-{d['task']}"
     d["init_from"] = d["init_from"] or prepared_with(d["data_dir"])
     interval = 1 if d["eval_interval"] == "epoch" else d["eval_interval"]  # 'epoch': resolve_epochs
-    if min(d["batch_size"], interval, d["log_interval"]) < 1:
-        raise ConfigError("batch_size, eval_interval and log_interval must be >= 1 (eval_interval: or epoch)")
+    if min(d["batch_size"], interval, d["log_interval"]) < 1 or d["ckpt_interval"] < 0:
+        raise ConfigError("batch_size, eval_interval and log_interval must be >= 1 (eval_interval: or "
+                          "epoch), ckpt_interval >= 0")
     if d["max_epochs"] < 0:
         raise ConfigError(f"max_epochs={d['max_epochs']}: use a number of epochs > 0, or 0 to count "
                           "max_iters")
@@ -166,7 +188,61 @@ def parse_config(argv):
                           f"steps (from the data); add --max_epochs=0 to count max_iters, or drop max_iters")
     if d["gradient_accumulation_steps"] < 0:
         raise ConfigError("gradient_accumulation_steps must be >= 1, or 0 (one micro-batch per rank)")
+    if training:
+        check_rerun(d, resume)
     return Config(**d)
+
+
+def same_value(key, saved, now):
+    """A key of a run's config.json and of this command mean the same: equal, for a path the same folder
+    (data/cb and /home/me/data/cb), for revision a branch or tag against the commit it resolved to."""
+    if saved == now:
+        return True
+    if key == "revision" and isinstance(now, str) and not COMMIT.match(now):
+        return True  # config.json holds the commit that the branch or tag named on the command resolved to
+    paths = key in ("data_dir", "init_from", "kd_teacher") and isinstance(saved, str) and isinstance(now, str)
+    return paths and bool(saved) and bool(now) and Path(saved).resolve() == Path(now).resolve()
+
+
+def check_rerun(d, resume):
+    """The rule for an out_dir that already holds a run (its config.json): a training command with the same
+    config, RERUN_SAFE_KEYS aside, continues from its ckpt.pt or finds it finished (train); --init_from=resume
+    continues it under the flags given; --overwrite=True deletes it and starts over; any other config is
+    refused, naming the keys and these choices. An out_dir that is, or holds, the model it starts from is
+    refused always. d: the resolved config."""
+    out = Path(d["out_dir"])
+    for key in ("init_from", "kd_teacher"):
+        src = Path(d[key])
+        if d[key] in ("", "scratch") or not src.exists():
+            continue
+        if out.resolve() == src.resolve() or out.resolve() in src.resolve().parents:
+            raise ConfigError(f"--{key}={d[key]} is inside --out_dir={out}: the run would overwrite the "
+                              "model it starts from; pass a new --out_dir")
+    if resume or d["overwrite"]:
+        return
+    if not (out / "config.json").exists():
+        left = [name for name in ("ckpt.pt", "results.json", "model") if (out / name).exists()]
+        if left:
+            raise ConfigError(f"{out}: holds {', '.join(left)} but no config.json, so it is not known to be "
+                              "this run: pass a new --out_dir, or --overwrite=True to delete them and start "
+                              "this run there")
+        return
+    saved = _read_json(out / "config.json", "run config")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    # gradient_accumulation_steps as setup resolves it (0: one micro-batch per rank)
+    now = {**d, "gradient_accumulation_steps": d["gradient_accumulation_steps"] or world}
+    ignored = set(RERUN_SAFE_KEYS) | set(COMMAND_KEYS) | {"out_dir"}  # out_dir: where the run is now
+    ignored.discard("init_from")  # what it starts from is part of what the run is
+    differ = [k for k in saved if k in now and k not in ignored and not same_value(k, saved[k], now[k])]
+    if not differ:
+        return
+    changes = ", ".join(f"{k} {saved[k]!r} -> {now[k]!r}" for k in differ)
+    choices = "pass a new --out_dir"
+    if "init_from" not in differ:  # a run continues from its own weights, not from another model's
+        flags = " ".join(f"--{k}={now[k]}" for k in differ)
+        choices += f"; to continue it with these values: --init_from=resume --out_dir={out} {flags}"
+    raise ConfigError(f"{out}/config.json: {out} holds a run with another config ({changes}). To keep it, "
+                      f"{choices}; to delete it and start this run there: --overwrite=True")
 
 
 def prepared_with(data_dir):
@@ -449,10 +525,11 @@ def evaluate(model, split, meta, cot, cfg, rt, tok):
     return val, class_report(probs, gold, meta["labels"])
 
 # ------------------------------------------------------------------------------------------------------------
-# files: each is written to a temporary sibling and renamed into place, so a kill at any point leaves the
-# previous version whole (the resume test kills a run as soon as its first checkpoint exists). Checkpoints
-# are loaded with weights_only=True, so RNG states are stored as tensors / plain lists. The best model is
-# exported in HF layout (+ dhrd's meta.json).
+# files: each is written to a temporary sibling, fsynced and renamed into place (plumbing.atomic_write; a
+# folder: replace_dir), so a kill or a power loss at any point leaves the previous version or the new one
+# whole (the crash tests kill runs at their writes and renames). Checkpoints are loaded with
+# weights_only=True, so RNG states are stored as tensors / plain lists. The best model is exported in HF
+# layout (+ dhrd's meta.json).
 
 def write_text(path, text):
     atomic_write(path, lambda tmp: tmp.write_text(text))
@@ -485,23 +562,25 @@ def save_checkpoint(path, raw, optim_state, scaler, it, pos, best, alpha, ref):
                  scaler=scaler.state_dict(), iter=it, data_pos=pos, best=best, rng=rng_state(), alpha=alpha)
     if ref is not None and ref is not raw:
         state["kl_ref"] = ref.state_dict()
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object, not a path: a full disk is then an OSError with its errno
+            torch.save(state, f)
+    atomic_write(path, write)
 
 
 def export(model, path, meta, cfg):
     """The model (LoRA merged in: a plain HF folder) + meta.json, written to the folder path.name + ".tmp",
-    then swapped in by renames (a folder cannot replace a full one in one os.replace)."""
-    tmp = path.with_name(path.name + ".tmp")
-    old = path.with_name(path.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, labels=meta["labels"], pad_token_id=pad_id(meta))  # transformers: batches > 1
-    info = {**meta, "eval": "cot" if cfg.beta == 0 else "pooled", "pooling": cfg.pooling}  # for --predict
-    write_text(tmp / "meta.json", json.dumps(info, indent=1, ensure_ascii=False) + "\n")
-    shutil.rmtree(old, ignore_errors=True)  # left by a run killed between the two renames below
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+    then swapped in by renames (plumbing.replace_dir; a kill between them is repaired by recover_dir)."""
+    tmp = begin_dir(path)
+    try:
+        model.save_pretrained(tmp, labels=meta["labels"], pad_token_id=pad_id(meta))  # transformers: batches
+        info = {**meta, "eval": "cot" if cfg.beta == 0 else "pooled", "pooling": cfg.pooling}  # for --predict
+        write_text(tmp / "meta.json", json.dumps(info, indent=1, ensure_ascii=False) + "\n")
+    except WriteError:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk: none of the partial folder is kept
+        raise
+    replace_dir(path)
 
 # ------------------------------------------------------------------------------------------------------------
 # gradient statistics: how the two losses of Eq. 4 pull on the shared backbone (the transformer blocks; the
@@ -630,7 +709,16 @@ def setup(cfg):
     if ddp:
         timeout = datetime.timedelta(seconds=cfg.dist_timeout_s)
         if not dist.is_initialized():  # initialized: a driver runs several trainings in one job
-            dist.init_process_group("nccl" if dev_type == "cuda" else "gloo", timeout=timeout)
+            # torchrun --max-restarts starts the new workers on the store of the attempt before (its
+            # agent's): without a prefix per attempt they can read the dead workers' addresses from it, and
+            # fail to connect or wait for them (2 Gloo workers, one killed at step 31, torch 2.13, 2-core
+            # CPU: 4 of 8 restarts failed to connect, 0 of 4 with the prefix)
+            store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+            store.set_timeout(timeout)  # what init_process_group does with a store it makes itself
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            store = dist.PrefixStore(f"attempt{attempt}", store)
+            dist.init_process_group("nccl" if dev_type == "cuda" else "gloo", store=store, rank=rank,
+                                    world_size=world, timeout=timeout)
         if dev_type == "cuda":
             host_group = gloo_group(timeout)
     dtype, why = cfg.dtype, "--dtype"
@@ -676,6 +764,47 @@ def download_once_per_node(rt, names):
     first = next((e for e in errors if e is not None), None)
     if first is not None:
         raise ConfigError(first)
+
+# ------------------------------------------------------------------------------------------------------------
+# preemption: SIGTERM (what torchrun, SLURM, Kubernetes and spot instances send some seconds before SIGKILL)
+# and SIGUSR1 (SLURM's --signal=USR1@seconds warning before the time limit) stop the run at the next
+# optimizer step, on every rank together, after a checkpoint; the same command continues it.
+
+# the exit status then: 128 + SIGTERM, what a shell reports for a process that SIGTERM ended, so whatever
+# retries those retries this: torchrun --max-restarts restarts the workers on any non-zero status,
+# Kubeflow's restartPolicy=ExitCode retries 128-255 (1-127 are permanent errors), Kubernetes' podFailurePolicy
+# matches it by onExitCodes, SLURM requeues a job whose status is in its RequeueExit list. (A finished run's
+# rerun exits 0.)
+REQUEUE_EXIT = 143
+
+
+class Preemption:
+    """The stop a signal asked for: its number, 0 = none. install() is the command line's: a program that
+    calls train() itself keeps its own handlers. Until main arms it for a training run (eval_only and
+    predict have no checkpoint to write) a signal does what it does by default: it ends the process."""
+
+    def __init__(self):
+        self.signal = 0
+        self.armed = False
+
+    def install(self):
+        for name in ("SIGTERM", "SIGUSR1"):  # Windows has no SIGUSR1
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), self.ask)
+
+    def ask(self, signum, frame):
+        if not self.armed:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.signal = signum
+
+
+PREEMPTION = Preemption()
+
+
+class Preempted(Exception):
+    """The run stopped for a signal, after writing its checkpoint."""
 
 # ------------------------------------------------------------------------------------------------------------
 # --eval_only and --predict: the exported best model (out_dir/model/) or any HF folder; only the pooled
@@ -927,13 +1056,12 @@ def prepare_on_the_fly(cfg, rt):
 
 
 def read_checkpoint(out_dir):
+    """out_dir/ckpt.pt, checked: a damaged one is an error that says what is left and how to go on."""
     path = out_dir / "ckpt.pt"
-    if not path.exists():
-        raise ConfigError(f"{out_dir}/ckpt.pt: no checkpoint to resume from; pass the run's --out_dir")
-    best = f"no model was exported to {out_dir}/model/ yet: rerun without --init_from=resume"
+    best = f"no model was exported to {out_dir}/model/ yet: start the run over with --overwrite=True"
     if Path(out_dir, "model", "config.json").exists():
-        best = (f"the best model so far is intact in {out_dir}/model/: start a new run from it with "
-                f"--init_from={out_dir}/model")
+        best = (f"the best model so far is intact in {out_dir}/model/: start a new run from it in a new "
+                f"folder, --init_from={out_dir}/model --out_dir=<a new folder>")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:  # truncated, corrupt, not torch's
@@ -1147,8 +1275,37 @@ def resume(ckpt, raw, optimizer, scaler, cfg, rank):
     set_rng_state(ckpt["rng"])
     if rank:
         torch.manual_seed(cfg.seed + rank + 1000 * ckpt["iter"])
-    best = {"report": None, "stale": 0, **ckpt["best"]}  # a checkpoint older than the report and --patience
-    return ckpt["iter"], ckpt["data_pos"], best
+    return ckpt["iter"], ckpt["data_pos"], restored_best(ckpt)
+
+
+def restored_best(ckpt):
+    """The best evaluation in ckpt, in the key order it was saved with (ckpt.pt is rewritten byte for byte);
+    a checkpoint older than the report and --patience gets them."""
+    best = dict(ckpt["best"])
+    best.setdefault("report", None)
+    best.setdefault("stale", 0)
+    return best
+
+
+def finished(ckpt, cfg, rt):
+    """Whether the run in out_dir is done (its results.json written, no step left: max_iters reached or out of
+    --patience); then rank 0 says so. A rerun of a finished run's command changes nothing and exits 0."""
+    out_dir = Path(cfg.out_dir)
+    best = restored_best(ckpt)
+    if not (out_dir / "results.json").exists():
+        return False  # killed between its last checkpoint and results.json: train writes it
+    if ckpt["iter"] < cfg.max_iters and not out_of_patience(best, cfg):
+        return False
+    longer = "--max_iters"
+    if cfg.max_epochs > 0:
+        longer = "--max_epochs"
+    if rt.master:
+        vals = " ".join(f"{k} {v:.4f}" for k, v in best["val"].items())
+        print(f"dhrd.py: {out_dir} holds a finished run (iter {ckpt['iter']}, val {vals} at iter "
+              f"{best['iter']}): nothing to do. Its model: {out_dir}/model, its results: "
+              f"{out_dir}/results.json; to train it further raise {longer}, for another run pass a new "
+              f"--out_dir", flush=True)
+    return True
 
 
 def wrap(model, cfg, rt):
@@ -1161,15 +1318,34 @@ def wrap(model, cfg, rt):
     return model
 
 
+RUN_FILES = ("ckpt.pt", "results.json", "log.jsonl", "model", "adapter")  # what --overwrite=True deletes
+
+
 def start_run_files(cfg, out_dir, it, resumed):
     """out_dir/config.json (the resolved config) and log.jsonl: a resumed run keeps the lines up to its
-    checkpoint (the lines after it are written again, identically); a new run starts it empty."""
+    checkpoint (the lines after it are written again, identically; a line cut by a kill goes too); a new run
+    starts it empty, and with --overwrite=True the files of the run that was there go first. An export cut
+    between its renames is completed (plumbing.recover_dir)."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.overwrite:
+        for name in RUN_FILES:
+            for path in (out_dir / name, out_dir / f"{name}.tmp", out_dir / f"{name}.old"):
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
+    for folder in ("model", "adapter"):
+        recover_dir(out_dir / folder)
     write_text(out_dir / "config.json", json.dumps(asdict(cfg), indent=1) + "\n")
     log_path = out_dir / "log.jsonl"
     keep = []
     if resumed and log_path.exists():
-        keep = [l for l in log_path.read_text().splitlines() if json.loads(l)["iter"] <= it]
+        for line in log_path.read_text().splitlines():
+            try:
+                if json.loads(line)["iter"] <= it:
+                    keep.append(line)
+            except ValueError:  # a line a kill cut short: from after the checkpoint, it is written again
+                pass
     write_text(log_path, "".join(l + "\n" for l in keep))
 
 
@@ -1341,6 +1517,22 @@ def validate(raw, it, best, split, meta, tok, cfg, rt, log):
     return {"score": score, "iter": it, "val": val, "report": report, "stale": 0}
 
 
+def ckpt_every(cfg):
+    """Steps between checkpoints: --ckpt_interval, or 0 = eval_interval (every evaluation writes one)."""
+    return cfg.ckpt_interval or cfg.eval_interval
+
+
+def checkpoint(raw, optim_state, scaler, it, pos, best, alpha, ref, log, cfg, rt):
+    """ckpt.pt at step `it`, which every rank reached together (an evaluation, --ckpt_interval, a stop
+    signal): rank 0 writes it, with the log up to it on the disk first; every rank leaves once it is in place
+    (best is the same on every rank: validate). raw, optim_state: full_state's (optim_state: None on the
+    other ranks under FSDP)."""
+    if rt.master:
+        fsync(log.path)
+        save_checkpoint(Path(cfg.out_dir) / "ckpt.pt", raw, optim_state, scaler, it, pos, best, alpha, ref)
+    wait_for_rank0(rt)  # for its export and ckpt.pt, host-side: not in the next step's all-reduce
+
+
 def out_of_patience(best, cfg):
     """--patience=N: N evaluations in a row without a better val score stop the run (early stopping)."""
     return cfg.patience > 0 and best["stale"] >= cfg.patience
@@ -1372,10 +1564,14 @@ def train(cfg, rt):
     # --- data, model, optimizer (a resumed run: restored from ckpt.pt)
     meta, train_split, val_split = load_data(cfg, rt, use_lm)
     resolve_epochs(cfg, len(train_split[1]))  # max_epochs / eval_interval=epoch -> steps, before config.json
+    ckpt = None  # a run in out_dir that parse_config let this command go on with: continued, or finished
+    if (out_dir / "ckpt.pt").exists() and not cfg.overwrite:
+        ckpt = read_checkpoint(out_dir)
+        if finished(ckpt, cfg, rt):
+            return ckpt["best"]["val"]
     tok = prepare.tokenizer_from_meta(meta)
     pad = pad_id(meta)
     check_fsdp(cfg, rt)
-    ckpt = read_checkpoint(out_dir) if cfg.init_from == "resume" else None
     hub = [(cfg.init_from, cfg.revision), (cfg.kd_teacher, "main")]
     hub = [(name, rev) for name, rev in hub if name not in ("", "scratch", "resume")]
     download_once_per_node(rt, hub)  # local rank 0 first; the others then find the files in the cache
@@ -1404,6 +1600,8 @@ def train(cfg, rt):
     if rt.master:
         start_run_files(cfg, out_dir, it, resumed=ckpt is not None)
         print(startup_line(cfg, meta, raw, rt, terms), flush=True)
+        if ckpt is not None:
+            print(f"dhrd.py: continuing the run in {out_dir} from its ckpt.pt at iter {it}", flush=True)
         log = Log(out_dir / "log.jsonl", *start_tracking(cfg, trackers))
     alpha_base = cfg.alpha
     if cfg.alpha == "auto" and ckpt is not None:
@@ -1415,6 +1613,7 @@ def train(cfg, rt):
     ctx, micro = rt.ctx, rt.micro
     t0 = t_last = time.time()
     saved = it if ckpt is not None else None  # iter of the last checkpoint this run wrote or resumed from
+    every = ckpt_every(cfg)
     while it < cfg.max_iters and not out_of_patience(best, cfg):
         lr = lr_at(it, cfg)
         for g in optimizer.param_groups:
@@ -1439,9 +1638,12 @@ def train(cfg, rt):
             lm_term = out.loss_lm if use_lm else loss.new_zeros(())
             sums += torch.stack([loss, loss_cls, lm_term, *out.extra.values()]).detach().float()
         pos += cfg.batch_size * cfg.gradient_accumulation_steps
+        # + whether a signal asked this rank to stop: summed with the losses, so every rank stops at this step
+        sums = torch.cat([sums, torch.tensor([float(PREEMPTION.signal > 0)], device=rt.device)])
         if rt.ddp:
             dist.all_reduce(sums)  # the job's mean over all its micro-batches: identical on every rank
-        loss_v, cls_v, lm_v, *extra_v = (sums / cfg.gradient_accumulation_steps).tolist()
+        *means, stop = torch.cat([sums[:-1] / cfg.gradient_accumulation_steps, sums[-1:]]).tolist()
+        loss_v, cls_v, lm_v, *extra_v = means
         check_finite(loss_v, cls_v, lm_v, it, lr, out_dir, saved)
         optimizer_step(model, optimizer, scaler, cfg.grad_clip)
         it += 1
@@ -1453,15 +1655,21 @@ def train(cfg, rt):
             extra = {f"loss_{t.name}": v for t, v in zip(terms, extra_v)}
             log.write(dict(iter=it, loss=loss_v, loss_cls=cls_v, loss_lm=lm_v if use_lm else None, lr=lr,
                            alpha=alpha, **extra, **stats))
-        if it % cfg.eval_interval == 0 or it == cfg.max_iters:
+        at_eval = it % cfg.eval_interval == 0 or it == cfg.max_iters
+        if at_eval or it % every == 0 or stop:
             plain, optim_state = full_state(raw, optimizer, cfg, rt)  # FSDP: every rank takes part
-            best = validate(plain, it, best, val_split, meta, tok, cfg, rt, log)  # every rank: its share
-            if rt.master:
-                save_checkpoint(out_dir / "ckpt.pt", plain, optim_state, scaler, it, pos, best, alpha_base,
-                                ref)
+            if at_eval:
+                best = validate(plain, it, best, val_split, meta, tok, cfg, rt, log)  # every rank: its share
+            checkpoint(plain, optim_state, scaler, it, pos, best, alpha_base, ref, log, cfg, rt)
             del plain, optim_state
             saved = it
-            wait_for_rank0(rt)  # for its export and ckpt.pt, host-side: not in the next step's all-reduce
+        if stop and it < cfg.max_iters and not out_of_patience(best, cfg):  # else the run just ends
+            log.close()
+            name = "a signal to another rank"  # SLURM's USR1 may reach some ranks only
+            if PREEMPTION.signal:
+                name = signal.Signals(PREEMPTION.signal).name
+            raise Preempted(f"stopped by {name} at iter {it}, after writing {out_dir}/ckpt.pt: the same "
+                            f"command continues the run (exit status {REQUEUE_EXIT}: requeue me)")
 
     # --- the end: results.json holds the best evaluation
     if rt.master:
@@ -1478,13 +1686,20 @@ def main(argv):
         return predict(cfg, rt)
     if cfg.eval_only:
         return eval_only(cfg, rt)
+    PREEMPTION.armed = True  # a signal now stops the run at a step boundary, after a checkpoint
     return train(cfg, rt)
 
 
 if __name__ == "__main__":
+    PREEMPTION.install()
+    status = 0
     try:
         main(sys.argv[1:])
-    except (ValueError, FloatingPointError) as e:  # ConfigError, CheckpointError, PrepareError, NaN/inf loss
+    except Preempted as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"dhrd.py: {e}", file=sys.stderr, flush=True)
+        status = REQUEUE_EXIT
+    except (ValueError, FloatingPointError, WriteError) as e:  # ConfigError, CheckpointError, NaN, full disk
         # under torchrun every rank meets the same config error or NaN: rank 0 alone says it, and the others
         # leave 3 s later (1 s lost the race in a loaded CI run), so that torchrun's failure report names
         # rank 0 (whose message is printed) instead of stopping it with SIGTERM before it could print
@@ -1504,4 +1719,5 @@ if __name__ == "__main__":
         # exception", SIGABRT: 4 in 90 two-process runs on a loaded 2-core machine, 0 in 100 with this)
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
+        os._exit(status)
+    sys.exit(status)

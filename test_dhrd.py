@@ -8,13 +8,15 @@ selects exactly one section; the short `-k train` also takes the few other names
             tokenizers, downloads and the Hugging Face hub cache (a loopback hub: tokens, redirects, retries,
             resume, offline, two processes at once)
   -k prep   prepare.py: synth, SuperGLUE templates, custom data, rationale import, teachers (a loopback
-            API, a local model), the flag parser every script uses, bad input
+            API, a local model), the flag parser every script uses, bad input, durable writes (a full disk,
+            cut folder swaps), a re-prepare killed at random write points
   -k train  dhrd.py: metrics, config errors, DDP and FSDP == one process (and their checkpoints
             interchangeable; evaluation shared by 2-3 ranks == one process's), exact resume after a kill,
             distillation from a teacher (--kd_teacher), gradient statistics and alpha=auto, eval_only /
             predict, a non-finite loss, compile, CoT decoding, LoRA training, --max_epochs with 1-3
             processes, the config/ presets, the Table 1 driver (experiments/superglue.py), --revision's commit
-            recorded; at its end the tests of gpt.py's LoRA modules (`-k test_lora`)
+            recorded, runs that survive (the rerun rule, kills at every write point, SIGUSR1, torchrun
+            --max-restarts + SIGTERM, a full disk); at its end the tests of gpt.py's LoRA modules (`-k test_lora`)
   -k bench  bench.py: the JSON contract on a tiny model, flag errors, the named shapes' parameter counts,
             the LoRA step's FLOPs
   -k cuda   the checks a GPU can break (parity, bf16, decoding, the fused loss, torchrun + compile,
@@ -23,12 +25,14 @@ selects exactly one section; the short `-k train` also takes the few other names
 """
 import datetime
 import email.utils
+import errno
 import hashlib
 import http.server
 import io
 import json
 import os
 import pathlib
+import random
 import re
 import shutil
 import signal
@@ -1956,6 +1960,172 @@ def test_prep_local_teacher_batched_generate_and_resume(tmp_path, monkeypatch):
     assert len((tmp_path / "bf16" / "rationales.jsonl").read_text().splitlines()) == 3
 
 
+def test_prep_durable_writes_full_disk_and_cut_swaps(tmp_path, monkeypatch):
+    """plumbing.atomic_write: a full disk (ENOSPC) removes the temporary and raises WriteError naming the
+    file, the old file intact; a download cut off (DownloadError, an OSError without errno) keeps its .part to
+    resume. recover_dir after each state a killed replace_dir can leave. prepare.py on a full disk: one
+    line, no data.tmp, the old outputs intact."""
+    path = tmp_path / "f.txt"
+    path.write_text("old")
+
+    def full(tmp):
+        tmp.write_text("half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    with pytest.raises(plumbing.WriteError, match=r"f.txt: cannot be written \(No space left on device\); "
+                                                  r"the partial f.txt.tmp was removed") as e:
+        plumbing.atomic_write(path, full)
+    assert "\n" not in str(e.value) and path.read_text() == "old" and not (tmp_path / "f.txt.tmp").exists()
+
+    def cut(part):
+        part.write_text("first half")
+        raise DownloadError("http://x/f: connection reset")
+    with pytest.raises(DownloadError):
+        plumbing.atomic_write(path, cut, suffix=".part")
+    assert (tmp_path / "f.txt.part").read_text() == "first half" and path.read_text() == "old"
+    # recover_dir: (no d, d.old, d.tmp) = cut between the renames -> d.tmp is d; (no d, d.old) -> d.old is d;
+    # (d, d.tmp, d.old) -> both stale
+    d = tmp_path / "d"
+    for present, kept in [(("old", "tmp"), "tmp"), (("old",), "old"), (("", "tmp", "old"), "")]:
+        for suffix in present:
+            (tmp_path / f"d{'.' + suffix if suffix else ''}").mkdir()
+            (tmp_path / f"d{'.' + suffix if suffix else ''}" / "which").write_text(suffix)
+        plumbing.recover_dir(d)
+        assert (d / "which").read_text() == kept and sorted(p.name for p in tmp_path.glob("d*")) == ["d"]
+        shutil.rmtree(d)
+    out = tmp_path / "data"
+    prepare.prepare(task="synth", out_dir=out, quiet=True)
+    before = _crash_files(out)
+    real = np.save
+
+    def no_space(*a, **k):
+        real(*a, **k)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(np, "save", no_space)
+    with pytest.raises(plumbing.WriteError, match=r"data: cannot be written \(No space left on device\); the "
+                                                  r"partial data.tmp was removed") as e:
+        prepare.prepare(task="synth", out_dir=out, max_rationale=8, quiet=True)
+    assert "\n" not in str(e.value) and _crash_files(out) == before and not (tmp_path / "data.tmp").exists()
+
+
+# The crash tests (SQLite's way): a script runs under _CRASH, which SIGKILLs it (or sends a signal) at points
+# the test names, counted per process: the n-th optimizer step ("step"), pooled-head forward of an evaluation
+# ("classify"), os.replace onto a file named `name` ("replace", or "replaced": just after it), or os.replace /
+# os.fsync of any file ("io"). Then the test starts it again and compares bytes. The script itself has no test
+# hook; n = 0 counts: "crash-count <n>" on stderr at the end.
+_CRASH = r"""
+import atexit, json, os, runpy, signal, sys, time
+from pathlib import Path
+root, script = sys.argv[1], sys.argv[2]
+sys.path.insert(0, root)
+import torch, gpt
+specs = [s for s in json.loads(os.environ["DHRD_CRASH"])
+         if str(s.get("rank", os.environ.get("RANK", "0"))) == os.environ.get("RANK", "0")
+         and str(s.get("attempt", "0")) == os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")]
+counts = [0] * len(specs)
+
+def reached(at, name=None):
+    for i, s in enumerate(specs):
+        if s["at"] == at and s.get("name") in (None, name):
+            counts[i] += 1
+            if counts[i] == s["n"]:
+                act(s)
+
+def act(s):
+    sig = s.get("signal", "SIGKILL")
+    if sig == "SIGTERM_PARENT":  # torchrun forwards it to every worker; wait until it reached this one
+        os.kill(os.getppid(), signal.SIGTERM)
+        t0 = time.time()
+        while sys.modules["__main__"].PREEMPTION.signal == 0 and time.time() - t0 < 120:
+            time.sleep(0.01)
+        return
+    os.kill(os.getpid(), getattr(signal, sig))
+
+def patch(owner, attr, at, named=False, after=None):
+    real = getattr(owner, attr)
+    def wrapped(*a, **k):
+        name = Path(a[1]).name if named else None
+        reached(at, name)
+        out = real(*a, **k)
+        if after is not None:
+            reached(after, name)
+        return out
+    setattr(owner, attr, wrapped)
+
+patch(torch.optim.AdamW, "step", "step")
+patch(gpt.GPT, "classify", "classify")
+patch(os, "replace", "replace", named=True, after="replaced")
+patch(os, "replace", "io")
+patch(os, "fsync", "io")
+if any(s["n"] == 0 for s in specs):
+    atexit.register(lambda: print(f"crash-count {counts[0]}", file=sys.stderr, flush=True))
+sys.argv = [script, *sys.argv[3:]]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+@pytest.fixture(scope="module")
+def crash_script(tmp_path_factory):
+    path = tmp_path_factory.mktemp("crash") / "crash.py"
+    path.write_text(_CRASH)
+    return path
+
+
+def _crash_run(crash_script, script, args, specs, cwd, torchrun=False):
+    """script (dhrd.py / prepare.py) with args under _CRASH with these kill specs -> CompletedProcess."""
+    cmd = [sys.executable, str(crash_script), str(ROOT), str(ROOT / script), *args]
+    if torchrun:
+        cmd = [*TORCHRUN, "--max-restarts=2", str(crash_script), str(ROOT), str(ROOT / script), *args]
+    env = {**os.environ, "DHRD_CRASH": json.dumps(specs), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _crash_files(folder):
+    """{relative path: bytes} of every file under folder."""
+    folder = pathlib.Path(folder)
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def test_prep_crash_at_random_points_then_rerun_is_byte_identical(crash_script, tmp_path, monkeypatch):
+    """A re-prepare (new settings over an old prepare, a teacher's rationales.jsonl beside it) SIGKILLed at 3
+    seeded random points among its fsyncs and renames and once between the two renames of its swap, each time
+    started again: after every kill the old outputs or the new ones are whole (a cut swap: the new ones in
+    data.tmp, which the next start puts in place), never a mix; the last run's are byte-identical to an
+    uninterrupted prepare's, and rationales.jsonl is untouched."""
+    prepare.prepare(task="synth", out_dir=tmp_path / "clean", quiet=True)
+    want = _crash_files(tmp_path / "clean")
+    out = tmp_path / "data"
+    prepare.prepare(task="synth", out_dir=out, max_rationale=8, quiet=True)  # the old settings
+    before = _crash_files(out)
+    assert before != want
+    rationales = b'{"task": "synth", "split": "train", "idx": 0, "rationale": "r", "label": "No"}\n'
+    (out / "rationales.jsonl").write_bytes(rationales)  # not an output of this prepare: it must stay
+    calls = []  # an uninterrupted re-prepare's fsyncs and renames, the points to kill at
+    for name in ("fsync", "replace"):
+        real = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda *a, real=real: calls.append(a) or real(*a))
+    shutil.copytree(out, tmp_path / "count")
+    prepare.prepare(task="synth", out_dir=tmp_path / "count", quiet=True)
+    monkeypatch.undo()
+    assert len(calls) == 15  # 10 outputs + rationales.jsonl, data.tmp, 2 renames, data's parent folder
+    points = [{"at": "io", "n": n} for n in sorted(random.Random(0).sample(range(1, len(calls) + 1), 3))]
+    points.insert(1, {"at": "replace", "name": "data", "n": 1})  # data.tmp -> data, after data -> data.old
+    for spec in points:
+        r = _crash_run(crash_script, "prepare.py", ["--task=synth", f"--out_dir={out}"], [spec], tmp_path)
+        assert r.returncode == -9, (spec, r.stderr)
+        if out.exists():
+            seen = _crash_files(out)
+        else:  # cut between the renames: the new outputs are whole in data.tmp, the old ones in data.old
+            seen = _crash_files(out.with_name("data.tmp"))
+            old_meta = _crash_files(out.with_name("data.old"))["meta.json"]
+            assert old_meta in (before["meta.json"], want["meta.json"])
+        assert seen.pop("rationales.jsonl") == rationales, spec
+        assert seen in (before, want), spec
+    prepare.prepare(task="synth", out_dir=out, quiet=True)
+    got = _crash_files(out)
+    assert got.pop("rationales.jsonl") == rationales and got == want
+    assert not out.with_name("data.tmp").exists() and not out.with_name("data.old").exists()
+
+
 # ============================================================================================================
 # dhrd.py: metrics, config errors, DDP == single process, exact resume, grad stats, eval/predict, compile
 # ============================================================================================================
@@ -1964,9 +2134,9 @@ TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--batch_size=8", "--dtype=f
         "--eval_batch_size=256", "--warmup_iters=2", "--learning_rate=3e-3"]
 
 
-def _train_run(*args, cwd, timeout=600, check=True):
+def _train_run(*args, cwd, timeout=600, check=True, env=None):
     r = subprocess.run([sys.executable, str(ROOT / "dhrd.py"), *args], cwd=cwd, capture_output=True,
-                       text=True, timeout=timeout)
+                       text=True, timeout=timeout, env={**os.environ, **(env or {})})
     if check:
         assert r.returncode == 0, r.stdout + r.stderr
     return r
@@ -2420,7 +2590,7 @@ BAD_INPUTS = [
      r"r.jsonl:1: missing field 'idx'"),
     ("checkpoint", "ckpt.pt", lambda good: good[:len(good) // 2],
      r"ckpt.pt: cannot be read, it is truncated or corrupt .*the best model so far is intact in .*/model/: "
-     r"start a new run from it with --init_from=.*/model"),
+     r"start a new run from it in a new folder, --init_from=.*/model --out_dir=<a new folder>"),
     ("checkpoint", "ckpt.pt", b"not a checkpoint", r"ckpt.pt: cannot be read, it is truncated or corrupt"),
     ("checkpoint", "ckpt.pt", lambda good: _torch_bytes({"model": {}}),
      r"ckpt.pt: not a dhrd.py checkpoint \(no model_config, optimizer, .*\); the best model so far is "
@@ -2645,6 +2815,15 @@ def test_train_records_the_hub_commit(_gpt_hub, tmp_path, monkeypatch, capfd):
     assert not any(b"hf_secret_9f3" in f.read_bytes() for f in written)
     assert "hf_secret_9f3" not in "".join(capfd.readouterr())
     assert {h.get("Authorization") for p, h in _GPTHandler.hits} == {"Bearer hf_secret_9f3"}
+    # the same command again is the same run: config.json's commit is what --revision=main resolved to
+    dhrd.main(["--init_from=tiny/gpt2", "--revision=main", f"--data_dir={tmp_path / 'data'}",
+               f"--out_dir={out}", "--alpha=0", "--max_iters=1", "--eval_interval=1", "--batch_size=4",
+               "--dtype=float32"])
+    assert "holds a finished run" in capfd.readouterr().out
+    with pytest.raises(plumbing.ConfigError, match=r"revision '.*' -> '0{40}'"):  # another commit: another run
+        dhrd.main(["--init_from=tiny/gpt2", "--revision=" + "0" * 40, f"--data_dir={tmp_path / 'data'}",
+                   f"--out_dir={out}", "--alpha=0", "--max_iters=1", "--eval_interval=1", "--batch_size=4",
+                   "--dtype=float32"])
     with pytest.raises(CheckpointError, match="no model tiny/gpt2 with revision 'v9'"):
         dhrd.main(["--init_from=tiny/gpt2", "--revision=v9", f"--data_dir={tmp_path / 'data'}",
                    f"--out_dir={tmp_path / 'v9'}", "--alpha=0", "--max_iters=1"])
@@ -2817,7 +2996,7 @@ def test_train_task_prepared_on_the_fly_and_init_from_defaults(tmp_path, monkeyp
     meta = json.loads((tmp_path / "data" / "cb" / "meta.json").read_text())
     assert meta["tokenizer"] == {"type": "bpe", "name": str(model), "revision": None}
     assert meta["counts"]["train"] == 3
-    assert dhrd.parse_config(["--task=cb"]).init_from == str(model)
+    assert dhrd.parse_config(["--task=cb", "--out_dir=new"]).init_from == str(model)  # out-cb: the run above
     assert dhrd.parse_config([]).init_from == "scratch"
     dhrd.main(["--task=cb", *flags, "--out_dir=out-again"])
     assert json.loads((tmp_path / "out-again" / "config.json").read_text())["init_from"] == str(model)
@@ -2845,19 +3024,26 @@ def test_train_torchrun_defaults_and_one_error_line(train_data, tmp_path):
 
 
 def test_train_setup_dist_timeout_and_eval_layout(trained_run, monkeypatch):
-    """setup() under torchrun (RANK set; init_process_group recorded, not run): the process group waits
-    --dist_timeout_s; --eval_only of a 1-process run (config.json: gradient_accumulation_steps=1) is no
-    training batch to divide among 2 ranks, while training with that layout is still refused."""
+    """setup() under torchrun (RANK set; the rendezvous and init_process_group recorded, not run): the
+    process group and its store wait --dist_timeout_s, and the store's keys go under the restart attempt's
+    prefix; --eval_only of a 1-process run (config.json: gradient_accumulation_steps=1) is no training batch
+    to divide among 2 ranks, while training with that layout is still refused."""
     calls = []
+    store = dhrd.dist.HashStore()
+    monkeypatch.setattr(dhrd.dist, "rendezvous", lambda url, **kw: iter([(store, 1, 2)]))
     monkeypatch.setattr(dhrd.dist, "init_process_group", lambda backend, **kw: calls.append((backend, kw)))
-    for k, v in dict(RANK="1", LOCAL_RANK="1", WORLD_SIZE="2").items():
+    for k, v in dict(RANK="1", LOCAL_RANK="1", WORLD_SIZE="2", TORCHELASTIC_RESTART_COUNT="3").items():
         monkeypatch.setenv(k, v)
     run = trained_run[0] / "full"
     cfg = dhrd.parse_config([f"--init_from={run}", "--eval_only=True", "--dist_timeout_s=7"])
     assert cfg.gradient_accumulation_steps == 1
     rt = dhrd.setup(cfg)
     assert (rt.ddp, rt.rank, rt.world, rt.micro, rt.host_group) == (True, 1, 2, 1, None)  # CPU: Gloo only
-    assert calls == [("gloo", {"timeout": datetime.timedelta(seconds=7)})]
+    [(backend, kw)] = calls
+    prefixed = kw.pop("store")
+    assert (backend, kw) == ("gloo", dict(rank=1, world_size=2, timeout=datetime.timedelta(seconds=7)))
+    prefixed.set("k", "v")
+    assert store.get("attempt3/k") == b"v" and store.timeout == datetime.timedelta(seconds=7)
     cfg.eval_only = False
     with pytest.raises(dhrd.ConfigError, match="gradient_accumulation_steps=1 is for the whole job"):
         dhrd.setup(cfg)
@@ -2928,18 +3114,216 @@ def test_train_kd_teacher_hf_folder_and_tokenizer_check(lora_data, tmp_path):
     (swapped / "vocab.json").write_text(json.dumps(vocab))
     with pytest.raises(dhrd.ConfigError, match=r"the teacher's tokenizer \(.*swapped, 897 ids\) is not the "
                        r"one .*first differ at id 500"):
-        dhrd.main([*flags, f"--kd_teacher={swapped}", "--kd_coef=1", f"--out_dir={out}"])
+        dhrd.main([*flags, f"--kd_teacher={swapped}", "--kd_coef=1", f"--out_dir={tmp_path / 'o1'}"])
     with pytest.raises(dhrd.ConfigError, match="the teacher's vocab_size is 61, the student's"):
         small = tmp_path / "small"
         _gpt_tiny("llama").save_pretrained(small)
         hf.copy_tokenizer_files(d / "base", small)
-        dhrd.main([*flags, f"--kd_teacher={small}", "--kd_coef=1", f"--out_dir={out}"])
+        dhrd.main([*flags, f"--kd_teacher={small}", "--kd_coef=1", f"--out_dir={tmp_path / 'o2'}"])
     no_head = r"--kd_teacher=.*qwen2_cls: .*needs the LM head \(lm_head.weight\)"  # an untied classifier
     with pytest.raises(dhrd.ConfigError, match=no_head):
-        dhrd.main([*flags, f"--kd_teacher={FIX / 'qwen2_cls'}", "--kd_coef=1", f"--out_dir={out}"])
+        dhrd.main([*flags, f"--kd_teacher={FIX / 'qwen2_cls'}", "--kd_coef=1", f"--out_dir={tmp_path / 'c'}"])
 
 
 # ------------------------------------------------------------------------------------------------------------
+# runs that survive: reruns, restarts, SIGTERM / SIGUSR1, kills at every write point, a full disk
+
+@pytest.fixture(scope="module")
+def crash_data(tmp_path_factory):
+    """A task a 1-layer model learns in 6 steps (an x or a y in the text), so that val improves 3 times and
+    the export is replaced twice; and its uninterrupted run: 8 steps, evaluations at 2, 4, 6, 8 (exports at
+    2, 4, 6), checkpoints at those and at 3 (--ckpt_interval=3)."""
+    d = tmp_path_factory.mktemp("crash-data")
+    rng = random.Random(0)
+    for split, n in (("train", 64), ("val", 40)):
+        with open(d / f"{split}.jsonl", "w") as f:
+            for _ in range(n):
+                label = rng.choice(["pos", "neg"])
+                ch = "x" if label == "pos" else "y"
+                text = "".join(rng.choice("abc" + ch * 2) for _ in range(12))
+                f.write(json.dumps({"text": text, "label": label, "rationale": f"it has {ch}"}) + "\n")
+    prepare.prepare(task="custom", train_file=d / "train.jsonl", val_file=d / "val.jsonl",
+                    out_dir=d / "data", model="char", quiet=True)
+    flags = [*TINY, "--task=custom", f"--data_dir={d / 'data'}", "--learning_rate=1e-2", "--max_iters=8",
+             "--eval_batch_size=16", "--eval_interval=2", "--ckpt_interval=3", "--log_interval=1",
+             "--dropout=0.1"]
+    _train_run(*flags, f"--out_dir={d / 'full'}", cwd=d, env={"OMP_NUM_THREADS": "1"})
+    accuracy = [l["val"]["accuracy"] for l in _train_log(d / "full", "val")]
+    assert len(accuracy) == 4 and accuracy[0] < accuracy[1]  # (0.425, 0.625, 1, 1 here): model/ replaced
+    return d, flags
+
+
+def _crash_outputs(out_dir):
+    """What a run leaves that must not depend on its interruptions: ckpt.pt, the export, results.json, the
+    log, the config (but for its out_dir); and no temporary."""
+    files = _crash_files(out_dir)
+    assert not [f for f in files if f.endswith((".tmp", ".old")) or "model." in f.split("/")[0]], list(files)
+    config = json.loads(files["config.json"])
+    files["config.json"] = {**config, "out_dir": None}
+    return files
+
+
+def test_train_rerun_rule_refusals_resume_and_overwrite(crash_data, tmp_path, monkeypatch):
+    """The rule for an out_dir that holds a run (here a copy: out_dir itself does not count): another config
+    is refused in one line naming the keys and the choices (the --init_from=resume one spelled out, none for
+    another init_from); an out_dir that is or holds init_from or kd_teacher is refused (also when
+    read_checkpoint's hint is followed without its --out_dir); a run's files without config.json are refused;
+    safe keys and another spelling of data_dir continue; the same run counted in epochs (8 steps = 1 epoch)
+    is finished, and 1.25 epochs continue it to 10 steps as max_iters=10 would; --init_from=resume takes the
+    run's config under the flags, and on a first launch starts a new run; --overwrite=True starts over."""
+    d, flags = crash_data
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "out-custom"  # where this task's runs go by default
+    shutil.copytree(d / "full", run)
+    here = [*flags, f"--out_dir={run}"]
+    r = _train_run(*here, "--seed=7", cwd=tmp_path, check=False)
+    assert r.returncode == 1 and len(r.stderr.splitlines()) == 1 and r.stdout == "", r.stderr
+    assert r.stderr == (f"dhrd.py: error: {run}/config.json: {run} holds a run with another config (seed "
+                        f"1337 -> 7). To keep it, pass a new --out_dir; to continue it with these values: "
+                        f"--init_from=resume --out_dir={run} --seed=7; to delete it and start this run "
+                        f"there: --overwrite=True\n")
+    shutil.copytree(run / "model", tmp_path / "copied" / "model")
+    refusals = [([*here, "--seed=7", "--lora_rank=2"], r"\(lora_rank 0 -> 2, seed 1337 -> 7\)\..*"
+                                                       r"--lora_rank=2 --seed=7;"),
+                ([*here, f"--init_from={FIX / 'llama'}"], r"\(init_from 'scratch' -> .*llama'\)\. To keep "
+                                                          r"it, pass a new --out_dir; to delete it"),
+                ([*here, f"--init_from={run / 'model'}"], r"--init_from=.*out-custom/model is inside "
+                                                          r"--out_dir=.*out-custom: the run would overwrite"),
+                ([*flags, "--init_from=out-custom/model"], r"is inside --out_dir=out-custom"),  # hint, cut
+                ([*here, f"--kd_teacher={run}", "--kd_coef=1"], r"--kd_teacher=.* is inside --out_dir"),
+                ([*flags, f"--out_dir={tmp_path / 'copied'}"], r"copied: holds model but no config.json")]
+    for argv, msg in refusals:
+        with pytest.raises(dhrd.ConfigError, match=msg) as e:
+            dhrd.parse_config(argv)
+        assert "\n" not in str(e.value)
+    data = os.path.relpath(d / "data", tmp_path)
+    for argv in ([*here, "--max_iters=20", "--eval_interval=5", "--patience=3", "--ckpt_interval=1",
+                  "--dist_timeout_s=60"],
+                 [*flags, "--out_dir=out-custom", "--device=cpu", "--compile=True", f"--data_dir={data}"]):
+        assert dhrd.parse_config(argv).max_iters in (8, 20)  # the same run: it continues
+    epochs = [f for f in here if not f.startswith("--max_iters")] + ["--eval_interval=epoch"]
+    r = _train_run(*epochs, "--max_epochs=1", cwd=tmp_path)
+    assert r.stdout.startswith(f"dhrd.py: {run} holds a finished run (iter 8, ") and r.stderr == "", r.stderr
+    assert "to train it further raise --max_epochs" in r.stdout
+    r = _train_run(*epochs, "--max_epochs=1.25", cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert "continuing the run in" in r.stdout and "from its ckpt.pt at iter 8" in r.stdout
+    assert [l["iter"] for l in _train_log(run, "val")] == [2, 4, 6, 8, 10]  # then each epoch: 8 steps
+    assert torch.load(run / "ckpt.pt", weights_only=True)["iter"] == 10
+    cfg = dhrd.parse_config(["--init_from=resume", f"--out_dir={run}", "--seed=7"])
+    assert (cfg.seed, cfg.init_from, cfg.max_epochs, cfg.task) == (7, "scratch", 1.25, "custom")
+    cfg = dhrd.parse_config([*flags, "--init_from=resume", f"--out_dir={tmp_path / 'first'}"])
+    assert cfg.init_from == "scratch"  # a first launch: nothing to resume, a new run
+    _train_run(*here, "--seed=7", "--max_iters=2", "--overwrite=True", cwd=tmp_path,
+               env={"OMP_NUM_THREADS": "1"})
+    assert [l["iter"] for l in _train_log(run)] == [1, 2]  # the old run's lines went with it
+    assert json.loads((run / "results.json").read_text())["best_iter"] == 2
+    assert torch.load(run / "ckpt.pt", weights_only=True)["iter"] == 2
+    assert json.loads((run / "config.json").read_text())["seed"] == 7
+
+
+def test_train_full_disk_is_one_line_and_the_temporary_goes(crash_data, tmp_path):
+    """ckpt.pt.tmp on a full disk (a link to /dev/full: the kernel's ENOSPC through torch.save): one
+    'dhrd.py: error:' line naming the file, exit status 1, the temporary removed; once there is room the
+    same command runs again from its last checkpoint (none yet here) to the uninterrupted run's files."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    d, flags = crash_data
+    out = tmp_path / "full-disk"
+    out.mkdir()
+    (out / "ckpt.pt.tmp").symlink_to("/dev/full")
+    r = _train_run(*flags, f"--out_dir={out}", cwd=tmp_path, check=False, env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.splitlines()[-1] == (f"dhrd.py: error: {out}/ckpt.pt: cannot be written (No space left "
+                                         "on device); the partial ckpt.pt.tmp was removed and the ckpt.pt "
+                                         "there before, if any, is intact: free space on that disk (or write "
+                                         "elsewhere) and run the command again")
+    assert not os.path.lexists(out / "ckpt.pt.tmp") and not (out / "ckpt.pt").exists()
+    _train_run(*flags, f"--out_dir={out}", cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert _crash_outputs(out) == _crash_outputs(d / "full")
+
+
+def test_train_crash_at_each_write_point_then_rerun_is_bitwise_identical(crash_data, crash_script):
+    """One run SIGKILLed at 6 points, each time started again with the same command: before its 2nd step,
+    before the rename of its 1st ckpt.pt, in the middle of its 1st evaluation, just after the rename of its
+    2nd ckpt.pt (iter 3), between the two renames of an export that replaces model/ (iter 4), and before the
+    rename of results.json (after the last checkpoint). The last start ends the run; every file it leaves
+    (ckpt.pt, model/, results.json, log.jsonl, config.json) is bitwise that of the uninterrupted run (fp32,
+    CPU, dropout on), and one more start says 'finished', exits 0 and changes nothing."""
+    d, flags = crash_data
+    out = d / "crashed"
+    points = [{"at": "step", "n": 2}, {"at": "replace", "name": "ckpt.pt", "n": 1},
+              {"at": "classify", "n": 2}, {"at": "replaced", "name": "ckpt.pt", "n": 2},
+              {"at": "replace", "name": "model", "n": 1}, {"at": "replace", "name": "results.json", "n": 1}]
+    for spec in points:
+        r = _crash_run(crash_script, "dhrd.py", [*flags, f"--out_dir={out}"], [spec], d)
+        assert r.returncode == -9, (spec, r.stdout, r.stderr)
+        if spec.get("name") == "model":
+            assert not (out / "model").exists() and (out / "model.old").is_dir()  # cut between the renames
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter"] == 8 and not (out / "results.json").exists()
+    r = _train_run(*flags, f"--out_dir={out}", cwd=d, env={"OMP_NUM_THREADS": "1"})
+    assert "continuing the run in" in r.stdout and "from its ckpt.pt at iter 8" in r.stdout
+    full = _crash_outputs(d / "full")
+    assert _crash_outputs(out) == full
+    r = _train_run(*flags, f"--out_dir={out}", cwd=d, env={"OMP_NUM_THREADS": "1"})
+    assert r.stdout.startswith(f"dhrd.py: {out} holds a finished run (iter 8, val accuracy ")
+    assert _crash_outputs(out) == full
+
+
+def test_train_sigusr1_checkpoints_at_the_next_step_and_the_rerun_is_exact(crash_data, crash_script):
+    """SIGUSR1 (SLURM's warning; SIGTERM takes the same path) during step 4: the run writes ckpt.pt at the end
+    of step 5, a step that neither evaluates nor checkpoints, says so in one line, and exits with 143
+    (requeue me); the same command continues it to the uninterrupted run's files, bit for bit. --eval_only,
+    which has nothing to checkpoint, ends at SIGTERM as a program does by default."""
+    d, flags = crash_data
+    out = d / "signalled"
+    r = _crash_run(crash_script, "dhrd.py", [*flags, f"--out_dir={out}"],
+                   [{"at": "step", "n": 4, "signal": "SIGUSR1"}], d)
+    assert r.returncode == dhrd.REQUEUE_EXIT == 143, r.stderr
+    assert r.stderr.splitlines()[-1] == (f"dhrd.py: stopped by SIGUSR1 at iter 5, after writing "
+                                         f"{out}/ckpt.pt: the same command continues the run (exit status "
+                                         "143: requeue me)")
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter"] == 5
+    assert [l["iter"] for l in _train_log(out)] == [1, 2, 3, 4, 5] and not (out / "results.json").exists()
+    r = _train_run(*flags, f"--out_dir={out}", cwd=d, env={"OMP_NUM_THREADS": "1"})
+    assert "from its ckpt.pt at iter 5" in r.stdout
+    assert _crash_outputs(out) == _crash_outputs(d / "full")
+    r = _crash_run(crash_script, "dhrd.py", [f"--init_from={out}", "--eval_only=True"],
+                   [{"at": "classify", "n": 1, "signal": "SIGTERM"}], d)
+    assert r.returncode == -signal.SIGTERM and r.stdout == "", (r.returncode, r.stderr)
+
+
+def test_train_torchrun_restart_after_a_kill_and_sigterm_continue_exactly(crash_data, crash_script):
+    """torchrun --nproc_per_node=2 --max-restarts=2, Gloo, 3 kill points in one command. Attempt 0: SIGUSR1
+    to rank 1 alone (SLURM may signal some ranks only) at its 1st optimizer update: both ranks stop after
+    step 2, an evaluation that both ranks share, with ckpt.pt written, and exit 143; torchrun restarts them
+    (they meet in the store again: a prefix per attempt) and they continue from iter 2. Attempt 1: rank 1
+    SIGKILLed before its 5th update (after the step's all-reduces: rank 0 ends step 5, which neither
+    evaluates nor checkpoints, and fails in step 6's); the restart continues from the last checkpoint, iter
+    4. Attempt 2: in its 2nd step rank 0 sends SIGTERM to torchrun, which passes it to both workers: both
+    stop after step 7 (no evaluation, no --ckpt_interval) with ckpt.pt written, exit 143, and torchrun ends.
+    The same torchrun command then ends the run: ckpt.pt, model/, results.json and the log bitwise those of
+    the uninterrupted 2-process run."""
+    d, flags = crash_data
+    flags = [*flags, "--gradient_accumulation_steps=2", "--dropout=0.0"]  # 0: rank 1 is reseeded on resume
+    _train_torchrun(*flags, f"--out_dir={d / 'two'}", cwd=d)
+    out = d / "two-crashed"
+    specs = [{"at": "step", "n": 1, "rank": 1, "attempt": 0, "signal": "SIGUSR1"},
+             {"at": "step", "n": 3, "rank": 1, "attempt": 1},
+             {"at": "step", "n": 2, "rank": 0, "attempt": 2, "signal": "SIGTERM_PARENT"}]
+    r = _crash_run(crash_script, "dhrd.py", [*flags, f"--out_dir={out}"], specs, d, torchrun=True)
+    assert r.returncode != 0, r.stderr
+    said = r.stdout + r.stderr
+    stopped = f"dhrd.py: stopped by a signal to another rank at iter 2, after writing {out}/ckpt.pt"
+    assert stopped in said, said
+    for it in (2, 4):
+        assert f"continuing the run in {out} from its ckpt.pt at iter {it}\n" in r.stdout, said
+    assert f"dhrd.py: stopped by SIGTERM at iter 7, after writing {out}/ckpt.pt" in r.stderr, said
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter"] == 7
+    r = _train_torchrun(*flags, f"--out_dir={out}", cwd=d)
+    assert "from its ckpt.pt at iter 7" in r.stdout
+    assert _crash_outputs(out) == _crash_outputs(d / "two")
+
+
 # epochs (--max_epochs, --eval_interval=epoch), the presets in config/, the Table 1 driver (experiments/)
 
 def test_train_epochs_resolved_and_their_errors(tmp_path):
