@@ -697,10 +697,11 @@ class GPT(nn.Module):
         return out[:, :n]
 
     @classmethod
-    def from_pretrained(cls, path_or_name, num_labels=None, **overrides):
-        """HF folder or hub name -> GPT. A checkpoint `score` head is loaded and sets num_labels; num_labels=K
-        without one adds a fresh head. overrides: GPTConfig fields (dropout, head, pooling, ...)."""
-        folder = resolve_model_dir(path_or_name)
+    def from_pretrained(cls, path_or_name, num_labels=None, revision="main", **overrides):
+        """HF folder or hub name (at `revision`: a branch, tag or commit sha) -> GPT. A checkpoint `score`
+        head is loaded and sets num_labels; num_labels=K without one adds a fresh head. overrides: GPTConfig
+        fields (dropout, head, pooling, ...)."""
+        folder = resolve_model_dir(path_or_name, revision=revision)
         fields = config_from_hf(folder / "config.json")
         act_key = FAMILIES[fields["model_type"]].keys["activation"][0]
         check(fields["activation"] in ACT, folder / "config.json", f"{act_key} {fields['activation']!r} is "
