@@ -904,13 +904,14 @@ def _answer(tokens, eos, tok):
 
 
 @torch.no_grad()
-def class_probs(model, seqs, meta, cot, device, ctx, bs, cot_tokens, tok=None, rt=None):
+def class_probs(model, seqs, meta, cot, device, ctx, bs, cot_tokens, tok=None, rt=None, compile=False):
     """[N, K] per token list x: the pooled head's probabilities, or (cot) a one-hot of the decoded label,
-    a zero row when the decoded text names none. Under torchrun (rt) the ranks share the work: the
-    length-sorted batches are dealt out in turn (batch j to rank j % world), so the shares cost about the same
-    and each batch is the very one a single process runs (the same rows, padding and numbers: bitwise equal
-    results); each rank fills its rows and a sum over the ranks puts every row in input order (a row is
-    nonzero on one rank only: exact). Every rank returns the whole [N, K]."""
+    a zero row when the decoded text names none. compile: decode with generate's compiled step (see
+    decode_compiled). Under torchrun (rt) the ranks share the work: the length-sorted batches are dealt out in
+    turn (batch j to rank j % world), so the shares cost about the same and each batch is the very one a
+    single process runs (the same rows, padding and numbers: bitwise equal results); each rank fills its rows
+    and a sum over the ranks puts every row in input order (a row is nonzero on one rank only: exact). Every
+    rank returns the whole [N, K]."""
     model.eval()
     out = np.zeros((len(seqs), len(meta["labels"])))
     verbal = {meta["verbalizers"][l]: i for i, l in enumerate(meta["labels"])}
@@ -936,7 +937,8 @@ def class_probs(model, seqs, meta, cot, device, ctx, bs, cot_tokens, tok=None, r
         with ctx:
             if cot:
                 new = min(cot_tokens, model.config.block_size - L)
-                gen = model.generate(ids, new, eos_token_id=meta["eos_id"], attention_mask=mask)
+                gen = model.generate(ids, new, eos_token_id=meta["eos_id"], attention_mask=mask,
+                                     compile=compile)
             else:
                 out[chunk] = F.softmax(model.classify(ids, mask).float(), -1).cpu().numpy()
         if cot:
@@ -946,6 +948,8 @@ def class_probs(model, seqs, meta, cot, device, ctx, bs, cot_tokens, tok=None, r
         done += len(chunk)
     progress.update(done)
     progress.close()
+    if compile:  # the compiled step's static caches stay on the model between calls: free them for training
+        model.decode_caches = None
     model.train()
     if world > 1:
         dist.all_reduce(torch.from_numpy(out), group=rt.host_group)  # in place: the tensor is out's memory
@@ -994,12 +998,20 @@ def report_text(report):
     return "\n".join(lines)
 
 
+def decode_compiled(cfg, rt):
+    """Whether CoT evaluation compiles generate's decode step: with --compile on CUDA (one CUDA graph a step).
+    On a CPU the eager step is the fast one (bf16 packed weights, which inductor does not take: GPT-2-124M,
+    batch 8, 40.6 ms eager vs 43.1 ms compiled, 2-core EPYC); under FSDP the shards' hooks break the graph."""
+    return cfg.compile and rt.dev_type == "cuda" and not cfg.fsdp
+
+
 def evaluate(model, split, meta, cot, cfg, rt, tok):
     """-> (the task's official metrics, class_report) of model on a split (tokens, index rows); under torchrun
     every rank evaluates its share and gets the same result."""
     toks, rows = split
     xs = [toks[s:s + x] for s, x in zip(rows[:, prepare.START], rows[:, prepare.X_LEN])]
-    probs = class_probs(model, xs, meta, cot, rt.device, rt.ctx, cfg.eval_batch_size, cfg.cot_tokens, tok, rt)
+    probs = class_probs(model, xs, meta, cot, rt.device, rt.ctx, cfg.eval_batch_size, cfg.cot_tokens, tok, rt,
+                        decode_compiled(cfg, rt))
     gold = rows[:, prepare.LABEL]
     val = metrics(meta["metric"], probs, gold, rows[:, prepare.GROUP], yes_id(meta))
     return val, class_report(probs, gold, meta["labels"])
@@ -1727,7 +1739,7 @@ def predict(cfg, rt):
             raise ConfigError(f"{cfg.predict}:{ln}: the text {t!r} has no tokens and the tokenizer no BOS: "
                               f"the pooled head has none to read; give the row some text")
     probs = class_probs(model, seqs, meta, cot, rt.device, rt.ctx, cfg.eval_batch_size, cfg.cot_tokens, tok,
-                        rt)
+                        rt, decode_compiled(cfg, rt))
     out = Path(cfg.predictions or Path(cfg.predict).with_suffix(".pred.jsonl"))
     if not rt.master:  # under torchrun every rank predicted its share; rank 0 writes them all
         return out

@@ -5,21 +5,24 @@ trained from ONE forward pass (paper Eq. 4); at inference the pooled head alone.
 Reading and writing Hugging Face folders (safetensors, config.json, tokenizers, hub downloads) is hf.py's.
 
 - GPTConfig: every size and switch of the five families (hf.FAMILIES sets them from config.json)
-- RMSNorm, rope, KVCache, CausalSelfAttention, MLP, Block: one module per idea, switches instead of copies
+- RMSNorm, rope, KVCache / StaticKVCache, CausalSelfAttention, MLP, Block: one module per idea, switches
+  instead of copies
 - fused_lm_loss (the fused masked LM loss, Eq. 3) and reference_lm_loss (the same, plain, to edit)
 - token_kl: KL between two models' next-token distributions at the LM targets (dhrd's --kl_coef, --kd_coef)
 - DualOutput (what forward returns, always) and dual_loss (Eq. 4, the one place it is written; extra terms
   such as the KL ones enter through forward's `terms` and dual_loss's `weights`, nowhere else)
-- _sample: greedy, temperature and nucleus sampling for generate
+- _sample: greedy, temperature and nucleus sampling for generate, no host sync on a GPU; PackedLinear: the
+  CPU decode's weights in oneDNN's blocked layout
 - LoRA (paper App. E.4): add_lora, lora_disabled, merged export, save_lora / load_lora
-- GPT: embeddings, blocks (grad_checkpoint: recomputed in backward), both heads, pooling, generate with a KV
-  cache, from_pretrained / save_pretrained, configure_optimizers, flops_per_token
+- GPT: embeddings, blocks (grad_checkpoint: recomputed in backward), both heads, pooling, generate (prefill,
+  then a one-token decode step on a static cache that torch.compile captures whole) and generate_reference
+  (the same tokens, plainly), from_pretrained / save_pretrained, configure_optimizers, flops_per_token
 - native_dtype: what dtype=auto means on this device
 Deps: torch, hf.py, plumbing.py (atomic_write).
 """
 import json
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
@@ -156,6 +159,27 @@ class KVCache:
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
+CACHE_ROUND = 64  # a compiled generate's StaticKVCaches hold T + new slots rounded up to a multiple of this
+EOS_CHECK = 8     # generate asks the device whether every row is done once per EOS_CHECK tokens
+
+
+class StaticKVCache:
+    """The fast generate's cache of one layer: [B, n_kv, n_slots, hd] buffers made before the first decode
+    step, written at the slots given as a tensor and read whole, so every step has the same shapes and
+    torch.compile captures one graph for all of them (on CUDA one CUDA graph, at fixed buffer addresses).
+    The attention mask hides the slots not written yet; they hold zeros, not garbage (0 x NaN is NaN)."""
+
+    def __init__(self, k, v):
+        self.k = k
+        self.v = v
+
+    def update(self, slots, k, v):
+        """Write k, v [B, n_kv, T, hd] at slots [T] (a tensor) -> the whole buffers."""
+        self.k.index_copy_(2, slots, k.to(self.k.dtype))
+        self.v.index_copy_(2, slots, v.to(self.v.dtype))
+        return self.k, self.v
+
+
 class CausalSelfAttention(nn.Module):
     """Grouped-query attention: n_kv_head K/V heads, each shared by n_head // n_kv_head query heads."""
 
@@ -190,16 +214,35 @@ class CausalSelfAttention(nn.Module):
         if rot is not None:  # Llama/Qwen: rotary positions, applied before k enters the cache
             q = _rotate(q, *rot)
             k = _rotate(k, *rot)
+        p_drop = self.dropout if self.training else 0.0
         if cache is not None:
             k, v = cache.update(start, k, v)
+        if cache is not None and T == 1:  # decoding: one new token per row against the cache
+            return self.o_proj(_attend_one(q, k, v, mask, p_drop).reshape(B, 1, -1))
         if self.n_kv != self.n_head:  # each K/V head serves n_head // n_kv query heads (HF repeat_kv)
             k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
         # softmax(q k^T / sqrt(hd)): GPT-2 divides the scores, OPT scales q after q_proj; same maths as SDPA's
         # default scale. No mask -> is_causal, which keeps SDPA on its flash / memory-efficient kernels.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                           dropout_p=self.dropout if self.training else 0.0)
+                                           dropout_p=p_drop)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def _attend_one(q, k, v, mask, p_drop):
+    """Attention of one query per row, q [B, H, 1, hd], over the cache k, v [B, n_kv, S, hd] (mask
+    [B, 1, 1, S] or None) -> [B, H, 1, hd], written out as HF's eager attention (scores in the matmul dtype,
+    softmax in fp32). SDPA's CPU flash kernel is slow on a one-row query in bf16: GPT-2 shape, batch 8, 128
+    slots, one layer 1317 -> 209 us (2-core EPYC). The g = H / n_kv query heads of a K/V head are one matmul,
+    so grouped-query attention reads the cache once instead of repeating it."""
+    B, H, _, hd = q.shape
+    n_kv = k.shape[1]
+    q = q.view(B, n_kv, H // n_kv, hd)  # query head i * g + j uses K/V head i, as repeat_interleave has it
+    scores = (q @ k.transpose(-1, -2)).float() / math.sqrt(hd)  # [B, n_kv, g, S]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    att = F.dropout(scores.softmax(-1), p_drop).to(v.dtype)
+    return (att @ v).view(B, H, 1, hd)
 
 
 class MLP(nn.Module):
@@ -368,18 +411,71 @@ def dual_loss(out, y, alpha, beta, weights=None):
 # Sampling the next token in generate: greedy, temperature, nucleus (paper App. E.6: 0.1 and 0.7 for CoT).
 
 def _sample(logits, temperature, top_p, generator):
+    """The next token [B] of fp32 logits [B, V]: the argmax (temperature 0), else a draw at `temperature`
+    from the nucleus, the fewest most likely tokens that hold more than top_p of the mass. No host sync on a
+    GPU."""
     if temperature == 0.0:
         return logits.argmax(-1)
     probs = F.softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:  # nucleus: keep the smallest prefix of sorted tokens whose mass reaches top_p
+    if top_p >= 1.0:
+        return _draw(probs, generator)[:, 0]
+    if probs.is_cuda:  # a full sort takes microseconds there, and a branch on its result would be a sync
+        sp, si = probs.sort(-1, descending=True)
+    else:
         # Sort only the top 64: if they already hold more than top_p, no later token can be in the nucleus
         # (exact); else sort all V. Saves a full sort of V=50257 per row: 30.7 -> 0.7 ms per step at batch 8.
+        # Reading the flag is no sync on a CPU, where the tensor already is in memory.
         sp, si = probs.topk(min(64, probs.shape[-1]), -1)
         if not bool((sp.sum(-1) > top_p).all()):
             sp, si = probs.sort(-1, descending=True)
-        sp[(sp.cumsum(-1) - sp) > top_p] = 0.0
-        return si.gather(-1, torch.multinomial(sp, 1, generator=generator))[:, 0]
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    sp[(sp.cumsum(-1) - sp) > top_p] = 0.0
+    return si.gather(-1, _draw(sp, generator))[:, 0]
+
+
+def _draw(probs, generator):
+    """[B, 1]: torch.multinomial(probs, 1)'s own draw, argmax(p / Exp(1)) (the same tokens from the same
+    generator), without its input checks, which read two values back to the host."""
+    return (probs / torch.empty_like(probs).exponential_(1, generator=generator)).argmax(-1, keepdim=True)
+
+
+class PackedLinear(nn.Module):
+    """A Linear with its weight in oneDNN's blocked layout for `rows`-row inputs, in `dtype`: generate's
+    decode matmuls on a CPU (inductor's freezing packs a frozen graph's weights the same way). Unpacked, oneDNN
+    reorders a bf16 weight at every call (a skinny matmul reads it twice and writes it once: packed, the same
+    products), and MKL's fp32 GEMM of a few rows reads the weight slowly (packed: products within rounding,
+    ~1e-6, of F.linear's). GPT-2-124M's 73 decode matmuls timed alone, batch 1 / 8, one thread, 2-core EPYC
+    (AVX-512-BF16), torch 2.13: bf16 F.linear 43.5 / 53.7 ms, pre-transposed x @ W^T 46.4 / 59.5,
+    torch.utils.mkldnn 53.4 / 60.1, packed 23.9 / 31.6 ms (10.3 / 7.8 GB/s); fp32 F.linear 57.7 / 104.4,
+    MKL-packed 46.3 / 106.2, packed 47.3 / 52.9 ms (oneDNN capped to AVX2: F.linear 51.8 / 67.7, packed
+    47.1 / 48.8): fp32 packs for more than one row only. The whole decode step compiled instead (inductor
+    takes no packed weight; freezing would keep stale ones after a training step): bf16 34.9 / 43.1 ms, eager
+    packed 23.9 / 40.6 ms."""
+
+    def __init__(self, linear, rows, dtype):
+        super().__init__()
+        self.dtype = dtype
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach().to(dtype), rows)
+        self.bias = None
+        if linear.bias is not None:
+            self.bias = linear.bias.detach().to(dtype)
+
+    def forward(self, x):
+        return torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.weight, self.bias, "none", [], "")
+
+
+@contextmanager
+def packed_linears(model, rows, dtype):
+    """Every nn.Linear of `model` swapped for its PackedLinear for the duration: one pass over the weights
+    (GPT-2-124M: ~0.15 s a call in bf16, ~0.4 s in fp32)."""
+    swaps = [(m, name, child) for m in model.modules() for name, child in m.named_children()
+             if type(child) is nn.Linear]
+    for m, name, linear in swaps:
+        setattr(m, name, PackedLinear(linear, rows, dtype))
+    try:
+        yield model
+    finally:
+        for m, name, linear in swaps:
+            setattr(m, name, linear)
 
 # ----------------------------------------------------------------------------------------------------------
 # LoRA (Hu et al. 2021), as the paper trains its backbones (App. E.4: r=16, alpha=32, dropout 0.1 on
@@ -546,6 +642,7 @@ class GPT(nn.Module):
         self.lm_loss = fused_lm_loss  # Eq. 3; reference_lm_loss computes the same, plainly
         self.source_dir = None  # the folder from_pretrained read; save_pretrained copies its tokenizer files
         self.lora = None  # add_lora's settings (rank, alpha, dropout, targets) once it has added adapters
+        self.decode_caches = None  # a compiled generate's StaticKVCaches, kept for its next call
         self.grad_checkpoint = False  # recompute each block in backward (dhrd.py --grad_checkpoint)
         self.apply(self._init_weights)
         for name, p in self.h.named_parameters():  # GPT-2 paper §2.3: residual projections by 1/sqrt(2 L)
@@ -660,14 +757,113 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=0.0, top_p=1.0, eos_token_id=None,
-                 attention_mask=None, generator=None):
+                 attention_mask=None, generator=None, compile=False):
         """Left-padded prompts [B,T] -> [B, T+new] with a KV cache; temperature 0 = greedy (HF's tokens).
-        Rows past eos_token_id are filled with pad (or eos) like HF; stops early once every row is done."""
+        Rows past eos_token_id are filled with pad (or eos) like HF; stops once every row is done. As gpt-fast
+        decodes: the prompt's forward (prefill) as generate_reference runs it, then one _decode_step per token
+        on StaticKVCaches, the same shapes at every step; compile=True compiles that step, no graph breaks
+        (CUDA: mode reduce-overhead, CUDA graphs). Sampling and EOS stay on the device: the host reads `done`
+        once per EOS_CHECK tokens. On a CPU the decode step's matmuls use packed weights (PackedLinear).
+        The tokens are generate_reference's (the tests hold them equal; fp32 packed products differ from
+        F.linear's by rounding)."""
         B, T = idx.shape
+        lm_head = self._check_generate(T, max_new_tokens)
+        dev = idx.device
+        n_slots = T + max_new_tokens
+        if compile:  # an evaluation's prompts of many lengths share a few shapes: few recompilations
+            n_slots = -(-n_slots // CACHE_ROUND) * CACHE_ROUND
+        real = torch.ones_like(idx, dtype=torch.bool)
+        if attention_mask is not None:
+            real = attention_mask.to(dev).bool()
+        if bool(real.all()):
+            attention_mask = None  # no padding: SDPA's causal fast path
+        keys = F.pad(real, (0, n_slots - T), value=True)  # slots of real tokens (those still to come count)
+        slots = torch.arange(n_slots, device=dev)
+        step = self._decode_step
+        if compile:
+            mode = None
+            if idx.is_cuda:
+                mode = "reduce-overhead"
+            step = torch.compile(self._decode_step, fullgraph=True, mode=mode)
+        packed = nullcontext()
+        pack_dtype = cpu_packed_dtype(self, B)
+        if dev.type == "cpu" and pack_dtype is not None and not compile:  # inductor takes no packed weights
+            packed = packed_linears(self, B, pack_dtype)
+        out = F.pad(idx, (0, max_new_tokens))
+        pad = self.config.pad_token_id if self.config.pad_token_id is not None else eos_token_id
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        n = T
+        pos, mask = self._mask(attention_mask, T, causal_ok=False)
+        prompt = [KVCache(T) for _ in self.h]
+        logits = lm_head(self._final(self._blocks(idx, pos, mask, prompt)[:, -1])).float()
+        caches = self._static_caches(prompt, n_slots, keep=compile)
+        pos = pos[:, -1] + 1
+        with packed:
+            while True:
+                tok = _sample(logits, temperature, top_p, generator)
+                if eos_token_id is not None:
+                    tok = torch.where(done, pad, tok)
+                    done |= tok == eos_token_id
+                out[:, n] = tok
+                n += 1
+                if n == T + max_new_tokens:
+                    break
+                if eos_token_id is not None and (n - T) % EOS_CHECK == 0 and bool(done.all()):
+                    break
+                if compile and idx.is_cuda:
+                    torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are consumed
+                logits = step(tok, pos, slots[n - 1:n], keys, caches)
+                pos = pos + 1
+        if eos_token_id is not None and bool(done.all()):  # end where generate_reference stops: at the EOS
+            n = T + 1 + int((out[:, T:n] == eos_token_id).int().argmax(1).max())  # that finished the last row
+        return out[:, :n]
+
+    def _check_generate(self, T, max_new_tokens):
+        """-> the LM head, once T + max_new_tokens fits the positions."""
         lm_head = self.require_lm_head("generate")
         if T + max_new_tokens > self.config.block_size:
             raise ValueError(f"prompt {T} + {max_new_tokens} new tokens exceeds block_size "
                              f"{self.config.block_size}")
+        return lm_head
+
+    def _static_caches(self, prompt, n_slots, keep):
+        """StaticKVCaches of n_slots holding the prompt's keys and values (the KVCaches `prompt`). keep (a
+        compiled step): reused by the next call of the same shapes; CUDA graphs replay at fixed addresses."""
+        k0 = prompt[0].k
+        B, n_kv, T, hd = k0.shape
+        caches = self.decode_caches
+        same = caches and caches[0].k.shape == (B, n_kv, n_slots, hd) and caches[0].k.dtype == k0.dtype
+        if not (keep and same and caches[0].k.device == k0.device):
+            caches = []
+            for _ in prompt:
+                k = k0.new_zeros(B, n_kv, n_slots, hd)
+                v = k0.new_zeros(B, n_kv, n_slots, hd)
+                if k.is_cuda:  # CUDA graphs: the buffers are the graph's own, updated in place
+                    torch._dynamo.mark_static_address(k)
+                    torch._dynamo.mark_static_address(v)
+                caches.append(StaticKVCache(k, v))
+        self.decode_caches = caches if keep else None
+        for c, p in zip(caches, prompt):
+            c.k[:, :, :T] = p.k
+            c.v[:, :, :T] = p.v
+            c.k[:, :, T:] = 0.0
+            c.v[:, :, T:] = 0.0
+        return caches
+
+    def _decode_step(self, tok, pos, slot, keys, caches):
+        """generate's step: tokens tok [B] at position ids pos [B], cache slot `slot` [1] -> the next token's
+        logits [B, V] (fp32). slot is a tensor and the mask spans every slot: one graph for every step."""
+        mask = keys & (torch.arange(keys.shape[1], device=keys.device) <= slot)  # [B, n_slots]
+        h = self._blocks(tok[:, None], pos[:, None], mask[:, None, None, :], caches, slot)
+        return self.lm_head(self._final(h[:, -1])).float()
+
+    @torch.no_grad()
+    def generate_reference(self, idx, max_new_tokens, temperature=0.0, top_p=1.0, eos_token_id=None,
+                           attention_mask=None, generator=None):
+        """generate, plainly: the same arguments and tokens, one growing KVCache, a forward per token and a
+        look at `done` after each; the loop to read and to edit (the tests hold generate equal to it)."""
+        B, T = idx.shape
+        lm_head = self._check_generate(T, max_new_tokens)
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # no padding: SDPA's causal fast path
         pos, mask = self._mask(attention_mask, T, causal_ok=False)
@@ -773,6 +969,21 @@ class GPT(nn.Module):
 
 # ----------------------------------------------------------------------------------------------------------
 # The device.
+
+def cpu_packed_dtype(model, rows):
+    """The dtype a CPU decode of `rows` rows packs the model's weights in (PackedLinear), or None: bfloat16
+    where its matmuls run in native bf16 (bf16 weights or bf16 autocast, on a CPU with the instructions;
+    elsewhere bf16 is emulated, ~60x slower, and packing gains nothing), float32 for fp32 matmuls of more than
+    one row (one row: packed no faster than F.linear), else None."""
+    dtype = model.wte.weight.dtype
+    if torch.is_autocast_enabled("cpu"):
+        dtype = torch.get_autocast_dtype("cpu")
+    if dtype == torch.bfloat16 and native_dtype("cpu")[0] == "bfloat16":
+        return torch.bfloat16
+    if dtype == torch.float32 and rows > 1:
+        return torch.float32
+    return None
+
 
 def native_dtype(device):
     """(dtype name, reason): the fastest dtype `device` computes natively; what dtype=auto means everywhere.

@@ -23,6 +23,7 @@ selects exactly one section; the short `-k train` also takes the few other names
             recompilations, bench.py on the device): skipped without a GPU; DHRD_TEST_DEVICE=cpu runs
             them on the CPU
 """
+import dataclasses
 import datetime
 import email.utils
 import errno
@@ -321,6 +322,152 @@ def test_gpt_sampling_and_cache_match_recompute():
     g = lambda: torch.Generator().manual_seed(3)
     a, b = m.generate(p, 8, temperature=1.0, generator=g()), m.generate(p, 8, temperature=1.0, generator=g())
     assert torch.equal(a, b) and a.shape == (1, 13)
+
+
+GENERATE_FIXTURES = ["gpt2", "opt", "opt350", "llama", "qwen2", "qwen3"]
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models' many small ops on one thread: on a loaded 2-core machine every op's thread barrier can
+    wait a whole time slice for a preempted thread (a 40-token tiny generate: 0.07 s alone, seconds with
+    two)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("name", GENERATE_FIXTURES)
+def test_gpt_generate_equals_reference_on_fixtures(name, one_thread):
+    """generate (prefill, then StaticKVCache decode steps; EOS read every EOS_CHECK tokens) gives the tokens
+    of generate_reference (the plain loop) on every parity fixture in fp32: one prompt, the left-padded
+    batch, EOS, and sampling with a fixed seed. The draws are identical, not only alike: both call _sample.
+    The batch of 3 decodes through fp32 PackedLinear weights (products within ~1e-6 of F.linear's): the tokens
+    still agree on every fixture."""
+    r, m = _gpt_ref(name), GPT.from_pretrained(FIX / name).eval()
+    ids, am = r["genb_input_ids"], r["genb_attention_mask"]
+    m.config.pad_token_id = int(ids[2, 0])
+    g = lambda: torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        assert torch.equal(m.generate(r["gen1_input_ids"], 12), m.generate_reference(r["gen1_input_ids"], 12))
+        for kw in (dict(), dict(eos_token_id=int(r["gen_eos_id"])), dict(temperature=1.0),
+                   dict(temperature=1.0, top_p=0.9), dict(temperature=0.1, top_p=0.7)):
+            fast = m.generate(ids, 20, attention_mask=am, generator=g(), **kw)
+            ref = m.generate_reference(ids, 20, attention_mask=am, generator=g(), **kw)
+            assert torch.equal(fast, ref), kw
+
+
+def test_gpt_generate_stops_where_reference_stops(one_thread):
+    """Every token id of a tiny model as the EOS of a sampled, left-padded batch (fixed seed): generate reads
+    `done` only every EOS_CHECK tokens, then cuts back to the token that finished the last row, so it returns
+    generate_reference's tensor, shape included. Among the ids: batches that stop early, between two checks,
+    and not at all."""
+    m = _gpt_tiny("llama", pad_token_id=0)
+    torch.manual_seed(1)
+    ids = torch.randint(1, 61, (2, 6))
+    am = torch.ones_like(ids)
+    am[1, :2] = 0
+    stops = []
+    with torch.no_grad():
+        for eos in range(61):
+            kw = dict(eos_token_id=eos, attention_mask=am, temperature=1.0)
+            ref = m.generate_reference(ids, 40, generator=torch.Generator().manual_seed(eos), **kw)
+            fast = m.generate(ids, 40, generator=torch.Generator().manual_seed(eos), **kw)
+            assert torch.equal(fast, ref), eos
+            stops.append(ref.shape[1] - ids.shape[1])
+    assert min(stops) < 40 and max(stops) == 40, stops
+    assert any(n % gpt.EOS_CHECK for n in stops if n < 40), stops
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "qwen3"])
+def test_gpt_decode_step_is_one_graph(model_type, monkeypatch, one_thread):
+    """generate(compile=True) hands torch.compile a decode step it captures whole (fullgraph=True: a graph
+    break raises) and once: one graph for every step of a call and for the next call of the same shapes (a
+    prompt of another length in the same CACHE_ROUND slots). A counting backend stands in for inductor; the
+    compiled path itself runs in test_cuda_compiled_generate_equals_reference."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, fullgraph, mode: real(fn, fullgraph=fullgraph,
+                                                                           backend=backend))
+    torch._dynamo.reset()
+    m = _gpt_tiny(model_type)
+    ids = torch.randint(0, 61, (2, 5))
+    am = torch.ones_like(ids)
+    am[1, :2] = 0
+    try:
+        with torch.no_grad():
+            for T in (5, 4):
+                fast = m.generate(ids[:, :T], 9, attention_mask=am[:, :T], compile=True)
+                assert torch.equal(fast, m.generate_reference(ids[:, :T], 9, attention_mask=am[:, :T]))
+    finally:
+        torch._dynamo.reset()
+    assert len(graphs) == 1
+
+
+@pytest.mark.skipif(not gpt.native_dtype("cpu")[0] == "bfloat16", reason="needs a CPU with native bf16")
+def test_gpt_packed_bf16_decode_equals_unpacked(one_thread):
+    """On a CPU with native bf16, generate decodes through PackedLinear (oneDNN's blocked weights): the same
+    products as F.linear's, so the same tokens as generate_reference, with bf16 weights and under autocast;
+    the model's own Linear modules are back afterwards."""
+    m = _gpt_tiny("llama")
+    ids = torch.randint(0, 61, (3, 6))
+    linears = [mod for mod in m.modules() if type(mod) is torch.nn.Linear]
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert gpt.cpu_packed_dtype(m, 3) == torch.bfloat16
+            assert torch.equal(m.generate(ids, 12), m.generate_reference(ids, 12))
+        m = m.bfloat16()
+        assert torch.equal(m.generate(ids, 12, temperature=1.0, generator=torch.Generator().manual_seed(0)),
+                           m.generate_reference(ids, 12, temperature=1.0,
+                                                generator=torch.Generator().manual_seed(0)))
+    assert [mod for mod in m.modules() if type(mod) is torch.nn.Linear] == linears
+
+
+def test_gpt_packed_fp32_decode(monkeypatch, one_thread):
+    """fp32 decoding of more than one row packs its weights too (oneDNN's fp32 kernel streams them faster than
+    MKL's few-row GEMM): products within rounding of F.linear's, and here the tokens of generate_reference;
+    one row is not packed (no faster). The model's own Linear modules are back afterwards."""
+    lin = torch.nn.Linear(64, 192)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        assert (gpt.PackedLinear(lin, 3, torch.float32)(x) - lin(x)).abs().max() < 1e-5
+    m = _gpt_tiny("gpt2")
+    assert gpt.cpu_packed_dtype(m, 3) == torch.float32 and gpt.cpu_packed_dtype(m, 1) is None
+    packs = []
+    real = gpt.PackedLinear.__init__
+
+    def spy(self, linear, rows, dtype):
+        packs.append((rows, dtype))
+        real(self, linear, rows, dtype)
+    monkeypatch.setattr(gpt.PackedLinear, "__init__", spy)
+    ids = torch.randint(0, 61, (3, 6))
+    linears = [mod for mod in m.modules() if type(mod) is torch.nn.Linear]
+    with torch.no_grad():
+        assert torch.equal(m.generate(ids, 12), m.generate_reference(ids, 12))
+        assert set(packs) == {(3, torch.float32)} and len(packs) == len(linears)
+        m.generate(ids[:1], 4)
+    assert len(packs) == len(linears)
+    assert [mod for mod in m.modules() if type(mod) is torch.nn.Linear] == linears
+
+
+def test_gpt_sample_draws_as_multinomial():
+    """_draw is torch.multinomial(p, 1)'s own algorithm without its host-side input checks: the same token
+    from the same generator, zeros never drawn; the nucleus keeps the fewest tokens holding more than
+    top_p."""
+    g1 = torch.Generator().manual_seed(5)
+    g2 = torch.Generator().manual_seed(5)
+    p = torch.softmax(torch.randn(4, 300), -1)
+    p[:, 7] = 0.0
+    for _ in range(50):
+        assert torch.equal(gpt._draw(p, g1), torch.multinomial(p, 1, generator=g2))
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0] + [-30.0] * 96])  # softmax ~ 0.64, 0.24, 0.09, 0.03
+    drawn = {int(gpt._sample(logits, 1.0, 0.8, g1)) for _ in range(300)}
+    assert drawn == {0, 1}  # 0.64 < 0.8 <= 0.64 + 0.24: the nucleus is the first two tokens
 
 
 def test_gpt_bf16_autocast_cpu():
@@ -2860,20 +3007,24 @@ class _TrainFakeLM:
     def __init__(self, tok, answers):
         self.tok = tok
         self.answers = answers
+        self.compiled = []
+        self.decode_caches = "kept"
 
     def eval(self):
         pass
 
     train = eval
 
-    def generate(self, idx, n, eos_token_id=None, attention_mask=None):
+    def generate(self, idx, n, eos_token_id=None, attention_mask=None, compile=False):
+        self.compiled.append(compile)
         outs = [self.tok.encode(a) + [eos_token_id] * n for a in self.answers[:len(idx)]]
         return torch.cat([idx, torch.tensor([o[:n] for o in outs])], 1)
 
 
 def test_train_cot_answer_parsing(monkeypatch, capsys):
     """beta=0 evaluation: the verbalised label after the last "Final Answer:" line; anything else = no
-    prediction. Evaluation that takes long shows its progress (here: always)."""
+    prediction. Evaluation that takes long shows its progress (here: always). With --compile on CUDA (not
+    FSDP) it decodes with the compiled step and then drops the model's static caches."""
     meta = dict(labels=["No", "Yes"], verbalizers={"No": "No", "Yes": "Yes"}, pad_id=40, eos_id=39)
     tok = prepare.CharTokenizer("\n +,-0123456789:;=>?AFNRYabcdegilnorsw")
     answers = ["\nReasoning:\nb=1+2=3\nFinal Answer:\nYes", "\nReasoning:\nb=9\nFinal Answer:\nNo",
@@ -2887,6 +3038,17 @@ def test_train_cot_answer_parsing(monkeypatch, capsys):
     err = capsys.readouterr().err.splitlines()
     assert err[0].startswith("dhrd.py: evaluating: 0/4 (0%)")
     assert err[-1].startswith("dhrd.py: evaluating: 4/4 (100%)")
+    assert set(model.compiled) == {False} and model.decode_caches == "kept"
+    # --compile on CUDA: the compiled decode step, its static caches freed for the training that follows
+    rt = dhrd.Runtime(ddp=False, rank=0, local_rank=0, world=1, master=True, device="cuda", dev_type="cuda",
+                      dtype="bfloat16", dtype_why="", ctx=None, micro=1, host_group=None)
+    compiled = dhrd.decode_compiled(dhrd.Config(compile=True), rt)
+    assert compiled and not dhrd.decode_compiled(dhrd.Config(compile=True, fsdp=True), rt)
+    on_cpu = dataclasses.replace(rt, device="cpu", dev_type="cpu")
+    assert not dhrd.decode_compiled(dhrd.Config(compile=True), on_cpu)
+    probs = dhrd.class_probs(model, seqs, meta, True, "cpu", torch.no_grad(), 8, 60, tok, compile=compiled)
+    assert probs.tolist() == [[0, 1], [1, 0], [0, 0], [0, 0]]
+    assert model.compiled[-1] is True and model.decode_caches is None
 
 
 def test_train_class_report_handmade():
@@ -3543,7 +3705,8 @@ BENCH_TINY = ["--batch_size=4", "--seq_len=16", "--cot_batch_size=2", "--cot_tok
               "--train_batch_size=2", "--train_seq_len=12", "--agree_batches=2", "--warmup=0", "--repeats=2",
               # 4096 rows x 4096 vocab: the naive loss holds several [4096, 4096] fp32 tensors (64 MB each),
               # the fused one only [chunk, 4096] pieces, so fused < naive must hold by a wide margin
-              "--mem_vocab=4096", "--mem_seq_len=4096"]
+              "--mem_vocab=4096", "--mem_seq_len=4096",
+              "--threads=1"]  # a tiny model's small ops: one thread is faster on a loaded 2-core machine
 
 
 def _bench_run(*args, timeout=600):
@@ -3581,6 +3744,24 @@ def test_bench_end_to_end_json(lora_rank, tmp_path):
     assert r["speedup"] == r["pooled"]["qps"] / r["cot"]["qps"]
     assert r["cot"]["tokens_per_s"] == pytest.approx(r["cot"]["qps"] * 5)
     assert r["pooled"]["agreement_n"] == 8 and 0 <= r["pooled"]["agreement_fp32"] <= 1
+    # the limits, measured in the run, and each figure's fraction of the one that bounds it
+    lim = r["limits"]
+    assert r["threads"] == 1  # --threads
+    assert lim["read_gb_s"] > 0 and lim["copy_gb_s"] > 0 and lim["matmul_peak_tflops"] > 0
+    assert lim["peak_gb_s"] is None and lim["peak_tflops"] is None  # datasheet peaks: GPUs only
+    for fig in (r["pooled"], r["train"]):
+        assert fig["gemm_tflops"] > 0
+        assert fig["roofline_fraction"] == pytest.approx(fig["tflops"] / fig["gemm_tflops"])
+    c1 = r["cot_batch1"]
+    assert c1["batch_size"] == 1 and c1["new_tokens"] == 5 and r["cot"]["compiled"] is False
+    for ct in (r["cot"], c1):
+        if ct["step_ms"] is not None:  # None only where the prefill-only call timed slower (tiny model)
+            assert ct["roofline_fraction"] == pytest.approx(ct["roofline_step_ms"] / ct["step_ms"])
+    m = bench.load_model(str(model_dir))  # fp32: 4 bytes a weight; the tied head counted once, wpe not at all
+    weights = 4 * (sum(p.numel() for p in m.parameters()) - m.wpe.weight.numel() - m.score.weight.numel())
+    kv = 2 * 2 * 32 * 4  # K and V, 2 layers, 32 channels, fp32, per cached token
+    assert bench.decode_step_bytes(m, 2, 10) == weights + 2 * 10 * kv
+    assert "pooled QPS" in p.stdout and "% read" in p.stdout and "% GEMM" in p.stdout
     m = r["lm_loss_memory"]
     assert 0 < m["fused_peak_mb"] < m["naive_peak_mb"]
     assert m["naive_peak_mb"] > 32  # at least one [4096, 4096] logits tensor was measured
@@ -3591,7 +3772,7 @@ def test_bench_builtin_shape_is_gpt2_124m():
     # `--init_from=gpt2` builds the real shape without a download: 124,439,808 parameters (tied
     # embeddings, as HF counts GPT2LMHeadModel) plus the bias-free 768 x 2 pooled head
     model = bench.load_model("gpt2")
-    assert sum(p.numel() for p in model.parameters()) == 124_439_808 + 768 * bench.num_labels
+    assert sum(p.numel() for p in model.parameters()) == 124_439_808 + 768 * bench.Config.num_labels
 
 
 @pytest.mark.parametrize("name, hf_params", [("llama-3.1-8b", 8_030_261_248), ("llama-3.2-3b", 3_212_749_824),
@@ -3602,7 +3783,7 @@ def test_bench_paper_shapes_have_the_public_parameter_counts(name, hf_params):
     model = bench.load_model(name, "meta")
     c = model.config
     assert next(model.parameters()).is_meta
-    assert sum(p.numel() for p in model.parameters()) == hf_params + c.n_embd * bench.num_labels
+    assert sum(p.numel() for p in model.parameters()) == hf_params + c.n_embd * bench.Config.num_labels
     family = (c.norm, c.glu, c.activation, c.bias, c.qkv_bias, c.pre_ln)
     assert family == ("rmsnorm", True, "silu", False, False, True)
     assert c.qk_norm == name.startswith("qwen3")
@@ -3640,16 +3821,12 @@ def test_bench_bad_flag_cli():
     ("--dtype=float16", "float16 on CUDA only"),
     ("--seq_len=65", "exceeds the model's block_size 64"),
     ("--train_lora_rank=-1", "0 (full fine-tuning) or a LoRA rank >= 1"),
+    ("--threads=-2", "0 (torch's default) or a number of threads >= 1"),
 ])
-def test_bench_bad_flags(arg, needle, tmp_path, monkeypatch):
+def test_bench_bad_flags(arg, needle, tmp_path):
     model_dir = _bench_tiny_model(tmp_path / "tiny")
-    saved = dict(vars(bench))  # main() writes the flags into the module globals (nanoGPT style)
-    monkeypatch.setattr(sys, "argv", ["bench.py", f"--init_from={model_dir}", arg])
-    try:
-        with pytest.raises(bench.ConfigError) as e:  # plumbing.ConfigError; __main__ prints it as one line
-            bench.main()
-    finally:
-        vars(bench).update(saved)
+    with pytest.raises(bench.ConfigError) as e:  # plumbing.ConfigError; __main__ prints it as one line
+        bench.main([f"--init_from={model_dir}", arg])
     assert needle in str(e.value)
 
 
@@ -3738,6 +3915,29 @@ def test_cuda_greedy_generate_matches_transformers(folder, ref, _cuda_exact_fp32
     eos = m.generate(r["genb_input_ids"], 12, attention_mask=r["genb_attention_mask"],
                      eos_token_id=int(r["gen_eos_id"]))
     assert torch.equal(eos, r["gen_eos_output"][:, :eos.shape[1]])  # HF pads finished rows
+
+
+@cuda
+@pytest.mark.parametrize("name", ["gpt2", "qwen3"])
+def test_cuda_compiled_generate_equals_reference(name, _cuda_exact_fp32):
+    """generate(compile=True): the decode step through inductor (CUDA: mode reduce-overhead, CUDA graphs, the
+    StaticKVCaches kept for the next call of the same shapes) gives the eager reference's tokens in fp32: the
+    left-padded batch greedy, with EOS, and sampled with a fixed seed (no host sync per token on CUDA), each
+    twice (the second call replays)."""
+    r = _cuda_ref(name)
+    m = GPT.from_pretrained(FIX / name).eval().to(DEV)
+    ids, am = r["genb_input_ids"], r["genb_attention_mask"]
+    m.config.pad_token_id = int(ids[2, 0])
+    g = lambda: torch.Generator(DEV).manual_seed(1)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        for kw in (dict(), dict(eos_token_id=int(r["gen_eos_id"])), dict(temperature=1.0, top_p=0.9)):
+            ref = m.generate_reference(ids, 20, attention_mask=am, generator=g(), **kw)
+            for _ in range(2):
+                assert torch.equal(m.generate(ids, 20, attention_mask=am, generator=g(), compile=True, **kw),
+                                   ref), kw
+    assert m.decode_caches is not None and m.decode_caches[0].k.device == ids.device
+    torch._dynamo.reset()
 
 
 def _cuda_close(a, b, rel=1e-4):

@@ -4,7 +4,9 @@
   1. pooled vs CoT (paper Table 5): pooled QPS, CoT new tokens/s, and the pooled/CoT QPS ratio, dhrd and
      transformers side by side with dhrd/transformers ratios, next to the paper's H100 figures;
   2. the training step: tokens/s of both, and the MFU of both against the peak bench.py used
-     (transformers' step counted with bench.py's FLOPs per token: the same model and step kind).
+     (transformers' step counted with bench.py's FLOPs per token: the same model and step kind);
+  3. bench.py's roofline fractions: pooled and train of the GEMM rate at the model's shapes, a decode step
+     (batch 8 and 1) of the time to read its weights and cached keys/values at the measured bandwidth.
 A figure a run did not produce (a failed or skipped step) shows as '–'."""
 import json
 import sys
@@ -129,6 +131,28 @@ def train_table(runs):
     return "\n".join(rows)
 
 
+def roofline_table(runs):
+    """bench.py's fractions of the limit that bounds each figure, measured in the same run: pooled and train
+    of the GEMM rate at the model's shapes, a decode step of the time to read its bytes at the measured
+    bandwidth."""
+    rows = ["| shape | read GB/s (datasheet) | pooled of GEMM | train of GEMM | decode | step ms, batch 8 "
+            "| of read | step ms, batch 1 | of read |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for shape in ordered(runs):
+        d = runs[shape].get("dhrd")
+        if d is None:
+            continue
+        lim = d.get("limits") or {}
+        decode = "compiled" if get(d, "cot", "compiled") else "eager"
+        cells = [shape, f"{num(lim.get('read_gb_s'), '{:.0f}')} ({num(lim.get('peak_gb_s'), '{:.0f}')})",
+                 pct(get(d, "pooled", "roofline_fraction")), pct(get(d, "train", "roofline_fraction")),
+                 decode, num(get(d, "cot", "step_ms"), "{:.2f}"), pct(get(d, "cot", "roofline_fraction")),
+                 num(get(d, "cot_batch1", "step_ms"), "{:.2f}"),
+                 pct(get(d, "cot_batch1", "roofline_fraction"))]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def main(root):
     runs = load(root)
     if not runs:
@@ -138,6 +162,8 @@ def main(root):
     print(speed_table(runs))
     print()
     print(train_table(runs))
+    print()
+    print(roofline_table(runs))
 
 
 if __name__ == "__main__":
