@@ -1157,8 +1157,7 @@ def setup(cfg):
         if not dist.is_initialized():  # initialized: a driver runs several trainings in one job
             # torchrun --max-restarts starts the new workers on the store of the attempt before (its
             # agent's): without a prefix per attempt they can read the dead workers' addresses from it, and
-            # fail to connect or wait for them (2 Gloo workers, one killed at step 31, torch 2.13, 2-core
-            # CPU: 4 of 8 restarts failed to connect, 0 of 4 with the prefix)
+            # fail to connect or wait for them (4 of 8 restarts failed to connect, 0 of 4 with the prefix)
             store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
             store.set_timeout(timeout)  # what init_process_group does with a store it makes itself
             attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
