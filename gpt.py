@@ -988,7 +988,8 @@ def native_dtype(device):
     CPU: bfloat16 only with native bf16 matrix instructions (AVX-512-BF16 or AMX) that oneDNN is allowed to
     use, else float32: without them bf16 matmuls are emulated, ~150x slower than fp32 (experiments/README.md,
     "Engineering measurements"). cpuinfo's flags alone are not enough: ONEDNN_MAX_CPU_ISA can forbid the
-    instructions; oneDNN's check sees it. CUDA: bfloat16 where the card has it (Ampere+), else float16 with a gradient scaler."""
+    instructions; oneDNN's check sees it. CUDA: bfloat16 where the card has it (Ampere+), else float16 with a
+    gradient scaler."""
     if str(device).startswith("cuda"):
         if torch.cuda.is_bf16_supported():
             return "bfloat16", "native bf16"
