@@ -599,8 +599,7 @@ def main(argv=None):
     pooled["roofline_fraction"] = pooled["tflops"] / pooled["gemm_tflops"]
 
     # decoding runs with weights in `dtype` (on the CPU on a copy): a decode step is a few small matmuls,
-    # and autocast's casts and fp32 side ops cost more than the matmuls there (gpt2: 60 -> 107 new tok/s,
-    # 2-core EPYC)
+    # and autocast's casts and fp32 side ops cost more than the matmuls there (gpt2: 60 -> 107 new tok/s)
     infer = model
     if model.wte.weight.dtype != ptdtype:
         infer = copy.deepcopy(model).to(ptdtype)

@@ -285,12 +285,10 @@ class Block(nn.Module):
 class _FusedLMLoss(torch.autograd.Function):
     """Head + CE without the [N, V] logits, in [rows, chunk] pieces. Pass 1: each row's logsumexp; pass 2
     (training) recomputes a slice's logits and writes its gradients, a weight-gradient slice in one matmul per
-    block (no [V, D] temporaries). bench.py, V=50257, 1024 rows, bf16, fwd+bwd: peak 724 MB (one-pass row
-    chunks) -> 183 MB (naive full logits: 673 MB); the 4th head matmul costs nothing measurable here
-    (1144 -> 1106 ms, 2-core EPYC VM). Only the gradients autograd needs are made: with a frozen head (LoRA)
-    neither the [V, D] fp32 weight-gradient buffer nor its matmul exists. h [256, 576], V=49152 (SmolLM2's
-    head), head frozen, fwd+bwd, the two versions alternated in one process, 2-core Xeon, torch 2.13: fp32
-    1249 -> 869 ms, bf16 1043 -> 844 ms (min of 12); peak memory beyond the inputs 128 -> 17 MB."""
+    block (no [V, D] temporaries): bench.py's peak at V=50257, 1024 rows, 724 MB with one-pass row chunks ->
+    183 MB (full logits: 673 MB), the 4th head matmul at no measurable cost. Only the gradients autograd
+    needs are made: with a frozen head (LoRA) neither the [V, D] fp32 weight-gradient buffer nor its matmul
+    exists (SmolLM2's head: peak beyond the inputs 128 -> 17 MB)."""
 
     @staticmethod
     def forward(ctx, h, w, t, chunk, rows, need_h, need_w):
@@ -893,10 +891,11 @@ class GPT(nn.Module):
         return out[:, :n]
 
     @classmethod
-    def from_pretrained(cls, path_or_name, num_labels=None, **overrides):
-        """HF folder or hub name -> GPT. A checkpoint `score` head is loaded and sets num_labels; num_labels=K
-        without one adds a fresh head. overrides: GPTConfig fields (dropout, head, pooling, ...)."""
-        folder = resolve_model_dir(path_or_name)
+    def from_pretrained(cls, path_or_name, num_labels=None, revision="main", **overrides):
+        """HF folder or hub name (at `revision`: a branch, tag or commit sha) -> GPT. A checkpoint `score`
+        head is loaded and sets num_labels; num_labels=K without one adds a fresh head. overrides: GPTConfig
+        fields (dropout, head, pooling, ...)."""
+        folder = resolve_model_dir(path_or_name, revision=revision)
         fields = config_from_hf(folder / "config.json")
         act_key = FAMILIES[fields["model_type"]].keys["activation"][0]
         check(fields["activation"] in ACT, folder / "config.json", f"{act_key} {fields['activation']!r} is "
@@ -953,8 +952,8 @@ class GPT(nn.Module):
         params = [p for p in self.parameters() if p.requires_grad]
         decay = {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay}
         no_decay = {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}
-        # fused AdamW, on CPU too (torch >= 2.4): the GPT-2-124M optimizer step 2138 ms (foreach) -> 76 ms,
-        # bench.py's train step on the 2-core EPYC dev VM; it was the largest single cost of a CPU train step
+        # fused AdamW, on CPU too (torch >= 2.4): the GPT-2-124M optimizer step 2138 -> 76 ms (foreach); it was
+        # the largest single cost of a CPU train step
         return torch.optim.AdamW([decay, no_decay], lr=learning_rate, betas=betas,
                                  fused=device_type in ("cuda", "cpu"))
 
@@ -987,10 +986,10 @@ def cpu_packed_dtype(model, rows):
 def native_dtype(device):
     """(dtype name, reason): the fastest dtype `device` computes natively; what dtype=auto means everywhere.
     CPU: bfloat16 only with native bf16 matrix instructions (AVX-512-BF16 or AMX) that oneDNN is allowed to
-    use, else float32. 1024x1024 matmul, 2-core Xeon (AMX), torch 2.13: bf16 1131 vs fp32 255 GFLOP/s; the
-    same machine with oneDNN/MKL capped to AVX2 (as an AVX2-only CPU): bf16 0.70 (emulated) vs fp32 108
-    GFLOP/s. cpuinfo's flags alone are not enough: ONEDNN_MAX_CPU_ISA can forbid the instructions; oneDNN's
-    check sees it. CUDA: bfloat16 where the card has it (Ampere+), else float16 with a gradient scaler."""
+    use, else float32: without them bf16 matmuls are emulated, ~150x slower than fp32 (experiments/README.md,
+    "Engineering measurements"). cpuinfo's flags alone are not enough: ONEDNN_MAX_CPU_ISA can forbid the
+    instructions; oneDNN's check sees it. CUDA: bfloat16 where the card has it (Ampere+), else float16 with a
+    gradient scaler."""
     if str(device).startswith("cuda"):
         if torch.cuda.is_bf16_supported():
             return "bfloat16", "native bf16"

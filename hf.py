@@ -5,28 +5,46 @@
 - FAMILIES: one record per model family (gpt2, opt, llama, qwen2, qwen3) with everything loading AND saving
   need: config.json keys and transformers' defaults, architectures, tensor names, fixed flags
 - config.json <-> plain dicts of GPTConfig field values; tensor names ours <-> HF's
-- the tokenizer: GPT-2 byte-level BPE as a tiktoken Encoding (tokenizer.json or vocab.json + merges.txt)
-- hub names: resolve_model_dir (a cache folder, downloading what is missing), download (resumable, checked)
+- the tokenizer: GPT-2 byte-level BPE as a tiktoken Encoding (tokenizer.json or vocab.json + merges.txt): the
+  tokenizers of GPT-2, OPT, Llama 3.x, SmolLM2, Qwen2/3. SentencePiece tokenizers (Llama 2, Mistral, Gemma)
+  are refused with a CheckpointError
+- downloads: fetch_file / download (unique temporary names, a lock, resumed with If-Range, size and hashes
+  checked, retried with backoff)
+- hub names: resolve_model_dir -> a snapshot of the Hugging Face hub cache (shared with transformers), with
+  HF_ENDPOINT, HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE, HF_TOKEN as huggingface_hub reads them
 Deps: torch, numpy, tiktoken, plumbing.py (atomic_write, Progress), stdlib.
 """
+import contextlib
+import glob
 import hashlib
+import http.client
 import json
 import math
 import os
+import random
 import re
 import shutil
+import sys
+import time
 import unicodedata
 import urllib.error
 import urllib.request
+import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
+from urllib.parse import quote, urlsplit
 
 import numpy as np
 import tiktoken
 import torch
 
 from plumbing import Progress, atomic_write
+
+try:
+    import fcntl  # the download lock (POSIX); without it, unique temporary names alone keep files intact
+except ImportError:
+    fcntl = None
 
 
 class CheckpointError(ValueError):
@@ -284,7 +302,7 @@ OPT = Family(
     null_if_derived=(),
 )
 
-LLAMA = Family(  # Llama 2/3.x, SmolLM2: RMSNorm, rotary positions, SwiGLU, grouped-query attention
+LLAMA = Family(  # Llama 3.x, SmolLM2: RMSNorm, rotary positions, SwiGLU, grouped-query attention
     causal_lm="LlamaForCausalLM",
     seq_cls="LlamaForSequenceClassification",
     keys=dict(
@@ -574,6 +592,11 @@ TOKENIZER_FILES = (
     "special_tokens_map.json",
     "generation_config.json",
 )
+# what a refusal says: the tokenizers reproduced exactly, and those that are not (SentencePiece's
+# byte-fallback BPE has no tiktoken form here, nor reference ids from the real tokenizers to test one against)
+SUPPORTED_TOKENIZERS = ("supported: GPT-2 byte-level BPE, the tokenizers of GPT-2, OPT, Llama 3.x, SmolLM2 "
+                        "and Qwen2/3; not SentencePiece ones (tokenizer.model, byte_fallback: Llama 2, "
+                        "Mistral, Gemma)")
 GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 
@@ -631,7 +654,7 @@ def _read_tokenizer_json(file):
     unsupported = ("byte_fallback", "dropout", "continuing_subword_prefix", "end_of_word_suffix")
     bad = {k: m.get(k) for k in unsupported}
     check(m.get("type") == "BPE" and not any(bad.values()), file,
-          f"model {m.get('type')} {bad}: only byte-level BPE is supported")
+          f"model {m.get('type')} {bad} is not byte-level BPE ({SUPPORTED_TOKENIZERS})")
     check(t.get("normalizer") in (None, {"type": "NFC"}), file, f"normalizer {t.get('normalizer')} is not "
           "supported (only NFC, Qwen2's)")
     pattern = _pretokenizer(t.get("pre_tokenizer"), file)
@@ -654,6 +677,13 @@ def _read_vocab_merges(folder):
     vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
     merges = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
     return _BPEFiles(vocab, merges, {}, GPT2_PAT, False, None, folder / "vocab.json", folder / "merges.txt")
+
+
+def _check_ids(ids, where, n):
+    """Token ids are ints from 0 to 2n - 1, n the number of tokens (real files: dense, 0 to n - 1)."""
+    for s, i in ids.items():
+        check(type(i) is int and 0 <= i < 2 * n, where, f"token {s!r} has id {i!r}; ids must be ints from 0 "
+              f"to {2 * n - 1} (twice the {n} tokens): the file is corrupt")
 
 
 def _tokenizer_meta(folder):
@@ -696,7 +726,7 @@ class Tokenizer:
                 bpe = _read_vocab_merges(folder)
         except FileNotFoundError as e:
             raise CheckpointError(f"{e.filename}: missing; a tokenizer folder needs tokenizer.json or "
-                                  "vocab.json + merges.txt") from None
+                                  f"vocab.json + merges.txt ({SUPPORTED_TOKENIZERS})") from None
         except CheckpointError:  # a ValueError too: reported as it is, not as invalid JSON
             raise
         except ValueError as e:
@@ -706,7 +736,7 @@ class Tokenizer:
         order = [s for _, s in sorted((i, s) for s, i in vocab.items() if len(s) == 1 and s in byte_of)]
         check(all(chr(c) in vocab for c in range(33, 127)) and "Ġ" in vocab, bpe.vocab_file,
               f"has {len(order)} of the 256 byte tokens and not all of the printable ASCII ones; "
-              "not GPT-2 byte-level BPE")
+              f"not GPT-2 byte-level BPE ({SUPPORTED_TOKENIZERS})")
         for ln, line in enumerate(bpe.merges, 1):
             if not line.strip() or line.startswith("#version"):
                 continue
@@ -730,6 +760,10 @@ class Tokenizer:
         for k, v in meta.get("added_tokens_decoder", {}).items():
             added[_content(v)] = int(k)
         full = {**vocab, **added}
+        # decode's id -> bytes table has max id + 1 rows: a hostile id of 2e9 would be a 16 GB list
+        sources = ((vocab, bpe.vocab_file), (bpe.added, tj), (added, folder / "tokenizer_config.json"))
+        for ids, where in sources:
+            _check_ids(ids, where, len(full))
         opt_like = "</s>" in vocab and "<s>" in vocab
         roles = ("bos_token", "eos_token", "unk_token", "pad_token")
         named = [_content(meta[k]) for k in roles if meta.get(k)]
@@ -784,140 +818,476 @@ def copy_tokenizer_files(src, dst):
         if (src / f).is_file():
             shutil.copyfile(src / f, dst / f)
 
+
 # ----------------------------------------------------------------------------------------------------------
-# Hub names -> a cache folder. Files come from {DHRD_HUB_URL}/{name}/resolve/main/{file}; sizes and sha256
-# (the LFS oid) from {DHRD_HUB_URL}/api/models/{name}/tree/main when the server offers that listing.
+# Downloads: one verified file from a URL. The bytes go to a temporary name unique to this process (a broken
+# lock then costs bandwidth, never a corrupt file), renamed into place only once complete and checked. A lock
+# file makes the other processes of a job, or a second job on the machine, wait and then use the finished
+# file. A partial file survives a network error: the next try (or run) adopts it and resumes with a Range
+# request, If-Range naming the ETag it was fetched with, so a file changed on the server restarts from zero.
 
-HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
-
-
-def _has(folder, *names):
-    return all((folder / n).is_file() for n in names)
-
-
-def _cached(cache, weights):
-    """Whether the cache folder holds the model (weights=False: the tokenizer) already: then no network."""
-    tokenizer = _has(cache, "tokenizer.json") or _has(cache, "vocab.json", "merges.txt")
-    if not (_has(cache, "config.json") and tokenizer):
-        return False
-    if not weights or _has(cache, "model.safetensors"):
-        return True
-    return _has(cache, INDEX) and _has(cache, *shards(cache / INDEX)[1])
+RETRY_DELAYS = (1.0, 4.0, 16.0)  # seconds before the 2nd, 3rd, 4th try (x0.5-1.5 jitter), or Retry-After
+RETRY_AFTER_MAX = 120.0          # a longer Retry-After is cut to this
 
 
-def _hub_listing(base, name):
-    """{file: (size, sha256 of LFS files or None)} from the tree API; None when offline or not offered."""
+class _Transient(DownloadError):
+    """A failure worth another try: HTTP 429 or 5xx, a dropped connection, a short body."""
+
+    def __init__(self, msg, retry_after=None):
+        super().__init__(msg)
+        self.retry_after = retry_after
+
+
+def _retry_after(headers):
     try:
-        with urllib.request.urlopen(f"{base}/api/models/{name}/tree/main", timeout=30) as r:
-            items = json.loads(r.read())
-        listing = {}
-        for it in items:
-            if it.get("type") == "file":
-                lfs = it.get("lfs") or {}
-                listing[it["path"]] = (lfs.get("size", it.get("size")), lfs.get("oid"))
-        return listing
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return float(headers.get("Retry-After"))
+    except (TypeError, ValueError):  # absent, or an HTTP date: the backoff decides
         return None
 
 
-def _receive(url, part, have, label):
-    """GET url into part, appending from byte `have` with an HTTP Range request; progress on stderr."""
-    headers = {"Range": f"bytes={have}-"} if have else {}
+def _http_error(e, url):
+    """An HTTPError -> the DownloadError to raise: _Transient for 429 and 5xx."""
+    msg = f"{url}: HTTP {e.code} {e.reason}"
+    if e.code == 429 or e.code >= 500:
+        return _Transient(msg, _retry_after(e.headers))
+    return DownloadError(msg)
+
+
+def with_retries(attempt):
+    """attempt() until it returns; a _Transient failure is tried again after RETRY_DELAYS, then raised as
+    one DownloadError that says how many tries were made."""
+    for delay in (*RETRY_DELAYS, None):
+        try:
+            return attempt()
+        except _Transient as e:
+            if delay is None:
+                raise DownloadError(f"{e} (after {len(RETRY_DELAYS) + 1} tries)") from None
+            wait = e.retry_after
+            if wait is None:
+                wait = delay * random.uniform(0.5, 1.5)  # jitter: the ranks of a job do not retry in step
+            time.sleep(min(wait, RETRY_AFTER_MAX))
+
+
+class _SameHostAuth(urllib.request.HTTPRedirectHandler):
+    """Redirects keep the Authorization header only on the host it was sent to: the hub's redirects to its
+    CDN carry signed URLs that need no token, and another host must never see it."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        auth = req.unredirected_hdrs.get("Authorization")
+        same_host = urlsplit(newurl).netloc.lower() == urlsplit(req.full_url).netloc.lower()
+        if new is not None and auth and same_host:
+            new.add_unredirected_header("Authorization", auth)
+        return new
+
+
+_OPENER = urllib.request.build_opener(_SameHostAuth)
+
+
+def http_open(url, headers=None, token=None, timeout=60):
+    """urlopen with `token` as a bearer token for url's host only (an unredirected header: urllib copies
+    ordinary headers to every redirect target)."""
+    req = urllib.request.Request(url, headers=headers or {})
+    if token:
+        req.add_unredirected_header("Authorization", f"Bearer {token}")
+    return _OPENER.open(req, timeout=timeout)
+
+
+@contextlib.contextmanager
+def _locked(lock, label):
+    """An exclusive lock on `lock`: a folder, or a file (created group-writable as huggingface_hub makes it,
+    so users sharing a cache wait for each other; never removed: that would let two holders in)."""
+    if lock.is_dir():
+        fd = os.open(lock, os.O_RDONLY)
+    else:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o664)
     try:
-        req = urllib.request.Request(url, headers=headers)
-        with urllib.request.urlopen(req, timeout=60) as r, open(part, "ab" if have else "wb") as f:
-            if have and r.status != 206:  # the server ignored Range: start over
-                have = f.truncate(0)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"hf.py: waiting for another process to finish downloading {label} ({lock})",
+                  file=sys.stderr, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except (OSError, AttributeError):  # no flock here (some network file systems; no fcntl on Windows):
+            pass                           # the unique temporary names keep the file intact regardless
+        yield
+    finally:
+        os.close(fd)  # and with it the lock
+
+
+def _etag_file(part):
+    return part.with_suffix(".etag")  # f.bin.<id>.part -> f.bin.<id>.etag
+
+
+def _adopt_part(dest, part):
+    """An earlier try's partial file of dest (the largest) and its ETag become ours, by rename: of two
+    processes that reach the same one (a broken lock), one gets it and the other starts afresh."""
+    earlier = sorted(dest.parent.glob(glob.escape(dest.name) + ".*.part"), key=lambda p: p.stat().st_size)
+    for old in reversed(earlier):
+        try:
+            os.rename(old, part)
+        except FileNotFoundError:
+            continue
+        try:
+            os.rename(_etag_file(old), _etag_file(part))
+        except FileNotFoundError:
+            pass
+        return
+
+
+def _content_range_start(r):
+    m = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", r.headers.get("Content-Range", ""))
+    return int(m.group(1)) if m else None
+
+
+def _receive(url, part, token, label):
+    """One GET of url into part, resuming what part holds. Returns once the body is complete (as many bytes
+    as Content-Length said); a dropped or short body raises _Transient and part keeps what came."""
+    have = part.stat().st_size if part.exists() else 0
+    etag_file = _etag_file(part)
+    headers = {"Accept-Encoding": "identity"}  # the bytes of the file itself, so the sizes compare
+    if have:
+        headers["Range"] = f"bytes={have}-"
+        if etag_file.exists():
+            headers["If-Range"] = etag_file.read_text()
+    try:
+        with http_open(url, headers, token) as r, open(part, "r+b" if have else "wb") as f:
+            if have and r.status == 206 and _content_range_start(r) != have:
+                f.truncate(0)  # a range we did not ask for: the next try starts from zero
+                raise _Transient(f"{url}: asked for bytes {have}-, got Content-Range "
+                                 f"{r.headers.get('Content-Range')!r}")
+            if r.status != 206:  # the whole file: Range ignored, or If-Range saw another ETag
+                have = 0
+                f.truncate(0)
+            etag = r.headers.get("ETag")
+            if etag and not etag.startswith("W/"):  # If-Range takes strong validators only
+                etag_file.write_text(etag)
+            else:
+                etag_file.unlink(missing_ok=True)
+            f.seek(have)
             length = r.headers.get("Content-Length")
             total = have + int(length) if length else None
             with Progress(label, total, done=have, unit=" MB", scale=1e6) as progress:
                 while chunk := r.read(1 << 20):
                     have += f.write(chunk)
                     progress.update(have)
+    except DownloadError:
+        raise
     except urllib.error.HTTPError as e:
-        if not (e.code == 416 and have):  # 416 on a resume: the .part is already complete
-            raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from None
-    except OSError as e:  # URLError, timeouts, resets
-        raise DownloadError(f"could not download {url} ({getattr(e, 'reason', e)}). Offline? Put the files "
-                            f"in a local folder and pass its path instead (the partial {part} resumes next "
-                            "time)") from None
+        if e.code == 416 and have:  # nothing after byte `have`: complete, if the server's size agrees
+            size = (e.headers.get("Content-Range") or "").rpartition("/")[2]
+            if size == str(have):
+                return
+            part.unlink()  # longer than the server's file: the next try starts from zero
+            raise _Transient(f"{url}: HTTP 416, the file is {size} bytes, the partial one {have}") from None
+        raise _http_error(e, url) from None
+    except (OSError, http.client.HTTPException) as e:  # URLError, timeouts, resets, IncompleteRead
+        raise _Transient(f"could not download {url} ({getattr(e, 'reason', e)}); the partial {part} resumes "
+                         "on the next try. Offline? Put the files in a local folder and pass its path "
+                         "instead") from None
+    if total is not None and have != total:
+        raise _Transient(f"{url}: the connection closed after {have} of {total} bytes (truncated)")
 
 
-def _fetch_verified(url, part, expected_size, sha256, label):
-    """Complete part (resuming what an earlier try left), check size and sha256; a bad file is removed."""
-    have = part.stat().st_size if part.exists() else 0
-    if expected_size is not None and have > expected_size:
-        have = 0  # a stale .part: start over
-    if expected_size is None or have < expected_size:
-        _receive(url, part, have, label)
-    size = part.stat().st_size
+def _checked(path, expected_size, sha256, git_sha1):
+    """None if path has the expected size and hashes (those given), else what is wrong."""
+    size = path.stat().st_size
     if expected_size is not None and size != expected_size:
-        if size > expected_size:
-            part.unlink()
-            raise DownloadError(f"{url}: got {size} bytes, expected {expected_size}; the file was removed")
-        raise DownloadError(f"{url}: got {size} bytes, expected {expected_size} "
-                            "(interrupted: run again to resume)")
-    if sha256:
-        with open(part, "rb") as f:
+        return f"got {size} bytes, expected {expected_size}"
+    with open(path, "rb") as f:
+        if sha256:
             got = hashlib.file_digest(f, "sha256").hexdigest()
-        if got != sha256.lower():
+            if got != sha256.lower():
+                return f"sha256 {got} is not the expected {sha256}"
+        if git_sha1:  # the hub's id of a file kept in git itself: sha1 of "blob <size>\0" + the bytes
+            h = hashlib.sha1(f"blob {size}\0".encode())
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+            if h.hexdigest() != git_sha1.lower():
+                return f"git blob sha1 {h.hexdigest()} is not the expected {git_sha1}"
+        os.fsync(f.fileno())  # the bytes are on disk before the name says the file is complete
+    return None
+
+
+def fetch_file(url, dest, lock, expected_size=None, sha256=None, git_sha1=None, token=None, desc=None):
+    """url -> dest, complete and checked (size, sha256, git blob sha1: those given), under the lock file
+    `lock`; a process that finds dest already there (another one finished it) downloads nothing. A part
+    is resumed only when something can tell a spliced file: its ETag (If-Range) or a hash."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(Path(lock), desc or url):
+        if dest.is_file():
+            return dest
+        part = dest.with_name(f"{dest.name}.{uuid.uuid4().hex[:12]}.part")
+        _adopt_part(dest, part)
+        if part.exists() and not (_etag_file(part).exists() or sha256 or git_sha1):
+            part.unlink()  # nothing could tell an old part of another file: start over
+        with_retries(lambda: _receive(url, part, token, desc or url))
+        problem = _checked(part, expected_size, sha256, git_sha1)
+        if problem:
             part.unlink()
-            raise DownloadError(f"{url}: sha256 {got} is not the expected {sha256}; the file was removed")
+            _etag_file(part).unlink(missing_ok=True)
+            raise DownloadError(f"{url}: {problem}; the file was removed")
+        os.replace(part, dest)
+        _etag_file(part).unlink(missing_ok=True)
+    return dest
 
 
 def download(url, dest, expected_size=None, sha256=None, desc=None):
-    """urllib download to dest via dest.part, renamed only once complete and verified; resumes a partial .part
-    with an HTTP Range request; progress on stderr. Raises DownloadError naming the URL."""
+    """url -> dest (no credentials sent), checked against expected_size / sha256 where given; the lock is
+    dest's folder (a data folder gets no lock files). Raises DownloadError naming the URL."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write(dest, lambda part: _fetch_verified(url, part, expected_size, sha256, desc or url),
-                        suffix=".part")
+    return fetch_file(url, dest, dest.parent, expected_size, sha256, desc=desc)
+
+# ----------------------------------------------------------------------------------------------------------
+# Hub names -> a snapshot folder of the Hugging Face hub cache, the layout huggingface_hub (transformers,
+# `hf download`) reads and writes, so both share one copy:
+#   $HF_HUB_CACHE/models--<owner>--<name>/blobs/<hash>         the files: sha256 (LFS) or git blob sha1
+#                                        /snapshots/<commit>/<file> -> ../../blobs/<hash>   (relative links)
+#                                        /refs/<revision>           the commit a branch or tag resolved to
+#   $HF_HUB_CACHE/.locks/models--<owner>--<name>/<hash>.lock      huggingface_hub's lock of that blob
+# The model info API ({endpoint}/api/models/<name>/revision/<revision>?blobs=true) gives the commit sha and
+# every file's size and hash; files then come from {endpoint}/<name>/resolve/<commit>/<file>, so they all
+# belong to one commit even if the branch moves meanwhile.
+
+HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+REVISION = re.compile(r"^[\w.-]+(/[\w.-]+)*$")  # a branch, tag or commit sha; refs/pr/1 has slashes
+COMMIT = re.compile(r"^[0-9a-f]{40}$")
+TRUE = ("1", "ON", "YES", "TRUE")  # what huggingface_hub takes as a true environment variable
 
 
-def resolve_model_dir(path_or_name, weights=True):
-    """A local folder as is; a hub name -> DHRD_CACHE/<owner--name>, downloading whatever is missing."""
+class Blob(NamedTuple):  # one file of a hub listing
+    size: int
+    sha256: str | None   # an LFS file's (its blob name)
+    git_sha1: str | None  # a file kept in git itself (its blob name)
+
+    @property
+    def name(self):
+        return self.sha256 or self.git_sha1
+
+
+def hub_endpoint():
+    base = os.environ.get("HF_ENDPOINT") or os.environ.get("DHRD_HUB_URL") or "https://huggingface.co"
+    return base.rstrip("/")
+
+
+def hf_home():
+    default = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "huggingface"
+    return Path(os.environ.get("HF_HOME") or default).expanduser()
+
+
+def hub_cache():
+    cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")  # (its older name)
+    cache = cache or os.environ.get("DHRD_CACHE") or hf_home() / "hub"
+    return Path(cache).expanduser()
+
+
+def hub_offline():
+    return any(os.environ.get(v, "").upper() in TRUE for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def token_file():
+    return Path(os.environ.get("HF_TOKEN_PATH") or hf_home() / "token").expanduser()
+
+
+def hub_token():
+    """HF_TOKEN, else HUGGING_FACE_HUB_TOKEN, else the file `hf auth login` writes; None without one."""
+    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    if not token:
+        try:
+            token = token_file().read_text()
+        except OSError:
+            return None
+    return token.strip() or None
+
+
+def _token_for(base):
+    """The token for the hub at base; never over plain http to another machine (anyone on the way reads
+    it)."""
+    u = urlsplit(base)
+    if u.scheme == "https" or u.hostname in ("127.0.0.1", "localhost", "::1"):
+        return hub_token()
+    return None
+
+
+def hub_commit(folder):
+    """The commit a hub-cache snapshot folder holds (…/snapshots/<sha>), else None (any other folder)."""
+    folder = Path(folder)
+    if folder.parent.name == "snapshots" and COMMIT.match(folder.name):
+        return folder.name
+    return None
+
+
+def _has(folder, *names):
+    return all((folder / n).is_file() for n in names)
+
+
+def _tokenizer_files(has):
+    """The tokenizer files a folder needs, by `has(file)`: tokenizer.json wins (Llama-3 has no vocab.json)."""
+    if has("tokenizer.json"):
+        return ("tokenizer.json",)
+    return ("vocab.json", "merges.txt")
+
+
+def _complete(folder, weights):
+    """Whether folder holds config.json, a tokenizer and (weights=True) the weights: then no network."""
+    if folder is None or not _has(folder, "config.json", *_tokenizer_files(lambda f: _has(folder, f))):
+        return False
+    if not weights or _has(folder, "model.safetensors"):
+        return True
+    return _has(folder, INDEX) and _has(folder, *shards(folder / INDEX)[1])
+
+
+def _snapshot(repo, revision):
+    """The snapshot folder `revision` names in a repo's cache folder: a commit sha as is, a branch or tag by
+    refs/<revision>; None when the cache has no such ref."""
+    if COMMIT.match(revision):
+        return repo / "snapshots" / revision
+    ref = repo / "refs" / revision
+    sha = ref.read_text().strip() if ref.is_file() else ""
+    if not COMMIT.match(sha):
+        return None
+    return repo / "snapshots" / sha
+
+
+def _access_denied(name, code, base, token):
+    """The one line for HTTP 401/403: gated or private, and what to do."""
+    if token:
+        tok = (f"the token sent (HF_TOKEN, HUGGING_FACE_HUB_TOKEN or {token_file()}) was refused or lacks "
+               "access")
+    elif urlsplit(base).scheme != "https" and hub_token():
+        tok = f"no token was sent, as {base} is plain http"
+    else:
+        tok = f"no token was found (HF_TOKEN, HUGGING_FACE_HUB_TOKEN, {token_file()})"
+    return (f"{name}: HTTP {code}: the model is gated or private (or the name is wrong); {tok}. Accept its "
+            f"licence at {base}/{name} while logged in, then set HF_TOKEN to a read token (or run "
+            "`hf auth login`)")
+
+
+def _listing(base, name, revision, token):
+    """-> (commit sha, {file: Blob}) from the model info API, retried on 429/5xx/network errors."""
+    url = f"{base}/api/models/{name}/revision/{quote(revision, safe='')}?blobs=true"
+
+    def attempt():
+        try:
+            with http_open(url, token=token, timeout=30) as r:
+                return r.read()
+        except urllib.error.HTTPError as e:
+            if e.code in (401, 403):
+                raise CheckpointError(_access_denied(name, e.code, base, token)) from None
+            if e.code == 404:
+                raise CheckpointError(f"{name}: no such local folder, and no model {name} with revision "
+                                      f"{revision!r} on {base} (HTTP 404 from {url})") from None
+            raise _http_error(e, url) from None
+        except (OSError, http.client.HTTPException) as e:
+            raise _Transient(f"could not list the files of {name} at {url} ({getattr(e, 'reason', e)}). "
+                             "Offline? Set HF_HUB_OFFLINE=1 to use the hub cache only, or pass a local "
+                             "folder") from None
+    body = with_retries(attempt)
+    try:
+        info = json.loads(body)
+        sha = info["sha"]
+        assert isinstance(sha, str) and COMMIT.match(sha)
+        files = {}
+        for s in info["siblings"]:
+            lfs = s.get("lfs")
+            if lfs:
+                files[s["rfilename"]] = Blob(int(lfs["size"]), str(lfs["sha256"]), None)
+            else:
+                files[s["rfilename"]] = Blob(int(s["size"]), None, str(s["blobId"]))
+    except (ValueError, KeyError, TypeError, AttributeError, AssertionError) as e:
+        raise CheckpointError(f"{url}: not a Hugging Face model listing with a commit sha and file sizes and "
+                              f"hashes ({e!r}); is HF_ENDPOINT a Hugging Face hub?") from None
+    return sha, files
+
+
+def _write_ref(repo, revision, sha):
+    ref = repo / "refs" / revision
+    if ref.is_file() and ref.read_text() == sha:
+        return
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    tmp = ref.with_name(f"{ref.name}.{uuid.uuid4().hex[:12]}.tmp")
+    tmp.write_text(sha)  # no newline, as huggingface_hub writes it
+    os.replace(tmp, ref)
+
+
+def _link(blob, link):
+    """link -> blob as a relative symlink (../../blobs/<hash>), as huggingface_hub makes it; a copy where
+    the file system has no symlinks. Made under a unique name, then renamed over whatever was there."""
+    link.parent.mkdir(parents=True, exist_ok=True)
+    tmp = link.with_name(f".{link.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        os.symlink(os.path.relpath(blob, link.parent), tmp)
+    except OSError:
+        shutil.copyfile(blob, tmp)
+    os.replace(tmp, link)
+
+
+def resolve_model_dir(path_or_name, weights=True, revision="main"):
+    """A local folder as is; a hub name -> its snapshot folder in the hub cache, downloading what is missing
+    (weights=False: config.json and the tokenizer only). revision: a branch, tag or commit sha (hub names
+    only). A complete snapshot needs no network; HF_HUB_OFFLINE=1 never uses it."""
     if Path(path_or_name).expanduser().is_dir():
         return Path(path_or_name).expanduser()
     name = str(path_or_name)
+    revision = revision or "main"
     check(HUB_NAME.match(name) and ".." not in name, name, "no such folder, and not a hub name like 'gpt2'")
-    cache = Path(os.environ.get("DHRD_CACHE", "~/.cache/dhrd")).expanduser() / name.replace("/", "--")
-    base = os.environ.get("DHRD_HUB_URL", "https://huggingface.co").rstrip("/")
-    if _cached(cache, weights):
-        return cache
-    listing = _hub_listing(base, name)
-    files = listing or {}
-
-    def fetch(f):  # into the cache unless it is there; size and checksum from the listing when it has them
-        if not (cache / f).is_file():
-            size, sha256 = files.get(f, (None, None))
-            download(f"{base}/{name}/resolve/main/{f}", cache / f, size, sha256)
-
-    tokenizer = ("vocab.json", "merges.txt")
-    if "tokenizer.json" in files:  # Llama-3 ships no vocab.json
-        tokenizer = ("tokenizer.json",)
+    check(REVISION.match(revision) and ".." not in revision, name, f"revision {revision!r} is not a branch, "
+          "tag or commit sha")
+    cache = hub_cache()
+    repo = cache / ("models--" + name.replace("/", "--"))
+    snapshot = _snapshot(repo, revision)
+    if _complete(snapshot, weights):
+        return snapshot
+    if hub_offline():
+        raise CheckpointError(f"{name}: HF_HUB_OFFLINE is set and the hub cache has no complete copy of "
+                              f"revision {revision!r} in {snapshot or repo} (config.json, tokenizer, "
+                              "weights); unset HF_HUB_OFFLINE to download it, or pass a local folder")
+    base = hub_endpoint()
+    token = _token_for(base)
     try:
-        for f in ("config.json",) + tokenizer + tuple(f for f in TOKENIZER_FILES if f in files):
-            fetch(f)
-    except DownloadError as e:  # most often a mistyped local path
-        raise CheckpointError(f"{name}: no such local folder, and no such model on the hub ({e})") from None
-    if not weights or _has(cache, "model.safetensors"):
-        return cache
-    check(listing is None or {"model.safetensors", INDEX} & set(listing), f"{base}/{name}",
-          f"the repository has no model.safetensors (files: {sorted(files)[:12]}); only safetensors is "
-          "loaded (never pickle): convert it")
-    if listing is None or "model.safetensors" in listing:
-        try:
-            fetch("model.safetensors")
-            return cache
-        except DownloadError:
-            if listing is not None:
-                raise  # without a listing, a 404 here may just mean that the checkpoint is sharded
+        sha, files = _listing(base, name, revision, token)
+    except DownloadError as e:  # one line, as every bad input: the run cannot start without the listing
+        raise CheckpointError(f"{name}: {e}") from None
+    snapshot = repo / "snapshots" / sha
+    if revision != sha:
+        _write_ref(repo, revision, sha)
+
+    def fetch(f):  # blobs/<hash>, unless there already (another repo or tool put it there), then the link
+        check(f in files, f"{base}/{name}", f"{f} is not in the repository at {sha} (files: "
+              f"{sorted(files)[:12]})")
+        blob = files[f]
+        path = repo / "blobs" / blob.name
+        if not (snapshot / f).is_file():
+            lock = cache / ".locks" / repo.name / f"{blob.name}.lock"
+            url = f"{base}/{name}/resolve/{sha}/{quote(f)}"
+            try:
+                fetch_file(url, path, lock, blob.size, blob.sha256, blob.git_sha1, token, desc=f"{name}/{f}")
+            except DownloadError as e:  # one line, as every bad input: the run cannot start without it
+                raise CheckpointError(f"{name}: {e}") from None
+            _link(path, snapshot / f)
+
+    tokenizer = _tokenizer_files(lambda f: f in files)
+    check(set(tokenizer) <= set(files), f"{base}/{name}", f"the repository has no tokenizer.json or "
+          f"vocab.json + merges.txt (files: {sorted(files)[:12]}); {SUPPORTED_TOKENIZERS}")
+    for f in ("config.json",) + tokenizer + tuple(f for f in TOKENIZER_FILES if f in files):
+        fetch(f)
+    if not weights:
+        return snapshot
+    if "model.safetensors" in files:
+        fetch("model.safetensors")
+        return snapshot
+    check(INDEX in files, f"{base}/{name}", f"the repository has no model.safetensors (files: "
+          f"{sorted(files)[:12]}); only safetensors is loaded (never pickle): convert it")
     fetch(INDEX)
-    for s in shards(cache / INDEX)[1]:
+    for s in shards(snapshot / INDEX)[1]:
         fetch(s)
-    return cache
+    return snapshot
 
 
-def load_tokenizer(path_or_name):
-    """A tokenizer folder or hub name -> Tokenizer (a hub name downloads only the tokenizer files)."""
-    return Tokenizer(resolve_model_dir(path_or_name, weights=False), name=path_or_name)
+def load_tokenizer(path_or_name, revision="main"):
+    """A tokenizer folder or hub name -> Tokenizer (a hub name downloads only config.json and the tokenizer
+    files)."""
+    return Tokenizer(resolve_model_dir(path_or_name, weights=False, revision=revision), name=path_or_name)

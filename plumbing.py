@@ -2,12 +2,15 @@
 
 - flags: ConfigError and parse_flags, the one --key=value parser of prepare.py, dhrd.py and bench.py
   (JSON config files as positional arguments, values typed like their defaults)
-- atomic_write: a file goes to a temporary sibling, then one rename
+- atomic_write: a file goes to a temporary sibling, is fsynced, then one rename; replace_dir and
+  recover_dir do the same for a folder (two renames, and the repair of a kill between them)
 - Progress: the progress line of long work on stderr (downloads, teachers, evaluation)
 """
 import difflib
+import errno
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -99,15 +102,106 @@ def parse_flags(argv, defaults, choices=None):
 # ----------------------------------------------------------------------------------------------------------
 # files and progress
 
+# a full disk, a quota, a failing disk: the write cannot succeed as it is, so its temporary goes (a multi-GB
+# ckpt.pt.tmp would keep the disk full); any other error (a download cut off) leaves it to resume from
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EIO)
+
+
+class WriteError(OSError):
+    """A file could not be written for a full disk or an I/O error; the message names it and what was kept."""
+
+
+def fsync(path):
+    """Flush a file's data, or a folder's entries (a rename is durable only once its folder is), to the disk.
+    Folders cannot be opened on Windows, and a few file systems refuse to sync one (EINVAL): skipped."""
+    if os.name == "nt" and Path(path).is_dir():
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno != errno.EINVAL or not Path(path).is_dir():
+            raise
+    finally:
+        os.close(fd)
+
+
+def disk_error(e, path, tmp):
+    """-> the WriteError for OSError e of writing path via tmp (now removed), or None for other errors."""
+    if e.errno not in DISK_ERRORS:
+        return None
+    return WriteError(f"{path}: cannot be written ({os.strerror(e.errno)}); the partial {tmp.name} was "
+                      f"removed and the {path.name} there before, if any, is intact: free space on that disk "
+                      "(or write elsewhere) and run the command again")
+
+
 def atomic_write(path, write, suffix=".tmp"):
-    """write(tmp) fills tmp, a sibling named path + suffix; then tmp replaces path in one rename, so a reader
-    sees the old file or the whole new one, never a part. If write raises, path is untouched and tmp stays
-    (download resumes from its .part; the next write simply overwrites a stale .tmp)."""
+    """write(tmp) fills tmp, a sibling named path + suffix; tmp is fsynced, replaces path in one rename, and
+    the folder is fsynced: after a kill or a power loss a reader finds the old file or the whole new one.
+    A full disk or an I/O error removes tmp and raises WriteError; any other error leaves tmp (a download
+    resumes from its .part; the next write simply overwrites a stale .tmp)."""
     path = Path(path)
     tmp = path.with_name(path.name + suffix)
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        fsync(tmp)
+        os.replace(tmp, path)
+        fsync(path.parent)
+    except OSError as e:
+        error = disk_error(e, path, tmp)
+        if error is None:
+            raise
+        tmp.unlink(missing_ok=True)
+        raise error from None
     return path
+
+
+def _siblings(path):
+    """(path.tmp, path.old): a folder being written, and the previous version during a replace_dir."""
+    return path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+
+
+def begin_dir(path):
+    """-> path.tmp, a new empty folder to fill and then hand to replace_dir(path); first recover_dir(path)
+    repairs what an earlier, killed swap left (its path.tmp may be the only whole copy)."""
+    path = Path(path)
+    recover_dir(path)
+    tmp, _ = _siblings(path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def replace_dir(path):
+    """The complete folder path.tmp (begin_dir) takes path's place: its files and itself fsynced, then path ->
+    path.old, path.tmp -> path (a folder cannot replace a full one in one rename), path.old removed. A kill
+    between the renames leaves no path but a whole path.tmp: recover_dir finishes the swap."""
+    path = Path(path)
+    tmp, old = _siblings(path)
+    for folder, _, files in os.walk(tmp):
+        for f in files:
+            fsync(Path(folder, f))
+        fsync(folder)
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    fsync(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_dir(path):
+    """What a killed replace_dir or folder write left beside path: no path but a path.old means the swap was
+    cut between its renames, when path.tmp was already whole: it becomes path. With path in place, a path.tmp
+    is an unfinished write and a path.old the version replaced: both go."""
+    path = Path(path)
+    tmp, old = _siblings(path)
+    if not path.exists() and old.exists():
+        os.replace(tmp if tmp.exists() else old, path)
+        fsync(path.parent)
+    if path.exists():
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _duration(seconds):

@@ -10,7 +10,9 @@ Output in out_dir (default data/<task>): meta.json and per split S: S.bin (flat 
 (int64 [N,5]: start, x_len, n, label, group) and S.jsonl (idx, group, text, label, rationale). Example i is
 bin[start:start+n]; its first x_len tokens are the input x (BOS first where the tokenizer has one); when the
 label is known a suffix "\\nReasoning:\\n{r}\\nFinal Answer:\\n{y}" + EOS follows (paper App. E.2; without a
-rationale just "\\nFinal Answer:\\n{y}" + EOS). Same inputs -> byte-identical outputs.
+rationale just "\\nFinal Answer:\\n{y}" + EOS). Same inputs -> byte-identical outputs. They are written to
+out_dir.tmp (with links to the other files of out_dir, such as a teacher's rationales.jsonl) and swapped in
+whole: a kill leaves the old outputs or the new ones, never a mix (the next run completes a cut swap).
 """
 import csv
 import email.utils
@@ -23,6 +25,7 @@ import json
 import operator
 import os
 import random
+import shutil
 import sys
 import threading
 import time
@@ -36,8 +39,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gpt import GPT, download, load_tokenizer, native_dtype
-from plumbing import ConfigError, Progress, parse_flags
+from gpt import GPT, CheckpointError, download, load_tokenizer, native_dtype
+from hf import Tokenizer, hub_commit, resolve_model_dir
+from plumbing import (ConfigError, Progress, WriteError, begin_dir, disk_error, parse_flags, recover_dir,
+                      replace_dir)
 
 # synth, the embedded default: modular arithmetic, "a=79,b=a-74;b>49?" -> No, rationale "b=79-74=5". The
 # label needs the intermediate value the rationale spells out, so rationales (alpha>0) can help a pooled head
@@ -92,7 +97,7 @@ def tokenizer_from_meta(meta):
     t = meta["tokenizer"]
     if t["type"] == "char":
         return CharTokenizer(t["chars"])
-    return load_tokenizer(t["name"])
+    return load_tokenizer(t["name"], revision=t.get("revision") or "main")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -929,15 +934,23 @@ def encode_suffix(tok, rationale, y, max_rationale):
     return tok.encode(text) + eos, clipped
 
 
+# what prepare() writes into out_dir: the only files of out_dir that a new prepare replaces; all others stay
+OUTPUTS = ("meta.json", *(f"{s}.{ext}" for s in SPLITS for ext in ("bin", "idx.npy", "jsonl")))
+
+
+def link_or_copy(src, dst):
+    """A hard link (no bytes copied: a teacher's rationales.jsonl of any size), or a copy where the file
+    system has none."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def write_splits(out_dir, splits, labels, verbalizers, tok, max_len, max_rationale):
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Each split's .bin, .idx.npy and .jsonl into the folder out_dir. -> the facts of meta.json."""
     dtype = np.uint16 if tok.vocab_size < 65536 else np.uint32
     stats = dict(counts={}, max_len={}, shortened=0, rationale_clipped=0)
-    for s in SPLITS:
-        if s in splits:
-            continue
-        for ext in ("bin", "idx.npy", "jsonl"):   # a split an earlier run wrote must not outlive this one
-            (out_dir / f"{s}.{ext}").unlink(missing_ok=True)
     for split, exs in splits.items():
         if not exs:
             fail(f"split '{split}' of task has no examples; check the input file for that split")
@@ -1002,9 +1015,10 @@ def prepare(task="synth", out_dir=None, model=None, data_dir=None, fmt="paper", 
             teacher_url=None, teacher_model=None, api_key_env="OPENAI_API_KEY", teacher_batch=8,
             teacher_workers=4, teacher_max_new_tokens=160, teacher_timeout=60.0, teacher_dtype="auto",
             allow_http=False, train_file=None, val_file=None, test_file=None, text_field="text", filter=None,
-            seed=1337, quiet=False):
+            seed=1337, revision="main", quiet=False):
     """Python entry point (dhrd.py calls prepare(task="synth", out_dir=...)). Returns the meta dict."""
     out_dir = Path(out_dir or f"data/{task}")
+    recover_dir(out_dir)   # a run killed while swapping in its outputs: completed, before anything reads them
     if not model:
         model = "char" if task == "synth" else "gpt2"
     if teacher_dtype not in TEACHER_DTYPES:
@@ -1044,17 +1058,33 @@ def prepare(task="synth", out_dir=None, model=None, data_dir=None, fmt="paper", 
         chars = char_vocabulary(splits, verb)
         tok = CharTokenizer(chars)
         tok_meta = dict(type="char", chars=chars)
-    else:
-        tok = load_tokenizer(model)
-        tok_meta = dict(type="bpe", name=str(model))
-    stats = write_splits(out_dir, splits, D["labels"], verb, tok, int(max_len), int(max_rationale))
-    meta = dict(task=task, format=fmt, labels=D["labels"], verbalizers=verb, metric=D["metric"],
-                tokenizer=tok_meta, vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id,
-                pad_id=tok.pad_id, **stats, sources=D["sources"], ablation=ablation,
-                rationale_source=D.get("rationale_source"), dropped=dropped, split_note=D.get("note"),
-                synth=D.get("synth"))
-    text = json.dumps(meta, indent=1, ensure_ascii=False) + "\n"
-    (out_dir / "meta.json").write_text(text, encoding="utf-8")
+    else:  # a hub model's tokenizer at `revision`; meta.json records the commit it resolved to
+        folder = resolve_model_dir(model, weights=False, revision=revision)
+        tok = Tokenizer(folder, name=str(model))
+        tok_meta = dict(type="bpe", name=str(model), revision=hub_commit(folder))
+    tmp = begin_dir(out_dir)
+    try:
+        stats = write_splits(tmp, splits, D["labels"], verb, tok, int(max_len), int(max_rationale))
+        meta = dict(task=task, format=fmt, labels=D["labels"], verbalizers=verb, metric=D["metric"],
+                    tokenizer=tok_meta, vocab_size=tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id,
+                    pad_id=tok.pad_id, **stats, sources=D["sources"], ablation=ablation,
+                    rationale_source=D.get("rationale_source"), dropped=dropped, split_note=D.get("note"),
+                    synth=D.get("synth"))
+        text = json.dumps(meta, indent=1, ensure_ascii=False) + "\n"
+        (tmp / "meta.json").write_text(text, encoding="utf-8")
+        if out_dir.is_dir():
+            shutil.copytree(out_dir, tmp, ignore=lambda d, names: OUTPUTS if Path(d) == out_dir else (),
+                            copy_function=link_or_copy, dirs_exist_ok=True)
+    except PrepareError:
+        shutil.rmtree(tmp, ignore_errors=True)   # nothing of a failed write is kept; out_dir is as it was
+        raise
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        error = disk_error(e, out_dir, tmp)
+        if error is None:
+            raise
+        raise error from None
+    replace_dir(out_dir)
     if not quiet:
         print(f"prepare.py: {task} -> {out_dir}: {stats['counts']}, shortened {stats['shortened']}, "
               f"dropped {dropped}")
@@ -1078,7 +1108,8 @@ if __name__ == "__main__":
     except ConfigError as e:   # a bad flag: one line, no traceback; exit status 2 (usage error, as argparse)
         print(f"prepare.py: error: {e}", file=sys.stderr)
         sys.exit(2)
-    except PrepareError as e:   # bad input data (file, line, field): one line, exit status 1
+    except (PrepareError, CheckpointError, WriteError) as e:   # bad input (file, line, field; a model), a full
+        # disk: one line, exit status 1
         print(f"prepare.py: error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:   # Ctrl-C: what is written stays (whole lines); leave now, not after the

@@ -5,15 +5,18 @@ The sections, in this order. A section's tests share a name prefix: `pytest -k t
 selects exactly one section; the short `-k train` also takes the few other names that contain the word.
   -k gpt    gpt.py: parity with transformers, the fused LM loss, the chunked KL (--kl_coef, --kd_coef), the
             one-pass property, sampling and the KV cache, native dtypes, checkpoints and safetensors,
-            tokenizers, downloads (loopback hub)
+            tokenizers, downloads and the Hugging Face hub cache (a loopback hub: tokens, redirects, retries,
+            resume, offline, two processes at once)
   -k prep   prepare.py: synth, SuperGLUE templates, custom data, rationale import, teachers (a loopback
-            API, a local model), the flag parser every script uses, bad input
+            API, a local model), the flag parser every script uses, bad input, durable writes (a full disk,
+            cut folder swaps), a re-prepare killed at random write points
   -k train  dhrd.py: metrics, config errors, DDP and FSDP == one process (and their checkpoints
             interchangeable; evaluation shared by 2-3 ranks == one process's), exact resume after a kill,
             distillation from a teacher (--kd_teacher), gradient statistics and alpha=auto, eval_only /
             predict, a non-finite loss, compile, CoT decoding, LoRA training, --max_epochs with 1-3
-            processes, the config/ presets, the Table 1 driver (experiments/superglue.py); at its end the
-            tests of gpt.py's LoRA modules (`-k test_lora`)
+            processes, the config/ presets, the Table 1 driver (experiments/superglue.py), --revision's commit
+            recorded, runs that survive (the rerun rule, kills at every write point, SIGUSR1, torchrun
+            --max-restarts + SIGTERM, a full disk); at its end the tests of gpt.py's LoRA modules (`-k test_lora`)
   -k bench  bench.py: the JSON contract on a tiny model, flag errors, the named shapes' parameter counts,
             the LoRA step's FLOPs
   -k cuda   the checks a GPU can break (parity, bf16, decoding, the fused loss, torchrun + compile,
@@ -23,12 +26,14 @@ selects exactly one section; the short `-k train` also takes the few other names
 import dataclasses
 import datetime
 import email.utils
+import errno
 import hashlib
 import http.server
 import io
 import json
 import os
 import pathlib
+import random
 import re
 import shutil
 import signal
@@ -950,39 +955,82 @@ def test_gpt_bad_sharded_index(tmp_path):
 
 
 class _GPTHandler(http.server.BaseHTTPRequestHandler):
-    files = {}  # url path -> bytes
-    hits = []
+    """A loopback file server and hub: byte ranges with If-Range, and knobs a test sets per url path."""
+    files = {}     # url path (query included) -> bytes
+    etags = {}     # url path -> its ETag; an If-Range naming another one gets the whole file (200)
+    redirect = {}  # url path -> where a 302 sends the client
+    fail = {}      # url path -> statuses answered first, one per request (with Retry-After: 0)
+    cut = {}       # url path -> the byte where the body stops, though Content-Length promised all of it
+    lie = set()    # url paths whose 206 answers start at byte 0, whatever the Range asked for
+    hold = {}      # url path -> a threading.Event the answer waits for
+    private = ()   # url path prefixes that need "Authorization: Bearer <token>": 401 without, 403 if wrong
+    token = None
+    hits = []      # (url path, the request's headers)
 
     def log_message(self, *a):
         pass
 
-    def do_GET(self):
-        self.hits.append((self.path, self.headers.get("Range")))
-        body = self.files.get(self.path)
-        if body is None:
-            self.send_response(404)
-            self.end_headers()
-            return
-        start = int(self.headers["Range"].split("=")[1].split("-")[0]) if self.headers.get("Range") else 0
-        if start >= len(body) and start:
-            self.send_response(416)
-            self.end_headers()
-            return
-        self.send_response(206 if start else 200)
-        self.send_header("Content-Length", str(len(body) - start))
+    def answer(self, code, headers=(), body=b""):
+        self.send_response(code)
+        for k, v in headers:
+            self.send_header(k, v)
         self.end_headers()
-        self.wfile.write(body[start:])
+        self.wfile.write(body)
+
+    def do_GET(self):
+        path = self.path
+        self.hits.append((path, self.headers))
+        if path in self.hold:
+            self.hold[path].wait(60)
+        if self.fail.get(path):
+            return self.answer(self.fail[path].pop(0), [("Retry-After", "0")])
+        auth = self.headers.get("Authorization")
+        if path.startswith(self.private) and auth != f"Bearer {self.token}":
+            return self.answer(403 if auth else 401)
+        if path in self.redirect:
+            return self.answer(302, [("Location", self.redirect[path])])
+        body = self.files.get(path)
+        if body is None:
+            return self.answer(404)
+        etag = self.etags.get(path)
+        rng = self.headers.get("Range")
+        start = int(rng.split("=")[1].split("-")[0]) if rng else 0
+        if self.headers.get("If-Range") not in (None, etag):
+            start = 0  # the file changed since the part was fetched: all of it
+        if start >= len(body) and start:
+            return self.answer(416, [("Content-Range", f"bytes */{len(body)}")])
+        first = 0 if path in self.lie else start
+        headers = [("Content-Length", str(len(body) - first))]
+        if etag:
+            headers.append(("ETag", etag))
+        if start:
+            headers.append(("Content-Range", f"bytes {first}-{len(body) - 1}/{len(body)}"))
+        self.answer(206 if start else 200, headers, body[first:self.cut.get(path, len(body))])
 
 
 @pytest.fixture
-def _gpt_server():
-    _GPTHandler.files, _GPTHandler.hits = {}, []
+def _gpt_server(monkeypatch):
+    knobs = dict(files={}, etags={}, redirect={}, fail={}, cut={}, lie=set(), hold={}, private=(), token=None,
+                 hits=[])
+    for k, v in knobs.items():
+        setattr(_GPTHandler, k, v)
+    monkeypatch.setattr(hf, "RETRY_DELAYS", (0.0, 0.0, 0.0))  # retries without the waits
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _GPTHandler)
     th = threading.Thread(target=srv.serve_forever, daemon=True)
     th.start()
     yield f"http://127.0.0.1:{srv.server_address[1]}"
+    for event in _GPTHandler.hold.values():
+        event.set()
     srv.shutdown()
     srv.server_close()
+
+
+def _gpt_dead_url():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens here: looks offline
+    return f"http://127.0.0.1:{port}"
 
 
 def test_gpt_download_resume_and_checks(_gpt_server, tmp_path):
@@ -990,24 +1038,53 @@ def test_gpt_download_resume_and_checks(_gpt_server, tmp_path):
     _GPTHandler.files["/f.bin"] = body
     sha = hashlib.sha256(body).hexdigest()
     dest = tmp_path / "f.bin"
-    (tmp_path / "f.bin.part").write_bytes(body[:123_456])  # an interrupted earlier download
+    (tmp_path / "f.bin.0.part").write_bytes(body[:123_456])  # an interrupted earlier download
     download(f"{_gpt_server}/f.bin", dest, expected_size=len(body), sha256=sha)
-    assert dest.read_bytes() == body and not (tmp_path / "f.bin.part").exists()
-    assert _GPTHandler.hits[-1] == ("/f.bin", "bytes=123456-")
+    assert dest.read_bytes() == body and not list(tmp_path.glob("*.part"))
+    assert _GPTHandler.hits[-1][1]["Range"] == "bytes=123456-"
     with pytest.raises(DownloadError, match="expected 999"):
         download(f"{_gpt_server}/f.bin", tmp_path / "g.bin", expected_size=999)
-    assert not (tmp_path / "g.bin").exists() and not (tmp_path / "g.bin.part").exists()
     with pytest.raises(DownloadError, match="sha256"):
         download(f"{_gpt_server}/f.bin", tmp_path / "h.bin", sha256="0" * 64)
-    assert not (tmp_path / "h.bin").exists() and not (tmp_path / "h.bin.part").exists()
+    assert not list(tmp_path.glob("[gh].bin*"))  # neither the file nor a part
     with pytest.raises(DownloadError, match="HTTP 404"):
         download(f"{_gpt_server}/missing", tmp_path / "m.bin")
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()  # nothing listens here: looks offline
-    with pytest.raises(DownloadError, match=f"127.0.0.1:{port}/x.*local folder"):
-        download(f"http://127.0.0.1:{port}/x", tmp_path / "x.bin")
+    dead = _gpt_dead_url()
+    with pytest.raises(DownloadError, match=f"{dead}/x.*local folder.*after 4 tries"):
+        download(f"{dead}/x", tmp_path / "x.bin")
+    (tmp_path / "n.bin.0.part").write_bytes(b"x" * 1000)  # nothing (ETag, hash) could tell a splice: anew
+    download(f"{_gpt_server}/f.bin", tmp_path / "n.bin")
+    assert (tmp_path / "n.bin").read_bytes() == body and _GPTHandler.hits[-1][1]["Range"] is None
+
+
+def test_gpt_download_truncation_etag_and_content_range(_gpt_server, tmp_path):
+    """A body shorter than its Content-Length is retried, then reported, and its part kept; the next run
+    resumes it with If-Range = its ETag. A changed ETag gets the new file whole; a 206 that starts at
+    another byte than asked restarts the file."""
+    old, new = os.urandom(300_000), os.urandom(300_000)
+    for f in ("f", "g", "h"):
+        _GPTHandler.files[f"/{f}.bin"] = old
+        _GPTHandler.etags[f"/{f}.bin"] = '"v1"'
+        _GPTHandler.cut[f"/{f}.bin"] = 100_000
+        with pytest.raises(DownloadError, match=r"after 100000 of 300000 bytes \(truncated\) \(after 4"):
+            download(f"{_gpt_server}/{f}.bin", tmp_path / f"{f}.bin")
+        parts = list(tmp_path.glob(f"{f}.bin.*.part"))
+        assert len(parts) == 1 and parts[0].stat().st_size == 100_000 and not (tmp_path / f"{f}.bin").exists()
+        del _GPTHandler.cut[f"/{f}.bin"]
+    assert [h.get("If-Range") for _, h in _GPTHandler.hits[:4]] == [None, '"v1"', '"v1"', '"v1"']
+    download(f"{_gpt_server}/f.bin", tmp_path / "f.bin")  # resumed
+    assert (tmp_path / "f.bin").read_bytes() == old
+    last = _GPTHandler.hits[-1][1]
+    assert (last["Range"], last["If-Range"]) == ("bytes=100000-", '"v1"')
+    _GPTHandler.files["/g.bin"] = new  # changed on the server since the part was fetched
+    _GPTHandler.etags["/g.bin"] = '"v2"'
+    download(f"{_gpt_server}/g.bin", tmp_path / "g.bin")
+    assert (tmp_path / "g.bin").read_bytes() == new and _GPTHandler.hits[-1][1]["If-Range"] == '"v1"'
+    _GPTHandler.lie.add("/h.bin")
+    download(f"{_gpt_server}/h.bin", tmp_path / "h.bin")
+    assert (tmp_path / "h.bin").read_bytes() == old
+    assert [h["Range"] for _, h in _GPTHandler.hits[-2:]] == ["bytes=100000-", None]
+    assert not list(tmp_path.glob("*.part")) and not list(tmp_path.glob("*.etag"))
 
 
 class _GPTFakeTerminal(io.StringIO):
@@ -1049,52 +1126,234 @@ def test_gpt_progress_line_log_and_terminal(_gpt_server, tmp_path, monkeypatch, 
         assert stream.getvalue() == ""
     body = os.urandom(3_000_000)
     _GPTHandler.files["/f.bin"] = body
-    (tmp_path / "f.bin.part").write_bytes(body[:1_000_000])
+    (tmp_path / "f.bin.0.part").write_bytes(body[:1_000_000])
     capsys.readouterr()
-    download(f"{_gpt_server}/f.bin", tmp_path / "f.bin", expected_size=len(body), desc="f.bin")
+    download(f"{_gpt_server}/f.bin", tmp_path / "f.bin", expected_size=len(body),
+             sha256=hashlib.sha256(body).hexdigest(), desc="f.bin")
     err = capsys.readouterr().err
     assert re.search(r"f.bin: 3.0/3.0 MB \(100%\), 1.0 MB from an earlier run, [\d.]+ MB/s", err), err
 
-
-def _gpt_serve_repo(name, folder, with_api=True):
-    tree = []
-    for f in sorted(folder.iterdir()):
-        body = f.read_bytes()
-        _GPTHandler.files[f"/{name}/resolve/main/{f.name}"] = body
-        tree.append({"type": "file", "path": f.name, "size": len(body)} if f.suffix != ".safetensors" else
-                    {"type": "file", "path": f.name, "size": 134,
-                     "lfs": {"oid": hashlib.sha256(body).hexdigest(), "size": len(body)}})
-    if with_api:
-        _GPTHandler.files[f"/api/models/{name}/tree/main"] = json.dumps(tree).encode()
+# -- the hub: model info listing, the Hugging Face hub cache, tokens ------------------------------
 
 
-def test_gpt_hub_names_resolve_into_cache(_gpt_server, tmp_path, monkeypatch):
-    monkeypatch.setenv("DHRD_HUB_URL", _gpt_server)
+@pytest.fixture
+def _gpt_hub(_gpt_server, tmp_path, monkeypatch):
+    """The hub at the loopback server, an empty hub cache under tmp_path/hub, no token, online."""
+    for v in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_TOKEN_PATH", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+              "HUGGINGFACE_HUB_CACHE", "DHRD_HUB_URL", "DHRD_CACHE", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", _gpt_server)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    return _gpt_server
+
+
+def _gpt_git_sha1(body):  # the hub's id of a file kept in git (not LFS)
+    return hashlib.sha1(b"blob %d\0" % len(body) + body).hexdigest()
+
+
+def _gpt_blob_name(file, body):  # what huggingface_hub names a blob: LFS files by sha256, others by git sha1
+    return hashlib.sha256(body).hexdigest() if file.endswith(".safetensors") else _gpt_git_sha1(body)
+
+
+def _gpt_folder(folder):
+    return {f.name: f.read_bytes() for f in sorted(folder.iterdir())}
+
+
+def _gpt_serve_repo(name, files, cdn=None):
+    """{file: bytes} as hub repo `name` at one commit, also branch main: the model info listing with sizes
+    and hashes, resolve URLs, *.safetensors as LFS files (redirected to `cdn` when given). -> the sha."""
+    sha = hashlib.sha1(name.encode()).hexdigest()
+    siblings = []
+    for f, body in files.items():
+        path = f"/{name}/resolve/{sha}/{f}"
+        _GPTHandler.files[path] = body
+        if not f.endswith(".safetensors"):
+            siblings.append({"rfilename": f, "size": len(body), "blobId": _gpt_git_sha1(body)})
+            continue
+        oid = hashlib.sha256(body).hexdigest()
+        siblings.append({"rfilename": f, "size": 134, "blobId": _gpt_git_sha1(oid.encode()),
+                         "lfs": {"sha256": oid, "size": len(body), "pointerSize": 134}})
+        if cdn:
+            _GPTHandler.redirect[path] = f"{cdn}/cdn/{oid}"
+            _GPTHandler.files[f"/cdn/{oid}"] = body
+    info = json.dumps({"id": name, "sha": sha, "siblings": siblings}).encode()
+    for rev in ("main", sha):
+        _GPTHandler.files[f"/api/models/{name}/revision/{rev}?blobs=true"] = info
+    return sha
+
+
+def _gpt_hf_cache(cache, name, files, sha):
+    """A hub cache as huggingface_hub's `hf download` leaves it (file_download.py): blobs by hash, relative
+    links in snapshots/<sha>/, refs/main holding the sha without a newline."""
+    repo = cache / ("models--" + name.replace("/", "--"))
+    for d in ("refs", "blobs", f"snapshots/{sha}"):
+        (repo / d).mkdir(parents=True)
+    (repo / "refs" / "main").write_text(sha)
+    for f, body in files.items():
+        blob = _gpt_blob_name(f, body)
+        (repo / "blobs" / blob).write_bytes(body)
+        (repo / "snapshots" / sha / f).symlink_to(f"../../blobs/{blob}")
+    return repo
+
+
+def _gpt_tree(root):
+    """{path: link target, or the sha256 of a file's bytes} under root."""
+    tree = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_symlink():
+            tree[str(p.relative_to(root))] = "-> " + os.readlink(p)
+        elif p.is_file():
+            tree[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return tree
+
+
+def _gpt_matches_ref(m, ref):
+    r = _gpt_ref(ref)
+    n = r["lengths"][0]
+    return (m.eval().lm_logits(r["input_ids"][:1, :n]) - r["logits"][:1, :n]).abs().max() < 1e-4
+
+
+def test_gpt_hub_names_resolve_into_cache(_gpt_hub, tmp_path, monkeypatch):
+    """Hub names -> snapshots of the hub cache; the project's own DHRD_HUB_URL / DHRD_CACHE still name the
+    hub and the cache; sharded weights; pickle-only and missing repositories, an unknown revision."""
+    for v in ("HF_ENDPOINT", "HF_HUB_CACHE"):
+        monkeypatch.delenv(v)
+    monkeypatch.setenv("DHRD_HUB_URL", _gpt_hub)
     monkeypatch.setenv("DHRD_CACHE", str(tmp_path / "cache"))
-    _gpt_serve_repo("tiny/gpt2", FIX / "gpt2_hub")
-    _gpt_serve_repo("tiny/opt350", FIX / "opt350_hub", with_api=False)  # plain file server: no listing
-    r = _gpt_ref("gpt2")
-    m = GPT.from_pretrained("tiny/gpt2").eval()
-    assert (m.lm_logits(r["input_ids"][:1, :r["lengths"][0]])
-            - r["logits"][:1, :r["lengths"][0]]).abs().max() < 1e-4
-    assert resolve_model_dir("tiny/gpt2") == tmp_path / "cache" / "tiny--gpt2"
+    sha = _gpt_serve_repo("tiny/gpt2", _gpt_folder(FIX / "gpt2_hub"))
+    _gpt_serve_repo("tiny/opt350", _gpt_folder(FIX / "opt350_hub"))
+    assert _gpt_matches_ref(GPT.from_pretrained("tiny/gpt2"), "gpt2")
+    assert resolve_model_dir("tiny/gpt2") == tmp_path / "cache" / "models--tiny--gpt2" / "snapshots" / sha
+    assert hf.hub_commit(resolve_model_dir("tiny/gpt2")) == sha
     n = len(_GPTHandler.hits)
     assert load_tokenizer("tiny/gpt2").encode("Hello") == load_tokenizer(FIX / "gpt2_hub").encode("Hello")
     assert len(_GPTHandler.hits) == n  # second use: served from the cache, no network
-    m = GPT.from_pretrained("tiny/opt350").eval()  # sharded, fp16, found without the tree API
-    r = _gpt_ref("opt350")
-    assert (m.lm_logits(r["input_ids"][:1, :r["lengths"][0]])
-            - r["logits"][:1, :r["lengths"][0]]).abs().max() < 1e-4
-    _GPTHandler.files["/api/models/tiny/pickle/tree/main"] = json.dumps(
-        [{"type": "file", "path": "config.json"},
-         {"type": "file", "path": "pytorch_model.bin", "size": 9}]).encode()
-    for f in ("config.json", "vocab.json", "merges.txt"):
-        _GPTHandler.files[f"/tiny/pickle/resolve/main/{f}"] = (FIX / "gpt2" / f).read_bytes()
+    assert _gpt_matches_ref(GPT.from_pretrained("tiny/opt350"), "opt350")  # sharded, fp16
+    pickle = {f: (FIX / "gpt2" / f).read_bytes() for f in ("config.json", "vocab.json", "merges.txt")}
+    _gpt_serve_repo("tiny/pickle", {**pickle, "pytorch_model.bin": b"\x80\x02"})
     with pytest.raises(CheckpointError, match="no model.safetensors"):
         GPT.from_pretrained("tiny/pickle")
-    with pytest.raises(CheckpointError, match="tiny/absent: no such local folder.*404"):
+    bad = _gpt_serve_repo("tiny/bad", pickle)
+    _GPTHandler.files[f"/tiny/bad/resolve/{bad}/config.json"] = b" " * len(pickle["config.json"])
+    with pytest.raises(CheckpointError, match=r"tiny/bad: .*config.json: git blob sha1 \w+ is not the "
+                       rf"expected {_gpt_git_sha1(pickle['config.json'])}; the file was removed"):
+        load_tokenizer("tiny/bad")  # a file kept in git (not LFS) is checked by its blob id
+    assert list((tmp_path / "cache" / "models--tiny--bad" / "blobs").iterdir()) == []  # no blob, no part
+    with pytest.raises(CheckpointError, match="tiny/absent: no such local folder, and no model tiny/absent "
+                                              r"with revision 'main' on http://127.0.0.1:\d+ \(HTTP 404"):
         GPT.from_pretrained("tiny/absent")
+    with pytest.raises(CheckpointError, match="no model tiny/gpt2 with revision 'v9'"):
+        resolve_model_dir("tiny/gpt2", revision="v9")
 
+
+def test_gpt_hub_listing_retried_then_reported(_gpt_hub, tmp_path):
+    """HTTP 429 then success: the listing is asked again and the model loads. A listing that keeps failing
+    is reported after 4 tries, never skipped (the sizes and hashes come from it)."""
+    listing = "/api/models/tiny/gpt2/revision/main?blobs=true"
+    _GPTHandler.fail[listing] = [429]
+    sha = _gpt_serve_repo("tiny/gpt2", _gpt_folder(FIX / "gpt2_hub"))
+    assert hf.hub_commit(resolve_model_dir("tiny/gpt2")) == sha
+    assert [p for p, _ in _GPTHandler.hits[:2]] == [listing, listing]
+    _gpt_serve_repo("tiny/opt350", _gpt_folder(FIX / "opt350_hub"))
+    _GPTHandler.fail["/api/models/tiny/opt350/revision/main?blobs=true"] = [503] * 4
+    with pytest.raises(CheckpointError, match=r"tiny/opt350: .*HTTP 503 .*\(after 4 tries\)"):
+        resolve_model_dir("tiny/opt350")
+    assert not (tmp_path / "hub" / "models--tiny--opt350").exists()
+
+
+def test_gpt_hub_token_gated_and_cross_host_redirect(_gpt_hub, tmp_path, monkeypatch):
+    """A gated repo: no token and a wrong token give the one gated/private line; the token file that `hf
+    auth login` writes (or HF_TOKEN) gets it. The token goes to the hub's host, also across a redirect on
+    it, never to the CDN host a redirect names, and it is written nowhere."""
+    cdn = _gpt_hub.replace("127.0.0.1", "localhost")  # another host name: the token must not go there
+    sha = _gpt_serve_repo("gated/gpt2", _gpt_folder(FIX / "gpt2_hub"), cdn=cdn)
+    moved = "/gated/moved/config.json"  # a redirect on the hub itself keeps the token
+    _GPTHandler.redirect[f"/gated/gpt2/resolve/{sha}/config.json"] = _gpt_hub + moved
+    _GPTHandler.files[moved] = (FIX / "gpt2_hub" / "config.json").read_bytes()
+    _GPTHandler.private = ("/api/models/gated/", "/gated/")
+    _GPTHandler.token = "hf_right"
+    with pytest.raises(CheckpointError, match=r"gated/gpt2: HTTP 401: the model is gated or private .*no "
+                       rf"token was found .*Accept its licence at {_gpt_hub}/gated/gpt2 .*set HF_TOKEN"):
+        GPT.from_pretrained("gated/gpt2")
+    monkeypatch.setenv("HF_TOKEN", "hf_wrong")
+    with pytest.raises(CheckpointError, match=r"HTTP 403: the model is gated .*the token sent .*was refused"
+                       ) as e:
+        GPT.from_pretrained("gated/gpt2")
+    assert "hf_wrong" not in str(e.value) and "\n" not in str(e.value)
+    monkeypatch.delenv("HF_TOKEN")
+    (tmp_path / "hf_home").mkdir()
+    (tmp_path / "hf_home" / "token").write_text("hf_right\n")  # as `hf auth login` writes it
+    _GPTHandler.hits.clear()
+    assert _gpt_matches_ref(GPT.from_pretrained("gated/gpt2"), "gpt2")
+    auth = {p: h.get("Authorization") for p, h in _GPTHandler.hits}
+    assert auth[moved] == "Bearer hf_right" and auth["/api/models/gated/gpt2/revision/main?blobs=true"]
+    assert {v for p, v in auth.items() if p.startswith("/gated/")} == {"Bearer hf_right"}
+    cdn_hits = [p for p in auth if p.startswith("/cdn/")]
+    assert cdn_hits and not any(auth[p] for p in cdn_hits)
+    assert not any(b"hf_right" in f.read_bytes() for f in (tmp_path / "hub").rglob("*") if f.is_file())
+
+
+def test_gpt_hub_cache_shared_with_huggingface_hub(_gpt_hub, tmp_path, monkeypatch):
+    """Downloads land in the hub cache exactly as huggingface_hub lays it out (compared with a cache built
+    here as `hf download` leaves it); such a cache loads with no server running; HF_HUB_OFFLINE never asks
+    the hub, and a file missing there is one line."""
+    files = _gpt_folder(FIX / "gpt2_hub")
+    sha = _gpt_serve_repo("tiny/gpt2", files)
+    assert _gpt_matches_ref(GPT.from_pretrained("tiny/gpt2"), "gpt2")
+    built = _gpt_hf_cache(tmp_path / "built", "tiny/gpt2", files, sha)
+    assert _gpt_tree(tmp_path / "hub" / "models--tiny--gpt2") == _gpt_tree(built)
+    assert list((tmp_path / "hub" / ".locks" / "models--tiny--gpt2").iterdir())  # huggingface_hub's locks
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "built"))
+    monkeypatch.setenv("HF_ENDPOINT", _gpt_dead_url())  # no server
+    for rev in ("main", sha):
+        assert resolve_model_dir("tiny/gpt2", revision=rev) == built / "snapshots" / sha
+    assert _gpt_matches_ref(GPT.from_pretrained("tiny/gpt2"), "gpt2")
+    assert load_tokenizer("tiny/gpt2").encode("Hello") == load_tokenizer(FIX / "gpt2_hub").encode("Hello")
+    monkeypatch.setenv("HF_ENDPOINT", _gpt_hub)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (built / "snapshots" / sha / "model.safetensors").unlink()
+    _GPTHandler.hits.clear()
+    assert load_tokenizer("tiny/gpt2").encode("Hello")  # the tokenizer is all there
+    with pytest.raises(CheckpointError, match=r"tiny/gpt2: HF_HUB_OFFLINE is set and the hub cache has no "
+                       rf"complete copy of revision 'main' in {built}/snapshots/{sha} "):
+        GPT.from_pretrained("tiny/gpt2")
+    with pytest.raises(CheckpointError, match=rf"revision 'v2' in {built} "):
+        load_tokenizer("tiny/gpt2", revision="v2")
+    assert _GPTHandler.hits == []
+
+
+def test_gpt_hub_two_processes_one_copy(_gpt_hub, tmp_path):
+    """Two processes fetch one model at once: each file is downloaded once, the other process waits at its
+    lock and uses it; one intact copy, no temporary files. The weights' answer is held until a process says
+    that it waits for them, so the two overlap by construction."""
+    files = _gpt_folder(FIX / "gpt2_hub")
+    sha = _gpt_serve_repo("tiny/gpt2", files)
+    weights = f"/tiny/gpt2/resolve/{sha}/model.safetensors"
+    _GPTHandler.hold[weights] = threading.Event()
+    code = "import hf; print(hf.resolve_model_dir('tiny/gpt2'))"
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    waits = threading.Event()
+    errs = [[], []]
+
+    def read(p, out):
+        for line in p.stderr:
+            out.append(line)
+            if "waiting for another process to finish downloading tiny/gpt2/model.safetensors" in line:
+                waits.set()
+    readers = [threading.Thread(target=read, args=(p, e), daemon=True) for p, e in zip(procs, errs)]
+    for r in readers:
+        r.start()
+    assert waits.wait(120), errs
+    _GPTHandler.hold[weights].set()
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    assert outs == [f"{tmp_path / 'hub' / 'models--tiny--gpt2' / 'snapshots' / sha}\n"] * 2
+    got = [p for p, _ in _GPTHandler.hits if "/resolve/" in p]
+    assert sorted(got) == sorted(f"/tiny/gpt2/resolve/{sha}/{f}" for f in files)  # each file once
+    built = _gpt_hf_cache(tmp_path / "built", "tiny/gpt2", files, sha)
+    assert _gpt_tree(tmp_path / "hub" / "models--tiny--gpt2") == _gpt_tree(built)
 
 # ============================================================================================================
 # prepare.py: synth, SuperGLUE templates, custom data, rationales, teachers, bad input
@@ -1769,7 +2028,8 @@ def test_prep_bpe_tokenizers_bos_and_truncation(tmp_path):
         folder = ROOT / "tests" / "fixtures" / name
         m = prepare.prepare(task="rte", data_dir=sg, out_dir=tmp_path / name, model=str(folder), max_len=128,
                             quiet=True)
-        assert m["tokenizer"] == {"type": "bpe", "name": str(folder)} and m["token_dtype"] == "uint16"
+        assert m["tokenizer"] == {"type": "bpe", "name": str(folder), "revision": None}  # not from the hub
+        assert m["token_dtype"] == "uint16"
         meta, tok, idx, exs = _prep_decode(tmp_path / name, "train")
         assert (m["bos_id"] is not None) == has_bos and m["shortened"] == 1 and idx[2, prepare.X_LEN] == 128
         rows = _prep_rows(tmp_path / name, "train")
@@ -1847,6 +2107,172 @@ def test_prep_local_teacher_batched_generate_and_resume(tmp_path, monkeypatch):
     assert len((tmp_path / "bf16" / "rationales.jsonl").read_text().splitlines()) == 3
 
 
+def test_prep_durable_writes_full_disk_and_cut_swaps(tmp_path, monkeypatch):
+    """plumbing.atomic_write: a full disk (ENOSPC) removes the temporary and raises WriteError naming the
+    file, the old file intact; a download cut off (DownloadError, an OSError without errno) keeps its .part to
+    resume. recover_dir after each state a killed replace_dir can leave. prepare.py on a full disk: one
+    line, no data.tmp, the old outputs intact."""
+    path = tmp_path / "f.txt"
+    path.write_text("old")
+
+    def full(tmp):
+        tmp.write_text("half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    with pytest.raises(plumbing.WriteError, match=r"f.txt: cannot be written \(No space left on device\); "
+                                                  r"the partial f.txt.tmp was removed") as e:
+        plumbing.atomic_write(path, full)
+    assert "\n" not in str(e.value) and path.read_text() == "old" and not (tmp_path / "f.txt.tmp").exists()
+
+    def cut(part):
+        part.write_text("first half")
+        raise DownloadError("http://x/f: connection reset")
+    with pytest.raises(DownloadError):
+        plumbing.atomic_write(path, cut, suffix=".part")
+    assert (tmp_path / "f.txt.part").read_text() == "first half" and path.read_text() == "old"
+    # recover_dir: (no d, d.old, d.tmp) = cut between the renames -> d.tmp is d; (no d, d.old) -> d.old is d;
+    # (d, d.tmp, d.old) -> both stale
+    d = tmp_path / "d"
+    for present, kept in [(("old", "tmp"), "tmp"), (("old",), "old"), (("", "tmp", "old"), "")]:
+        for suffix in present:
+            (tmp_path / f"d{'.' + suffix if suffix else ''}").mkdir()
+            (tmp_path / f"d{'.' + suffix if suffix else ''}" / "which").write_text(suffix)
+        plumbing.recover_dir(d)
+        assert (d / "which").read_text() == kept and sorted(p.name for p in tmp_path.glob("d*")) == ["d"]
+        shutil.rmtree(d)
+    out = tmp_path / "data"
+    prepare.prepare(task="synth", out_dir=out, quiet=True)
+    before = _crash_files(out)
+    real = np.save
+
+    def no_space(*a, **k):
+        real(*a, **k)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(np, "save", no_space)
+    with pytest.raises(plumbing.WriteError, match=r"data: cannot be written \(No space left on device\); the "
+                                                  r"partial data.tmp was removed") as e:
+        prepare.prepare(task="synth", out_dir=out, max_rationale=8, quiet=True)
+    assert "\n" not in str(e.value) and _crash_files(out) == before and not (tmp_path / "data.tmp").exists()
+
+
+# The crash tests (SQLite's way): a script runs under _CRASH, which SIGKILLs it (or sends a signal) at points
+# the test names, counted per process: the n-th optimizer step ("step"), pooled-head forward of an evaluation
+# ("classify"), os.replace onto a file named `name` ("replace", or "replaced": just after it), or os.replace /
+# os.fsync of any file ("io"). Then the test starts it again and compares bytes. The script itself has no test
+# hook; n = 0 counts: "crash-count <n>" on stderr at the end.
+_CRASH = r"""
+import atexit, json, os, runpy, signal, sys, time
+from pathlib import Path
+root, script = sys.argv[1], sys.argv[2]
+sys.path.insert(0, root)
+import torch, gpt
+specs = [s for s in json.loads(os.environ["DHRD_CRASH"])
+         if str(s.get("rank", os.environ.get("RANK", "0"))) == os.environ.get("RANK", "0")
+         and str(s.get("attempt", "0")) == os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")]
+counts = [0] * len(specs)
+
+def reached(at, name=None):
+    for i, s in enumerate(specs):
+        if s["at"] == at and s.get("name") in (None, name):
+            counts[i] += 1
+            if counts[i] == s["n"]:
+                act(s)
+
+def act(s):
+    sig = s.get("signal", "SIGKILL")
+    if sig == "SIGTERM_PARENT":  # torchrun forwards it to every worker; wait until it reached this one
+        os.kill(os.getppid(), signal.SIGTERM)
+        t0 = time.time()
+        while sys.modules["__main__"].PREEMPTION.signal == 0 and time.time() - t0 < 120:
+            time.sleep(0.01)
+        return
+    os.kill(os.getpid(), getattr(signal, sig))
+
+def patch(owner, attr, at, named=False, after=None):
+    real = getattr(owner, attr)
+    def wrapped(*a, **k):
+        name = Path(a[1]).name if named else None
+        reached(at, name)
+        out = real(*a, **k)
+        if after is not None:
+            reached(after, name)
+        return out
+    setattr(owner, attr, wrapped)
+
+patch(torch.optim.AdamW, "step", "step")
+patch(gpt.GPT, "classify", "classify")
+patch(os, "replace", "replace", named=True, after="replaced")
+patch(os, "replace", "io")
+patch(os, "fsync", "io")
+if any(s["n"] == 0 for s in specs):
+    atexit.register(lambda: print(f"crash-count {counts[0]}", file=sys.stderr, flush=True))
+sys.argv = [script, *sys.argv[3:]]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+@pytest.fixture(scope="module")
+def crash_script(tmp_path_factory):
+    path = tmp_path_factory.mktemp("crash") / "crash.py"
+    path.write_text(_CRASH)
+    return path
+
+
+def _crash_run(crash_script, script, args, specs, cwd, torchrun=False):
+    """script (dhrd.py / prepare.py) with args under _CRASH with these kill specs -> CompletedProcess."""
+    cmd = [sys.executable, str(crash_script), str(ROOT), str(ROOT / script), *args]
+    if torchrun:
+        cmd = [*TORCHRUN, "--max-restarts=2", str(crash_script), str(ROOT), str(ROOT / script), *args]
+    env = {**os.environ, "DHRD_CRASH": json.dumps(specs), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _crash_files(folder):
+    """{relative path: bytes} of every file under folder."""
+    folder = pathlib.Path(folder)
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def test_prep_crash_at_random_points_then_rerun_is_byte_identical(crash_script, tmp_path, monkeypatch):
+    """A re-prepare (new settings over an old prepare, a teacher's rationales.jsonl beside it) SIGKILLed at 3
+    seeded random points among its fsyncs and renames and once between the two renames of its swap, each time
+    started again: after every kill the old outputs or the new ones are whole (a cut swap: the new ones in
+    data.tmp, which the next start puts in place), never a mix; the last run's are byte-identical to an
+    uninterrupted prepare's, and rationales.jsonl is untouched."""
+    prepare.prepare(task="synth", out_dir=tmp_path / "clean", quiet=True)
+    want = _crash_files(tmp_path / "clean")
+    out = tmp_path / "data"
+    prepare.prepare(task="synth", out_dir=out, max_rationale=8, quiet=True)  # the old settings
+    before = _crash_files(out)
+    assert before != want
+    rationales = b'{"task": "synth", "split": "train", "idx": 0, "rationale": "r", "label": "No"}\n'
+    (out / "rationales.jsonl").write_bytes(rationales)  # not an output of this prepare: it must stay
+    calls = []  # an uninterrupted re-prepare's fsyncs and renames, the points to kill at
+    for name in ("fsync", "replace"):
+        real = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda *a, real=real: calls.append(a) or real(*a))
+    shutil.copytree(out, tmp_path / "count")
+    prepare.prepare(task="synth", out_dir=tmp_path / "count", quiet=True)
+    monkeypatch.undo()
+    assert len(calls) == 15  # 10 outputs + rationales.jsonl, data.tmp, 2 renames, data's parent folder
+    points = [{"at": "io", "n": n} for n in sorted(random.Random(0).sample(range(1, len(calls) + 1), 3))]
+    points.insert(1, {"at": "replace", "name": "data", "n": 1})  # data.tmp -> data, after data -> data.old
+    for spec in points:
+        r = _crash_run(crash_script, "prepare.py", ["--task=synth", f"--out_dir={out}"], [spec], tmp_path)
+        assert r.returncode == -9, (spec, r.stderr)
+        if out.exists():
+            seen = _crash_files(out)
+        else:  # cut between the renames: the new outputs are whole in data.tmp, the old ones in data.old
+            seen = _crash_files(out.with_name("data.tmp"))
+            old_meta = _crash_files(out.with_name("data.old"))["meta.json"]
+            assert old_meta in (before["meta.json"], want["meta.json"])
+        assert seen.pop("rationales.jsonl") == rationales, spec
+        assert seen in (before, want), spec
+    prepare.prepare(task="synth", out_dir=out, quiet=True)
+    got = _crash_files(out)
+    assert got.pop("rationales.jsonl") == rationales and got == want
+    assert not out.with_name("data.tmp").exists() and not out.with_name("data.old").exists()
+
+
 # ============================================================================================================
 # dhrd.py: metrics, config errors, DDP == single process, exact resume, grad stats, eval/predict, compile
 # ============================================================================================================
@@ -1855,9 +2281,9 @@ TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--batch_size=8", "--dtype=f
         "--eval_batch_size=256", "--warmup_iters=2", "--learning_rate=3e-3"]
 
 
-def _train_run(*args, cwd, timeout=600, check=True):
+def _train_run(*args, cwd, timeout=600, check=True, env=None):
     r = subprocess.run([sys.executable, str(ROOT / "dhrd.py"), *args], cwd=cwd, capture_output=True,
-                       text=True, timeout=timeout)
+                       text=True, timeout=timeout, env={**os.environ, **(env or {})})
     if check:
         assert r.returncode == 0, r.stdout + r.stderr
     return r
@@ -1971,8 +2397,7 @@ def test_train_ddp_and_fsdp_two_processes_match_one(train_data, tmp_path):
         assert dhrd.main([f"--init_from={tmp_path / run}", "--eval_only=True"]) == res["val"], run
 
 
-def test_train_torchrun_evaluation_equals_one_process(trained_run, train_data, _gpt_server, tmp_path,
-                                                      monkeypatch, capsys):
+def test_train_torchrun_evaluation_equals_one_process(trained_run, train_data, _gpt_hub, tmp_path, capsys):
     """Evaluation under torchrun (each rank its share of the length-sorted batches, gathered in input order)
     equals one process's exactly (fp32, CPU): --eval_only of a 1-process run in 2 processes (its config.json
     recorded gradient_accumulation_steps=1: no training layout to check) prints the run's metrics and report;
@@ -2008,9 +2433,7 @@ def test_train_torchrun_evaluation_equals_one_process(trained_run, train_data, _
     shutil.copytree(cot / "model", repo)
     for f in ("vocab.json", "merges.txt"):  # what a hub repo has; the model reads meta.json's char tokenizer
         shutil.copy(FIX / "gpt2" / f, repo)
-    _gpt_serve_repo("tiny/cot", repo)
-    monkeypatch.setenv("DHRD_HUB_URL", _gpt_server)
-    monkeypatch.setenv("DHRD_CACHE", str(tmp_path / "cache"))
+    sha = _gpt_serve_repo("tiny/cot", _gpt_folder(repo))
     _train_torchrun("--init_from=tiny/cot", *flags, f"--predictions={tmp_path / 'three.jsonl'}", cwd=tmp_path,
                     nproc=3)
     one = (tmp_path / "one.jsonl").read_text()
@@ -2018,7 +2441,7 @@ def test_train_torchrun_evaluation_equals_one_process(trained_run, train_data, _
     labels = [json.loads(l)["label"] for l in one.splitlines()]
     assert len(labels) == 500 and None in labels and {"No", "Yes"} & set(labels)
     paths = [p for p, _ in _GPTHandler.hits]
-    assert paths.count("/tiny/cot/resolve/main/model.safetensors") == 1 and len(paths) == len(set(paths))
+    assert paths.count(f"/tiny/cot/resolve/{sha}/model.safetensors") == 1 and len(paths) == len(set(paths))
 
 
 def test_train_fsdp_resume_after_kill_and_across_ddp(train_data, tmp_path):
@@ -2314,7 +2737,7 @@ BAD_INPUTS = [
      r"r.jsonl:1: missing field 'idx'"),
     ("checkpoint", "ckpt.pt", lambda good: good[:len(good) // 2],
      r"ckpt.pt: cannot be read, it is truncated or corrupt .*the best model so far is intact in .*/model/: "
-     r"start a new run from it with --init_from=.*/model"),
+     r"start a new run from it in a new folder, --init_from=.*/model --out_dir=<a new folder>"),
     ("checkpoint", "ckpt.pt", b"not a checkpoint", r"ckpt.pt: cannot be read, it is truncated or corrupt"),
     ("checkpoint", "ckpt.pt", lambda good: _torch_bytes({"model": {}}),
      r"ckpt.pt: not a dhrd.py checkpoint \(no model_config, optimizer, .*\); the best model so far is "
@@ -2350,7 +2773,25 @@ BAD_INPUTS = [
      r"malformed response, no choices\[0\].message.content in {\"choices\": \[\]}"),
     ("teacher", "{srv}/v1", (429, {"Retry-After": "86400"}, b""),
      r"HTTP 429 with Retry-After 86400: the server asks for \d+ s, more than the 300 s this client waits"),
+    # token ids are bounded (0 to 2 x the tokens) before decode's id -> bytes table is allocated
+    ("tokenizer", "tokenizer.json", lambda good: _bad_token_id(good, "model", 2e9),
+     r"tokenizer.json model.vocab: token 'A' has id 2000000000.0; ids must be ints from 0 to 1399 "
+     r"\(twice the 700 tokens\)"),
+    ("tokenizer", "tokenizer.json", lambda good: _bad_token_id(good, "model", 2100),
+     r"tokenizer.json model.vocab: token 'A' has id 2100; ids must be ints from 0 to 1399"),
+    ("tokenizer", "tokenizer.json", lambda good: _bad_token_id(good, "added_tokens", -1),
+     r"tokenizer.json: token '<\|begin_of_text\|>' has id -1; ids must be ints"),
 ]
+
+
+def _bad_token_id(good, where, bad):
+    """tokenizer.json with one id replaced: of 'A' in model.vocab, or of the first added token."""
+    t = json.loads(good)
+    if where == "model":
+        t["model"]["vocab"]["A"] = bad
+    else:
+        t["added_tokens"][0]["id"] = bad
+    return json.dumps(t).encode()
 
 
 def _torch_bytes(obj):
@@ -2382,7 +2823,7 @@ def _bad_teacher_call(url, reply, tmp_path, monkeypatch):
 def _bad_input_call(entry, path, run, tmp_path):
     """Feed the bad file at path to its entry point: dhrd.py (config file, --predict, resume from a
     checkpoint, training or --eval_only on prepared data) or prepare.py (a custom task's data file, a
-    rationale file)."""
+    rationale file, the tokenizer of --model)."""
     if entry == "config":
         return dhrd.main([str(path)])
     if entry in ("predict", "predict_no_bos"):
@@ -2400,7 +2841,8 @@ def _bad_input_call(entry, path, run, tmp_path):
     if entry == "data":
         files[f"{path.stem}_file"] = path
     rationales = path if entry == "rationales" else None
-    return prepare.prepare(task="custom", out_dir=tmp_path / "o", model="char", rationales=rationales,
+    model = str(path.parent) if entry == "tokenizer" else "char"
+    return prepare.prepare(task="custom", out_dir=tmp_path / "o", model=model, rationales=rationales,
                            quiet=True, **files)
 
 
@@ -2418,6 +2860,8 @@ def test_train_bad_input_table(trained_run, train_data, tmp_path, monkeypatch, e
         folder = run
     if entry in ("train", "eval"):  # a copy of the prepared data
         shutil.copytree(train_data, folder)
+    if entry == "tokenizer":  # a copy of a good tokenizer folder (Llama-3's tokenizer.json)
+        shutil.copytree(FIX / "tok_llama3", folder)
     folder.mkdir(exist_ok=True)
     path = folder / name
     if callable(content) and entry != "teacher":
@@ -2494,6 +2938,42 @@ def test_train_from_untied_classifier_pooled_only(train_data, tmp_path):
     assert not (tmp_path / "dhrd" / "log.jsonl").exists()  # stopped while building the model
     assert re.fullmatch(r"dhrd.py: error: .*qwen2_cls: --alpha=1.0 .* needs the LM head \(lm_head.weight\).*"
                         r"Start from the base model.*", lines[-1]), r.stderr
+
+
+def test_train_records_the_hub_commit(_gpt_hub, tmp_path, monkeypatch, capfd):
+    """--revision pins a hub commit; prepare.py's meta.json, dhrd.py's config.json and results.json record
+    the commit sha that the revision resolved to. The repository is private: its token is sent, and it is
+    in none of those files nor in the output."""
+    sha = _gpt_serve_repo("tiny/gpt2", _gpt_folder(FIX / "gpt2_hub"))
+    _GPTHandler.private = ("/api/models/tiny/", "/tiny/")
+    _GPTHandler.token = "hf_secret_9f3"
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_9f3")
+    meta = prepare.prepare(task="synth", out_dir=tmp_path / "data", model="tiny/gpt2", revision="main",
+                           quiet=True)
+    assert meta["tokenizer"] == {"type": "bpe", "name": "tiny/gpt2", "revision": sha}
+    out = tmp_path / "out"
+    dhrd.main(["--init_from=tiny/gpt2", "--revision=main", f"--data_dir={tmp_path / 'data'}",
+               f"--out_dir={out}", "--alpha=0", "--max_iters=1", "--eval_interval=1", "--batch_size=4",
+               "--dtype=float32"])
+    assert json.loads((out / "config.json").read_text())["revision"] == sha
+    assert json.loads((out / "results.json").read_text())["revision"] == sha
+    written = [f for d in (tmp_path / "data", out) for f in d.rglob("*") if f.is_file()]
+    assert {tmp_path / "data" / "meta.json", out / "config.json", out / "results.json"} <= set(written)
+    assert not any(b"hf_secret_9f3" in f.read_bytes() for f in written)
+    assert "hf_secret_9f3" not in "".join(capfd.readouterr())
+    assert {h.get("Authorization") for p, h in _GPTHandler.hits} == {"Bearer hf_secret_9f3"}
+    # the same command again is the same run: config.json's commit is what --revision=main resolved to
+    dhrd.main(["--init_from=tiny/gpt2", "--revision=main", f"--data_dir={tmp_path / 'data'}",
+               f"--out_dir={out}", "--alpha=0", "--max_iters=1", "--eval_interval=1", "--batch_size=4",
+               "--dtype=float32"])
+    assert "holds a finished run" in capfd.readouterr().out
+    with pytest.raises(plumbing.ConfigError, match=r"revision '.*' -> '0{40}'"):  # another commit: another run
+        dhrd.main(["--init_from=tiny/gpt2", "--revision=" + "0" * 40, f"--data_dir={tmp_path / 'data'}",
+                   f"--out_dir={out}", "--alpha=0", "--max_iters=1", "--eval_interval=1", "--batch_size=4",
+                   "--dtype=float32"])
+    with pytest.raises(CheckpointError, match="no model tiny/gpt2 with revision 'v9'"):
+        dhrd.main(["--init_from=tiny/gpt2", "--revision=v9", f"--data_dir={tmp_path / 'data'}",
+                   f"--out_dir={tmp_path / 'v9'}", "--alpha=0", "--max_iters=1"])
 
 
 def test_train_export_writes_the_training_pad(tmp_path):
@@ -2676,8 +3156,9 @@ def test_train_task_prepared_on_the_fly_and_init_from_defaults(tmp_path, monkeyp
     flags = ["--max_iters=2", "--eval_interval=2", "--batch_size=2", "--dtype=float32", "--alpha=0"]
     dhrd.main(["--task=cb", f"--init_from={model}", *flags])
     meta = json.loads((tmp_path / "data" / "cb" / "meta.json").read_text())
-    assert meta["tokenizer"] == {"type": "bpe", "name": str(model)} and meta["counts"]["train"] == 3
-    assert dhrd.parse_config(["--task=cb"]).init_from == str(model)
+    assert meta["tokenizer"] == {"type": "bpe", "name": str(model), "revision": None}
+    assert meta["counts"]["train"] == 3
+    assert dhrd.parse_config(["--task=cb", "--out_dir=new"]).init_from == str(model)  # out-cb: the run above
     assert dhrd.parse_config([]).init_from == "scratch"
     dhrd.main(["--task=cb", *flags, "--out_dir=out-again"])
     assert json.loads((tmp_path / "out-again" / "config.json").read_text())["init_from"] == str(model)
@@ -2705,19 +3186,26 @@ def test_train_torchrun_defaults_and_one_error_line(train_data, tmp_path):
 
 
 def test_train_setup_dist_timeout_and_eval_layout(trained_run, monkeypatch):
-    """setup() under torchrun (RANK set; init_process_group recorded, not run): the process group waits
-    --dist_timeout_s; --eval_only of a 1-process run (config.json: gradient_accumulation_steps=1) is no
-    training batch to divide among 2 ranks, while training with that layout is still refused."""
+    """setup() under torchrun (RANK set; the rendezvous and init_process_group recorded, not run): the
+    process group and its store wait --dist_timeout_s, and the store's keys go under the restart attempt's
+    prefix; --eval_only of a 1-process run (config.json: gradient_accumulation_steps=1) is no training batch
+    to divide among 2 ranks, while training with that layout is still refused."""
     calls = []
+    store = dhrd.dist.HashStore()
+    monkeypatch.setattr(dhrd.dist, "rendezvous", lambda url, **kw: iter([(store, 1, 2)]))
     monkeypatch.setattr(dhrd.dist, "init_process_group", lambda backend, **kw: calls.append((backend, kw)))
-    for k, v in dict(RANK="1", LOCAL_RANK="1", WORLD_SIZE="2").items():
+    for k, v in dict(RANK="1", LOCAL_RANK="1", WORLD_SIZE="2", TORCHELASTIC_RESTART_COUNT="3").items():
         monkeypatch.setenv(k, v)
     run = trained_run[0] / "full"
     cfg = dhrd.parse_config([f"--init_from={run}", "--eval_only=True", "--dist_timeout_s=7"])
     assert cfg.gradient_accumulation_steps == 1
     rt = dhrd.setup(cfg)
     assert (rt.ddp, rt.rank, rt.world, rt.micro, rt.host_group) == (True, 1, 2, 1, None)  # CPU: Gloo only
-    assert calls == [("gloo", {"timeout": datetime.timedelta(seconds=7)})]
+    [(backend, kw)] = calls
+    prefixed = kw.pop("store")
+    assert (backend, kw) == ("gloo", dict(rank=1, world_size=2, timeout=datetime.timedelta(seconds=7)))
+    prefixed.set("k", "v")
+    assert store.get("attempt3/k") == b"v" and store.timeout == datetime.timedelta(seconds=7)
     cfg.eval_only = False
     with pytest.raises(dhrd.ConfigError, match="gradient_accumulation_steps=1 is for the whole job"):
         dhrd.setup(cfg)
@@ -2788,18 +3276,216 @@ def test_train_kd_teacher_hf_folder_and_tokenizer_check(lora_data, tmp_path):
     (swapped / "vocab.json").write_text(json.dumps(vocab))
     with pytest.raises(dhrd.ConfigError, match=r"the teacher's tokenizer \(.*swapped, 897 ids\) is not the "
                        r"one .*first differ at id 500"):
-        dhrd.main([*flags, f"--kd_teacher={swapped}", "--kd_coef=1", f"--out_dir={out}"])
+        dhrd.main([*flags, f"--kd_teacher={swapped}", "--kd_coef=1", f"--out_dir={tmp_path / 'o1'}"])
     with pytest.raises(dhrd.ConfigError, match="the teacher's vocab_size is 61, the student's"):
         small = tmp_path / "small"
         _gpt_tiny("llama").save_pretrained(small)
         hf.copy_tokenizer_files(d / "base", small)
-        dhrd.main([*flags, f"--kd_teacher={small}", "--kd_coef=1", f"--out_dir={out}"])
+        dhrd.main([*flags, f"--kd_teacher={small}", "--kd_coef=1", f"--out_dir={tmp_path / 'o2'}"])
     no_head = r"--kd_teacher=.*qwen2_cls: .*needs the LM head \(lm_head.weight\)"  # an untied classifier
     with pytest.raises(dhrd.ConfigError, match=no_head):
-        dhrd.main([*flags, f"--kd_teacher={FIX / 'qwen2_cls'}", "--kd_coef=1", f"--out_dir={out}"])
+        dhrd.main([*flags, f"--kd_teacher={FIX / 'qwen2_cls'}", "--kd_coef=1", f"--out_dir={tmp_path / 'c'}"])
 
 
 # ------------------------------------------------------------------------------------------------------------
+# runs that survive: reruns, restarts, SIGTERM / SIGUSR1, kills at every write point, a full disk
+
+@pytest.fixture(scope="module")
+def crash_data(tmp_path_factory):
+    """A task a 1-layer model learns in 6 steps (an x or a y in the text), so that val improves 3 times and
+    the export is replaced twice; and its uninterrupted run: 8 steps, evaluations at 2, 4, 6, 8 (exports at
+    2, 4, 6), checkpoints at those and at 3 (--ckpt_interval=3)."""
+    d = tmp_path_factory.mktemp("crash-data")
+    rng = random.Random(0)
+    for split, n in (("train", 64), ("val", 40)):
+        with open(d / f"{split}.jsonl", "w") as f:
+            for _ in range(n):
+                label = rng.choice(["pos", "neg"])
+                ch = "x" if label == "pos" else "y"
+                text = "".join(rng.choice("abc" + ch * 2) for _ in range(12))
+                f.write(json.dumps({"text": text, "label": label, "rationale": f"it has {ch}"}) + "\n")
+    prepare.prepare(task="custom", train_file=d / "train.jsonl", val_file=d / "val.jsonl",
+                    out_dir=d / "data", model="char", quiet=True)
+    flags = [*TINY, "--task=custom", f"--data_dir={d / 'data'}", "--learning_rate=1e-2", "--max_iters=8",
+             "--eval_batch_size=16", "--eval_interval=2", "--ckpt_interval=3", "--log_interval=1",
+             "--dropout=0.1"]
+    _train_run(*flags, f"--out_dir={d / 'full'}", cwd=d, env={"OMP_NUM_THREADS": "1"})
+    accuracy = [l["val"]["accuracy"] for l in _train_log(d / "full", "val")]
+    assert len(accuracy) == 4 and accuracy[0] < accuracy[1]  # (0.425, 0.625, 1, 1 here): model/ replaced
+    return d, flags
+
+
+def _crash_outputs(out_dir):
+    """What a run leaves that must not depend on its interruptions: ckpt.pt, the export, results.json, the
+    log, the config (but for its out_dir); and no temporary."""
+    files = _crash_files(out_dir)
+    assert not [f for f in files if f.endswith((".tmp", ".old")) or "model." in f.split("/")[0]], list(files)
+    config = json.loads(files["config.json"])
+    files["config.json"] = {**config, "out_dir": None}
+    return files
+
+
+def test_train_rerun_rule_refusals_resume_and_overwrite(crash_data, tmp_path, monkeypatch):
+    """The rule for an out_dir that holds a run (here a copy: out_dir itself does not count): another config
+    is refused in one line naming the keys and the choices (the --init_from=resume one spelled out, none for
+    another init_from); an out_dir that is or holds init_from or kd_teacher is refused (also when
+    read_checkpoint's hint is followed without its --out_dir); a run's files without config.json are refused;
+    safe keys and another spelling of data_dir continue; the same run counted in epochs (8 steps = 1 epoch)
+    is finished, and 1.25 epochs continue it to 10 steps as max_iters=10 would; --init_from=resume takes the
+    run's config under the flags, and on a first launch starts a new run; --overwrite=True starts over."""
+    d, flags = crash_data
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "out-custom"  # where this task's runs go by default
+    shutil.copytree(d / "full", run)
+    here = [*flags, f"--out_dir={run}"]
+    r = _train_run(*here, "--seed=7", cwd=tmp_path, check=False)
+    assert r.returncode == 1 and len(r.stderr.splitlines()) == 1 and r.stdout == "", r.stderr
+    assert r.stderr == (f"dhrd.py: error: {run}/config.json: {run} holds a run with another config (seed "
+                        f"1337 -> 7). To keep it, pass a new --out_dir; to continue it with these values: "
+                        f"--init_from=resume --out_dir={run} --seed=7; to delete it and start this run "
+                        f"there: --overwrite=True\n")
+    shutil.copytree(run / "model", tmp_path / "copied" / "model")
+    refusals = [([*here, "--seed=7", "--lora_rank=2"], r"\(lora_rank 0 -> 2, seed 1337 -> 7\)\..*"
+                                                       r"--lora_rank=2 --seed=7;"),
+                ([*here, f"--init_from={FIX / 'llama'}"], r"\(init_from 'scratch' -> .*llama'\)\. To keep "
+                                                          r"it, pass a new --out_dir; to delete it"),
+                ([*here, f"--init_from={run / 'model'}"], r"--init_from=.*out-custom/model is inside "
+                                                          r"--out_dir=.*out-custom: the run would overwrite"),
+                ([*flags, "--init_from=out-custom/model"], r"is inside --out_dir=out-custom"),  # hint, cut
+                ([*here, f"--kd_teacher={run}", "--kd_coef=1"], r"--kd_teacher=.* is inside --out_dir"),
+                ([*flags, f"--out_dir={tmp_path / 'copied'}"], r"copied: holds model but no config.json")]
+    for argv, msg in refusals:
+        with pytest.raises(dhrd.ConfigError, match=msg) as e:
+            dhrd.parse_config(argv)
+        assert "\n" not in str(e.value)
+    data = os.path.relpath(d / "data", tmp_path)
+    for argv in ([*here, "--max_iters=20", "--eval_interval=5", "--patience=3", "--ckpt_interval=1",
+                  "--dist_timeout_s=60"],
+                 [*flags, "--out_dir=out-custom", "--device=cpu", "--compile=True", f"--data_dir={data}"]):
+        assert dhrd.parse_config(argv).max_iters in (8, 20)  # the same run: it continues
+    epochs = [f for f in here if not f.startswith("--max_iters")] + ["--eval_interval=epoch"]
+    r = _train_run(*epochs, "--max_epochs=1", cwd=tmp_path)
+    assert r.stdout.startswith(f"dhrd.py: {run} holds a finished run (iter 8, ") and r.stderr == "", r.stderr
+    assert "to train it further raise --max_epochs" in r.stdout
+    r = _train_run(*epochs, "--max_epochs=1.25", cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert "continuing the run in" in r.stdout and "from its ckpt.pt at iter 8" in r.stdout
+    assert [l["iter"] for l in _train_log(run, "val")] == [2, 4, 6, 8, 10]  # then each epoch: 8 steps
+    assert torch.load(run / "ckpt.pt", weights_only=True)["iter"] == 10
+    cfg = dhrd.parse_config(["--init_from=resume", f"--out_dir={run}", "--seed=7"])
+    assert (cfg.seed, cfg.init_from, cfg.max_epochs, cfg.task) == (7, "scratch", 1.25, "custom")
+    cfg = dhrd.parse_config([*flags, "--init_from=resume", f"--out_dir={tmp_path / 'first'}"])
+    assert cfg.init_from == "scratch"  # a first launch: nothing to resume, a new run
+    _train_run(*here, "--seed=7", "--max_iters=2", "--overwrite=True", cwd=tmp_path,
+               env={"OMP_NUM_THREADS": "1"})
+    assert [l["iter"] for l in _train_log(run)] == [1, 2]  # the old run's lines went with it
+    assert json.loads((run / "results.json").read_text())["best_iter"] == 2
+    assert torch.load(run / "ckpt.pt", weights_only=True)["iter"] == 2
+    assert json.loads((run / "config.json").read_text())["seed"] == 7
+
+
+def test_train_full_disk_is_one_line_and_the_temporary_goes(crash_data, tmp_path):
+    """ckpt.pt.tmp on a full disk (a link to /dev/full: the kernel's ENOSPC through torch.save): one
+    'dhrd.py: error:' line naming the file, exit status 1, the temporary removed; once there is room the
+    same command runs again from its last checkpoint (none yet here) to the uninterrupted run's files."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    d, flags = crash_data
+    out = tmp_path / "full-disk"
+    out.mkdir()
+    (out / "ckpt.pt.tmp").symlink_to("/dev/full")
+    r = _train_run(*flags, f"--out_dir={out}", cwd=tmp_path, check=False, env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.splitlines()[-1] == (f"dhrd.py: error: {out}/ckpt.pt: cannot be written (No space left "
+                                         "on device); the partial ckpt.pt.tmp was removed and the ckpt.pt "
+                                         "there before, if any, is intact: free space on that disk (or write "
+                                         "elsewhere) and run the command again")
+    assert not os.path.lexists(out / "ckpt.pt.tmp") and not (out / "ckpt.pt").exists()
+    _train_run(*flags, f"--out_dir={out}", cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert _crash_outputs(out) == _crash_outputs(d / "full")
+
+
+def test_train_crash_at_each_write_point_then_rerun_is_bitwise_identical(crash_data, crash_script):
+    """One run SIGKILLed at 6 points, each time started again with the same command: before its 2nd step,
+    before the rename of its 1st ckpt.pt, in the middle of its 1st evaluation, just after the rename of its
+    2nd ckpt.pt (iter 3), between the two renames of an export that replaces model/ (iter 4), and before the
+    rename of results.json (after the last checkpoint). The last start ends the run; every file it leaves
+    (ckpt.pt, model/, results.json, log.jsonl, config.json) is bitwise that of the uninterrupted run (fp32,
+    CPU, dropout on), and one more start says 'finished', exits 0 and changes nothing."""
+    d, flags = crash_data
+    out = d / "crashed"
+    points = [{"at": "step", "n": 2}, {"at": "replace", "name": "ckpt.pt", "n": 1},
+              {"at": "classify", "n": 2}, {"at": "replaced", "name": "ckpt.pt", "n": 2},
+              {"at": "replace", "name": "model", "n": 1}, {"at": "replace", "name": "results.json", "n": 1}]
+    for spec in points:
+        r = _crash_run(crash_script, "dhrd.py", [*flags, f"--out_dir={out}"], [spec], d)
+        assert r.returncode == -9, (spec, r.stdout, r.stderr)
+        if spec.get("name") == "model":
+            assert not (out / "model").exists() and (out / "model.old").is_dir()  # cut between the renames
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter"] == 8 and not (out / "results.json").exists()
+    r = _train_run(*flags, f"--out_dir={out}", cwd=d, env={"OMP_NUM_THREADS": "1"})
+    assert "continuing the run in" in r.stdout and "from its ckpt.pt at iter 8" in r.stdout
+    full = _crash_outputs(d / "full")
+    assert _crash_outputs(out) == full
+    r = _train_run(*flags, f"--out_dir={out}", cwd=d, env={"OMP_NUM_THREADS": "1"})
+    assert r.stdout.startswith(f"dhrd.py: {out} holds a finished run (iter 8, val accuracy ")
+    assert _crash_outputs(out) == full
+
+
+def test_train_sigusr1_checkpoints_at_the_next_step_and_the_rerun_is_exact(crash_data, crash_script):
+    """SIGUSR1 (SLURM's warning; SIGTERM takes the same path) during step 4: the run writes ckpt.pt at the end
+    of step 5, a step that neither evaluates nor checkpoints, says so in one line, and exits with 143
+    (requeue me); the same command continues it to the uninterrupted run's files, bit for bit. --eval_only,
+    which has nothing to checkpoint, ends at SIGTERM as a program does by default."""
+    d, flags = crash_data
+    out = d / "signalled"
+    r = _crash_run(crash_script, "dhrd.py", [*flags, f"--out_dir={out}"],
+                   [{"at": "step", "n": 4, "signal": "SIGUSR1"}], d)
+    assert r.returncode == dhrd.REQUEUE_EXIT == 143, r.stderr
+    assert r.stderr.splitlines()[-1] == (f"dhrd.py: stopped by SIGUSR1 at iter 5, after writing "
+                                         f"{out}/ckpt.pt: the same command continues the run (exit status "
+                                         "143: requeue me)")
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter"] == 5
+    assert [l["iter"] for l in _train_log(out)] == [1, 2, 3, 4, 5] and not (out / "results.json").exists()
+    r = _train_run(*flags, f"--out_dir={out}", cwd=d, env={"OMP_NUM_THREADS": "1"})
+    assert "from its ckpt.pt at iter 5" in r.stdout
+    assert _crash_outputs(out) == _crash_outputs(d / "full")
+    r = _crash_run(crash_script, "dhrd.py", [f"--init_from={out}", "--eval_only=True"],
+                   [{"at": "classify", "n": 1, "signal": "SIGTERM"}], d)
+    assert r.returncode == -signal.SIGTERM and r.stdout == "", (r.returncode, r.stderr)
+
+
+def test_train_torchrun_restart_after_a_kill_and_sigterm_continue_exactly(crash_data, crash_script):
+    """torchrun --nproc_per_node=2 --max-restarts=2, Gloo, 3 kill points in one command. Attempt 0: SIGUSR1
+    to rank 1 alone (SLURM may signal some ranks only) at its 1st optimizer update: both ranks stop after
+    step 2, an evaluation that both ranks share, with ckpt.pt written, and exit 143; torchrun restarts them
+    (they meet in the store again: a prefix per attempt) and they continue from iter 2. Attempt 1: rank 1
+    SIGKILLed before its 5th update (after the step's all-reduces: rank 0 ends step 5, which neither
+    evaluates nor checkpoints, and fails in step 6's); the restart continues from the last checkpoint, iter
+    4. Attempt 2: in its 2nd step rank 0 sends SIGTERM to torchrun, which passes it to both workers: both
+    stop after step 7 (no evaluation, no --ckpt_interval) with ckpt.pt written, exit 143, and torchrun ends.
+    The same torchrun command then ends the run: ckpt.pt, model/, results.json and the log bitwise those of
+    the uninterrupted 2-process run."""
+    d, flags = crash_data
+    flags = [*flags, "--gradient_accumulation_steps=2", "--dropout=0.0"]  # 0: rank 1 is reseeded on resume
+    _train_torchrun(*flags, f"--out_dir={d / 'two'}", cwd=d)
+    out = d / "two-crashed"
+    specs = [{"at": "step", "n": 1, "rank": 1, "attempt": 0, "signal": "SIGUSR1"},
+             {"at": "step", "n": 3, "rank": 1, "attempt": 1},
+             {"at": "step", "n": 2, "rank": 0, "attempt": 2, "signal": "SIGTERM_PARENT"}]
+    r = _crash_run(crash_script, "dhrd.py", [*flags, f"--out_dir={out}"], specs, d, torchrun=True)
+    assert r.returncode != 0, r.stderr
+    said = r.stdout + r.stderr
+    stopped = f"dhrd.py: stopped by a signal to another rank at iter 2, after writing {out}/ckpt.pt"
+    assert stopped in said, said
+    for it in (2, 4):
+        assert f"continuing the run in {out} from its ckpt.pt at iter {it}\n" in r.stdout, said
+    assert f"dhrd.py: stopped by SIGTERM at iter 7, after writing {out}/ckpt.pt" in r.stderr, said
+    assert torch.load(out / "ckpt.pt", weights_only=True)["iter"] == 7
+    r = _train_torchrun(*flags, f"--out_dir={out}", cwd=d)
+    assert "from its ckpt.pt at iter 7" in r.stdout
+    assert _crash_outputs(out) == _crash_outputs(d / "two")
+
+
 # epochs (--max_epochs, --eval_interval=epoch), the presets in config/, the Table 1 driver (experiments/)
 
 def test_train_epochs_resolved_and_their_errors(tmp_path):

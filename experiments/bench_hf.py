@@ -19,10 +19,10 @@ Flags are bench.py's Config (--key=value, same defaults, the same parser) and a 
 --pairs=N: N same-run pairs, bench.py then bench_hf.py, each a fresh process with these flags, alternated;
 each pair's dhrd / transformers ratios and their medians (the figures to report: single runs on a shared
 machine move by +-30%), and bench.py's roofline fractions, go to --out.
-  /tmp/hfvenv/bin/python experiments/bench_hf.py --pairs=3 --out=pairs.json     # medians of 3 pairs, CPU
-  /tmp/hfvenv/bin/python experiments/bench_hf.py --init_from=gpt2 --device=cpu --dtype=float32 --out=hf.json
-  /tmp/hfvenv/bin/python experiments/bench_hf.py --init_from=facebook/opt-125m --device=cuda --out=hf_opt.json
-  /tmp/hfvenv/bin/python experiments/bench_hf.py --init_from=tests/fixtures/gpt2 --out=/tmp/bh.json
+  python experiments/bench_hf.py --pairs=3 --out=pairs.json     # medians of 3 pairs, CPU
+  python experiments/bench_hf.py --init_from=gpt2 --device=cpu --dtype=float32 --out=hf.json
+  python experiments/bench_hf.py --init_from=facebook/opt-125m --device=cuda --out=hf_opt.json
+  python experiments/bench_hf.py --init_from=tests/fixtures/gpt2 --out=/tmp/bh.json
   python3 experiments/bench_hf.py --init_from=llama-3.1-8b --device=cuda --train_lora_rank=16 --greedy=False
 """
 import copy

@@ -65,15 +65,26 @@ run() {  # n arm seed epochs: train, evaluate the exported (best-on-val) model o
   rm -rf "$out"
   echo "finished n=$n $name in $((SECONDS - t0)) s"
 }
+rerun_longer() {  # a pilot dir -> true when the rule asks for a pilot of twice its epochs
+  python -c "import json, sys; sys.exit(not json.load(open(sys.argv[1]))['rerun_longer'])" "$1/epochs.json"
+}
 if [ "$PHASE" = pilot ]; then
   for n in $NS; do
-    run "$n" pooled 101 "${PILOT_EPOCHS[$n]}"
-    python experiments/pilot_epochs.py "$RES/n$n/pilot"
+    P=${PILOT_EPOCHS[$n]}
+    # a pilot too short by the rule is kept as pilot-<P>ep and run again with twice its epochs
+    while [ -f "$RES/n$n/pilot-${P}ep/epochs.json" ]; do P=$((2 * P)); done
+    run "$n" pooled 101 "$P"
+    while ! python experiments/pilot_epochs.py "$RES/n$n/pilot"; do
+      mv "$RES/n$n/pilot" "$RES/n$n/pilot-${P}ep"
+      P=$((2 * P))
+      run "$n" pooled 101 "$P"
+    done
   done
   exit 0
 fi
 for n in $NS; do
   [ -f "$RES/n$n/pilot/epochs.json" ] || { echo "no $RES/n$n/pilot/epochs.json: run PHASE=pilot first"; exit 1; }
+  if rerun_longer "$RES/n$n/pilot"; then echo "$RES/n$n/pilot is too short by the rule: PHASE=pilot NS=$n"; exit 1; fi
   epochs=$(python -c "import json, sys; print(json.load(open(sys.argv[1]))['E'])" "$RES/n$n/pilot/epochs.json")
   for seed in $SEEDS; do
     for arm in $ARMS; do

@@ -10,7 +10,7 @@
 # is logged and the next one runs. The device tool returns at most 8 files from $OUT, so $OUT holds three:
 # run.log (this log), results.tar.gz (every JSON and step log, repacked after each step), summary.md.
 #   bash experiments/gpu/run.sh                              # on the GPU machine, in the repo root
-#   DEVICE=cpu PY_HF=/tmp/hfvenv/bin/python bash experiments/gpu/run.sh     # CPU dry run, tiny shapes
+#   DEVICE=cpu PY_HF=path/to/venv/bin/python bash experiments/gpu/run.sh     # CPU dry run, tiny shapes
 # Settings (environment): OUT (./gpu-out), DEVICE (cuda | cpu), SHAPES (cuda: the five below; cpu: tiny ones),
 # PY (python3), PY_HF (the python with transformers and peft: $PY), TEST_DEVICE (DHRD_TEST_DEVICE: $DEVICE),
 # BUDGET (seconds for the whole script: 560; the device tool stops a command at 600).
