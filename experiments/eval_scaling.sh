@@ -9,14 +9,13 @@ RUN=$1
 shift
 export OMP_NUM_THREADS=1
 for n in 1 2; do
+  launch=(python)
+  [ "$n" = 2 ] && launch=(torchrun --standalone --nproc_per_node=2)
   ts=()
   for r in 1 2 3 4 5; do
-    if [ $n = 1 ]; then
-      t=$(python dhrd.py --init_from=$RUN --eval_only=True --dtype=float32 "$@" 2>&1 >/dev/null | grep -o "evaluated in [0-9.]*" | grep -o "[0-9.]*$")
-    else
-      t=$(torchrun --standalone --nproc_per_node=2 dhrd.py --init_from=$RUN --eval_only=True --dtype=float32 "$@" 2>&1 >/dev/null | grep -o "evaluated in [0-9.]*" | grep -o "[0-9.]*$")
-    fi
-    ts+=($t)
+    t=$("${launch[@]}" dhrd.py --init_from="$RUN" --eval_only=True --dtype=float32 "$@" 2>&1 >/dev/null |
+        grep -o "evaluated in [0-9.]*" | grep -o "[0-9.]*$")
+    ts+=("$t")
   done
   echo "procs=$n times=${ts[*]} median=$(printf '%s\n' "${ts[@]}" | sort -n | sed -n 3p)"
 done
