@@ -34,7 +34,7 @@ def band(ax, arm, runs, scale=1.0):
         sd.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
     x = [i / scale for i in steps]
     color = COLORS.get(arm)
-    ax.plot(x, mean, marker="o", ms=3, color=color, label=f"{arm} ({len(runs)} seeds)")
+    ax.plot(x, mean, marker="o", ms=3, color=color, label=f"{arm} ({len(runs)} seed{'s' * (len(runs) > 1)})")
     ax.fill_between(x, [m - s for m, s in zip(mean, sd)], [m + s for m, s in zip(mean, sd)], color=color,
                     alpha=0.2, lw=0)
 
