@@ -38,6 +38,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -1947,7 +1948,7 @@ def test_prep_bad_input_messages(tmp_path):
                         **files)
     # the CLI: a bad flag raises ConfigError, bad input PrepareError (prepare.py's __main__: one line,
     # exit 2 / 1)
-    bad_cb = [f"--task=cb", f"--data_dir={sg}", "--model=char", "--format=weird"]
+    bad_cb = ["--task=cb", f"--data_dir={sg}", "--model=char", "--format=weird"]
     for argv, err, msg in [(["--task=nope"], prepare.PrepareError, "unknown --task=nope"),
                            (["--bogus=1"], plumbing.ConfigError, "--bogus: unknown config key 'bogus'"),
                            (["cb"], plumbing.ConfigError, "argument 'cb': use --key=value"),
@@ -3613,8 +3614,38 @@ def test_train_presets_parse_and_name_known_families():
 
 
 sys.path.insert(0, str(ROOT / "experiments"))
+import pilot_epochs  # noqa: E402
+import summarize  # noqa: E402
 import superglue  # noqa: E402
 import template_rationales  # noqa: E402
+
+
+def test_train_lowdata_experiment_rules(capsys):
+    """The low-data experiment's two pre-registered rules, as its scripts apply them: the pilot's epoch count
+    (and the committed pilots' decisions), and the paired verdict on test-2k with the detectable difference."""
+    E, m, longer = pilot_epochs.choose_epochs([0.5, 0.6, 0.7, 0.7, 0.7, 0.7])
+    assert (E, longer) == (4, False) and m[:2] == pytest.approx([0.55, 0.6])  # ends: two epochs averaged
+    assert pilot_epochs.choose_epochs([0.5, 0.6, 0.62, 0.66])[2]  # max at the end and +0.04 in its last quarter
+    for pilot in sorted((ROOT / "experiments" / "results" / "esnli-lowdata").glob("n*/pilot*/epochs.json")):
+        saved = json.loads(pilot.read_text())
+        assert pilot_epochs.choose_epochs(saved["val"])[::2] == (saved["E"], saved["rerun_longer"]), pilot
+    assert summarize.t_quantile(0.975, 4) == pytest.approx(2.7764, abs=1e-4)  # Student's t tables
+    assert summarize.t_quantile(0.80, 4) == pytest.approx(0.9410, abs=1e-4)
+    assert summarize.t_sf2(2.7764451, 4) == pytest.approx(0.05, abs=1e-6)
+
+    def verdict(d, seeds=5):
+        base = {s: {"test": 0.7} for s in range(1, seeds + 1)}
+        arm = {s: {"test": 0.7 + x} for s, x in zip(base, d)}
+        summarize.lowdata_decision({"pooled": base, "dhrd_palm": arm})
+        return capsys.readouterr().out.strip().rsplit("=> ", 1)[-1]
+
+    assert verdict([0.001, 0.09, 0.002, 0.05, 0.003]) == "gain"  # p = 0.11, but 5 of 5 seeds ahead
+    assert verdict([0.05, 0.06, 0.04, 0.05, -0.001]) == "gain"  # one seed behind, p = 0.02
+    assert verdict([-0.01, -0.02, -0.01, -0.03, -0.02]) == "loss"
+    d = [0.02, -0.01, 0.03, -0.02, 0.01]
+    mde = 1.662 * statistics.stdev(d)
+    assert verdict(d) == f"no difference at this resolution (the design detects {mde:.3f} and larger)"
+    assert verdict([0.05, 0.06], seeds=2).endswith("undecided so far")  # no verdict before 5 seeds
 
 
 def test_train_table1_paper_averaging():
