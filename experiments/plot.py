@@ -91,6 +91,7 @@ def efficiency(by_n, path):
             ax.scatter([n * 1.03 ** (j - 1)] * len(tests), tests, color=color, s=10, alpha=0.5)
         ax.errorbar(ns, means, yerr=sds, color=color, marker="o", capsize=3, label=arm)
     ax.set_xscale("log", base=2)
+    ax.set_xlim(min(by_n) / 1.5, max(by_n) * 1.5)  # room for the seeds' points, also with one n
     ax.set_xticks(sorted(by_n), [str(n) for n in sorted(by_n)])
     ax.set_xlabel("training rows n (nested e-SNLI subsets)")
     ax.set_ylabel("test-2k accuracy (best-on-val model)")
